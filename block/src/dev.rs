@@ -1,0 +1,236 @@
+//! The interface every opened image implements and every consumer calls.
+//!
+//! An image is `Send + Sync` and every method takes `&self`: convert workers, virtio queues and
+//! a background job use one image at once. Implementations keep metadata behind fine-grained
+//! locks and run data I/O without them.
+//!
+//! Data can move two ways:
+//! - the simple path, [`BlockDev::read_at`] / [`BlockDev::write_at`], does everything inside
+//!   the image;
+//! - the split path, [`BlockDev::resolve_read`] (and, for writable formats, the format's own
+//!   resolve/commit pair), returns host ranges so a caller with a deep queue (io_uring batches,
+//!   the VMM) moves the payload itself while the metadata stays consistent.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::file::HostFile;
+
+/// What a range of the device reads as, and where it lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Guest offset where this extent starts.
+    pub offset: u64,
+    /// Length in bytes; never zero.
+    pub len: u64,
+    /// The range holds data in this layer (it may still happen to be zero bytes).
+    pub data: bool,
+    /// The range is known to read as zeroes.
+    pub zero: bool,
+    /// This layer decides the contents of the range; `false` means the read falls through to
+    /// the backing device (or reads zeroes if there is none).
+    pub allocated: bool,
+    /// The data is stored compressed (no plain host offset exists).
+    pub compressed: bool,
+    /// Where the bytes live on the host, when there is a plain mapping.
+    pub host: Option<HostLocation>,
+}
+
+/// A host file and an offset inside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLocation {
+    /// The file holding the bytes (the image itself, a data file or an extent).
+    pub file: PathBuf,
+    /// Byte offset in that file.
+    pub offset: u64,
+}
+
+/// How write-zeroes may achieve its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ZeroMode {
+    /// Keep the range allocated (zero in place, or zero range without deallocation).
+    #[default]
+    KeepAllocated,
+    /// The range may be deallocated if it then reads as zeroes.
+    MayUnmap,
+}
+
+/// How much of the space of a created or grown image to reserve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Allocate nothing ahead of time.
+    #[default]
+    Off,
+    /// Allocate metadata only (formats with metadata; raw treats it as `Off`).
+    Metadata,
+    /// Reserve space with `fallocate` without writing it.
+    Falloc,
+    /// Write zeroes to every byte.
+    Full,
+}
+
+impl Preallocation {
+    /// Parses qemu-img's spelling (`off`, `metadata`, `falloc`, `full`).
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "off" => Ok(Self::Off),
+            "metadata" => Ok(Self::Metadata),
+            "falloc" => Ok(Self::Falloc),
+            "full" => Ok(Self::Full),
+            other => Err(Error::invalid(
+                "parse preallocation",
+                format!("invalid preallocation mode '{other}': expected off, metadata, falloc or full"),
+            )),
+        }
+    }
+
+    /// qemu-img's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Metadata => "metadata",
+            Self::Falloc => "falloc",
+            Self::Full => "full",
+        }
+    }
+}
+
+/// One piece of a guest range as the image resolved it for a read.
+#[derive(Debug, Clone)]
+pub enum ReadSegment {
+    /// Read `len` bytes from `file` at `offset`.
+    Host {
+        /// The host file.
+        file: Arc<HostFile>,
+        /// Host offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `len` bytes of zeroes; nothing to read.
+    Zero {
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `len` bytes the image must produce itself (compressed, encrypted, from a backing chain):
+    /// call [`BlockDev::read_at`] for them.
+    Indirect {
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+impl ReadSegment {
+    /// The number of guest bytes this segment covers.
+    pub fn len(&self) -> u64 {
+        match self {
+            Self::Host { len, .. } | Self::Zero { len } | Self::Indirect { len } => *len,
+        }
+    }
+
+    /// True when the segment covers nothing (never produced by a well-behaved image).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Static facts about an opened image that front ends print.
+#[derive(Debug, Clone, Default)]
+pub struct ImageInfo {
+    /// The format name as qemu-img spells it (`raw`, `qcow2`, `vmdk`, `vhdx`, `vpc`).
+    pub format: String,
+    /// The name the image was opened by.
+    pub filename: PathBuf,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Bytes the image's files occupy on the host, when known.
+    pub actual_size: Option<u64>,
+    /// Length of the image's own host file.
+    pub file_length: Option<u64>,
+    /// Allocation unit of the format, when it has one.
+    pub cluster_size: Option<u64>,
+    /// The dirty flag as qemu-img reports it.
+    pub dirty: bool,
+    /// The image is encrypted.
+    pub encrypted: bool,
+    /// The backing file name as stored in the image.
+    pub backing_filename: Option<String>,
+    /// The backing file name resolved against the image's folder.
+    pub full_backing_filename: Option<PathBuf>,
+    /// The backing format as stored in the image.
+    pub backing_format: Option<String>,
+}
+
+/// An opened disk image or device, shared by many threads.
+///
+/// Offsets and lengths are bytes of the guest-visible contents. Requests must lie inside
+/// `0..size()`; implementations return [`crate::ErrorKind::OutOfRange`] otherwise.
+pub trait BlockDev: Send + Sync {
+    /// Guest-visible size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` with the contents at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes `len` bytes at `offset` read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()>;
+
+    /// Tells the image that `len` bytes at `offset` are no longer needed. Afterwards the range
+    /// reads as zeroes or as the backing device, as the format defines.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Makes every completed write durable, metadata included.
+    fn flush(&self) -> Result<()>;
+
+    /// Describes the extent that starts at `offset`, looking at most `len` bytes ahead.
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus>;
+
+    /// Changes the guest-visible size.
+    fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()>;
+
+    /// Facts about the image for `info`.
+    fn info(&self) -> Result<ImageInfo>;
+
+    /// The device reads fallthrough ranges from, if any.
+    fn backing(&self) -> Option<Arc<dyn BlockDev>> {
+        None
+    }
+
+    /// True when a freshly created image of this kind reads as zeroes everywhere, so a copy
+    /// into it may skip zero ranges entirely.
+    fn has_zero_init(&self) -> bool {
+        false
+    }
+
+    /// The smallest unit that reads and writes should be aligned to for efficiency.
+    fn request_alignment(&self) -> u64 {
+        1
+    }
+
+    /// Resolves a guest range for reading without moving the data. The default sends every
+    /// byte through [`BlockDev::read_at`].
+    fn resolve_read(&self, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
+        check_range("resolve read", self.size(), offset, len)?;
+        Ok(vec![ReadSegment::Indirect { len }])
+    }
+
+    /// True when the image was opened read-only.
+    fn is_read_only(&self) -> bool;
+}
+
+/// Rejects a request that does not lie inside a device of `size` bytes.
+pub fn check_range(op: &'static str, size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::new(
+            crate::ErrorKind::OutOfRange,
+            op,
+            format!("range {offset}+{len} lies outside the device of {size} bytes"),
+        )
+        .at_offset(offset)),
+    }
+}

@@ -1,0 +1,283 @@
+//! The interface of a format driver: probe, open, create, check and amend.
+//!
+//! A driver never opens a file the caller did not allow: every extra file (backing file, data
+//! file, extent, parent) is requested through [`OpenOptions::policy`], and the backing format
+//! comes from the image or the caller, never from probing a file a guest could have written.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::dev::{BlockDev, Preallocation};
+use crate::error::{Error, Result};
+use crate::file::CacheMode;
+use crate::file::EngineChoice;
+
+/// Which files besides the one named a driver may open.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FollowPolicy {
+    /// Open no other file: backing chains, data files and extents are refused.
+    Nothing,
+    /// Open other files only inside the image's own folder (and below it).
+    #[default]
+    SameFolder,
+    /// Open other files inside the image's folder or one of these folders.
+    Folders(Vec<PathBuf>),
+    /// Open any file the image names.
+    Anything,
+}
+
+impl FollowPolicy {
+    /// Decides whether `target`, named by the image at `image`, may be opened.
+    pub fn allows(&self, image: &Path, target: &Path) -> Result<()> {
+        let base = image.parent().unwrap_or_else(|| Path::new("."));
+        let inside = |folder: &Path| -> bool {
+            let (Ok(folder), Ok(target)) = (folder.canonicalize(), target.canonicalize()) else {
+                return false;
+            };
+            target.starts_with(folder)
+        };
+        let allowed = match self {
+            FollowPolicy::Nothing => false,
+            FollowPolicy::SameFolder => inside(base),
+            FollowPolicy::Folders(extra) => inside(base) || extra.iter().any(|f| inside(f)),
+            FollowPolicy::Anything => true,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(Error::new(
+                crate::ErrorKind::PolicyDenied,
+                "open",
+                format!(
+                    "'{}' names '{}', which the open policy does not allow (allow it explicitly to follow it)",
+                    image.display(),
+                    target.display()
+                ),
+            )
+            .with_path(target))
+        }
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Open for writing.
+    pub writable: bool,
+    /// Host cache mode for the image's files.
+    pub cache: CacheMode,
+    /// Which I/O engine to use for the image's files.
+    pub engine: EngineChoice,
+    /// Which other files may be opened.
+    pub policy: FollowPolicy,
+    /// Open no backing file at all (reads of unallocated ranges return zeroes).
+    pub no_backing: bool,
+    /// Share the image with another writer (qemu-img's `-U`): skip locking.
+    pub force_share: bool,
+    /// Driver-specific options (`--image-opts` style `key=value`).
+    pub driver_options: BTreeMap<String, String>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            writable: false,
+            cache: CacheMode::Writeback,
+            engine: EngineChoice::Auto,
+            policy: FollowPolicy::SameFolder,
+            no_backing: false,
+            force_share: false,
+            driver_options: BTreeMap::new(),
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Read-only defaults.
+    pub fn read_only() -> Self {
+        Self::default()
+    }
+
+    /// Read-write defaults.
+    pub fn read_write() -> Self {
+        OpenOptions {
+            writable: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// Options of `create`, as `-o key=value,...` gives them, plus the size.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Guest-visible size in bytes.
+    pub size: u64,
+    /// Remaining `-o` options, by name. A driver removes what it understands and rejects the
+    /// rest, so no option is silently ignored.
+    pub options: BTreeMap<String, String>,
+}
+
+impl CreateOptions {
+    /// Parses an `-o` string (`a=1,b=2`, `,,` escapes a comma) into options.
+    pub fn parse_options(text: &str) -> Result<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        for item in split_option_list(text) {
+            if item.is_empty() {
+                continue;
+            }
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (item.clone(), "on".to_string()),
+            };
+            out.insert(key, value);
+        }
+        Ok(out)
+    }
+
+    /// Takes option `key` out, if present.
+    pub fn take(&mut self, key: &str) -> Option<String> {
+        self.options.remove(key)
+    }
+
+    /// Takes a boolean option (`on`/`off`, `true`/`false`, `yes`/`no`).
+    pub fn take_bool(&mut self, key: &str) -> Result<Option<bool>> {
+        self.take(key).map(|v| parse_bool(key, &v)).transpose()
+    }
+
+    /// Takes a size option (`64k`, `1M`, a plain number of bytes).
+    pub fn take_size(&mut self, key: &str) -> Result<Option<u64>> {
+        self.take(key).map(|v| crate::size::parse_size(&v)).transpose()
+    }
+
+    /// Takes the `preallocation` option.
+    pub fn take_preallocation(&mut self) -> Result<Preallocation> {
+        Ok(match self.take("preallocation") {
+            Some(v) => Preallocation::parse(&v)?,
+            None => Preallocation::Off,
+        })
+    }
+
+    /// Fails naming the first option nobody took.
+    pub fn reject_leftovers(&self, format: &str) -> Result<()> {
+        match self.options.keys().next() {
+            None => Ok(()),
+            Some(key) => Err(Error::invalid(
+                "create",
+                format!("Invalid parameter '{key}'"),
+            )
+            .with_source(std::io::Error::other(format!(
+                "format '{format}' has no option '{key}' (see '-o help')"
+            )))),
+        }
+    }
+}
+
+/// Splits `a=1,b=x,,y` into `["a=1", "b=x,y"]`.
+pub fn split_option_list(text: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                current.push(',');
+            } else {
+                items.push(std::mem::take(&mut current));
+            }
+        } else {
+            current.push(c);
+        }
+    }
+    items.push(current);
+    items
+}
+
+/// Parses qemu's boolean spellings.
+pub fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(Error::invalid(
+            "parse option",
+            format!("Parameter '{key}' expects 'on' or 'off'"),
+        )),
+    }
+}
+
+/// What `check` found (and, with repair, fixed), counted as qemu-img counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Inconsistencies that can lose data.
+    pub corruptions: u64,
+    /// Allocated space nothing uses.
+    pub leaks: u64,
+    /// Errors that kept the check itself from finishing a part.
+    pub check_errors: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    pub leaks_fixed: u64,
+    /// Offset of the end of the last used host cluster.
+    pub image_end_offset: Option<u64>,
+    /// Clusters of the whole virtual disk.
+    pub total_clusters: Option<u64>,
+    /// Clusters allocated.
+    pub allocated_clusters: Option<u64>,
+    /// Clusters not contiguous with their predecessor.
+    pub fragmented_clusters: Option<u64>,
+    /// Clusters stored compressed.
+    pub compressed_clusters: Option<u64>,
+    /// One line per finding, as qemu-img prints them on stderr.
+    pub messages: Vec<String>,
+}
+
+/// What `check` may repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RepairMode {
+    /// Report only.
+    #[default]
+    None,
+    /// Repair leaks only (`-r leaks`).
+    Leaks,
+    /// Repair everything repairable (`-r all`).
+    All,
+}
+
+/// A format driver.
+pub trait Format: Send + Sync {
+    /// The name qemu-img uses (`raw`, `qcow2`, `vmdk`, `vhdx`, `vpc`).
+    fn name(&self) -> &'static str;
+
+    /// How confident the driver is that `header` (the first bytes of `path`) is its format:
+    /// 0 = not at all, 100 = magic matched.
+    fn probe(&self, header: &[u8], path: &Path) -> u32;
+
+    /// Opens `path`. Backing files and other files are opened only as `options.policy` allows.
+    fn open(&self, path: &Path, options: &OpenOptions) -> Result<Arc<dyn BlockDev>>;
+
+    /// Creates a new image at `path`. Unknown options are an error.
+    fn create(&self, path: &Path, options: CreateOptions) -> Result<()>;
+
+    /// The `-o` options `create` accepts, with one line of help each.
+    fn create_options_help(&self) -> Vec<(&'static str, &'static str)>;
+
+    /// Checks (and with `repair`, repairs) the image's metadata.
+    fn check(&self, path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {
+        let _ = (path, options, repair);
+        Err(Error::unsupported(
+            "check",
+            "This image format does not support checks",
+        ))
+    }
+
+    /// Changes format options of an existing image in place.
+    fn amend(&self, path: &Path, options: CreateOptions) -> Result<()> {
+        let _ = (path, options);
+        Err(Error::unsupported(
+            "amend",
+            format!("Format driver '{}' does not support option amendment", self.name()),
+        ))
+    }
+}

@@ -1,0 +1,7 @@
+//! Above the format crates: the list of formats, opening images by name, and the engines that
+//! copy between images (convert today; mirror, commit, stream and backup later).
+#![forbid(unsafe_code)]
+
+pub mod registry;
+
+pub use registry::{format_by_name, formats, open_image, probe};

@@ -1,0 +1,72 @@
+//! The formats this build knows, and opening an image by name.
+//!
+//! Probing reads the first bytes of the named file and asks each driver how sure it is. Raw
+//! wins only when nothing else claims the file. Probing is never used for a backing file: its
+//! format comes from the image or the caller.
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use vdisk_block::{BlockDev, Error, ErrorKind, Format, OpenOptions, RawFormat, Result};
+
+/// How many leading bytes drivers get to look at when probing.
+pub const PROBE_BYTES: usize = 4096;
+
+/// Every format driver of this build.
+pub fn formats() -> Vec<&'static dyn Format> {
+    vec![&RawFormat]
+}
+
+/// The driver named `name` (qemu-img's spelling).
+pub fn format_by_name(name: &str) -> Result<&'static dyn Format> {
+    formats()
+        .into_iter()
+        .find(|f| f.name() == name)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unsupported,
+                "open",
+                format!("Unknown driver '{name}'"),
+            )
+            .with_source(std::io::Error::other(format!(
+                "this build of vdisk supports: {}",
+                formats().iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+            )))
+        })
+}
+
+/// Guesses the format of `path` from its first bytes.
+pub fn probe(path: &Path) -> Result<&'static dyn Format> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io("open", e).with_path(path))?;
+    if file
+        .metadata()
+        .map_err(|e| Error::io("open", e).with_path(path))?
+        .is_dir()
+    {
+        return Err(Error::invalid("open", "is a directory, not a disk image file").with_path(path));
+    }
+    let mut header = Vec::with_capacity(PROBE_BYTES);
+    file.by_ref()
+        .take(PROBE_BYTES as u64)
+        .read_to_end(&mut header)
+        .map_err(|e| Error::io("probe", e).with_path(path))?;
+    let mut best: Option<(&'static dyn Format, u32)> = None;
+    for format in formats() {
+        let score = format.probe(&header, path);
+        if score > 0 && best.is_none_or(|(_, s)| score > s) {
+            best = Some((format, score));
+        }
+    }
+    best.map(|(f, _)| f)
+        .ok_or_else(|| Error::unsupported("probe", "no driver recognises the image").with_path(path))
+}
+
+/// Opens `path` as `format` (or the probed format when `None`).
+pub fn open_image(path: &Path, format: Option<&str>, options: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
+    let driver = match format {
+        Some(name) => format_by_name(name)?,
+        None => probe(path)?,
+    };
+    driver.open(path, options)
+}

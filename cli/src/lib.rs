@@ -1,0 +1,1 @@
+//! vdisk command-line front end.

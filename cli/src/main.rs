@@ -1,0 +1,2 @@
+//! The `vdisk` binary.
+fn main() {}

@@ -1,0 +1,6 @@
+//! The vmdk format driver of vdisk.
+//!
+//! Not implemented yet (issue 5): this crate exports nothing, so no caller can mistake it for
+//! a working driver. Images of this format are refused by `vdisk` with an "unsupported
+//! format" error until the driver lands.
+#![forbid(unsafe_code)]
