@@ -80,7 +80,9 @@ impl Preallocation {
             "full" => Ok(Self::Full),
             other => Err(Error::invalid(
                 "parse preallocation",
-                format!("invalid preallocation mode '{other}': expected off, metadata, falloc or full"),
+                format!(
+                    "invalid preallocation mode '{other}': expected off, metadata, falloc or full"
+                ),
             )),
         }
     }

@@ -147,7 +147,9 @@ impl CreateOptions {
 
     /// Takes a size option (`64k`, `1M`, a plain number of bytes).
     pub fn take_size(&mut self, key: &str) -> Result<Option<u64>> {
-        self.take(key).map(|v| crate::size::parse_size(&v)).transpose()
+        self.take(key)
+            .map(|v| crate::size::parse_size(&v))
+            .transpose()
     }
 
     /// Takes the `preallocation` option.
@@ -162,13 +164,13 @@ impl CreateOptions {
     pub fn reject_leftovers(&self, format: &str) -> Result<()> {
         match self.options.keys().next() {
             None => Ok(()),
-            Some(key) => Err(Error::invalid(
-                "create",
-                format!("Invalid parameter '{key}'"),
-            )
-            .with_source(std::io::Error::other(format!(
-                "format '{format}' has no option '{key}' (see '-o help')"
-            )))),
+            Some(key) => Err(
+                Error::invalid("create", format!("Invalid parameter '{key}'")).with_source(
+                    std::io::Error::other(format!(
+                        "format '{format}' has no option '{key}' (see '-o help')"
+                    )),
+                ),
+            ),
         }
     }
 }
@@ -277,7 +279,10 @@ pub trait Format: Send + Sync {
         let _ = (path, options);
         Err(Error::unsupported(
             "amend",
-            format!("Format driver '{}' does not support option amendment", self.name()),
+            format!(
+                "Format driver '{}' does not support option amendment",
+                self.name()
+            ),
         ))
     }
 }

@@ -19,7 +19,10 @@ pub mod raw;
 pub mod size;
 pub mod testing;
 
-pub use dev::{check_range, BlockDev, BlockStatus, HostLocation, ImageInfo, Preallocation, ReadSegment, ZeroMode};
+pub use dev::{
+    check_range, BlockDev, BlockStatus, HostLocation, ImageInfo, Preallocation, ReadSegment,
+    ZeroMode,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use file::{AlignedBuf, CacheMode, EngineChoice, EngineKind, HostFile, IoOp};
 pub use format::{CheckReport, CreateOptions, FollowPolicy, Format, OpenOptions, RepairMode};

@@ -105,7 +105,8 @@ impl Inner {
             } else if let Some(data) = self.pages.get_mut(&page) {
                 data[in_page as usize..(in_page + n) as usize].fill(0);
             } else if !unmap {
-                self.pages.insert(page, vec![0u8; PAGE as usize].into_boxed_slice());
+                self.pages
+                    .insert(page, vec![0u8; PAGE as usize].into_boxed_slice());
             }
             at += n;
         }

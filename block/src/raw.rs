@@ -8,7 +8,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::dev::{check_range, BlockDev, BlockStatus, HostLocation, ImageInfo, Preallocation, ReadSegment, ZeroMode};
+use crate::dev::{
+    check_range, BlockDev, BlockStatus, HostLocation, ImageInfo, Preallocation, ReadSegment,
+    ZeroMode,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::file::HostFile;
 use crate::format::{CreateOptions, Format, OpenOptions};
@@ -59,9 +62,18 @@ impl Format for RawFormat {
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
         vec![
             ("size", "Virtual disk size"),
-            ("preallocation", "Preallocation mode (allowed values: off, falloc, full)"),
-            ("extent_size_hint", "Extent size hint for the image file, 0 to disable (accepted, not used)"),
-            ("nocow", "Turn off copy-on-write (valid only on btrfs; accepted, not used)"),
+            (
+                "preallocation",
+                "Preallocation mode (allowed values: off, falloc, full)",
+            ),
+            (
+                "extent_size_hint",
+                "Extent size hint for the image file, 0 to disable (accepted, not used)",
+            ),
+            (
+                "nocow",
+                "Turn off copy-on-write (valid only on btrfs; accepted, not used)",
+            ),
         ]
     }
 }
@@ -121,7 +133,10 @@ impl RawImage {
 
     fn check_writable(&self, op: &'static str) -> Result<()> {
         if self.read_only {
-            Err(Error::new(ErrorKind::ReadOnly, op, "the image is open read-only").with_path(self.file.path()))
+            Err(
+                Error::new(ErrorKind::ReadOnly, op, "the image is open read-only")
+                    .with_path(self.file.path()),
+            )
         } else {
             Ok(())
         }
@@ -156,7 +171,12 @@ impl BlockDev for RawImage {
         };
         match attempt {
             Ok(()) => Ok(()),
-            Err(e) if matches!(e.kind(), ErrorKind::Unsupported | ErrorKind::Io | ErrorKind::InvalidInput) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Unsupported | ErrorKind::Io | ErrorKind::InvalidInput
+                ) =>
+            {
                 self.file.write_zero_bytes(offset, len)
             }
             Err(e) => Err(e),
@@ -171,7 +191,9 @@ impl BlockDev for RawImage {
         }
         // Discard is advisory; a file system that cannot punch holes keeps the data.
         match self.file.punch_hole(offset, len) {
-            Err(e) if matches!(e.kind(), ErrorKind::Unsupported | ErrorKind::InvalidInput) => Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::Unsupported | ErrorKind::InvalidInput) => {
+                Ok(())
+            }
             other => other,
         }
     }

@@ -41,9 +41,16 @@ pub fn parse_size(text: &str) -> Result<u64> {
         if frac.contains('.') || shift == 0 {
             return Err(bad());
         }
-        let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| bad())? };
+        let whole: u64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| bad())?
+        };
         let frac_value: f64 = format!("0.{frac}").parse().map_err(|_| bad())?;
-        let base = whole.checked_shl(shift).filter(|v| v >> shift == whole).ok_or_else(too_big)?;
+        let base = whole
+            .checked_shl(shift)
+            .filter(|v| v >> shift == whole)
+            .ok_or_else(too_big)?;
         let extra = (frac_value * (1u64 << shift) as f64) as u64;
         base.checked_add(extra).ok_or_else(too_big)?
     } else {

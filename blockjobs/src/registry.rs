@@ -31,7 +31,11 @@ pub fn format_by_name(name: &str) -> Result<&'static dyn Format> {
             )
             .with_source(std::io::Error::other(format!(
                 "this build of vdisk supports: {}",
-                formats().iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+                formats()
+                    .iter()
+                    .map(|f| f.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )))
         })
 }
@@ -44,7 +48,9 @@ pub fn probe(path: &Path) -> Result<&'static dyn Format> {
         .map_err(|e| Error::io("open", e).with_path(path))?
         .is_dir()
     {
-        return Err(Error::invalid("open", "is a directory, not a disk image file").with_path(path));
+        return Err(
+            Error::invalid("open", "is a directory, not a disk image file").with_path(path),
+        );
     }
     let mut header = Vec::with_capacity(PROBE_BYTES);
     file.by_ref()
@@ -58,12 +64,17 @@ pub fn probe(path: &Path) -> Result<&'static dyn Format> {
             best = Some((format, score));
         }
     }
-    best.map(|(f, _)| f)
-        .ok_or_else(|| Error::unsupported("probe", "no driver recognises the image").with_path(path))
+    best.map(|(f, _)| f).ok_or_else(|| {
+        Error::unsupported("probe", "no driver recognises the image").with_path(path)
+    })
 }
 
 /// Opens `path` as `format` (or the probed format when `None`).
-pub fn open_image(path: &Path, format: Option<&str>, options: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
+pub fn open_image(
+    path: &Path,
+    format: Option<&str>,
+    options: &OpenOptions,
+) -> Result<Arc<dyn BlockDev>> {
     let driver = match format {
         Some(name) => format_by_name(name)?,
         None => probe(path)?,

@@ -1,1 +1,63 @@
-//! vdisk command-line front end.
+//! The `vdisk` command-line front end: argument parsing, output and exit codes.
+//!
+//! No format logic lives here: commands open images through `vdisk_blockjobs` and talk to them
+//! through `vdisk_block::BlockDev`. Output and exit codes follow qemu-img 10 so scripts can
+//! swap the binary; under the name `qemu-img` (drop-in mode) messages use qemu-img's wording.
+
+pub mod cmd;
+pub mod context;
+
+use clap::{Parser, Subcommand};
+
+pub use context::Ctx;
+
+/// vdisk: create, inspect, convert and compare virtual-disk images (a drop-in for qemu-img).
+#[derive(Debug, Parser)]
+#[command(name = "vdisk", version, about, long_about = None, disable_help_subcommand = true)]
+pub struct Cli {
+    /// The sub-command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new disk image.
+    Create(cmd::create::CreateArgs),
+    /// Show facts about an image.
+    Info(cmd::info::InfoArgs),
+    /// Check an image's metadata for consistency.
+    Check(cmd::check::CheckArgs),
+    /// Convert (copy) one image into another, possibly of another format.
+    Convert(cmd::convert::ConvertArgs),
+    /// Compare the guest-visible contents of two images.
+    Compare(cmd::compare::CompareArgs),
+    /// Show how an image's guest offsets map to host storage.
+    Map(cmd::map::MapArgs),
+    /// Calculate the file size needed to create or convert an image.
+    Measure(cmd::measure::MeasureArgs),
+}
+
+/// Runs the command line `args` (including the program name) and returns the exit code.
+pub fn run<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let ctx = Ctx::from_argv0(args.first().map(|a| a.as_os_str()));
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => return ctx.clap_error(e),
+    };
+    match cli.command {
+        Command::Create(a) => cmd::create::run(&ctx, a),
+        Command::Info(a) => cmd::info::run(&ctx, a),
+        Command::Check(a) => cmd::check::run(&ctx, a),
+        Command::Convert(a) => cmd::convert::run(&ctx, a),
+        Command::Compare(a) => cmd::compare::run(&ctx, a),
+        Command::Map(a) => cmd::map::run(&ctx, a),
+        Command::Measure(a) => cmd::measure::run(&ctx, a),
+    }
+}

@@ -1,2 +1,5 @@
 //! The `vdisk` binary.
-fn main() {}
+
+fn main() {
+    std::process::exit(vdisk_cli::run(std::env::args_os()));
+}

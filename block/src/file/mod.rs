@@ -101,7 +101,12 @@ pub struct HostFile {
 
 impl HostFile {
     /// Opens an existing file.
-    pub fn open(path: &Path, writable: bool, cache: CacheMode, engine: EngineChoice) -> Result<Self> {
+    pub fn open(
+        path: &Path,
+        writable: bool,
+        cache: CacheMode,
+        engine: EngineChoice,
+    ) -> Result<Self> {
         Self::open_with(path, writable, false, cache, engine)
     }
 
@@ -143,11 +148,19 @@ impl HostFile {
         let buffered = if cache.direct() {
             let mut reopen = buffered_opts;
             reopen.truncate(false).create(false);
-            Some(reopen.open(path).map_err(|e| Error::io(op, e).with_path(path))?)
+            Some(
+                reopen
+                    .open(path)
+                    .map_err(|e| Error::io(op, e).with_path(path))?,
+            )
         } else {
             None
         };
-        let align = if cache.direct() { probe_direct_alignment(&file) } else { 1 };
+        let align = if cache.direct() {
+            probe_direct_alignment(&file)
+        } else {
+            1
+        };
         let (uring, engine_note) = match engine {
             EngineChoice::Sync => (None, None),
             EngineChoice::IoUring => match uring::RingPool::new(&file) {
@@ -155,12 +168,17 @@ impl HostFile {
                 Err(e) => {
                     return Err(Error::io(op, e)
                         .with_path(path)
-                        .with_source(io::Error::other("io_uring was requested but the kernel refused it")))
+                        .with_source(io::Error::other(
+                            "io_uring was requested but the kernel refused it",
+                        )))
                 }
             },
             EngineChoice::Auto => match uring::RingPool::new(&file) {
                 Ok(pool) => (Some(pool), None),
-                Err(e) => (None, Some(format!("io_uring unavailable ({e}); using pread/pwrite"))),
+                Err(e) => (
+                    None,
+                    Some(format!("io_uring unavailable ({e}); using pread/pwrite")),
+                ),
             },
         };
         Ok(HostFile {
@@ -251,20 +269,22 @@ impl HostFile {
         for op in ops.iter() {
             if let IoOp::Write { offset, .. } = op {
                 if !self.writable {
-                    return Err(Error::new(ErrorKind::ReadOnly, "write", "the file is open read-only")
-                        .with_path(&self.path)
-                        .at_offset(*offset));
+                    return Err(Error::new(
+                        ErrorKind::ReadOnly,
+                        "write",
+                        "the file is open read-only",
+                    )
+                    .with_path(&self.path)
+                    .at_offset(*offset));
                 }
             }
         }
         if let Some(pool) = &self.uring {
             // Requests O_DIRECT cannot take go through the buffered descriptor synchronously.
-            let (direct, fallback): (Vec<_>, Vec<_>) = ops
-                .iter_mut()
-                .partition(|op| match op {
-                    IoOp::Read { buf, offset } => self.aligned(buf.as_ptr(), buf.len(), *offset),
-                    IoOp::Write { buf, offset } => self.aligned(buf.as_ptr(), buf.len(), *offset),
-                });
+            let (direct, fallback): (Vec<_>, Vec<_>) = ops.iter_mut().partition(|op| match op {
+                IoOp::Read { buf, offset } => self.aligned(buf.as_ptr(), buf.len(), *offset),
+                IoOp::Write { buf, offset } => self.aligned(buf.as_ptr(), buf.len(), *offset),
+            });
             for op in fallback {
                 self.run_sync(op)?;
             }
@@ -334,7 +354,13 @@ impl HostFile {
             .map_err(|e| Error::io("truncate", e).with_path(&self.path))
     }
 
-    fn fallocate(&self, op: &'static str, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    fn fallocate(
+        &self,
+        op: &'static str,
+        mode: libc::c_int,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
         let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(io::Error::from_raw_os_error(libc::EFBIG));
         };
@@ -426,7 +452,10 @@ impl HostFile {
 
 fn eof_message(e: io::Error) -> io::Error {
     if e.kind() == io::ErrorKind::UnexpectedEof {
-        io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the file")
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "read past the end of the file",
+        )
     } else {
         e
     }

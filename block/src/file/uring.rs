@@ -49,7 +49,8 @@ impl RingPool {
         // A NOP round trip: some sandboxes allow io_uring_setup but block io_uring_enter.
         let nop = opcode::Nop::new().build().user_data(0);
         // SAFETY: a NOP references no memory.
-        unsafe { ring.submission().push(&nop) }.map_err(|_| io::Error::other("submission queue full"))?;
+        unsafe { ring.submission().push(&nop) }
+            .map_err(|_| io::Error::other("submission queue full"))?;
         ring.submit_and_wait(1)?;
         ring.completion().for_each(drop);
         let _ = file.as_raw_fd();
@@ -82,7 +83,11 @@ impl RingPool {
         result
     }
 
-    fn run_on(ring: &mut IoUring, file: &File, ops: Vec<&mut IoOp<'_>>) -> Result<(), (io::Error, u64)> {
+    fn run_on(
+        ring: &mut IoUring,
+        file: &File,
+        ops: Vec<&mut IoOp<'_>>,
+    ) -> Result<(), (io::Error, u64)> {
         let fd = types::Fd(file.as_raw_fd());
         let mut pending: Vec<Pending> = ops
             .into_iter()
@@ -111,7 +116,9 @@ impl RingPool {
 
         while !queue.is_empty() || in_flight > 0 {
             while in_flight < RING_DEPTH && first_error.is_none() {
-                let Some(index) = queue.pop_front() else { break };
+                let Some(index) = queue.pop_front() else {
+                    break;
+                };
                 let p = &pending[index];
                 let remaining = (p.len - p.done).min(MAX_TRANSFER);
                 // SAFETY: `p.ptr + p.done` stays inside the caller's buffer, which outlives
@@ -168,7 +175,10 @@ impl RingPool {
                         let err = if p.write {
                             io::Error::new(io::ErrorKind::WriteZero, "the file accepted no bytes")
                         } else {
-                            io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the file")
+                            io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "read past the end of the file",
+                            )
                         };
                         first_error = Some((err, p.offset + p.done as u64));
                     }
