@@ -60,8 +60,20 @@ impl FollowPolicy {
     }
 }
 
+/// Opens the other images an image names (backing files, parents), supplied by the layer
+/// that knows every format (`vdisk_blockjobs`), so a format crate never depends on another.
+pub trait ImageOpener: Send + Sync {
+    /// Opens `path` as `format` (never probed when the image recorded a format).
+    fn open_image(
+        &self,
+        path: &Path,
+        format: Option<&str>,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn BlockDev>>;
+}
+
 /// How to open an image.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OpenOptions {
     /// Open for writing.
     pub writable: bool,
@@ -77,6 +89,24 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// Driver-specific options (`--image-opts` style `key=value`).
     pub driver_options: BTreeMap<String, String>,
+    /// How to open backing files and parents; `None` means the image cannot open any (a
+    /// driver then fails clearly when it needs one, unless `no_backing` is set).
+    pub opener: Option<Arc<dyn ImageOpener>>,
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("writable", &self.writable)
+            .field("cache", &self.cache)
+            .field("engine", &self.engine)
+            .field("policy", &self.policy)
+            .field("no_backing", &self.no_backing)
+            .field("force_share", &self.force_share)
+            .field("driver_options", &self.driver_options)
+            .field("opener", &self.opener.is_some())
+            .finish()
+    }
 }
 
 impl Default for OpenOptions {
@@ -89,6 +119,7 @@ impl Default for OpenOptions {
             no_backing: false,
             force_share: false,
             driver_options: BTreeMap::new(),
+            opener: None,
         }
     }
 }

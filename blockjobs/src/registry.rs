@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
+use vdisk_block::format::ImageOpener;
 use vdisk_block::{BlockDev, Error, ErrorKind, Format, OpenOptions, RawFormat, Result};
 
 /// How many leading bytes drivers get to look at when probing.
