@@ -70,7 +70,8 @@ pub fn probe(path: &Path) -> Result<&'static dyn Format> {
     })
 }
 
-/// Opens `path` as `format` (or the probed format when `None`).
+/// Opens `path` as `format` (or the probed format when `None`). Backing files and parents
+/// are opened through this registry too, within `options.policy`.
 pub fn open_image(
     path: &Path,
     format: Option<&str>,
@@ -80,5 +81,24 @@ pub fn open_image(
         Some(name) => format_by_name(name)?,
         None => probe(path)?,
     };
-    driver.open(path, options)
+    let mut options = options.clone();
+    if options.opener.is_none() {
+        options.opener = Some(Arc::new(Registry));
+    }
+    driver.open(path, &options)
+}
+
+/// The registry as an [`ImageOpener`] for format drivers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Registry;
+
+impl ImageOpener for Registry {
+    fn open_image(
+        &self,
+        path: &Path,
+        format: Option<&str>,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn BlockDev>> {
+        open_image(path, format, options)
+    }
 }
