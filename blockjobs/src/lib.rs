@@ -2,6 +2,7 @@
 //! copy between images (convert today; mirror, commit, stream and backup later).
 #![forbid(unsafe_code)]
 
+pub mod convert;
 pub mod registry;
 
 pub use registry::{format_by_name, formats, open_image, probe};

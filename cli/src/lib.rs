@@ -6,6 +6,7 @@
 
 pub mod cmd;
 pub mod context;
+pub mod progress;
 
 use clap::{Parser, Subcommand};
 

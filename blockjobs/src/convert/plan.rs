@@ -1,0 +1,170 @@
+//! Walking the allocation map of the (concatenated) sources and cutting it into chunks.
+//!
+//! The map is read lazily, one `block_status` call per extent (never per chunk), under the
+//! planner's lock, so workers see it streamed just ahead of where they copy. Data extents are
+//! cut at multiples of the chunk size in target space (aligned requests for `O_DIRECT`);
+//! zero extents are handed out whole, up to [`MAX_ZERO_CHUNK`], since they cost no buffer.
+
+use std::sync::Arc;
+
+use vdisk_block::{BlockDev, Error, Result};
+
+/// The largest zero range handed out at once; it bounds how coarse progress can get.
+pub const MAX_ZERO_CHUNK: u64 = 1 << 30;
+
+/// What a chunk of the source holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkKind {
+    /// Must be read (it may still turn out to be zero bytes).
+    Data,
+    /// Known to read as zeroes; never read.
+    Zero,
+}
+
+/// One unit of work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    /// Position in the target's write order, from 0 without gaps.
+    pub seq: u64,
+    /// Index of the source it comes from.
+    pub source: usize,
+    /// Offset inside that source.
+    pub src_offset: u64,
+    /// Offset inside the target.
+    pub dst_offset: u64,
+    /// Length in bytes; never zero.
+    pub len: u64,
+    /// What the source holds there.
+    pub kind: ChunkKind,
+}
+
+/// Hands out the chunks of a copy in target order.
+pub struct Planner<'a> {
+    sources: &'a [Arc<dyn BlockDev>],
+    chunk_size: u64,
+    index: usize,
+    offset: u64,
+    dst_base: u64,
+    /// The current extent of the current source: where it ends and what it is.
+    extent: Option<(u64, ChunkKind)>,
+    seq: u64,
+}
+
+impl<'a> Planner<'a> {
+    /// A planner over `sources`, cutting data into chunks of `chunk_size` bytes (> 0).
+    pub fn new(sources: &'a [Arc<dyn BlockDev>], chunk_size: u64) -> Self {
+        Planner {
+            sources,
+            chunk_size: chunk_size.max(1),
+            index: 0,
+            offset: 0,
+            dst_base: 0,
+            extent: None,
+            seq: 0,
+        }
+    }
+
+    /// The next chunk, or `None` when every source is done.
+    pub fn next_chunk(&mut self) -> Result<Option<Chunk>> {
+        loop {
+            let Some(source) = self.sources.get(self.index) else {
+                return Ok(None);
+            };
+            let size = source.size();
+            if self.offset >= size {
+                self.index += 1;
+                self.dst_base += size;
+                self.offset = 0;
+                self.extent = None;
+                continue;
+            }
+            let (ext_end, kind) = match self.extent {
+                Some((end, kind)) if end > self.offset => (end, kind),
+                _ => {
+                    let ext = self.query(source.as_ref(), size)?;
+                    self.extent = Some(ext);
+                    ext
+                }
+            };
+            let dst_offset = self.dst_base + self.offset;
+            let mut len = ext_end - self.offset;
+            match kind {
+                ChunkKind::Data => {
+                    len = len.min(self.chunk_size - dst_offset % self.chunk_size);
+                }
+                ChunkKind::Zero => len = len.min(MAX_ZERO_CHUNK),
+            }
+            let chunk = Chunk {
+                seq: self.seq,
+                source: self.index,
+                src_offset: self.offset,
+                dst_offset,
+                len,
+                kind,
+            };
+            self.seq += 1;
+            self.offset += len;
+            return Ok(Some(chunk));
+        }
+    }
+
+    /// Asks the source what the extent at the current offset is.
+    fn query(&self, source: &dyn BlockDev, size: u64) -> Result<(u64, ChunkKind)> {
+        let status = source.block_status(self.offset, size - self.offset)?;
+        if status.offset != self.offset || status.len == 0 {
+            return Err(Error::corrupt(
+                "block status",
+                format!(
+                    "source {} answered extent {}+{} for offset {}",
+                    self.index + 1,
+                    status.offset,
+                    status.len,
+                    self.offset
+                ),
+            )
+            .at_offset(self.offset));
+        }
+        let end = self.offset.saturating_add(status.len).min(size);
+        // Unallocated ranges that are not known zero fall through to a backing device:
+        // reading them through the image is the only correct way to copy them.
+        let kind = if status.zero {
+            ChunkKind::Zero
+        } else {
+            ChunkKind::Data
+        };
+        Ok((end, kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vdisk_block::{MemImage, ZeroMode};
+
+    #[test]
+    fn chunks_cover_concatenated_sources_in_order() {
+        let a = MemImage::shared(5 << 20);
+        a.write_at(&[1u8; 4096], 0).expect("write");
+        a.write_zeroes(4 << 20, 1 << 20, ZeroMode::MayUnmap)
+            .expect("zero");
+        let b = MemImage::shared(3000);
+        let sources: Vec<Arc<dyn BlockDev>> = vec![a, b];
+        let mut p = Planner::new(&sources, 2 << 20);
+        let mut next_dst = 0;
+        let mut seq = 0;
+        let mut count = 0;
+        while let Some(c) = p.next_chunk().expect("plan") {
+            assert_eq!(c.dst_offset, next_dst);
+            assert_eq!(c.seq, seq);
+            assert!(c.len > 0);
+            if c.kind == ChunkKind::Data {
+                assert!(c.len <= 2 << 20);
+            }
+            next_dst += c.len;
+            seq += 1;
+            count += 1;
+        }
+        assert_eq!(next_dst, (5 << 20) + 3000);
+        assert!(count >= 2);
+    }
+}
