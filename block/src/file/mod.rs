@@ -7,27 +7,40 @@
 //!   whole batch with a bounded number in flight, which is what deep-queue callers want.
 //!
 //! `EngineChoice::Auto` tries io_uring and falls back to sync when the kernel refuses it
-//! (seccomp, `io_uring_disabled`, old kernels); the reason is kept for `info`/debug output.
+//! (seccomp, `io_uring_disabled`, old kernels) or when [`NO_IO_URING_ENV`] is set; the reason
+//! is kept for `info`/debug output. `EngineChoice::IoUring` fails to open instead.
 //!
-//! Cache modes follow qemu-img's names. `none` and `directsync` open with `O_DIRECT`: requests
-//! that are not aligned to the device's logical block go through a second, buffered descriptor
-//! (the kernel writes back and invalidates the page cache around direct I/O, so both views
-//! stay coherent) instead of failing with `EINVAL`.
+//! Cache modes follow qemu-img's names. `none` and `directsync` open with `O_DIRECT`;
+//! requests that do not meet its alignment go through aligned bounce buffers (see
+//! `direct.rs`) on the same descriptor instead of failing with `EINVAL`. `writethrough` and
+//! `directsync` open with `O_DSYNC`; `unsafe` turns flushes into no-ops.
+//!
+//! The only `unsafe` of the block layer is the ring itself (`uring.rs`).
+#![deny(unsafe_code)]
 
 mod aligned;
 mod cache;
+mod direct;
+mod rangelock;
+mod sys;
 mod uring;
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 pub use aligned::AlignedBuf;
 pub use cache::CacheMode;
 
 use crate::error::{Error, ErrorKind, Result};
+use rangelock::{RangeGuard, RangeLock};
+use sys::{Falloc, Region};
+
+/// Environment variable that, when set to a non-empty value, keeps io_uring off: `Auto`
+/// falls back to `pread`/`pwrite` and `IoUring` fails to open. For sandboxes where io_uring
+/// misbehaves, and for testing the fallback.
+pub const NO_IO_URING_ENV: &str = "VDISK_NO_IO_URING";
 
 /// Which data engine to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -85,18 +98,28 @@ pub enum IoOp<'a> {
     },
 }
 
+impl IoOp<'_> {
+    fn shape(&self) -> (*const u8, usize, u64) {
+        match self {
+            IoOp::Read { buf, offset } => (buf.as_ptr(), buf.len(), *offset),
+            IoOp::Write { buf, offset } => (buf.as_ptr(), buf.len(), *offset),
+        }
+    }
+}
+
 /// An open host file with its cache mode and data engine.
 #[derive(Debug)]
 pub struct HostFile {
     path: PathBuf,
     file: File,
-    /// Buffered descriptor for requests `O_DIRECT` cannot take; `None` when not direct.
-    buffered: Option<File>,
     cache: CacheMode,
     writable: bool,
+    /// `O_DIRECT` alignment of offsets, lengths and buffers; 1 when not direct.
     align: usize,
     uring: Option<uring::RingPool>,
     engine_note: Option<String>,
+    /// Serialises overlapping write-like requests of a direct file (see `rangelock.rs`).
+    locks: RangeLock,
 }
 
 impl HostFile {
@@ -107,12 +130,12 @@ impl HostFile {
         cache: CacheMode,
         engine: EngineChoice,
     ) -> Result<Self> {
-        Self::open_with(path, writable, false, cache, engine)
+        Self::open_with(path, writable, false, cache, engine, uring_refused_by_env())
     }
 
     /// Creates (or truncates) a file for writing.
     pub fn create(path: &Path, cache: CacheMode, engine: EngineChoice) -> Result<Self> {
-        Self::open_with(path, true, true, cache, engine)
+        Self::open_with(path, true, true, cache, engine, uring_refused_by_env())
     }
 
     fn open_with(
@@ -121,6 +144,7 @@ impl HostFile {
         create: bool,
         cache: CacheMode,
         engine: EngineChoice,
+        uring_refused: bool,
     ) -> Result<Self> {
         let op = if create { "create" } else { "open" };
         let mut opts = FsOpenOptions::new();
@@ -128,68 +152,51 @@ impl HostFile {
         if create {
             opts.create(true).truncate(true);
         }
-        let base_flags = if cache.dsync() { libc::O_DSYNC } else { 0 };
-        let buffered_opts = {
-            let mut o = opts.clone();
-            o.custom_flags(base_flags);
-            o
-        };
-        let mut direct_opts = opts.clone();
-        direct_opts.custom_flags(base_flags | if cache.direct() { libc::O_DIRECT } else { 0 });
-        let file = direct_opts
-            .open(path)
-            .map_err(|e| Error::io(op, e).with_path(path))?;
+        let mut flags = 0;
+        if cache.dsync() {
+            flags |= libc::O_DSYNC;
+        }
+        if cache.direct() {
+            flags |= libc::O_DIRECT;
+        }
+        opts.custom_flags(flags);
+        let file = opts.open(path).map_err(|e| {
+            if cache.direct() && e.raw_os_error() == Some(libc::EINVAL) {
+                Error::unsupported(
+                    op,
+                    format!(
+                        "the file system does not support O_DIRECT, which cache mode '{}' needs; use cache mode writeback",
+                        cache.as_str()
+                    ),
+                )
+                .with_path(path)
+                .with_source(e)
+            } else {
+                Error::io(op, e).with_path(path)
+            }
+        })?;
         let meta = file
             .metadata()
             .map_err(|e| Error::io(op, e).with_path(path))?;
         if meta.is_dir() {
             return Err(Error::invalid(op, "is a directory, not a disk image file").with_path(path));
         }
-        let buffered = if cache.direct() {
-            let mut reopen = buffered_opts;
-            reopen.truncate(false).create(false);
-            Some(
-                reopen
-                    .open(path)
-                    .map_err(|e| Error::io(op, e).with_path(path))?,
-            )
-        } else {
-            None
-        };
         let align = if cache.direct() {
-            probe_direct_alignment(&file)
+            direct_alignment(&file)
         } else {
             1
         };
-        let (uring, engine_note) = match engine {
-            EngineChoice::Sync => (None, None),
-            EngineChoice::IoUring => match uring::RingPool::new(&file) {
-                Ok(pool) => (Some(pool), None),
-                Err(e) => {
-                    return Err(Error::io(op, e)
-                        .with_path(path)
-                        .with_source(io::Error::other(
-                            "io_uring was requested but the kernel refused it",
-                        )))
-                }
-            },
-            EngineChoice::Auto => match uring::RingPool::new(&file) {
-                Ok(pool) => (Some(pool), None),
-                Err(e) => (
-                    None,
-                    Some(format!("io_uring unavailable ({e}); using pread/pwrite")),
-                ),
-            },
-        };
+        let (uring, engine_note) =
+            start_engine(engine, uring_refused).map_err(|e| e.with_path(path))?;
         Ok(HostFile {
             path: path.to_path_buf(),
             file,
-            buffered,
             cache,
             writable,
             align,
             uring,
             engine_note,
+            locks: RangeLock::default(),
         })
     }
 
@@ -222,26 +229,34 @@ impl HostFile {
         self.writable
     }
 
-    /// Alignment that requests need to avoid the buffered fallback (1 unless `O_DIRECT`).
+    /// Alignment of offset, length and buffer address that lets a request skip the bounce
+    /// buffer (1 unless `O_DIRECT`).
     pub fn alignment(&self) -> usize {
         self.align
     }
 
-    fn aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
+    fn aligned(&self, op: &IoOp<'_>) -> bool {
+        let (ptr, len, offset) = op.shape();
         let a = self.align;
-        a <= 1 || ((ptr as usize) % a == 0 && len % a == 0 && offset % a as u64 == 0)
-    }
-
-    /// The descriptor to use for one request: the direct one when the request fits its rules.
-    fn fd_for(&self, ptr: *const u8, len: usize, offset: u64) -> &File {
-        match &self.buffered {
-            Some(b) if !self.aligned(ptr, len, offset) => b,
-            _ => &self.file,
-        }
+        a <= 1
+            || ((ptr as usize).is_multiple_of(a)
+                && len.is_multiple_of(a)
+                && offset.is_multiple_of(a as u64))
     }
 
     fn err(&self, op: &'static str, e: io::Error, offset: u64) -> Error {
         Error::io(op, e).with_path(&self.path).at_offset(offset)
+    }
+
+    /// Holds `[offset, end)` widened to whole blocks against other writes, when direct.
+    fn lock_blocks(&self, offset: u64, end: u64) -> Option<RangeGuard<'_>> {
+        if self.align <= 1 {
+            return None;
+        }
+        let a = self.align as u64;
+        let start = offset / a * a;
+        let end = end.checked_next_multiple_of(a).unwrap_or(u64::MAX);
+        Some(self.locks.lock(&[(start, end)]))
     }
 
     /// Fills `buf` from `offset`; reading past the end of the file is an error.
@@ -253,7 +268,7 @@ impl HostFile {
         self.submit(&mut ops)
     }
 
-    /// Writes all of `buf` at `offset`.
+    /// Writes all of `buf` at `offset` (growing the file if it ends past it).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
@@ -263,8 +278,10 @@ impl HostFile {
     }
 
     /// Runs a batch of requests. With io_uring they are in flight together (bounded by the
-    /// ring depth); with sync they run one after another on this thread. All complete before
-    /// it returns; the first failure is reported.
+    /// ring depth); with sync they run one after another on this thread. Requests of one
+    /// batch run in no particular order, so overlapping writes in a batch leave either
+    /// request's bytes. Every request has finished (or was never started) when this returns;
+    /// the first failure is reported.
     pub fn submit(&self, ops: &mut [IoOp<'_>]) -> Result<()> {
         for op in ops.iter() {
             if let IoOp::Write { offset, .. } = op {
@@ -279,20 +296,43 @@ impl HostFile {
                 }
             }
         }
-        if let Some(pool) = &self.uring {
-            // Requests O_DIRECT cannot take go through the buffered descriptor synchronously.
-            let (direct, fallback): (Vec<_>, Vec<_>) = ops.iter_mut().partition(|op| match op {
-                IoOp::Read { buf, offset } => self.aligned(buf.as_ptr(), buf.len(), *offset),
-                IoOp::Write { buf, offset } => self.aligned(buf.as_ptr(), buf.len(), *offset),
-            });
-            for op in fallback {
-                self.run_sync(op)?;
-            }
-            if !direct.is_empty() {
-                pool.run(&self.file, direct)
-                    .map_err(|(e, off)| self.err("io_uring request", e, off))?;
-            }
+        if self.align <= 1 {
+            let mut all: Vec<&mut IoOp<'_>> = ops.iter_mut().collect();
+            return self.run_engine(&mut all);
+        }
+        let (mut direct, bounced): (Vec<_>, Vec<_>) =
+            ops.iter_mut().partition(|op| self.aligned(op));
+        for op in bounced {
+            self.run_bounced(op)?;
+        }
+        if direct.is_empty() {
             return Ok(());
+        }
+        let writes: Vec<(u64, u64)> = direct
+            .iter()
+            .filter_map(|op| match op {
+                IoOp::Write { buf, offset } => {
+                    Some((*offset, offset.saturating_add(buf.len() as u64)))
+                }
+                IoOp::Read { .. } => None,
+            })
+            .collect();
+        let _guard = (!writes.is_empty()).then(|| self.locks.lock(&writes));
+        self.run_engine(&mut direct)
+    }
+
+    /// Runs requests the descriptor takes as they are, on this file's engine.
+    fn run_engine(&self, ops: &mut [&mut IoOp<'_>]) -> Result<()> {
+        if let Some(pool) = &self.uring {
+            match pool.run(&self.file, ops) {
+                Ok(()) => return Ok(()),
+                Err(uring::RunError::Failed(e, offset)) => {
+                    return Err(self.err("io_uring request", eof_message(e), offset))
+                }
+                // Out of rings (many threads at once, memory limits): nothing was submitted,
+                // so the batch can still run the plain way.
+                Err(uring::RunError::NoRing) => {}
+            }
         }
         for op in ops.iter_mut() {
             self.run_sync(op)?;
@@ -302,14 +342,23 @@ impl HostFile {
 
     fn run_sync(&self, op: &mut IoOp<'_>) -> Result<()> {
         match op {
-            IoOp::Read { buf, offset } => {
-                let fd = self.fd_for(buf.as_ptr(), buf.len(), *offset);
-                fd.read_exact_at(buf, *offset)
-                    .map_err(|e| self.err("read", eof_message(e), *offset))
-            }
+            IoOp::Read { buf, offset } => self
+                .file
+                .read_exact_at(buf, *offset)
+                .map_err(|e| self.err("read", eof_message(e), *offset)),
+            IoOp::Write { buf, offset } => self
+                .file
+                .write_all_at(buf, *offset)
+                .map_err(|e| self.err("write", e, *offset)),
+        }
+    }
+
+    fn run_bounced(&self, op: &mut IoOp<'_>) -> Result<()> {
+        match op {
+            IoOp::Read { buf, offset } => direct::read(&self.file, self.align, buf, *offset)
+                .map_err(|e| self.err("read", eof_message(e), *offset)),
             IoOp::Write { buf, offset } => {
-                let fd = self.fd_for(buf.as_ptr(), buf.len(), *offset);
-                fd.write_all_at(buf, *offset)
+                direct::write(&self.file, self.align, &self.locks, buf, *offset)
                     .map_err(|e| self.err("write", e, *offset))
             }
         }
@@ -340,7 +389,6 @@ impl HostFile {
 
     /// Bytes the file occupies on the host (`st_blocks * 512`).
     pub fn allocated_bytes(&self) -> Result<u64> {
-        use std::os::unix::fs::MetadataExt;
         self.file
             .metadata()
             .map(|m| m.blocks() * 512)
@@ -349,57 +397,57 @@ impl HostFile {
 
     /// Sets the file's length (growing leaves a hole).
     pub fn set_len(&self, len: u64) -> Result<()> {
+        self.check_writable("truncate", len)?;
+        let _guard = self.lock_blocks(len.min(self.len()?), u64::MAX);
         self.file
             .set_len(len)
             .map_err(|e| Error::io("truncate", e).with_path(&self.path))
     }
 
-    fn fallocate(
-        &self,
-        op: &'static str,
-        mode: libc::c_int,
-        offset: u64,
-        len: u64,
-    ) -> io::Result<()> {
-        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-            return Err(io::Error::from_raw_os_error(libc::EFBIG));
-        };
-        let _ = op;
-        loop {
-            // SAFETY: fallocate takes a valid descriptor we own and plain integers.
-            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
-            if rc == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
+    fn check_writable(&self, op: &'static str, offset: u64) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(
+                Error::new(ErrorKind::ReadOnly, op, "the file is open read-only")
+                    .with_path(&self.path)
+                    .at_offset(offset),
+            )
         }
+    }
+
+    fn fallocate(&self, op: &'static str, what: Falloc, offset: u64, len: u64) -> Result<()> {
+        self.check_writable(op, offset)?;
+        let _guard = self.lock_blocks(offset, offset.saturating_add(len));
+        sys::fallocate(&self.file, what, offset, len).map_err(|e| {
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+            ) {
+                Error::unsupported(op, "the file system does not support this fallocate mode")
+                    .with_path(&self.path)
+                    .at_offset(offset)
+                    .with_source(e)
+            } else {
+                self.err(op, e, offset)
+            }
+        })
     }
 
     /// Deallocates a range so it reads as zeroes. Fails with `Unsupported` where the file
     /// system cannot punch holes.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
-        self.fallocate(
-            "punch hole",
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
-        .map_err(|e| self.err("punch hole", e, offset))
+        self.fallocate("punch hole", Falloc::PunchHole, offset, len)
     }
 
     /// Zeroes a range keeping it allocated (`FALLOC_FL_ZERO_RANGE`); may grow the file.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
-        self.fallocate("zero range", libc::FALLOC_FL_ZERO_RANGE, offset, len)
-            .map_err(|e| self.err("zero range", e, offset))
+        self.fallocate("zero range", Falloc::ZeroRange, offset, len)
     }
 
     /// Reserves space for a range without writing it (`fallocate` mode 0); may grow the file.
     pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
-        self.fallocate("allocate", 0, offset, len)
-            .map_err(|e| self.err("allocate", e, offset))
+        self.fallocate("allocate", Falloc::Allocate, offset, len)
     }
 
     /// Writes zeroes over a range by plain writes (the fallback when fallocate cannot).
@@ -418,35 +466,57 @@ impl HostFile {
     /// The first offset at or after `offset` that holds data (`SEEK_DATA`), or `None` when
     /// only a hole follows. `Err(Unsupported)` when the file system cannot tell.
     pub fn next_data(&self, offset: u64) -> Result<Option<u64>> {
-        self.seek(libc::SEEK_DATA, offset)
+        self.seek(Region::Data, offset)
     }
 
     /// The first offset at or after `offset` inside a hole (`SEEK_HOLE`); the end of the file
     /// counts as a hole.
     pub fn next_hole(&self, offset: u64) -> Result<Option<u64>> {
-        self.seek(libc::SEEK_HOLE, offset)
+        self.seek(Region::Hole, offset)
     }
 
-    fn seek(&self, whence: libc::c_int, offset: u64) -> Result<Option<u64>> {
-        let Ok(off) = libc::off_t::try_from(offset) else {
-            return Ok(None);
-        };
-        // SAFETY: lseek takes a valid descriptor we own and plain integers. The file position
-        // it moves is never used: all data I/O is positional.
-        let rc = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
-        if rc >= 0 {
-            return Ok(Some(rc as u64));
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Err(Error::unsupported(
-                "seek data/hole",
-                "the file system cannot report holes",
-            )
-            .with_path(&self.path)),
-            _ => Err(self.err("seek data/hole", err, offset)),
-        }
+    fn seek(&self, region: Region, offset: u64) -> Result<Option<u64>> {
+        sys::seek_region(&self.file, region, offset).map_err(|err| match err.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                Error::unsupported("seek data/hole", "the file system cannot report holes")
+                    .with_path(&self.path)
+            }
+            _ => self.err("seek data/hole", err, offset),
+        })
+    }
+}
+
+fn uring_refused_by_env() -> bool {
+    std::env::var_os(NO_IO_URING_ENV).is_some_and(|v| !v.is_empty())
+}
+
+/// Starts the engine `choice` asks for: the ring pool (if any) and, when `Auto` fell back,
+/// why. `refused` stands in for a kernel that refuses io_uring.
+fn start_engine(
+    choice: EngineChoice,
+    refused: bool,
+) -> Result<(Option<uring::RingPool>, Option<String>)> {
+    if choice == EngineChoice::Sync {
+        return Ok((None, None));
+    }
+    let pool = if refused {
+        Err(io::Error::other(format!(
+            "io_uring is disabled by {NO_IO_URING_ENV}"
+        )))
+    } else {
+        uring::RingPool::new()
+    };
+    match (pool, choice) {
+        (Ok(pool), _) => Ok((Some(pool), None)),
+        (Err(e), EngineChoice::IoUring) => Err(Error::unsupported(
+            "open",
+            format!("io_uring was requested (aio=io_uring) but is not available: {e}"),
+        )
+        .with_source(e)),
+        (Err(e), _) => Ok((
+            None,
+            Some(format!("io_uring unavailable ({e}); using pread/pwrite")),
+        )),
     }
 }
 
@@ -461,15 +531,23 @@ fn eof_message(e: io::Error) -> io::Error {
     }
 }
 
-/// The logical block size `O_DIRECT` needs: 4096 is safe everywhere; try 512 first.
-fn probe_direct_alignment(file: &File) -> usize {
+/// The alignment `O_DIRECT` needs: what the kernel reports, else probed by reading the
+/// first block. 4096 is safe everywhere, so it is the answer whenever the probe cannot tell
+/// (an empty file reads nothing, and the kernel may skip its alignment check then).
+fn direct_alignment(file: &File) -> usize {
+    if let Some(align) = sys::direct_io_alignment(file) {
+        return align;
+    }
     for align in [512usize, 4096] {
         let mut buf = AlignedBuf::zeroed(align, align);
         match file.read_at(buf.as_mut_slice(), 0) {
-            Ok(_) => return align,
+            Ok(n) if n > 0 => return align,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
-            Err(_) => return align,
+            _ => break,
         }
     }
     4096
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,11 +2,20 @@
 //!
 //! A batch is pushed into one ring with at most [`RING_DEPTH`] requests in flight; as
 //! completions arrive the rest of the batch is pushed, so deep batches never overflow the
-//! submission queue. Short transfers are resubmitted for their remainder.
+//! submission queue. Short transfers are resubmitted for their remainder and requests larger
+//! than [`MAX_TRANSFER`] go in pieces, since one entry carries a `u32` length.
+//!
+//! The one rule everything here serves: the kernel writes into (or reads from) the caller's
+//! buffers, so no call returns while a request it submitted is still owned by the kernel. On
+//! every error path the ring is drained first; a ring that cannot be drained is not
+//! survivable (returning would let the kernel write into freed memory), so the process aborts.
+#![allow(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring};
 use parking_lot::Mutex;
@@ -19,8 +28,26 @@ pub const RING_DEPTH: u32 = 64;
 /// Rings kept for reuse; more are created while many threads submit at once.
 const POOL_KEEP: usize = 8;
 
-/// Largest single transfer the kernel takes in one SQE (`u32` length).
-const MAX_TRANSFER: usize = 1 << 30;
+/// Largest transfer put into one entry. Linux moves at most `0x7fff_f000` bytes per call
+/// anyway; 1 GiB keeps every piece a multiple of any `O_DIRECT` alignment.
+pub const MAX_TRANSFER: usize = 1 << 30;
+
+/// How often one request may come back with `EAGAIN` before that counts as its failure
+/// (a regular file should never do it; the bound keeps a misbehaving one from spinning).
+const MAX_AGAIN: u32 = 64;
+
+/// How many failed waits in a row the drain tolerates before declaring the ring lost.
+const DRAIN_ATTEMPTS: u32 = 1000;
+
+/// Why a batch failed.
+#[derive(Debug)]
+pub enum RunError {
+    /// No ring could be had (the kernel refused a new one); nothing was submitted, so the
+    /// caller may run the batch another way.
+    NoRing,
+    /// A request failed at this host offset; every request has completed or been drained.
+    Failed(io::Error, u64),
+}
 
 /// A pool of rings for one file.
 pub struct RingPool {
@@ -40,20 +67,27 @@ struct Pending {
     offset: u64,
     done: usize,
     write: bool,
+    again: u32,
 }
 
 impl RingPool {
     /// Creates the pool, proving the kernel accepts io_uring by building and using one ring.
-    pub fn new(file: &File) -> io::Result<Self> {
+    pub fn new() -> io::Result<Self> {
         let mut ring = IoUring::new(RING_DEPTH)?;
         // A NOP round trip: some sandboxes allow io_uring_setup but block io_uring_enter.
         let nop = opcode::Nop::new().build().user_data(0);
-        // SAFETY: a NOP references no memory.
+        // SAFETY: a NOP entry references no memory, so nothing can dangle whatever happens
+        // to it afterwards.
         unsafe { ring.submission().push(&nop) }
-            .map_err(|_| io::Error::other("submission queue full"))?;
-        ring.submit_and_wait(1)?;
+            .map_err(|_| io::Error::other("the new ring's submission queue is full"))?;
+        loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
         ring.completion().for_each(drop);
-        let _ = file.as_raw_fd();
         Ok(RingPool {
             idle: Mutex::new(vec![ring]),
         })
@@ -73,146 +107,207 @@ impl RingPool {
         }
     }
 
-    /// Runs every request to completion. On failure returns the error and the offset of the
-    /// request that failed; the other requests have completed or been drained by then.
-    pub fn run(&self, file: &File, ops: Vec<&mut IoOp<'_>>) -> Result<(), (io::Error, u64)> {
-        let mut ring = self.take().map_err(|e| (e, 0))?;
-        let result = Self::run_on(&mut ring, file, ops);
-        // A ring whose requests were all reaped can be reused; after an error we drained it too.
+    /// Runs every request to completion on `file`. When it returns, by success or error, the
+    /// kernel holds none of the buffers and the ring is idle again.
+    pub fn run(&self, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<(), RunError> {
+        let mut ring = self.take().map_err(|_| RunError::NoRing)?;
+        let result = run_on(&mut ring, file, ops);
+        // Every path of `run_on` reaps all it submitted, so the ring is empty and reusable.
         self.give_back(ring);
         result
     }
+}
 
-    fn run_on(
-        ring: &mut IoUring,
-        file: &File,
-        ops: Vec<&mut IoOp<'_>>,
-    ) -> Result<(), (io::Error, u64)> {
-        let fd = types::Fd(file.as_raw_fd());
-        let mut pending: Vec<Pending> = ops
-            .into_iter()
-            .map(|op| match op {
-                IoOp::Read { buf, offset } => Pending {
-                    ptr: buf.as_mut_ptr(),
-                    len: buf.len(),
-                    offset: *offset,
-                    done: 0,
-                    write: false,
-                },
-                IoOp::Write { buf, offset } => Pending {
-                    ptr: buf.as_ptr().cast_mut(),
-                    len: buf.len(),
-                    offset: *offset,
-                    done: 0,
-                    write: true,
-                },
-            })
-            .collect();
-        // Indices of requests that still need (part of) their transfer submitted.
-        let mut queue: std::collections::VecDeque<usize> =
-            (0..pending.len()).filter(|&i| pending[i].len > 0).collect();
-        let mut in_flight = 0u32;
-        let mut first_error: Option<(io::Error, u64)> = None;
-
-        while !queue.is_empty() || in_flight > 0 {
-            while in_flight < RING_DEPTH && first_error.is_none() {
-                let Some(index) = queue.pop_front() else {
-                    break;
-                };
-                let p = &pending[index];
-                let remaining = (p.len - p.done).min(MAX_TRANSFER);
-                // SAFETY: `p.ptr + p.done` stays inside the caller's buffer, which outlives
-                // this call; we wait for every submitted request before returning, so the
-                // kernel never touches the buffer after the borrow ends.
-                let at = unsafe { p.ptr.add(p.done) };
-                let entry = if p.write {
-                    opcode::Write::new(fd, at.cast_const(), remaining as u32)
-                        .offset(p.offset + p.done as u64)
-                        .build()
-                } else {
-                    opcode::Read::new(fd, at, remaining as u32)
-                        .offset(p.offset + p.done as u64)
-                        .build()
-                }
-                .user_data(index as u64);
-                // SAFETY: the entry points at memory that stays valid until its completion is
-                // reaped below (see above).
-                if unsafe { ring.submission().push(&entry) }.is_err() {
-                    queue.push_front(index);
-                    break;
-                }
-                in_flight += 1;
-            }
-            if in_flight == 0 {
-                break;
-            }
-            match ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // The kernel may still own buffers: drain before giving up.
-                    Self::drain(ring, in_flight);
-                    return Err((e, 0));
-                }
-            }
-            let completions: Vec<(u64, i32)> = ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (user, res) in completions {
-                in_flight -= 1;
-                let index = user as usize;
-                let p = &mut pending[index];
-                if res < 0 {
-                    let err = io::Error::from_raw_os_error(-res);
-                    if err.kind() == io::ErrorKind::Interrupted || res == -libc::EAGAIN {
-                        queue.push_back(index);
-                    } else if first_error.is_none() {
-                        first_error = Some((err, p.offset + p.done as u64));
-                    }
-                } else if res == 0 {
-                    if first_error.is_none() {
-                        let err = if p.write {
-                            io::Error::new(io::ErrorKind::WriteZero, "the file accepted no bytes")
-                        } else {
-                            io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "read past the end of the file",
-                            )
-                        };
-                        first_error = Some((err, p.offset + p.done as u64));
-                    }
-                } else {
-                    p.done += res as usize;
-                    if p.done < p.len {
-                        queue.push_back(index);
-                    }
-                }
-            }
-            if first_error.is_some() {
-                queue.clear();
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
+fn run_on(ring: &mut IoUring, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<(), RunError> {
+    let fd = types::Fd(file.as_raw_fd());
+    let mut pending: Vec<Pending> = ops
+        .iter_mut()
+        .map(|op| match &mut **op {
+            IoOp::Read { buf, offset } => Pending {
+                ptr: buf.as_mut_ptr(),
+                len: buf.len(),
+                offset: *offset,
+                done: 0,
+                write: false,
+                again: 0,
+            },
+            IoOp::Write { buf, offset } => Pending {
+                ptr: buf.as_ptr().cast_mut(),
+                len: buf.len(),
+                offset: *offset,
+                done: 0,
+                write: true,
+                again: 0,
+            },
+        })
+        .collect();
+    for p in &pending {
+        if p.offset.checked_add(p.len as u64).is_none() {
+            return Err(RunError::Failed(
+                io::Error::from_raw_os_error(libc::EFBIG),
+                p.offset,
+            ));
         }
     }
+    // Requests that still need (part of) their transfer submitted.
+    let mut queue: VecDeque<usize> = (0..pending.len()).filter(|&i| pending[i].len > 0).collect();
+    let mut in_flight = 0u32;
+    let mut first_error: Option<(io::Error, u64)> = None;
 
-    /// Waits for `in_flight` completions so no request outlives its buffer.
-    fn drain(ring: &mut IoUring, mut in_flight: u32) {
-        while in_flight > 0 {
-            if ring.submit_and_wait(1).is_err() {
-                // Nothing more can be learnt; the ring is dropped with the pool entry.
-                std::thread::yield_now();
+    while (first_error.is_none() && !queue.is_empty()) || in_flight > 0 {
+        while in_flight < RING_DEPTH && first_error.is_none() {
+            let Some(index) = queue.pop_front() else {
+                break;
+            };
+            let p = &pending[index];
+            let piece = (p.len - p.done).min(MAX_TRANSFER);
+            // SAFETY: `p.done < p.len`, so the pointer stays inside the caller's buffer,
+            // which is borrowed for the whole of this call.
+            let at = unsafe { p.ptr.add(p.done) };
+            let host = p.offset + p.done as u64;
+            // `piece <= MAX_TRANSFER` fits in a u32.
+            let entry = if p.write {
+                opcode::Write::new(fd, at.cast_const(), piece as u32)
+                    .offset(host)
+                    .build()
+            } else {
+                opcode::Read::new(fd, at, piece as u32).offset(host).build()
             }
-            in_flight -= ring.completion().count() as u32;
+            .user_data(index as u64);
+            // SAFETY: the entry points at `piece` bytes of a live buffer borrowed (mutably for
+            // reads) for the whole call, and `fd` stays open because `file` is borrowed too.
+            // No path out of this function returns before the entry's completion is reaped
+            // (the drain below, or the abort when draining is impossible), so the kernel never
+            // touches the buffer after the borrow ends.
+            if unsafe { ring.submission().push(&entry) }.is_err() {
+                queue.push_front(index);
+                break;
+            }
+            in_flight += 1;
+        }
+        if in_flight == 0 {
+            if let Some(index) = queue.front() {
+                // Unreachable with an idle ring; never report success for unsent requests.
+                let p = &pending[*index];
+                first_error = Some((
+                    io::Error::other("the ring refused a request while idle"),
+                    p.offset + p.done as u64,
+                ));
+            }
+            break;
+        }
+        if let Err(e) = wait_one(ring) {
+            drain(ring, in_flight);
+            let at = queue
+                .front()
+                .map(|&i| pending[i].offset + pending[i].done as u64)
+                .unwrap_or(0);
+            return Err(RunError::Failed(e, first_error.map_or(at, |(_, off)| off)));
+        }
+        for (user, res) in reap(ring) {
+            in_flight = in_flight.saturating_sub(1);
+            let Some(p) = usize::try_from(user).ok().and_then(|i| pending.get_mut(i)) else {
+                continue;
+            };
+            let host = p.offset + p.done as u64;
+            if res < 0 {
+                let retry = (res == -libc::EINTR || res == -libc::EAGAIN) && p.again < MAX_AGAIN;
+                if retry {
+                    p.again += 1;
+                    queue.push_back(user as usize);
+                } else if first_error.is_none() {
+                    first_error = Some((io::Error::from_raw_os_error(-res), host));
+                }
+            } else if res == 0 {
+                if first_error.is_none() {
+                    let err = if p.write {
+                        io::Error::new(io::ErrorKind::WriteZero, "the file accepted no bytes")
+                    } else {
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "read past the end of the file",
+                        )
+                    };
+                    first_error = Some((err, host));
+                }
+            } else {
+                // The kernel never reports more than it was asked for; clamp all the same so
+                // a bad count cannot move `done` past the buffer.
+                p.done = (p.done + res as usize).min(p.len);
+                if p.done < p.len {
+                    queue.push_back(user as usize);
+                }
+            }
+        }
+    }
+    match first_error {
+        Some((e, off)) => Err(RunError::Failed(e, off)),
+        None => Ok(()),
+    }
+}
+
+/// Submits what is queued and waits for at least one completion. `EINTR` is retried;
+/// `EAGAIN`/`EBUSY` (the kernel is short of resources or the completion queue is full) are
+/// retried a bounded number of times after a pause.
+fn wait_one(ring: &mut IoUring) -> io::Result<()> {
+    let mut busy = 0u32;
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY))
+                    && busy < MAX_AGAIN =>
+            {
+                // Completions may be ready already; the caller reaps them.
+                if !ring.completion().is_empty() {
+                    return Ok(());
+                }
+                busy += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
         }
     }
 }
 
-// SAFETY: the raw pointers inside `Pending` never leave `run_on`; a ring is used by one thread
-// at a time (taken out of the mutex-protected pool).
-unsafe impl Send for RingPool {}
-// SAFETY: shared access only goes through the mutex.
-unsafe impl Sync for RingPool {}
+/// Takes every completion that is ready as `(user_data, result)`.
+fn reap(ring: &mut IoUring) -> Vec<(u64, i32)> {
+    ring.completion()
+        .map(|c| (c.user_data(), c.result()))
+        .collect()
+}
+
+/// Waits for `in_flight` completions so that no request outlives its buffer.
+///
+/// Bounded: every failed wait counts, and [`DRAIN_ATTEMPTS`] failures in a row without a
+/// single completion mean the kernel cannot be asked any more. Returning then would free
+/// buffers the kernel may still write to, so the process aborts instead.
+fn drain(ring: &mut IoUring, mut in_flight: u32) {
+    let mut failures = 0u32;
+    while in_flight > 0 {
+        let reaped = reap(ring).len() as u32;
+        in_flight = in_flight.saturating_sub(reaped);
+        if in_flight == 0 {
+            return;
+        }
+        if reaped > 0 {
+            failures = 0;
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                failures += 1;
+                if failures >= DRAIN_ATTEMPTS {
+                    eprintln!(
+                        "vdisk: io_uring: {in_flight} requests cannot be reaped ({e}); aborting \
+                         rather than freeing memory the kernel may still use"
+                    );
+                    std::process::abort();
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
