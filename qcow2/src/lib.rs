@@ -1,6 +1,30 @@
 //! The qcow2 format driver of vdisk.
 //!
-//! Not implemented yet (issue 3): this crate exports nothing, so no caller can mistake it for
-//! a working driver. Images of this format are refused by `vdisk` with an "unsupported
-//! format" error until the driver lands.
+//! Layers, bottom up:
+//! - [`header`]: the header, feature bits and extensions, validated against the spec and
+//!   QEMU's limits before anything is allocated;
+//! - [`entry`]: L1/L2 entries (standard, zero, compressed, extended L2 subclusters);
+//! - [`refcount`]: refcount tables and blocks of every width;
+//! - [`image`]: [`Qcow2Image`], the opened image as a `BlockDev` (read path);
+//! - [`check`]: a metadata check that counts leaks and corruptions like `qemu-img check`;
+//! - [`format`]: [`Qcow2Format`], the driver the registry lists.
+//!
+//! Status: images open read-only (reads, block status, backing chains, external data
+//! files, zlib/zstd compressed clusters, extended L2). Writes, create, snapshots, bitmaps
+//! and encryption are not implemented yet; those requests fail with a clear error.
 #![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod check;
+pub mod compress;
+pub mod entry;
+pub mod format;
+pub mod header;
+pub mod image;
+pub mod open;
+pub mod refcount;
+pub mod snapshot;
+
+pub use format::Qcow2Format;
+pub use header::Header;
+pub use image::Qcow2Image;

@@ -1,0 +1,417 @@
+//! `check`: recount every reference to every host cluster and compare with the refcounts on
+//! disk, counting leaks and corruptions the way `qemu-img check` does (report only; repair
+//! comes with the write path).
+//!
+//! References are counted from the header cluster, the active L1 table and everything
+//! under it, every snapshot's L1 table and everything under it, the snapshot table, the
+//! refcount table and its blocks, the encryption header and the persistent bitmaps. A
+//! cluster whose on-disk refcount is lower than its references is a corruption (a write
+//! could free it while in use); higher is a leak. The COPIED flags of the active tables are
+//! checked against the refcounts too, as QEMU does.
+
+use std::path::Path;
+
+use vdisk_block::{CheckReport, Error, HostFile, OpenOptions, RepairMode, Result};
+
+use crate::entry::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::header::{Header, MAX_L1_BYTES};
+use crate::refcount::{RefcountReader, REFTABLE_RESERVED};
+use crate::snapshot;
+
+/// The largest number of host clusters `check` will track (4 bytes each): 2 TiB of file at
+/// 64 KiB clusters. A larger (or hostile, sparse) file is reported as a check error rather
+/// than allocating without bound.
+pub const MAX_TRACKED_CLUSTERS: u64 = 1 << 25;
+
+const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+
+struct Counter<'a> {
+    file: &'a HostFile,
+    header: &'a Header,
+    refs: Vec<u32>,
+    report: CheckReport,
+    rc: RefcountReader<'a>,
+}
+
+fn read_u64s(file: &HostFile, offset: u64, count: u64) -> Result<Vec<u64>> {
+    let mut raw = vec![0u8; (count * 8) as usize];
+    file.read_at(&mut raw, offset)?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_be_bytes(a)
+        })
+        .collect())
+}
+
+impl Counter<'_> {
+    fn cs(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    fn error(&mut self, message: String) {
+        self.report.corruptions += 1;
+        self.report.messages.push(message);
+    }
+
+    /// Adds one reference to every cluster overlapping `[offset, offset + len)`.
+    fn inc(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let cb = self.header.cluster_bits;
+        let first = offset >> cb;
+        let last = offset.saturating_add(len - 1) >> cb;
+        for cluster in first..=last {
+            if cluster >= MAX_TRACKED_CLUSTERS {
+                self.error(format!(
+                    "ERROR reference to cluster {cluster} lies far outside the image"
+                ));
+                return;
+            }
+            let idx = cluster as usize;
+            if idx >= self.refs.len() {
+                self.refs.resize(idx + 1, 0);
+            }
+            self.refs[idx] = self.refs[idx].saturating_add(1);
+        }
+    }
+
+    fn disk_refcount(&mut self, cluster: u64) -> Option<u64> {
+        match self.rc.refcount(cluster) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.report.check_errors += 1;
+                self.report.messages.push(format!(
+                    "ERROR: Can't get refcount for cluster {cluster}: {}",
+                    e.message()
+                ));
+                None
+            }
+        }
+    }
+
+    fn check_copied(&mut self, what: &str, detail: String, entry: u64, cluster: u64) {
+        let refcount = if what == "data" && self.header.has_data_file() {
+            Some(1)
+        } else {
+            self.disk_refcount(cluster)
+        };
+        if let Some(refcount) = refcount {
+            if (refcount == 1) != (entry & COPIED != 0) {
+                self.error(format!(
+                    "ERROR OFLAG_COPIED {what} cluster: {detail} refcount={refcount}"
+                ));
+            }
+        }
+    }
+
+    fn table_in_file(&mut self, what: &str, offset: u64, bytes: u64) -> bool {
+        let len = self.file.len().unwrap_or(0);
+        if offset.checked_add(bytes).is_none_or(|end| end > len) {
+            self.report.check_errors += 1;
+            self.report.messages.push(format!(
+                "ERROR: {what} at {offset:#x} ({bytes} bytes) lies past the end of the file"
+            ));
+            return false;
+        }
+        true
+    }
+
+    /// Counts an L1 table and everything it references.
+    fn l1(&mut self, l1_offset: u64, l1_size: u32, active: bool) -> Result<()> {
+        let bytes = u64::from(l1_size) * 8;
+        self.inc(l1_offset, bytes);
+        if bytes == 0 || bytes > MAX_L1_BYTES || !self.table_in_file("L1 table", l1_offset, bytes) {
+            return Ok(());
+        }
+        let l1 = read_u64s(self.file, l1_offset, u64::from(l1_size))?;
+        let cs = self.cs();
+        for (i, &entry) in l1.iter().enumerate() {
+            if entry & L1_RESERVED != 0 {
+                self.error(format!(
+                    "ERROR found L1 entry with reserved bits set: {entry:#x}"
+                ));
+            }
+            let l2 = entry & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            if l2 & (cs - 1) != 0 {
+                self.error(format!(
+                    "ERROR l2_offset={l2:#x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+                continue;
+            }
+            self.inc(l2, cs);
+            if active {
+                self.check_copied(
+                    "L2",
+                    format!("l1_index={i} l1_entry={entry:#x}"),
+                    entry,
+                    l2 >> self.header.cluster_bits,
+                );
+            }
+            if !self.table_in_file("L2 table", l2, cs) {
+                continue;
+            }
+            self.l2(l2, active)?;
+        }
+        Ok(())
+    }
+
+    fn l2(&mut self, l2_offset: u64, active: bool) -> Result<()> {
+        let h = self.header;
+        let cs = self.cs();
+        let ext = h.extended_l2();
+        let width = if ext { 2 } else { 1 };
+        let table = read_u64s(self.file, l2_offset, cs / 8)?;
+        let mut next_contiguous = 0u64;
+        for i in 0..h.l2_entries() as usize {
+            let entry = table[i * width];
+            let bitmap = if ext { table[i * width + 1] } else { 0 };
+            if entry & COMPRESSED != 0 {
+                if entry & COPIED != 0 {
+                    self.error(format!(
+                        "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
+                        entry & !(COPIED | COMPRESSED)
+                    ));
+                }
+                if h.has_data_file() {
+                    self.error(format!(
+                        "ERROR compressed cluster {i} with data file, entry={entry:#x}"
+                    ));
+                    continue;
+                }
+                let x = 70 - h.cluster_bits;
+                let coffset = entry & ((1u64 << x) - 1);
+                let sectors = ((entry & !(COPIED | COMPRESSED)) >> x) + 1;
+                self.inc(coffset, sectors * 512 - (coffset & 511));
+                if active {
+                    self.report.allocated_clusters =
+                        Some(self.report.allocated_clusters.unwrap_or(0) + 1);
+                    self.report.compressed_clusters =
+                        Some(self.report.compressed_clusters.unwrap_or(0) + 1);
+                    // Compressed clusters are fragmented by nature, as QEMU counts them.
+                    self.report.fragmented_clusters =
+                        Some(self.report.fragmented_clusters.unwrap_or(0) + 1);
+                }
+                continue;
+            }
+            if entry & L2_RESERVED != 0 {
+                self.error(format!(
+                    "ERROR found L2 entry with reserved bits set: {entry:#x}"
+                ));
+            }
+            let offset = entry & OFFSET_MASK;
+            let has_host = offset != 0 || (h.has_data_file() && entry & COPIED != 0);
+            let zero_flag = !ext && entry & ZERO != 0;
+            if !has_host {
+                if ext && bitmap & 0xffff_ffff != 0 {
+                    self.error(format!(
+                        "ERROR: l2 entry {entry:#x}: Unallocated cluster has non-zero subcluster allocation map"
+                    ));
+                }
+                let _ = zero_flag;
+                continue;
+            }
+            if ext && (bitmap >> 32) & bitmap != 0 {
+                self.error(format!(
+                    "ERROR offset={offset:#x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                ));
+            }
+            if offset & (cs - 1) != 0 {
+                self.error(format!(
+                    "ERROR offset={offset:#x}: Cluster is not properly aligned; L2 entry corrupted."
+                ));
+                continue;
+            }
+            if active {
+                self.report.allocated_clusters =
+                    Some(self.report.allocated_clusters.unwrap_or(0) + 1);
+                if next_contiguous != 0 && offset != next_contiguous {
+                    self.report.fragmented_clusters =
+                        Some(self.report.fragmented_clusters.unwrap_or(0) + 1);
+                }
+                next_contiguous = offset + cs;
+            }
+            if !h.has_data_file() {
+                self.inc(offset, cs);
+            }
+            if active {
+                self.check_copied(
+                    "data",
+                    format!("l2_entry={entry:#x}"),
+                    entry,
+                    offset >> h.cluster_bits,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn bitmaps(&mut self) -> Result<()> {
+        let Some(bm) = self.header.extensions.bitmaps else {
+            return Ok(());
+        };
+        self.inc(bm.directory_offset, bm.directory_size);
+        if !self.table_in_file("bitmap directory", bm.directory_offset, bm.directory_size) {
+            return Ok(());
+        }
+        let mut dir = vec![0u8; bm.directory_size as usize];
+        self.file.read_at(&mut dir, bm.directory_offset)?;
+        let mut pos = 0usize;
+        for _ in 0..bm.nb_bitmaps {
+            if pos + 24 > dir.len() {
+                self.error("ERROR bitmap directory is shorter than its bitmaps".to_string());
+                break;
+            }
+            let e = &dir[pos..];
+            let be32 = |at: usize| u32::from_be_bytes([e[at], e[at + 1], e[at + 2], e[at + 3]]);
+            let table_offset = (u64::from(be32(0)) << 32) | u64::from(be32(4));
+            let table_size = u64::from(be32(8));
+            let name_size = usize::from(u16::from_be_bytes([e[18], e[19]]));
+            let extra = be32(20) as usize;
+            self.inc(table_offset, table_size * 8);
+            if table_offset & (self.cs() - 1) == 0
+                && self.table_in_file("bitmap table", table_offset, table_size * 8)
+            {
+                for entry in read_u64s(self.file, table_offset, table_size)? {
+                    let data = entry & OFFSET_MASK;
+                    if data != 0 {
+                        self.inc(data, self.cs());
+                    }
+                }
+            }
+            pos += (24 + extra.min(1 << 16) + name_size + 7) & !7;
+        }
+        Ok(())
+    }
+
+    fn refblocks(&mut self) {
+        let cs = self.cs();
+        let table: Vec<u64> = self.rc.table().to_vec();
+        for (i, &entry) in table.iter().enumerate() {
+            let offset = entry & !REFTABLE_RESERVED;
+            if entry & REFTABLE_RESERVED != 0 {
+                self.error(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
+                continue;
+            }
+            if offset == 0 {
+                continue;
+            }
+            if offset & (cs - 1) != 0 {
+                self.error(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                continue;
+            }
+            let cluster = offset >> self.header.cluster_bits;
+            let file_clusters = self.file.len().unwrap_or(0).div_ceil(cs);
+            if cluster >= file_clusters {
+                self.error(format!("ERROR refcount block {i} is outside image"));
+                continue;
+            }
+            self.inc(offset, cs);
+        }
+    }
+
+    /// Compares references with on-disk refcounts; returns the highest used cluster.
+    fn compare(&mut self) -> Option<u64> {
+        let mut highest = None;
+        for cluster in 0..self.refs.len() as u64 {
+            let reference = u64::from(self.refs[cluster as usize]);
+            let Some(refcount) = self.disk_refcount(cluster) else {
+                continue;
+            };
+            if refcount > 0 || reference > 0 {
+                highest = Some(cluster);
+            }
+            if refcount == reference {
+                continue;
+            }
+            if refcount < reference {
+                self.error(format!(
+                    "ERROR cluster {cluster} refcount={refcount} reference={reference}"
+                ));
+            } else {
+                self.report.leaks += 1;
+                self.report.messages.push(format!(
+                    "Leaked cluster {cluster} refcount={refcount} reference={reference}"
+                ));
+            }
+        }
+        highest
+    }
+}
+
+/// Checks the image at `path` without repairing it.
+pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {
+    if repair != RepairMode::None {
+        return Err(Error::unsupported(
+            "check",
+            "repairing qcow2 images is not implemented yet (check without -r)",
+        )
+        .with_path(path));
+    }
+    let file = HostFile::open(path, false, options.cache, options.engine)?;
+    let file_len = file.len()?;
+    let header = crate::image::read_header(&file, file_len).map_err(|e| e.with_path(path))?;
+    let cs = header.cluster_size();
+    let file_clusters = file_len.div_ceil(cs);
+    if file_clusters > MAX_TRACKED_CLUSTERS {
+        return Err(Error::unsupported(
+            "check",
+            format!(
+                "the image file has {file_clusters} clusters; check tracks at most {MAX_TRACKED_CLUSTERS}"
+            ),
+        )
+        .with_path(path));
+    }
+    let rc = RefcountReader::new(&file, &header).map_err(|e| e.with_path(path))?;
+    let mut c = Counter {
+        file: &file,
+        header: &header,
+        refs: vec![0; file_clusters as usize],
+        report: CheckReport::default(),
+        rc,
+    };
+    c.inc(0, cs);
+    c.l1(header.l1_table_offset, header.l1_size, true)?;
+    match snapshot::read_table(&file, &header) {
+        Ok((snapshots, table_bytes)) => {
+            for sn in &snapshots {
+                c.l1(sn.l1_table_offset, sn.l1_size, false)?;
+            }
+            c.inc(header.snapshots_offset, table_bytes);
+        }
+        Err(e) => c.error(format!("ERROR {}", e.message())),
+    }
+    c.inc(
+        header.refcount_table_offset,
+        u64::from(header.refcount_table_clusters) * cs,
+    );
+    if let Some(crypto) = header.extensions.crypto {
+        c.inc(crypto.offset, crypto.length);
+    }
+    c.bitmaps()?;
+    c.refblocks();
+    let highest = c.compare();
+    let mut report = c.report;
+    report.image_end_offset = Some(highest.map_or(0, |h| (h + 1) * cs));
+    // QEMU counts whole 512-byte sectors of the virtual size.
+    report.total_clusters = Some((header.size / 512 * 512).div_ceil(cs));
+    for field in [
+        &mut report.allocated_clusters,
+        &mut report.fragmented_clusters,
+        &mut report.compressed_clusters,
+    ] {
+        field.get_or_insert(0);
+    }
+    Ok(report)
+}

@@ -1,0 +1,585 @@
+//! An opened qcow2 image as a [`BlockDev`]: the read path.
+//!
+//! A guest range is resolved in runs: [`Qcow2Image::lookup`] walks L1 → L2 (through the
+//! bounded [`L2Cache`]) and returns the longest stretch, inside one L2 table, that reads the
+//! same way (falls through, zeroes, contiguous host data, one compressed cluster). Reads,
+//! block status and `resolve_read` are all built on those runs, so a long contiguous range
+//! costs one host read and no per-cluster work.
+//!
+//! This slice opens images read-only: writes answer with a clear read-only error.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use vdisk_block::{
+    check_range, BlockDev, BlockStatus, Error, ErrorKind, HostFile, HostLocation, ImageInfo,
+    OpenOptions, Preallocation, ReadSegment, Result, ZeroMode,
+};
+
+use crate::cache::L2Cache;
+use crate::compress;
+use crate::entry::{Decoder, Kind};
+use crate::header::{self, CryptMethod, Header};
+use crate::open::{self, ChainGuard, DataFile};
+
+/// The L2 cache holds at most this many bytes of tables (QEMU's default maximum on Linux).
+const L2_CACHE_BYTES: u64 = 32 << 20;
+/// ...and at most this many tables, so eviction stays cheap with small clusters.
+const L2_CACHE_TABLES: u64 = 1024;
+
+/// An opened qcow2 image.
+pub struct Qcow2Image {
+    path: PathBuf,
+    file: Arc<HostFile>,
+    header: Header,
+    decoder: Decoder,
+    l1: Vec<u64>,
+    l2_cache: L2Cache,
+    data: DataFile,
+    backing: Option<Arc<dyn BlockDev>>,
+    /// The last decompressed cluster, keyed by its host offset: sequential small reads of a
+    /// compressed cluster decompress it once.
+    last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
+    /// Length of the file holding guest data, refreshed when a read reaches past it.
+    data_len: AtomicU64,
+}
+
+impl std::fmt::Debug for Qcow2Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Image")
+            .field("path", &self.path)
+            .field("header", &self.header)
+            .field("backing", &self.backing.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_be_u64s(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_be_bytes(a)
+        })
+        .collect()
+}
+
+impl Qcow2Image {
+    /// Opens `path`. Backing and data files are opened only as `options.policy` allows.
+    pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
+        if options.writable {
+            return Err(Error::unsupported(
+                "open",
+                "writing qcow2 images is not implemented yet; open it read-only",
+            )
+            .with_path(path));
+        }
+        let _chain = ChainGuard::enter(path)?;
+        let file = HostFile::open(path, false, options.cache, options.engine)?;
+        let file_len = file.len()?;
+        let header = read_header(&file, file_len).map_err(|e| e.with_path(path))?;
+        let l1 = read_l1(&file, &header, file_len).map_err(|e| e.with_path(path))?;
+        let decoder = Decoder {
+            cluster_bits: header.cluster_bits,
+            extended_l2: header.extended_l2(),
+            data_file: header.has_data_file(),
+        };
+        let data = if header.has_data_file() {
+            let name = options
+                .driver_options
+                .get("data-file")
+                .cloned()
+                .or_else(|| header.extensions.data_file.clone())
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "open",
+                        "the image uses an external data file but does not name it (give one with the data-file option)",
+                    )
+                    .with_path(path)
+                })?;
+            open::open_data_file(path, &name, options)?
+        } else {
+            if options.driver_options.contains_key("data-file") {
+                return Err(Error::invalid(
+                    "open",
+                    "'data-file' can only be set for images that use an external data file",
+                )
+                .with_path(path));
+            }
+            DataFile::Internal
+        };
+        let backing = match (&header.backing_file, options.no_backing) {
+            (Some(name), false) => Some(open::open_backing(
+                path,
+                name,
+                header.extensions.backing_format.as_deref(),
+                options,
+            )?),
+            _ => None,
+        };
+        let data_len = match &data {
+            DataFile::External(f) => f.len()?,
+            _ => file_len,
+        };
+        let tables = (L2_CACHE_BYTES >> header.cluster_bits).clamp(2, L2_CACHE_TABLES);
+        Ok(Qcow2Image {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            decoder,
+            l1,
+            l2_cache: L2Cache::new(tables as usize),
+            data,
+            backing,
+            last_compressed: Mutex::new(None),
+            data_len: AtomicU64::new(data_len),
+            header,
+        })
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The path the image was opened by.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The image's own host file.
+    pub fn file(&self) -> &Arc<HostFile> {
+        &self.file
+    }
+
+    /// The active L1 table.
+    pub fn l1(&self) -> &[u64] {
+        &self.l1
+    }
+
+    /// The L2 table at host `offset`, through the cache.
+    pub fn l2_table(&self, offset: u64) -> Result<Arc<[u64]>> {
+        if let Some(t) = self.l2_cache.get(offset) {
+            return Ok(t);
+        }
+        let cs = self.header.cluster_size();
+        let end = offset.saturating_add(cs);
+        if end > self.file.len()? {
+            return Err(Error::corrupt(
+                "read metadata",
+                format!("L2 table at {offset:#x} lies past the end of the image file"),
+            )
+            .with_path(&self.path));
+        }
+        let mut raw = vec![0u8; cs as usize];
+        self.file.read_at(&mut raw, offset)?;
+        let table: Arc<[u64]> = Arc::from(read_be_u64s(&raw));
+        self.l2_cache.insert(offset, Arc::clone(&table));
+        Ok(table)
+    }
+
+    /// Resolves guest `offset`: the kind of the run starting there and its length (at most
+    /// `max`, never crossing an L2 table). Host offsets in the result point at `offset`
+    /// itself, not at the start of its cluster.
+    pub fn lookup(&self, offset: u64, max: u64) -> Result<(Kind, u64)> {
+        let cb = self.header.cluster_bits;
+        let cs = 1u64 << cb;
+        let shift = self.header.l1_entry_shift();
+        let l1_index = offset >> shift;
+        let l1_end = (l1_index + 1) << shift;
+        let to_l1_end = (l1_end - offset).min(max);
+        let l2_offset = match self.l1.get(l1_index as usize) {
+            None => 0,
+            Some(&e) => self
+                .decoder
+                .l2_offset(l1_index, e)
+                .map_err(|e| e.with_path(&self.path))?,
+        };
+        if l2_offset == 0 {
+            return Ok((Kind::Unallocated, to_l1_end));
+        }
+        let table = self.l2_table(l2_offset)?;
+        let width = if self.decoder.extended_l2 { 2 } else { 1 };
+        let entries = self.header.l2_entries();
+        let sc_size = self.decoder.subcluster_size();
+        let classify = |guest: u64| -> Result<Kind> {
+            let idx = ((guest >> cb) & (entries - 1)) as usize * width;
+            let entry = table.get(idx).copied().unwrap_or(0);
+            let bitmap = if width == 2 {
+                table.get(idx + 1).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            let sc = ((guest & (cs - 1)) / sc_size) as u32;
+            self.decoder
+                .classify(entry, bitmap, sc, guest & !(cs - 1))
+                .map_err(|e| e.with_path(&self.path))
+        };
+        let first = classify(offset)?;
+        let start_kind = at_offset(first, offset & (cs - 1));
+        if let Kind::Compressed { .. } = first {
+            return Ok((first, (cs - (offset & (cs - 1))).min(max)));
+        }
+        // Extend by subclusters (or clusters) while the run reads the same way.
+        let mut pos = (offset / sc_size + 1) * sc_size;
+        while pos < offset + to_l1_end {
+            let next = at_offset(classify(pos)?, pos & (cs - 1));
+            if !continues(start_kind, pos - offset, next) {
+                break;
+            }
+            pos += sc_size;
+        }
+        Ok((start_kind, (pos - offset).min(to_l1_end)))
+    }
+
+    fn data_file(&self) -> Result<&Arc<HostFile>> {
+        match &self.data {
+            DataFile::Internal => Ok(&self.file),
+            DataFile::External(f) => Ok(f),
+            DataFile::NotOpened { path, reason, kind } => Err(Error::new(
+                *kind,
+                "read",
+                format!(
+                    "the external data file '{}' is not open: {reason}",
+                    path.display()
+                ),
+            )
+            .with_path(&self.path)),
+        }
+    }
+
+    /// Reads host bytes; the part past the end of the file reads as zeroes (as QEMU's file
+    /// driver does for short reads).
+    fn read_host(&self, file: &HostFile, buf: &mut [u8], host: u64) -> Result<()> {
+        let end = host.saturating_add(buf.len() as u64);
+        let mut len = self.data_len.load(Ordering::Relaxed);
+        if end > len {
+            len = file.len()?;
+            self.data_len.store(len, Ordering::Relaxed);
+        }
+        let inside = len.saturating_sub(host).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(inside);
+        file.read_at(head, host)?;
+        tail.fill(0);
+        Ok(())
+    }
+
+    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let Some(backing) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let bsize = backing.size();
+        let inside = bsize.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(inside);
+        if !head.is_empty() {
+            backing.read_at(head, offset)?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
+    fn read_compressed(&self, buf: &mut [u8], offset: u64, host: u64, clen: u64) -> Result<()> {
+        let cs = self.header.cluster_size();
+        let cached = match &*self.last_compressed.lock() {
+            Some((at, data)) if *at == host => Some(Arc::clone(data)),
+            _ => None,
+        };
+        let cluster = match cached {
+            Some(c) => c,
+            None => {
+                // The stored length is bounded by the entry's sector count field, which
+                // is at most twice the cluster size plus a sector.
+                let mut input = vec![0u8; clen as usize];
+                self.read_host(&self.file, &mut input, host)?;
+                let mut out = vec![0u8; cs as usize];
+                compress::decompress(
+                    self.header.compression_type,
+                    &input,
+                    &mut out,
+                    offset & !(cs - 1),
+                )
+                .map_err(|e| e.with_path(&self.path))?;
+                let out: Arc<[u8]> = Arc::from(out);
+                *self.last_compressed.lock() = Some((host, Arc::clone(&out)));
+                out
+            }
+        };
+        let start = (offset & (cs - 1)) as usize;
+        buf.copy_from_slice(&cluster[start..start + buf.len()]);
+        Ok(())
+    }
+
+    fn refuse_encrypted(&self, op: &'static str) -> Result<()> {
+        if self.header.crypt_method == CryptMethod::None {
+            return Ok(());
+        }
+        Err(Error::unsupported(
+            op,
+            format!(
+                "the image is encrypted ({}); reading encrypted qcow2 images is not implemented yet",
+                match self.header.crypt_method {
+                    CryptMethod::Aes => "legacy AES",
+                    _ => "LUKS",
+                }
+            ),
+        )
+        .with_path(&self.path))
+    }
+
+    fn read_only_error(&self, op: &'static str) -> Error {
+        Error::new(ErrorKind::ReadOnly, op, "the image is open read-only").with_path(&self.path)
+    }
+
+    fn data_path(&self) -> PathBuf {
+        match &self.data {
+            DataFile::External(f) => f.path().to_path_buf(),
+            DataFile::NotOpened { path, .. } => path.clone(),
+            DataFile::Internal => self.path.clone(),
+        }
+    }
+}
+
+/// `kind` as seen from `in_cluster` bytes into its cluster.
+fn at_offset(kind: Kind, in_cluster: u64) -> Kind {
+    match kind {
+        Kind::Normal { host } => Kind::Normal {
+            host: host + in_cluster,
+        },
+        Kind::ZeroAlloc { host } => Kind::ZeroAlloc {
+            host: host + in_cluster,
+        },
+        Kind::UnallocatedAlloc { host } => Kind::UnallocatedAlloc {
+            host: host + in_cluster,
+        },
+        other => other,
+    }
+}
+
+/// True when `next`, found `dist` bytes after the start of a run of `start`, belongs to it.
+fn continues(start: Kind, dist: u64, next: Kind) -> bool {
+    match (start, next) {
+        (Kind::Unallocated | Kind::UnallocatedAlloc { .. }, n) => n.falls_through(),
+        (Kind::ZeroPlain, Kind::ZeroPlain) => true,
+        (Kind::Normal { host: a }, Kind::Normal { host: b })
+        | (Kind::ZeroAlloc { host: a }, Kind::ZeroAlloc { host: b }) => {
+            a.checked_add(dist) == Some(b)
+        }
+        _ => false,
+    }
+}
+
+pub(crate) fn read_header(file: &HostFile, file_len: u64) -> Result<Header> {
+    let first = file_len.min(u64::from(header::V3_HEADER_LEN)) as usize;
+    let mut start = vec![0u8; first];
+    file.read_at(&mut start, 0)?;
+    let cluster_bits = header::peek_cluster_bits(&start)?;
+    let cluster0_len = file_len.min(1u64 << cluster_bits) as usize;
+    let mut cluster0 = vec![0u8; cluster0_len];
+    file.read_at(&mut cluster0, 0)?;
+    Header::parse(&cluster0)
+}
+
+fn read_l1(file: &HostFile, h: &Header, file_len: u64) -> Result<Vec<u64>> {
+    let bytes = u64::from(h.l1_size) * 8;
+    if bytes == 0 {
+        return Ok(Vec::new());
+    }
+    // The header check already capped `bytes` at 32 MiB; the file must also hold the table.
+    if h.l1_table_offset + bytes > file_len {
+        return Err(Error::corrupt(
+            "open",
+            format!(
+                "Active L1 table offset invalid: the table at {:#x} ({bytes} bytes) lies past the end of the file ({file_len} bytes)",
+                h.l1_table_offset
+            ),
+        ));
+    }
+    let mut raw = vec![0u8; bytes as usize];
+    file.read_at(&mut raw, h.l1_table_offset)?;
+    Ok(read_be_u64s(&raw))
+}
+
+impl BlockDev for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range("read", self.size(), offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.refuse_encrypted("read")?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (kind, run) = self.lookup(pos, (buf.len() - done) as u64)?;
+            let chunk = &mut buf[done..done + run as usize];
+            match kind {
+                Kind::Unallocated | Kind::UnallocatedAlloc { .. } => {
+                    self.read_backing(chunk, pos)?
+                }
+                Kind::ZeroPlain | Kind::ZeroAlloc { .. } => chunk.fill(0),
+                Kind::Normal { host } => {
+                    let file = self.data_file()?;
+                    self.read_host(file, chunk, host)?
+                }
+                Kind::Compressed { offset: h, len } => self.read_compressed(chunk, pos, h, len)?,
+            }
+            done += run as usize;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(self.read_only_error("write"))
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u64, _mode: ZeroMode) -> Result<()> {
+        Err(self.read_only_error("write zeroes"))
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(self.read_only_error("discard"))
+    }
+
+    fn flush(&self) -> Result<()> {
+        // Nothing is ever written through a read-only image.
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_range("block status", self.size(), offset, len)?;
+        if len == 0 {
+            return Err(Error::invalid("block status", "empty range").at_offset(offset));
+        }
+        let (first, mut run) = self.lookup(offset, len)?;
+        while run < len {
+            let (next, more) = self.lookup(offset + run, len - run)?;
+            let joins = continues(first, run, next)
+                || matches!(
+                    (first, next),
+                    (Kind::Compressed { .. }, Kind::Compressed { .. })
+                );
+            if !joins {
+                break;
+            }
+            run += more;
+        }
+        let encrypted = self.header.crypt_method != CryptMethod::None;
+        let host = |h: u64| {
+            (!encrypted).then(|| HostLocation {
+                file: self.data_path(),
+                offset: h,
+            })
+        };
+        let mut st = BlockStatus {
+            offset,
+            len: run,
+            data: false,
+            zero: false,
+            allocated: true,
+            compressed: false,
+            host: None,
+        };
+        match first {
+            Kind::Unallocated | Kind::UnallocatedAlloc { .. } => {
+                st.allocated = false;
+                st.zero = self.backing.is_none();
+            }
+            Kind::ZeroPlain => st.zero = true,
+            Kind::ZeroAlloc { host: h } => {
+                st.zero = true;
+                st.host = host(h);
+            }
+            Kind::Normal { host: h } => {
+                st.data = true;
+                st.host = host(h);
+            }
+            Kind::Compressed { .. } => {
+                st.data = true;
+                st.compressed = true;
+            }
+        }
+        Ok(st)
+    }
+
+    fn resize(&self, _new_size: u64, _prealloc: Preallocation) -> Result<()> {
+        Err(self.read_only_error("resize"))
+    }
+
+    fn info(&self) -> Result<ImageInfo> {
+        let h = &self.header;
+        Ok(ImageInfo {
+            format: "qcow2".into(),
+            filename: self.path.clone(),
+            virtual_size: h.size,
+            actual_size: Some(self.file.allocated_bytes()?),
+            file_length: Some(self.file.len()?),
+            cluster_size: Some(h.cluster_size()),
+            dirty: h.incompatible_features & header::incompat::DIRTY != 0,
+            encrypted: h.crypt_method != CryptMethod::None,
+            backing_filename: h.backing_file.clone(),
+            full_backing_filename: h
+                .backing_file
+                .as_deref()
+                .and_then(|name| open::resolve(&self.path, name, "backing file").ok()),
+            backing_format: h.extensions.backing_format.clone(),
+        })
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDev>> {
+        self.backing.clone()
+    }
+
+    fn has_zero_init(&self) -> bool {
+        // A fresh image without backing or data file reads as zeroes; an external data
+        // file may hold anything.
+        self.backing.is_none()
+            && self.header.backing_file.is_none()
+            && !self.header.has_data_file()
+            && self.header.crypt_method == CryptMethod::None
+    }
+
+    fn resolve_read(&self, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
+        check_range("resolve read", self.size(), offset, len)?;
+        let encrypted = self.header.crypt_method != CryptMethod::None;
+        let mut out: Vec<ReadSegment> = Vec::new();
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let (kind, run) = self.lookup(pos, len - done)?;
+            let seg = match kind {
+                Kind::ZeroPlain | Kind::ZeroAlloc { .. } => ReadSegment::Zero { len: run },
+                Kind::Unallocated | Kind::UnallocatedAlloc { .. } if self.backing.is_none() => {
+                    ReadSegment::Zero { len: run }
+                }
+                Kind::Normal { host } if !encrypted => match self.data_file() {
+                    Ok(file) if host + run <= self.data_len.load(Ordering::Relaxed) => {
+                        ReadSegment::Host {
+                            file: Arc::clone(file),
+                            offset: host,
+                            len: run,
+                        }
+                    }
+                    _ => ReadSegment::Indirect { len: run },
+                },
+                _ => ReadSegment::Indirect { len: run },
+            };
+            match (out.last_mut(), &seg) {
+                (Some(ReadSegment::Indirect { len: a }), ReadSegment::Indirect { len: b })
+                | (Some(ReadSegment::Zero { len: a }), ReadSegment::Zero { len: b }) => *a += b,
+                _ => out.push(seg),
+            }
+            done += run;
+        }
+        Ok(out)
+    }
+
+    fn is_read_only(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,129 @@
+//! The internal snapshot table (read side): enough to account for snapshots in `check` and
+//! to list them.
+//!
+//! Entries are variable-length; every length is bounded by QEMU's limits before it is used
+//! (at most 65536 entries, a table of at most 64 MiB, extra data of at most 1024 bytes).
+
+use vdisk_block::{Error, HostFile, Result};
+
+use crate::header::{check_table, Header, MAX_L1_BYTES};
+
+/// QEMU's QCOW_MAX_SNAPSHOTS_SIZE.
+pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+/// QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA.
+pub const MAX_EXTRA_DATA: u32 = 1024;
+
+/// One internal snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Host offset of the snapshot's L1 table.
+    pub l1_table_offset: u64,
+    /// Entries of that L1 table.
+    pub l1_size: u32,
+    /// The unique id string.
+    pub id: String,
+    /// The name.
+    pub name: String,
+    /// Creation time, seconds.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds.
+    pub date_nsec: u32,
+    /// Guest clock when taken, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Size of the saved VM state.
+    pub vm_state_size: u64,
+    /// Virtual disk size when taken, if recorded.
+    pub disk_size: Option<u64>,
+}
+
+fn corrupt(message: String) -> Error {
+    Error::corrupt("read snapshot table", message)
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
+}
+
+/// Reads the snapshot table of `header`; returns the snapshots and the table's size in bytes.
+pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u64)> {
+    if header.nb_snapshots == 0 {
+        return Ok((Vec::new(), 0));
+    }
+    let file_len = file.len()?;
+    let avail = file_len
+        .saturating_sub(header.snapshots_offset)
+        .min(MAX_TABLE_BYTES);
+    let mut buf = vec![0u8; avail as usize];
+    file.read_at(&mut buf, header.snapshots_offset)?;
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    for i in 0..header.nb_snapshots {
+        let need = |pos: usize, n: usize| -> Result<()> {
+            if pos.checked_add(n).is_none_or(|end| end > buf.len()) {
+                Err(corrupt(format!(
+                    "snapshot table entry {i} is incomplete (the table ends at {} bytes)",
+                    buf.len()
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        need(pos, 40)?;
+        let e = &buf[pos..];
+        let l1_table_offset = be64(e, 0);
+        let l1_size = be32(e, 8);
+        let id_len = usize::from(be16(e, 12));
+        let name_len = usize::from(be16(e, 14));
+        let extra = be32(e, 36);
+        if extra > MAX_EXTRA_DATA {
+            return Err(corrupt(format!(
+                "Too much extra metadata in snapshot table entry {i} ({extra} bytes)"
+            )));
+        }
+        let extra = extra as usize;
+        need(pos, 40 + extra + id_len + name_len)?;
+        let x = &e[40..40 + extra];
+        let vm_state_size = if extra >= 8 {
+            be64(x, 0)
+        } else {
+            u64::from(be32(e, 32))
+        };
+        let disk_size = (extra >= 16).then(|| be64(x, 8));
+        let id_at = 40 + extra;
+        let id = String::from_utf8_lossy(&e[id_at..id_at + id_len]).into_owned();
+        let name =
+            String::from_utf8_lossy(&e[id_at + id_len..id_at + id_len + name_len]).into_owned();
+        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
+            return Err(corrupt(format!(
+                "Snapshot L1 table too large (entry {i}: {l1_size} entries)"
+            )));
+        }
+        check_table(
+            "Snapshot L1 table",
+            l1_table_offset,
+            u64::from(l1_size) * 8,
+            header.cluster_bits,
+        )?;
+        out.push(Snapshot {
+            l1_table_offset,
+            l1_size,
+            id,
+            name,
+            date_sec: be32(e, 16),
+            date_nsec: be32(e, 20),
+            vm_clock_nsec: be64(e, 24),
+            vm_state_size,
+            disk_size,
+        });
+        pos += (40 + extra + id_len + name_len + 7) & !7;
+    }
+    Ok((out, pos as u64))
+}
