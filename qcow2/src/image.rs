@@ -333,6 +333,25 @@ impl Qcow2Image {
         Error::new(ErrorKind::ReadOnly, op, "the image is open read-only").with_path(&self.path)
     }
 
+    /// Whether `len` bytes at host offset `host` of the data file start with a hole, and
+    /// how far that hole (or data) goes. File systems that cannot tell report data.
+    fn host_zero_run(&self, host: u64, len: u64) -> Result<(bool, u64)> {
+        let Ok(file) = self.data_file() else {
+            return Ok((false, len));
+        };
+        let end = host + len;
+        match file.next_data(host) {
+            Err(e) if e.kind() == ErrorKind::Unsupported => Ok((false, len)),
+            Err(e) => Err(e),
+            Ok(None) => Ok((true, len)),
+            Ok(Some(data)) if data > host => Ok((true, data.min(end) - host)),
+            Ok(Some(_)) => {
+                let hole = file.next_hole(host)?.unwrap_or(end);
+                Ok((false, hole.clamp(host + 1, end) - host))
+            }
+        }
+    }
+
     fn data_path(&self) -> PathBuf {
         match &self.data {
             DataFile::External(f) => f.path().to_path_buf(),
@@ -498,6 +517,13 @@ impl BlockDev for Qcow2Image {
             Kind::Normal { host: h } => {
                 st.data = true;
                 st.host = host(h);
+                if !encrypted {
+                    // Like QEMU, look through to the host file: a hole there (a sparse
+                    // preallocated cluster) reads as zeroes.
+                    let (zero, len) = self.host_zero_run(h, run)?;
+                    st.zero = zero;
+                    st.len = len;
+                }
             }
             Kind::Compressed { .. } => {
                 st.data = true;
