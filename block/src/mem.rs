@@ -2,6 +2,7 @@
 //!
 //! Storage is a sparse map of fixed-size pages so that multi-GiB model disks cost only what
 //! was written. Absent pages read as zeroes and report as unallocated holes.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -3,6 +3,7 @@
 //! Allocation is the file system's: block status comes from `SEEK_DATA`/`SEEK_HOLE`, discard
 //! punches holes, write-zeroes punches a hole or zeroes a range with `fallocate`, falling back
 //! to writing zeroes where the file system cannot.
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -171,12 +172,9 @@ impl BlockDev for RawImage {
         };
         match attempt {
             Ok(()) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::Unsupported | ErrorKind::Io | ErrorKind::InvalidInput
-                ) =>
-            {
+            // Only "this file system cannot" falls back: a real I/O error (EIO, ENOSPC) must
+            // reach the caller rather than be retried as a slow write of zeroes.
+            Err(e) if matches!(e.kind(), ErrorKind::Unsupported | ErrorKind::InvalidInput) => {
                 self.file.write_zero_bytes(offset, len)
             }
             Err(e) => Err(e),

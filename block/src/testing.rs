@@ -33,6 +33,7 @@
 //!     .expect("the device behaves like the model");
 //! assert!(report.writes > 0);
 //! ```
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::path::{Path, PathBuf};
