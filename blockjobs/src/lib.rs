@@ -2,7 +2,9 @@
 //! copy between images (convert today; mirror, commit, stream and backup later).
 #![forbid(unsafe_code)]
 
+pub mod compare;
 pub mod convert;
+pub mod map;
 pub mod registry;
 
 pub use registry::{format_by_name, formats, open_image, probe};

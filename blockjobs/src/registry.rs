@@ -102,3 +102,23 @@ impl ImageOpener for Registry {
         open_image(path, format, options)
     }
 }
+
+/// Creates an image of format `format` at `path`. The size is rounded up to a whole 512-byte
+/// sector first, as qemu does for every image it creates, so a file made here has the length
+/// qemu-img would give it.
+pub fn create_image(
+    path: &Path,
+    format: &str,
+    mut options: vdisk_block::CreateOptions,
+) -> Result<()> {
+    let driver = format_by_name(format)?;
+    options.size = options
+        .size
+        .checked_next_multiple_of(crate::map::SECTOR)
+        .filter(|&s| s <= i64::MAX as u64)
+        // No file can be longer than i64::MAX; the OS says EINVAL, and so do we.
+        .ok_or_else(|| {
+            Error::io("truncate", std::io::Error::from_raw_os_error(22)).with_path(path)
+        })?;
+    driver.create(path, options)
+}

@@ -1,7 +1,14 @@
 //! What every command needs besides its arguments: how to speak and how to fail.
+//!
+//! Every failure is reported on one line (two for command-line mistakes, which add qemu-img's
+//! "Try ... --help" line). Under the name `qemu-img` (drop-in mode) the wording is qemu-img's
+//! own, so scripts that match its messages keep working; under the name `vdisk` a message
+//! says what failed, why, and what to do about it.
 
 use std::ffi::OsStr;
 use std::path::Path;
+
+use vdisk_block::{Error, ErrorKind};
 
 /// Per-invocation settings shared by all commands.
 #[derive(Debug, Clone)]
@@ -10,6 +17,34 @@ pub struct Ctx {
     pub prog: String,
     /// Invoked as `qemu-img`: print exactly what qemu-img prints.
     pub dropin: bool,
+}
+
+/// A failure worded both ways; [`Ctx::fail`] picks one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// qemu-img's exact wording (without the `qemu-img: ` prefix).
+    pub qemu: String,
+    /// vdisk's wording: `<what failed>: <why>`, with a hint where one helps.
+    pub vdisk: String,
+}
+
+impl Failure {
+    /// A failure with separate wordings.
+    pub fn new(qemu: impl Into<String>, vdisk: impl Into<String>) -> Self {
+        Failure {
+            qemu: qemu.into(),
+            vdisk: vdisk.into(),
+        }
+    }
+
+    /// A failure worded the same both ways.
+    pub fn same(text: impl Into<String>) -> Self {
+        let text = text.into();
+        Failure {
+            qemu: text.clone(),
+            vdisk: text,
+        }
+    }
 }
 
 impl Ctx {
@@ -35,23 +70,265 @@ impl Ctx {
         eprintln!("{}: {message}", self.prog);
     }
 
+    /// Prints `failure` in this mode's wording on stderr.
+    pub fn fail(&self, failure: &Failure) {
+        if self.dropin {
+            self.error(&failure.qemu);
+        } else {
+            self.error(&failure.vdisk);
+        }
+    }
+
+    /// Prints a command-line mistake of sub-command `cmd` and returns exit code 1.
+    pub fn usage(&self, cmd: &str, message: &str) -> i32 {
+        self.error(message);
+        eprintln!("Try '{} {cmd} --help' for more info", self.prog);
+        1
+    }
+
     /// Reports a command-line parsing error (or help/version output) and returns its exit
     /// code: 0 for help and version, 1 for a bad command line as qemu-img does.
-    pub fn clap_error(&self, err: clap::Error) -> i32 {
-        use clap::error::ErrorKind;
+    pub fn clap_error(&self, err: clap::Error, cmd: Option<&str>) -> i32 {
+        use clap::error::{ContextKind, ContextValue, ErrorKind as K};
         match err.kind() {
-            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            K::DisplayHelp | K::DisplayVersion => {
                 let _ = err.print();
-                0
+                return 0;
             }
-            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            _ if !self.dropin => {
                 let _ = err.print();
-                1
+                return 1;
+            }
+            _ => {}
+        }
+        let context = |kind| match err.get(kind) {
+            Some(ContextValue::String(s)) => Some(s.clone()),
+            Some(ContextValue::Strings(v)) => v.first().cloned(),
+            _ => None,
+        };
+        let Some(cmd) = cmd else {
+            self.error("Not enough arguments");
+            eprintln!("Try 'qemu-img --help' for more info");
+            return 1;
+        };
+        match err.kind() {
+            K::InvalidSubcommand => {
+                self.error(format!("Command not found: {cmd}"));
+                eprintln!("Try 'qemu-img --help' for more info");
+            }
+            K::DisplayHelpOnMissingArgumentOrSubcommand | K::MissingSubcommand => {
+                self.error("Not enough arguments");
+                eprintln!("Try 'qemu-img --help' for more info");
+            }
+            K::UnknownArgument => {
+                let arg = context(ContextKind::InvalidArg).unwrap_or_default();
+                let what = match arg.strip_prefix("--") {
+                    Some(_) => format!("unrecognized option '{arg}'"),
+                    None => {
+                        let c = arg.trim_start_matches('-').chars().next().unwrap_or('?');
+                        format!("invalid option -- '{c}'")
+                    }
+                };
+                eprintln!("qemu-img {cmd}: {what}");
+                eprintln!("Try 'qemu-img {cmd} --help' for more info");
+            }
+            K::InvalidValue | K::NoEquals | K::TooFewValues => {
+                let arg = context(ContextKind::InvalidArg).unwrap_or_default();
+                let name = arg.split_whitespace().next().unwrap_or("").to_string();
+                eprintln!("qemu-img {cmd}: option '{name}' requires an argument");
+                eprintln!("Try 'qemu-img {cmd} --help' for more info");
             }
             _ => {
-                let _ = err.print();
-                1
+                let text = err.to_string();
+                let first = text
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ");
+                self.error(first);
+                eprintln!("Try 'qemu-img {cmd} --help' for more info");
             }
         }
+        1
+    }
+}
+
+/// The OS's words for an error, without Rust's " (os error N)" suffix.
+fn why(err: &Error) -> String {
+    err.message().to_string()
+}
+
+/// qemu-img's messages have no hints; ours may end in a parenthesised hint, which drop-in
+/// mode removes so the wording matches qemu-img's.
+pub fn without_hint(text: &str) -> &str {
+    match text.rfind(" (") {
+        Some(cut) if text.ends_with(')') => &text[..cut],
+        _ => text,
+    }
+}
+
+/// The explanation a source error adds (the registry puts hints there), if any.
+fn source_hint(err: &Error) -> Option<String> {
+    std::error::Error::source(err).map(|s| s.to_string())
+}
+
+/// How opening the image `name` (as the user spelled it) failed.
+pub fn open_failure(name: &str, err: &Error) -> Failure {
+    let is_dir = Path::new(name).is_dir();
+    if is_dir {
+        return Failure::new(
+            format!(
+                "Could not open '{name}': 'file' driver requires '{name}' to be a regular file"
+            ),
+            format!("cannot open '{name}': it is a directory (name a disk image file)"),
+        );
+    }
+    let os_level = matches!(
+        err.kind(),
+        ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::Io
+    ) && err.op() == "open";
+    let qemu = if os_level {
+        format!(
+            "Could not open '{name}': Could not open '{name}': {}",
+            why(err)
+        )
+    } else {
+        format!("Could not open '{name}': {}", without_hint(err.message()))
+    };
+    let hint = match err.kind() {
+        ErrorKind::NotFound => " (check the file name)".to_string(),
+        ErrorKind::PermissionDenied => " (check the file's permissions)".to_string(),
+        ErrorKind::Unsupported => source_hint(err)
+            .map(|h| format!(" ({h})"))
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    Failure::new(
+        qemu,
+        format!("cannot open '{name}': {}{hint}", err.message()),
+    )
+}
+
+/// How creating the image `name` failed, after the "Formatting" line.
+pub fn create_failure(name: &str, format: &str, err: &Error) -> Failure {
+    let os = std::error::Error::source(err)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(|e| e.raw_os_error());
+    if os == Some(libc_efbig()) {
+        return Failure::new(
+            format!("{name}: The image size is too large for file format '{format}'"),
+            format!(
+                "create '{name}': the image size is too large for this file system (choose a smaller size)"
+            ),
+        );
+    }
+    let qemu = match err.op() {
+        "create" if std::error::Error::source(err).is_some() && err.path().is_some() => {
+            format!("{name}: Could not create '{name}': {}", why(err))
+        }
+        "truncate" => format!("{name}: Could not resize file: {}", why(err)),
+        _ => format!("{name}: {}", without_hint(err.message())),
+    };
+    let hint = match err.kind() {
+        ErrorKind::NotFound => " (does the folder exist?)",
+        ErrorKind::PermissionDenied => " (check the folder's permissions)",
+        _ => "",
+    };
+    Failure::new(qemu, format!("create '{name}': {}{hint}", err.message()))
+}
+
+/// EFBIG without depending on libc for one constant: Linux's value on every architecture.
+fn libc_efbig() -> i32 {
+    27
+}
+
+/// Parses a size argument (`--size`, `--start-offset`, SIZE) as qemu-img does; `what` names
+/// it in messages (`image size`, `start offset`, `max length`).
+pub fn parse_size_arg(what: &str, text: &str) -> Result<u64, Failure> {
+    let out_of_range = || {
+        Failure::new(
+            format!("Invalid {what} specified. Must be between 0 and 9223372036854775807."),
+            format!("invalid {what} '{text}': it must lie between 0 and 8 EiB - 1"),
+        )
+    };
+    let invalid = || {
+        Failure::new(
+            format!("Invalid {what} specified: '{text}'."),
+            format!(
+                "invalid {what} '{text}': use a number of bytes, optionally followed by k, M, G, T, P or E"
+            ),
+        )
+    };
+    let trimmed = text.trim_start();
+    if let Some(hex) = trimmed
+        .strip_prefix("0x")
+        .or_else(|| trimmed.strip_prefix("0X"))
+    {
+        // qemu accepts hexadecimal byte counts (without fraction).
+        let digits = hex.trim_end_matches(|c: char| "bkKmMgGtTpPeE".contains(c));
+        let suffix = &hex[digits.len()..];
+        let value = u64::from_str_radix(digits, 16).map_err(|_| invalid())?;
+        let shifted = vdisk_block::size::parse_size(&format!("1{suffix}"))
+            .map_err(|_| invalid())
+            .and_then(|unit| value.checked_mul(unit).ok_or_else(out_of_range))?;
+        return if shifted > i64::MAX as u64 {
+            Err(out_of_range())
+        } else {
+            Ok(shifted)
+        };
+    }
+    match vdisk_block::size::parse_size(trimmed) {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            let body = trimmed.strip_prefix('-').unwrap_or(trimmed);
+            let digits_end = body
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(body.len());
+            let (number, suffix) = body.split_at(digits_end);
+            let well_formed = !number.is_empty()
+                && number.matches('.').count() <= 1
+                && !number.starts_with('.')
+                && (suffix.len() == 1 && "bBkKmMgGtTpPeE".contains(suffix)
+                    || (suffix.is_empty() && !number.contains('.')));
+            if well_formed {
+                Err(out_of_range())
+            } else {
+                Err(invalid())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_arguments_fail_like_qemu() {
+        let q = |t: &str| parse_size_arg("image size", t).map_err(|f| f.qemu);
+        assert_eq!(q("1M"), Ok(1 << 20));
+        assert_eq!(q("0x100"), Ok(256));
+        let range = "Invalid image size specified. Must be between 0 and 9223372036854775807.";
+        assert_eq!(q("99999999999999999999").err().as_deref(), Some(range));
+        assert_eq!(q("16E").err().as_deref(), Some(range));
+        assert_eq!(q("8E").err().as_deref(), Some(range));
+        assert_eq!(q("-1").err().as_deref(), Some(range));
+        assert_eq!(
+            q("12x").err().as_deref(),
+            Some("Invalid image size specified: '12x'.")
+        );
+        assert_eq!(
+            q("0.5").err().as_deref(),
+            Some("Invalid image size specified: '0.5'.")
+        );
+    }
+
+    #[test]
+    fn hints_are_removed_in_dropin_wording() {
+        assert_eq!(
+            without_hint("Unsupported mode (use off)"),
+            "Unsupported mode"
+        );
+        assert_eq!(without_hint("plain"), "plain");
     }
 }

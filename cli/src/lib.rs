@@ -6,6 +6,7 @@
 
 pub mod cmd;
 pub mod context;
+pub mod output;
 pub mod progress;
 
 use clap::{Parser, Subcommand};
@@ -50,7 +51,10 @@ where
     let ctx = Ctx::from_argv0(args.first().map(|a| a.as_os_str()));
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
-        Err(e) => return ctx.clap_error(e),
+        Err(e) => {
+            let cmd = args.get(1).map(|a| a.to_string_lossy().into_owned());
+            return ctx.clap_error(e, cmd.as_deref());
+        }
     };
     match cli.command {
         Command::Create(a) => cmd::create::run(&ctx, a),

@@ -1,15 +1,181 @@
-//! `vdisk compare`.
+//! `vdisk compare`: do two images show the guest the same bytes?
+//!
+//! Exit codes are qemu-img's: 0 identical, 1 different, 2 an image could not be opened,
+//! 3 block status failed, 4 a read failed.
 
 use clap::Args;
+use vdisk_blockjobs::compare::{compare, CompareError, Event, Outcome};
 
+use super::{open, print, OpenSpec};
+use crate::context::Failure;
 use crate::Ctx;
 
 /// Arguments of `compare`.
 #[derive(Debug, Args)]
-pub struct CompareArgs {}
+#[command(
+    about = "Check if two images have the same contents",
+    long_about = "Check if two images have the same guest-visible contents, whatever their \
+                  formats. An unallocated range equals zeroes, and when the sizes differ the \
+                  tail of the larger image must read as zeroes; --strict also requires equal \
+                  sizes and equal allocation.\n\n\
+                  Exit status: 0 identical, 1 different, 2 cannot open an image, 3 cannot read \
+                  allocation status, 4 cannot read data.\n\n\
+                  Example: vdisk compare -f raw -F raw a.raw b.raw"
+)]
+pub struct CompareArgs {
+    /// Format of FILENAME1 (default: probed)
+    #[arg(short = 'f', long = "a-format", value_name = "FMT")]
+    pub a_format: Option<String>,
+    /// Format of FILENAME2 (default: probed)
+    #[arg(short = 'F', long = "b-format", value_name = "FMT")]
+    pub b_format: Option<String>,
+    /// Strict mode: sizes and allocation must match too
+    #[arg(short = 's', long = "strict")]
+    pub strict: bool,
+    /// Cache mode for reading the images (writeback, none, writethrough, directsync, unsafe)
+    #[arg(short = 'T', long = "cache", value_name = "CACHE_MODE")]
+    pub cache: Option<String>,
+    /// Open the images in shared mode, even while another process uses them
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Show progress
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Quiet: print only errors
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// The two images to compare
+    #[arg(value_name = "FILENAME1 FILENAME2")]
+    pub files: Vec<String>,
+}
+
+/// qemu's progress line: `    (12.34/100%)` followed by a carriage return, printed when the
+/// percentage moved by more than two points (and at 0 and 100).
+struct Progress {
+    enabled: bool,
+    current: f32,
+    last_print: f32,
+}
+
+impl Progress {
+    fn step(&mut self, delta: f32) {
+        let current = (self.current + delta).min(100.0);
+        self.current = current;
+        if current > self.last_print + 2.0
+            || current < self.last_print - 2.0
+            || current == 0.0
+            || current == 100.0
+        {
+            self.last_print = current;
+            if self.enabled {
+                print(&format!("    ({current:3.2}/100%)\r"));
+            }
+        }
+    }
+
+    fn end(&self) {
+        if self.enabled {
+            print("\n");
+        }
+    }
+}
 
 /// Runs `compare`; returns the exit code.
-pub fn run(ctx: &Ctx, _args: CompareArgs) -> i32 {
-    ctx.error("compare: not implemented yet");
-    1
+pub fn run(ctx: &Ctx, args: CompareArgs) -> i32 {
+    let [name_a, name_b] = args.files.as_slice() else {
+        return ctx.usage("compare", "Expecting two image file names");
+    };
+    let mut progress = Progress {
+        enabled: args.progress && !args.quiet,
+        current: 0.0,
+        last_print: 0.0,
+    };
+    let code = compare_files(ctx, &args, name_a, name_b, &mut progress);
+    progress.end();
+    code
+}
+
+fn compare_files<'a>(
+    ctx: &Ctx,
+    args: &'a CompareArgs,
+    name_a: &str,
+    name_b: &str,
+    progress: &mut Progress,
+) -> i32 {
+    let say = |text: &str| {
+        if !args.quiet {
+            print(&format!("{text}\n"));
+        }
+    };
+    let spec = |format: Option<&'a str>| OpenSpec {
+        format,
+        force_share: args.force_share,
+        cache: args.cache.as_deref(),
+        ..OpenSpec::default()
+    };
+    let a = match open(name_a, &spec(args.a_format.as_deref())) {
+        Ok(d) => d,
+        Err(f) => {
+            ctx.fail(&f);
+            return 2;
+        }
+    };
+    let b = match open(name_b, &spec(args.b_format.as_deref())) {
+        Ok(d) => d,
+        Err(f) => {
+            ctx.fail(&f);
+            return 2;
+        }
+    };
+    progress.step(0.0);
+    let mut events = |event: Event| match event {
+        Event::Progress { chunk, total } => progress.step((chunk as f32 / total as f32) * 100.0),
+        Event::TailStart => say("Warning: Image size mismatch!"),
+    };
+    let names = [name_a, name_b];
+    match compare(&a, &b, args.strict, &mut events) {
+        Ok(result) => match result.outcome {
+            Outcome::Identical => {
+                say("Images are identical.");
+                0
+            }
+            Outcome::ContentMismatch(at) => {
+                say(&format!("Content mismatch at offset {at}!"));
+                1
+            }
+            Outcome::SizeMismatch => {
+                say("Strict mode: Image size mismatch!");
+                1
+            }
+            Outcome::StatusMismatch(at) => {
+                say(&format!("Strict mode: Offset {at} block status mismatch!"));
+                1
+            }
+        },
+        Err(e) => {
+            let code = e.exit_code();
+            let failure = match &e {
+                CompareError::Status(which, err) => Failure::new(
+                    format!("Sector allocation test failed for {}", names[*which]),
+                    format!(
+                        "compare: cannot read the allocation status of '{}': {err}",
+                        names[*which]
+                    ),
+                ),
+                CompareError::Read(which, offset, err) => Failure::new(
+                    format!(
+                        "Error while reading offset {offset} of {}: {}",
+                        names[*which],
+                        err.message()
+                    ),
+                    format!(
+                        "compare: cannot read '{}' at offset {offset}: {err}",
+                        names[*which]
+                    ),
+                ),
+            };
+            ctx.fail(&failure);
+            code
+        }
+    }
 }

@@ -1,15 +1,340 @@
-//! `vdisk create`.
+//! `vdisk create`: make a new, empty image.
+//!
+//! Like qemu-img, options are checked before anything is printed, the `Formatting ...` line
+//! is printed next, and only then does the driver create the file, so a failure inside the
+//! driver follows that line.
+
+use std::path::Path;
 
 use clap::Args;
+use vdisk_block::format::split_option_list;
+use vdisk_block::{CreateOptions, Format};
 
+use super::print;
+use crate::context::{create_failure, parse_size_arg, Failure};
 use crate::Ctx;
 
 /// Arguments of `create`.
 #[derive(Debug, Args)]
-pub struct CreateArgs {}
+#[command(
+    about = "Create a new disk image",
+    long_about = "Create a new disk image FILENAME of SIZE bytes (suffixes k, M, G, T, P, E \
+                  multiply by 1024). An existing file is overwritten.\n\n\
+                  Options of the format go in -o as key=value pairs separated by commas; \
+                  '-o help' lists them. Raw images take preallocation=off|falloc|full.\n\n\
+                  Example: vdisk create -f raw -o preallocation=falloc disk.raw 10G"
+)]
+pub struct CreateArgs {
+    /// Format of the new image
+    #[arg(
+        short = 'f',
+        long = "format",
+        value_name = "FMT",
+        default_value = "raw"
+    )]
+    pub format: String,
+    /// Format options, `key=value,...` (`-o help` lists them)
+    #[arg(short = 'o', long = "options", value_name = "FMT_OPTS")]
+    pub options: Vec<String>,
+    /// Stack the new image on top of this backing file (formats that support it)
+    #[arg(short = 'b', long = "backing", value_name = "BACKING_FILENAME")]
+    pub backing: Option<String>,
+    /// Format of the backing file
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
+    pub backing_format: Option<String>,
+    /// Do not open the backing file to check it
+    #[arg(short = 'u', long = "backing-unsafe")]
+    pub backing_unsafe: bool,
+    /// Quiet: do not print the `Formatting` line
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// The image to create, then its size (`64M`, `10G`, ...)
+    #[arg(value_name = "FILENAME [SIZE]")]
+    pub files: Vec<String>,
+}
+
+/// How qemu types an option, which decides how it is checked and printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Size,
+    Bool,
+    Number,
+    Text,
+}
+
+fn kind(name: &str) -> Kind {
+    match name {
+        "size" | "extent_size_hint" | "cluster_size" | "block_size" | "log_size" => Kind::Size,
+        "nocow" | "lazy_refcounts" | "extended_l2" | "data_file_raw" | "block_state_zero"
+        | "compat6" | "zeroed_grain" => Kind::Bool,
+        "refcount_bits" | "hwversion" => Kind::Number,
+        _ => Kind::Text,
+    }
+}
+
+fn type_label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Size => "<size>",
+        Kind::Bool => "<bool (on/off)>",
+        Kind::Number => "<num>",
+        Kind::Text => "<str>",
+    }
+}
+
+/// qemu prints the options of the `Formatting` line in the order of its option tables
+/// (format first, then the file protocol's), not in the order they were given.
+fn print_order(format: &dyn Format) -> Vec<String> {
+    let mut order: Vec<String> = vec!["size".into()];
+    if format.name() == "raw" {
+        order.extend(["nocow", "preallocation", "extent_size_hint"].map(String::from));
+    }
+    for (name, _) in format.create_options_help() {
+        if !order.iter().any(|o| o == name) {
+            order.push(name.to_string());
+        }
+    }
+    order
+}
+
+/// One `-o` option after checking: what to print and what to hand the driver.
+struct Opt {
+    key: String,
+    shown: String,
+    value: String,
+}
 
 /// Runs `create`; returns the exit code.
-pub fn run(ctx: &Ctx, _args: CreateArgs) -> i32 {
-    ctx.error("create: not implemented yet");
-    1
+pub fn run(ctx: &Ctx, args: CreateArgs) -> i32 {
+    match create(ctx, &args) {
+        Ok(()) => 0,
+        Err(f) => {
+            if !f.qemu.is_empty() {
+                ctx.fail(&f);
+            }
+            1
+        }
+    }
+}
+
+fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
+    let joined = args.options.join(",");
+    let items = split_option_list(&joined);
+    let wants_help = items.iter().any(|i| i == "help" || i == "?");
+    let name = args.files.first();
+    if !wants_help {
+        match args.files.len() {
+            0 => {
+                ctx.usage("create", "Expecting image file name");
+                return Err(silent());
+            }
+            1 | 2 => {}
+            _ => {
+                ctx.usage("create", &format!("Unexpected argument: {}", args.files[2]));
+                return Err(silent());
+            }
+        }
+    }
+    let prefix = name.map(|n| format!("{n}: ")).unwrap_or_default();
+    let driver = vdisk_blockjobs::format_by_name(&args.format).map_err(|_| {
+        Failure::new(
+            format!("{prefix}Unknown file format '{}'", args.format),
+            format!(
+                "create: unknown format '{}' (this build knows: {})",
+                args.format,
+                vdisk_blockjobs::formats()
+                    .iter()
+                    .map(|f| f.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })?;
+    if wants_help {
+        print(&options_help(ctx, driver, name.is_some()));
+        return Ok(());
+    }
+    let Some(name) = name else {
+        return Err(silent());
+    };
+    let positional_size = args
+        .files
+        .get(1)
+        .map(|t| parse_size_arg("image size", t))
+        .transpose()?;
+    if args.backing.is_some() && driver.name() == "raw" {
+        return Err(Failure::new(
+            format!("{name}: Backing file not supported for file format 'raw'"),
+            format!("create '{name}': raw images cannot have a backing file (use -f qcow2)"),
+        ));
+    }
+    let opts = check_options(name, driver, &items)?;
+    let option_size = opts
+        .iter()
+        .rev()
+        .find(|o| o.key == "size")
+        .map(|o| o.value.parse::<u64>().unwrap_or(0));
+    let size =
+        match (positional_size, option_size) {
+            (Some(_), Some(_)) => return Err(Failure::new(
+                format!("{name}: The image size must be specified only once"),
+                format!(
+                    "create '{name}': the size is given both as SIZE and as -o size (give it once)"
+                ),
+            )),
+            (Some(s), None) | (None, Some(s)) => s,
+            (None, None) => {
+                return Err(Failure::new(
+                    format!("{name}: Image creation needs a size parameter"),
+                    format!("create '{name}': no size given (add a SIZE such as 10G)"),
+                ))
+            }
+        };
+    if !args.quiet {
+        print(&formatting_line(name, driver, size, &opts));
+    }
+    let mut create_options = CreateOptions {
+        size,
+        ..CreateOptions::default()
+    };
+    for o in opts.iter().filter(|o| o.key != "size") {
+        if o.key == "preallocation"
+            && !["off", "metadata", "falloc", "full"].contains(&o.value.as_str())
+        {
+            return Err(Failure::new(
+                format!("{name}: invalid parameter value: {}", o.value),
+                format!(
+                    "create '{name}': invalid preallocation mode '{}' (use off, falloc or full)",
+                    o.value
+                ),
+            ));
+        }
+        if o.key == "extent_size_hint" && o.value.parse::<u64>().unwrap_or(0) > u64::from(u32::MAX)
+        {
+            return Err(Failure::new(
+                format!("{name}: Extent size hint is too large"),
+                format!("create '{name}': the extent size hint must be below 4 GiB"),
+            ));
+        }
+        create_options
+            .options
+            .insert(o.key.clone(), o.value.clone());
+    }
+    vdisk_blockjobs::registry::create_image(Path::new(name), driver.name(), create_options)
+        .map_err(|e| create_failure(name, driver.name(), &e))
+}
+
+/// A failure already reported (usage errors print their own lines).
+fn silent() -> Failure {
+    Failure::same(String::new())
+}
+
+/// Checks each `-o` item: known to the driver, and a valid value of its type.
+fn check_options(name: &str, driver: &dyn Format, items: &[String]) -> Result<Vec<Opt>, Failure> {
+    let known: Vec<&str> = driver
+        .create_options_help()
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
+    let mut out: Vec<Opt> = Vec::new();
+    for item in items.iter().filter(|i| !i.is_empty()) {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            // qemu reads a bare `noX` as `X=off` and a bare `X` as `X=on`.
+            None => match item.strip_prefix("no") {
+                Some(rest) => (rest.to_string(), "off".to_string()),
+                None => (item.clone(), "on".to_string()),
+            },
+        };
+        if !known.contains(&key.as_str()) {
+            return Err(Failure::new(
+                format!("{name}: Invalid parameter '{key}'"),
+                format!(
+                    "create '{name}': format '{}' has no option '{key}' (see -o help)",
+                    driver.name()
+                ),
+            ));
+        }
+        let (shown, value) = match kind(&key) {
+            Kind::Size => {
+                let bytes = vdisk_block::size::parse_size(&value).map_err(|_| {
+                    Failure::new(
+                        format!(
+                            "{name}: Parameter '{key}' expects a non-negative number below 2^64\n\
+                             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                             and exabytes, respectively."
+                        ),
+                        format!("create '{name}': option {key}: '{value}' is not a size (use e.g. 64k, 1M)"),
+                    )
+                })?;
+                (bytes.to_string(), bytes.to_string())
+            }
+            Kind::Bool => {
+                let on = match value.as_str() {
+                    "on" | "yes" | "true" | "y" => "on",
+                    "off" | "no" | "false" | "n" => "off",
+                    _ => {
+                        return Err(Failure::new(
+                            format!("{name}: Parameter '{key}' expects 'on' or 'off'"),
+                            format!("create '{name}': option {key} takes on or off, not '{value}'"),
+                        ))
+                    }
+                };
+                (value.clone(), on.to_string())
+            }
+            Kind::Number | Kind::Text => (value.replace(',', ",,"), value.clone()),
+        };
+        // A repeated option keeps its last value, as in qemu.
+        out.retain(|o| o.key != key);
+        out.push(Opt { key, shown, value });
+    }
+    Ok(out)
+}
+
+fn formatting_line(name: &str, driver: &dyn Format, size: u64, opts: &[Opt]) -> String {
+    let mut line = format!("Formatting '{name}', fmt={} size={size}", driver.name());
+    for key in print_order(driver).iter().filter(|k| *k != "size") {
+        if let Some(o) = opts.iter().find(|o| &o.key == key) {
+            line.push_str(&format!(" {}={}", o.key, o.shown));
+        }
+    }
+    line.push('\n');
+    line
+}
+
+/// `-o help`: with a file name qemu lists the format's and the file's options together,
+/// sorted; without one only the format's own.
+fn options_help(ctx: &Ctx, driver: &dyn Format, with_file: bool) -> String {
+    let mut opts = driver.create_options_help();
+    let line = |name: &str, help: &str| {
+        let left = format!("{name}={}", type_label(kind(name)));
+        // Our drivers say which options they accept without acting on them; qemu-img's
+        // help has no such remark, so drop-in mode leaves it out.
+        let help = if ctx.dropin {
+            help.replace("; accepted, not used)", ")")
+                .replace(" (accepted, not used)", "")
+        } else {
+            help.to_string()
+        };
+        format!("  {left:<22} - {help}\n")
+    };
+    if with_file {
+        opts.sort_by_key(|(n, _)| *n);
+        let mut s = String::from("Supported options:\n");
+        for (n, h) in opts {
+            s.push_str(&line(n, h));
+        }
+        s
+    } else {
+        let mut s = format!("Supported {} options:\n", driver.name());
+        for (n, h) in opts
+            .iter()
+            .filter(|(n, _)| *n == "size" || driver.name() != "raw")
+        {
+            s.push_str(&line(n, h));
+        }
+        s.push_str(
+            "\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n",
+        );
+        s
+    }
 }
