@@ -1,6 +1,27 @@
 //! The vmdk format driver of vdisk.
 //!
-//! Not implemented yet (issue 5): this crate exports nothing, so no caller can mistake it for
-//! a working driver. Images of this format are refused by `vdisk` with an "unsupported
-//! format" error until the driver lands.
+//! Reads VMware disks: the text descriptor ([`descriptor`]), hosted sparse extents with their
+//! grain directory and tables, zeroed and compressed grains, the streamOptimized layout with
+//! markers and a footer ([`sparse`]), FLAT/VMFS and ZERO extents ([`extent`]), and delta
+//! disks on a parent opened through the caller's [`vdisk_block::format::ImageOpener`].
+//!
+//! Lifecycle of an open ([`open`]): classify the named file (sparse header or text
+//! descriptor) → parse the descriptor → open each extent, following file names only as
+//! the caller's [`vdisk_block::FollowPolicy`] allows → check and open the parent → an
+//! [`VmdkImage`] that serves reads from many threads (grain tables cached behind a lock,
+//! data read without one).
+//!
+//! Not yet here (issue 5): writing and creating, vmfsSparse (COWD) and seSparse extents.
 #![forbid(unsafe_code)]
+
+pub mod descriptor;
+pub mod extent;
+pub mod format;
+pub mod header;
+pub mod image;
+pub mod open;
+pub mod sparse;
+
+pub use descriptor::{Access, Descriptor, ExtentLine, ExtentType};
+pub use format::VmdkFormat;
+pub use image::VmdkImage;

@@ -1,0 +1,81 @@
+//! The `vmdk` format driver: probing and opening (creation comes later).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use vdisk_block::{BlockDev, CreateOptions, Error, Format, OpenOptions, Result};
+
+use crate::header::SparseHeader;
+
+/// The VMDK format driver.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct VmdkFormat;
+
+/// True when `header` looks like a text descriptor: comments and blank lines, then
+/// `version=N` (how qemu recognises one too).
+fn looks_like_descriptor(header: &[u8]) -> bool {
+    for line in header.split(|&b| b == b'\n') {
+        let line = line.trim_ascii();
+        if line.is_empty() || line.starts_with(b"#") {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(b"version") else {
+            return false;
+        };
+        let Some(value) = rest.trim_ascii_start().strip_prefix(b"=") else {
+            return false;
+        };
+        return matches!(value.trim_ascii(), b"1" | b"2" | b"3");
+    }
+    false
+}
+
+impl Format for VmdkFormat {
+    fn name(&self) -> &'static str {
+        "vmdk"
+    }
+
+    fn probe(&self, header: &[u8], _path: &Path) -> u32 {
+        let binary = SparseHeader::has_magic(header) || header.starts_with(b"COWD");
+        if binary || looks_like_descriptor(header) {
+            100
+        } else {
+            0
+        }
+    }
+
+    fn open(&self, path: &Path, options: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
+        Ok(Arc::new(crate::open::open(path, options)?))
+    }
+
+    fn create(&self, path: &Path, _options: CreateOptions) -> Result<()> {
+        Err(
+            Error::unsupported("create", "creating VMDK images is not implemented yet")
+                .with_path(path),
+        )
+    }
+
+    fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_headers_and_descriptors() {
+        let p = Path::new("x.vmdk");
+        assert_eq!(VmdkFormat.probe(b"KDMV\x01\0\0\0", p), 100);
+        assert_eq!(
+            VmdkFormat.probe(b"# Disk DescriptorFile\nversion=1\n", p),
+            100
+        );
+        assert_eq!(VmdkFormat.probe(b"\n# c\n  version = 2\r\n", p), 100);
+        assert_eq!(VmdkFormat.probe(b"version=7\n", p), 0);
+        assert_eq!(VmdkFormat.probe(b"hello\nversion=1\n", p), 0);
+        assert_eq!(VmdkFormat.probe(b"QFI\xfb", p), 0);
+        assert_eq!(VmdkFormat.probe(b"", p), 0);
+    }
+}

@@ -1,0 +1,353 @@
+//! Building an opened disk from its files: the descriptor (separate, or embedded in a sparse
+//! file), every extent it names, and the parent of a delta disk.
+//!
+//! Every file besides the one the caller named is opened only after
+//! [`vdisk_block::FollowPolicy::allows`] accepts it: a descriptor naming `/etc/shadow` as a FLAT
+//! extent is the CVE-2022-47951 class of attack on converters.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vdisk_block::{Error, ErrorKind, HostFile, OpenOptions, Result};
+
+use crate::descriptor::{
+    printable, Access, Descriptor, ExtentLine, ExtentType, MAX_DESCRIPTOR_BYTES,
+};
+use crate::extent::{Extent, ExtentData};
+use crate::header::{SparseHeader, SECTOR};
+use crate::image::VmdkImage;
+use crate::sparse::SparseExtent;
+
+const OP: &str = "open vmdk";
+
+/// createTypes whose extents this driver reads.
+const READABLE_TYPES: &[&str] = &[
+    "monolithicSparse",
+    "monolithicFlat",
+    "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+    "streamOptimized",
+    "vmfs",
+    "vmfsThin",
+    "vmfsPreallocated",
+    "vmfsEagerZeroedThick",
+    "vmfsSparse",
+    "seSparse",
+    "custom",
+];
+
+/// createTypes that name host devices rather than files.
+const DEVICE_TYPES: &[&str] = &[
+    "vmfsRaw",
+    "vmfsRawDeviceMap",
+    "vmfsPassthroughRawDeviceMap",
+    "fullDevice",
+    "partitionedDevice",
+];
+
+/// What the first bytes of a file say it is.
+enum Kind {
+    Sparse(SparseHeader),
+    Text,
+}
+
+fn open_file(path: &Path, options: &OpenOptions) -> Result<Arc<HostFile>> {
+    Ok(Arc::new(HostFile::open(
+        path,
+        false,
+        options.cache,
+        options.engine,
+    )?))
+}
+
+fn classify(file: &HostFile) -> Result<Kind> {
+    let len = file.len()?;
+    let mut first = vec![0u8; len.min(512) as usize];
+    file.read_at(&mut first, 0)?;
+    if SparseHeader::has_magic(&first) {
+        let header = SparseHeader::decode(&first).map_err(|e| e.with_path(file.path()))?;
+        return Ok(Kind::Sparse(header));
+    }
+    if first.starts_with(b"COWD") {
+        return Err(
+            Error::unsupported(OP, "vmfsSparse (COWD) extents are not supported yet")
+                .with_path(file.path()),
+        );
+    }
+    Ok(Kind::Text)
+}
+
+/// Reads the descriptor a sparse header embeds, if it has one.
+fn embedded_descriptor(file: &HostFile, header: &SparseHeader) -> Result<Option<Descriptor>> {
+    if header.descriptor_offset == 0 || header.descriptor_size == 0 {
+        return Ok(None);
+    }
+    let len = header
+        .descriptor_size
+        .checked_mul(SECTOR)
+        .filter(|&l| l <= MAX_DESCRIPTOR_BYTES as u64);
+    let start = header.descriptor_offset.checked_mul(SECTOR);
+    let file_len = file.len()?;
+    let (Some(len), Some(start)) = (len, start) else {
+        return Err(Error::corrupt(
+            OP,
+            format!(
+                "the embedded descriptor ({} sectors at sector {}) is larger than {MAX_DESCRIPTOR_BYTES} bytes",
+                header.descriptor_size, header.descriptor_offset
+            ),
+        )
+        .with_path(file.path()));
+    };
+    if start.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(
+            Error::corrupt(OP, "the embedded descriptor lies past the end of the file")
+                .with_path(file.path()),
+        );
+    }
+    let mut text = vec![0u8; len as usize];
+    file.read_at(&mut text, start)?;
+    Descriptor::parse(&text)
+        .map(Some)
+        .map_err(|e| e.with_path(file.path()))
+}
+
+fn text_descriptor(file: &HostFile) -> Result<Descriptor> {
+    let len = file.len()?;
+    if len > MAX_DESCRIPTOR_BYTES as u64 {
+        return Err(Error::corrupt(
+            OP,
+            format!(
+                "not a VMDK: no sparse header, and at {len} bytes too large for a descriptor (at most {MAX_DESCRIPTOR_BYTES})"
+            ),
+        )
+        .with_path(file.path()));
+    }
+    let mut text = vec![0u8; len as usize];
+    file.read_at(&mut text, 0)?;
+    Descriptor::parse(&text).map_err(|e| e.with_path(file.path()))
+}
+
+/// The descriptor of the VMDK at `path`, embedded or separate, without opening any extent.
+pub fn read_descriptor(path: &Path, options: &OpenOptions) -> Result<Descriptor> {
+    let file = open_file(path, options)?;
+    match classify(&file)? {
+        Kind::Sparse(header) => Ok(embedded_descriptor(&file, &header)?
+            .unwrap_or_else(|| Descriptor::new("monolithicSparse", 0))),
+        Kind::Text => text_descriptor(&file),
+    }
+}
+
+fn check_create_type(descriptor: &Descriptor, path: &Path) -> Result<()> {
+    let ct = descriptor.create_type.as_str();
+    if READABLE_TYPES.contains(&ct) {
+        return Ok(());
+    }
+    let why = if DEVICE_TYPES.contains(&ct) {
+        format!("Unsupported image type '{ct}': raw device disks are not supported")
+    } else {
+        format!("Unsupported image type '{}'", printable(ct))
+    };
+    Err(Error::unsupported(OP, why).with_path(path))
+}
+
+/// Resolves a name from a descriptor against the descriptor's folder and applies the policy.
+fn follow(image: &Path, name: &str, what: &str, options: &OpenOptions) -> Result<PathBuf> {
+    let named = Path::new(name);
+    let target = if named.is_absolute() {
+        named.to_path_buf()
+    } else {
+        image.parent().unwrap_or_else(|| Path::new(".")).join(named)
+    };
+    if !target.exists() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            OP,
+            format!(
+                "the {what} '{}' named by the descriptor does not exist",
+                printable(name)
+            ),
+        )
+        .with_path(image));
+    }
+    options.policy.allows(image, &target)?;
+    Ok(target)
+}
+
+fn open_sparse(file: Arc<HostFile>) -> Result<SparseExtent> {
+    match classify(&file)? {
+        Kind::Sparse(header) => SparseExtent::open(file, header),
+        Kind::Text => Err(
+            Error::corrupt(OP, "a SPARSE extent has no sparse header ('KDMV')")
+                .with_path(file.path()),
+        ),
+    }
+}
+
+fn open_extent(
+    image: &Path,
+    line: &ExtentLine,
+    start: u64,
+    len: u64,
+    options: &OpenOptions,
+) -> Result<Extent> {
+    let mut extent = Extent {
+        start,
+        len,
+        kind: line.kind,
+        path: None,
+        data: ExtentData::Zero,
+    };
+    if line.access == Access::NoAccess {
+        extent.data = ExtentData::NoAccess;
+        return Ok(extent);
+    }
+    let unsupported = |what: &str| {
+        Err(Error::unsupported(
+            OP,
+            format!("{} extents are not supported{what}", line.kind.as_str()),
+        )
+        .with_path(image))
+    };
+    match line.kind {
+        ExtentType::Zero => return Ok(extent),
+        ExtentType::VmfsRdm | ExtentType::VmfsRaw => return unsupported(" (raw device mapping)"),
+        ExtentType::VmfsSparse | ExtentType::SeSparse => return unsupported(" yet"),
+        ExtentType::Flat | ExtentType::Vmfs | ExtentType::Sparse => {}
+    }
+    // The parser guarantees these kinds name a file.
+    let name = line.file.as_deref().unwrap_or_default();
+    let path = follow(image, name, "extent", options)?;
+    let file = open_file(&path, options)?;
+    extent.data = match line.kind {
+        ExtentType::Sparse => ExtentData::Sparse(open_sparse(file)?),
+        _ => {
+            let offset = line
+                .offset
+                .unwrap_or(0)
+                .checked_mul(SECTOR)
+                .ok_or_else(|| {
+                    Error::corrupt(OP, "the FLAT extent's offset overflows").with_path(image)
+                })?;
+            let file_len = file.len()?;
+            ExtentData::Flat {
+                file,
+                offset,
+                file_len,
+            }
+        }
+    };
+    extent.path = Some(path);
+    Ok(extent)
+}
+
+/// Opens the VMDK at `path` (read-only) with every extent and, within the policy, its parent.
+pub fn open(path: &Path, options: &OpenOptions) -> Result<VmdkImage> {
+    if options.writable {
+        return Err(Error::unsupported(
+            OP,
+            "writing VMDK images is not implemented yet; open read-only",
+        )
+        .with_path(path));
+    }
+    let file = open_file(path, options)?;
+    let (descriptor, extents) = match classify(&file)? {
+        Kind::Sparse(header) if header.capacity != 0 || header.descriptor_offset == 0 => {
+            // A monolithic sparse file is its own single extent; the extent lines of its
+            // embedded descriptor are not consulted (they name the file itself).
+            // The header is checked first: its faults (truncation above all) explain a
+            // damaged descriptor too.
+            let sparse = SparseExtent::open(Arc::clone(&file), header.clone())?;
+            let descriptor = embedded_descriptor(&file, &header)?
+                .unwrap_or_else(|| Descriptor::new("monolithicSparse", 0));
+            let len = sparse.capacity_bytes();
+            let extent = Extent {
+                start: 0,
+                len,
+                kind: ExtentType::Sparse,
+                path: Some(path.to_path_buf()),
+                data: ExtentData::Sparse(sparse),
+            };
+            (descriptor, vec![extent])
+        }
+        kind => {
+            // A text descriptor, or a sparse file of capacity 0 whose embedded descriptor
+            // lists the extents.
+            let descriptor = match kind {
+                Kind::Sparse(header) => embedded_descriptor(&file, &header)?
+                    .ok_or_else(|| Error::corrupt(OP, "no descriptor").with_path(path))?,
+                Kind::Text => text_descriptor(&file)?,
+            };
+            check_create_type(&descriptor, path)?;
+            if descriptor.extents.is_empty() {
+                return Err(Error::corrupt(OP, "the descriptor lists no extents").with_path(path));
+            }
+            let mut extents = Vec::with_capacity(descriptor.extents.len());
+            let mut start = 0u64;
+            for line in &descriptor.extents {
+                let len = line
+                    .sectors
+                    .checked_mul(SECTOR)
+                    .filter(|l| start.checked_add(*l).is_some());
+                let Some(len) = len else {
+                    return Err(Error::corrupt(OP, "the extents' sizes overflow").with_path(path));
+                };
+                extents.push(open_extent(path, line, start, len, options)?);
+                start += len;
+            }
+            (descriptor, extents)
+        }
+    };
+    let size = extents.last().map(|e| e.start + e.len).unwrap_or(0);
+    let (backing, parent_path) = open_parent(path, &descriptor, options)?;
+    Ok(VmdkImage {
+        path: path.to_path_buf(),
+        descriptor,
+        extents,
+        size,
+        backing,
+        parent_path,
+    })
+}
+
+type Parent = (Option<Arc<dyn vdisk_block::BlockDev>>, Option<PathBuf>);
+
+/// Opens the parent of a delta disk through the caller's opener, after the policy and the
+/// CID check (the parent must not have changed since the delta was taken).
+fn open_parent(path: &Path, descriptor: &Descriptor, options: &OpenOptions) -> Result<Parent> {
+    let Some(hint) = &descriptor.parent_file_name_hint else {
+        return Ok((None, None));
+    };
+    if options.no_backing {
+        return Ok((None, None));
+    }
+    let parent = follow(path, hint, "parent", options)?;
+    let parent_descriptor = read_descriptor(&parent, options)?;
+    if parent_descriptor.cid != descriptor.parent_cid {
+        return Err(Error::corrupt(
+            OP,
+            format!(
+                "the parent '{}' has CID {:08x} but this delta expects parentCID {:08x}: the parent changed after the delta was taken",
+                parent.display(),
+                parent_descriptor.cid,
+                descriptor.parent_cid
+            ),
+        )
+        .with_path(path));
+    }
+    let Some(opener) = &options.opener else {
+        return Err(Error::unsupported(
+            OP,
+            format!(
+                "the disk is a delta on '{}', and no image opener was supplied to open it",
+                parent.display()
+            ),
+        )
+        .with_path(path));
+    };
+    let parent_options = OpenOptions {
+        writable: false,
+        ..options.clone()
+    };
+    let dev = opener.open_image(&parent, Some("vmdk"), &parent_options)?;
+    Ok((Some(dev), Some(parent)))
+}

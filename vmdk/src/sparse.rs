@@ -1,0 +1,430 @@
+//! Reading a hosted sparse extent (VMDK4): monolithicSparse, the `-sNNN` pieces of a split
+//! disk, and streamOptimized files (compressed grains behind markers, the grain directory
+//! possibly at the end behind a footer).
+//!
+//! Lookup is two levels: the grain directory (loaded whole at open, bounded by the file's
+//! length) points to grain tables (read on demand and cached), whose entries give the sector
+//! of each grain: 0 is unallocated, 1 reads as zeroes when the header says so, anything else
+//! is data, plain or compressed. Every offset read from the file is checked against the file
+//! before it is used.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use flate2::{Decompress, FlushDecompress, Status};
+use parking_lot::Mutex;
+use vdisk_block::{Error, HostFile, Result};
+
+use crate::header::{Marker, SparseHeader, GD_AT_END, MARKER_EOS, MARKER_FOOTER, SECTOR};
+
+/// Grain tables kept in memory at most (2 KiB each at 512 entries): enough to map 32 GiB of
+/// 64 KiB grains without rereading, small enough not to matter.
+const GT_CACHE_ENTRIES: usize = 16384;
+
+/// What one grain of the extent holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grain {
+    /// Not allocated: the parent (or zeroes) decides.
+    Unallocated,
+    /// Reads as zeroes in this layer.
+    Zero,
+    /// Plain data at this byte offset of the file.
+    Data(u64),
+    /// Compressed data at this byte offset of the file (behind a marker when the extent has
+    /// markers).
+    Compressed(u64),
+}
+
+/// An opened hosted sparse extent.
+#[derive(Debug)]
+pub struct SparseExtent {
+    file: Arc<HostFile>,
+    /// The header in force: the footer's copy when the first header defers to it.
+    header: SparseHeader,
+    file_len: u64,
+    gd: Vec<u32>,
+    gt_cache: Mutex<HashMap<u32, Arc<Vec<u32>>>>,
+    /// The most recently inflated grain, by file offset: readers that ask for less than a
+    /// grain at a time would otherwise inflate the same grain again and again.
+    last_grain: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+}
+
+fn corrupt(file: &HostFile, message: impl Into<String>) -> Error {
+    Error::corrupt("read vmdk sparse extent", message).with_path(file.path())
+}
+
+impl SparseExtent {
+    /// Opens the sparse extent in `file`, whose first 512 bytes are `first_header`.
+    pub fn open(file: Arc<HostFile>, first_header: SparseHeader) -> Result<Self> {
+        let file_len = file.len()?;
+        let header = if first_header.gd_offset == GD_AT_END {
+            read_footer(&file, file_len)?
+        } else {
+            first_header
+        };
+        header
+            .validate(file_len)
+            .map_err(|e| e.with_path(file.path()))?;
+        let entries = header.gd_entries();
+        let gd_bytes = entries * 4;
+        let gd_start = header.gd_offset.checked_mul(SECTOR);
+        match gd_start.and_then(|s| s.checked_add(gd_bytes)) {
+            Some(end) if end <= file_len => {}
+            _ => {
+                return Err(corrupt(
+                    &file,
+                    format!(
+                        "the grain directory ({entries} entries at sector {}) lies past the end of the file ({file_len} bytes)",
+                        header.gd_offset
+                    ),
+                ))
+            }
+        }
+        let mut raw = vec![0u8; gd_bytes as usize];
+        file.read_at(&mut raw, header.gd_offset * SECTOR)?;
+        let gd = raw
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(SparseExtent {
+            file,
+            header,
+            file_len,
+            gd,
+            gt_cache: Mutex::new(HashMap::new()),
+            last_grain: Mutex::new(None),
+        })
+    }
+
+    /// The header in force.
+    pub fn header(&self) -> &SparseHeader {
+        &self.header
+    }
+
+    /// The file holding the extent.
+    pub fn file(&self) -> &Arc<HostFile> {
+        &self.file
+    }
+
+    /// Bytes per grain.
+    pub fn grain_bytes(&self) -> u64 {
+        self.header.grain_bytes()
+    }
+
+    /// Bytes the extent covers according to its header.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.header.capacity * SECTOR
+    }
+
+    fn grain_table(&self, gd_index: usize) -> Result<Option<Arc<Vec<u32>>>> {
+        let Some(&gt_sector) = self.gd.get(gd_index) else {
+            return Ok(None);
+        };
+        if gt_sector == 0 {
+            return Ok(None);
+        }
+        if let Some(gt) = self.gt_cache.lock().get(&gt_sector) {
+            return Ok(Some(Arc::clone(gt)));
+        }
+        let len = u64::from(self.header.gtes_per_gt) * 4;
+        let start = u64::from(gt_sector) * SECTOR;
+        if start + len > self.file_len {
+            return Err(corrupt(
+                &self.file,
+                format!(
+                    "grain directory entry {gd_index} points at sector {gt_sector}, past the end of the file"
+                ),
+            ));
+        }
+        let mut raw = vec![0u8; len as usize];
+        self.file.read_at(&mut raw, start)?;
+        let gt: Arc<Vec<u32>> = Arc::new(
+            raw.chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        );
+        let mut cache = self.gt_cache.lock();
+        if cache.len() >= GT_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(gt_sector, Arc::clone(&gt));
+        Ok(Some(gt))
+    }
+
+    /// What grain number `grain` holds.
+    pub fn grain(&self, grain: u64) -> Result<Grain> {
+        let per_gt = u64::from(self.header.gtes_per_gt);
+        let Ok(gd_index) = usize::try_from(grain / per_gt) else {
+            return Ok(Grain::Unallocated);
+        };
+        let Some(gt) = self.grain_table(gd_index)? else {
+            return Ok(Grain::Unallocated);
+        };
+        let entry = gt[(grain % per_gt) as usize];
+        match entry {
+            0 => Ok(Grain::Unallocated),
+            1 if self.header.zeroed_grain() => Ok(Grain::Zero),
+            sector => {
+                let at = u64::from(sector) * SECTOR;
+                if self.header.compressed() {
+                    if at >= self.file_len {
+                        return Err(corrupt(
+                            &self.file,
+                            format!(
+                                "grain {grain} points at sector {sector}, past the end of the file"
+                            ),
+                        ));
+                    }
+                    Ok(Grain::Compressed(at))
+                } else {
+                    if u64::from(sector) < self.header.overhead {
+                        return Err(corrupt(
+                            &self.file,
+                            format!(
+                                "grain {grain} points at sector {sector}, inside the metadata (the first {} sectors)",
+                                self.header.overhead
+                            ),
+                        ));
+                    }
+                    Ok(Grain::Data(at))
+                }
+            }
+        }
+    }
+
+    /// Fills `buf` from extent offset `offset` (inside one grain), calling `unallocated`
+    /// for a grain this extent does not hold.
+    fn read_in_grain(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        unallocated: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        let grain_bytes = self.grain_bytes();
+        let grain = offset / grain_bytes;
+        let within = offset % grain_bytes;
+        match self.grain(grain)? {
+            Grain::Unallocated => unallocated(buf, offset),
+            Grain::Zero => {
+                buf.fill(0);
+                Ok(())
+            }
+            Grain::Data(at) => {
+                let host = at + within;
+                if host + buf.len() as u64 > self.file_len {
+                    return Err(corrupt(
+                        &self.file,
+                        format!("grain {grain} at byte {at} runs past the end of the file"),
+                    ));
+                }
+                self.file.read_at(buf, host)
+            }
+            Grain::Compressed(at) => {
+                let data = self.inflated(grain, at)?;
+                let start = within as usize;
+                let end = start + buf.len();
+                if end > data.len() {
+                    return Err(corrupt(
+                        &self.file,
+                        format!(
+                            "compressed grain {grain} inflates to {} bytes, fewer than the {end} needed",
+                            data.len()
+                        ),
+                    ));
+                }
+                buf.copy_from_slice(&data[start..end]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Fills `buf` from extent offset `offset`; `unallocated(buf, offset)` supplies the
+    /// ranges whose grains this extent does not hold.
+    pub fn read(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        unallocated: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        let grain_bytes = self.grain_bytes();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let left_in_grain = grain_bytes - at % grain_bytes;
+            let n = (buf.len() - done).min(usize::try_from(left_in_grain).unwrap_or(usize::MAX));
+            self.read_in_grain(&mut buf[done..done + n], at, unallocated)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The grain state at extent offset `offset` and how many bytes (at most `len`) share it;
+    /// plain data runs only while the host offsets stay contiguous.
+    pub fn status(&self, offset: u64, len: u64) -> Result<(Grain, u64)> {
+        let grain_bytes = self.grain_bytes();
+        let first = offset / grain_bytes;
+        let within = offset % grain_bytes;
+        let state = self.grain(first)?;
+        let first_state = match state {
+            Grain::Data(at) => Grain::Data(at + within),
+            other => other,
+        };
+        let mut run = (grain_bytes - within).min(len);
+        let mut next = first + 1;
+        while run < len {
+            let more = self.grain(next)?;
+            let same = match (state, more) {
+                (Grain::Data(a), Grain::Data(b)) => b == a + (next - first) * grain_bytes,
+                (Grain::Compressed(_), Grain::Compressed(_)) => true,
+                (a, b) => a == b,
+            };
+            if !same {
+                break;
+            }
+            run = (run + grain_bytes).min(len);
+            next += 1;
+        }
+        Ok((first_state, run))
+    }
+
+    /// The grain at file offset `at`, inflated and checked.
+    fn inflated(&self, grain: u64, at: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some((cached_at, data)) = &*self.last_grain.lock() {
+            if *cached_at == at {
+                return Ok(Arc::clone(data));
+            }
+        }
+        let grain_bytes = self.grain_bytes();
+        // A deflate stream of incompressible data is a little larger than its input; qemu
+        // reads two grains' worth, which bounds the compressed size the same way.
+        let max_compressed = 2 * grain_bytes;
+        let (data_at, data_len) = if self.header.markers() {
+            let mut raw = [0u8; 12];
+            if at + 12 > self.file_len {
+                return Err(corrupt(
+                    &self.file,
+                    format!("the grain marker of grain {grain} at byte {at} is past the end of the file"),
+                ));
+            }
+            self.file.read_at(&mut raw, at)?;
+            let lba = u64::from_le_bytes([
+                raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
+            ]);
+            let size = u64::from(u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]));
+            if size == 0 || size > max_compressed || at + 12 + size > self.file_len {
+                return Err(corrupt(
+                    &self.file,
+                    format!(
+                        "the grain marker of grain {grain} at byte {at} gives a compressed size of {size} bytes, which the file cannot hold"
+                    ),
+                ));
+            }
+            if lba != grain * self.header.grain_sectors {
+                return Err(corrupt(
+                    &self.file,
+                    format!(
+                        "the grain marker at byte {at} is for sector {lba}, but the grain table places it at grain {grain}"
+                    ),
+                ));
+            }
+            (at + 12, size)
+        } else {
+            (at, max_compressed.min(self.file_len - at))
+        };
+        let mut input = vec![0u8; data_len as usize];
+        self.file.read_at(&mut input, data_at)?;
+        let data = Arc::new(inflate_grain(&input, grain_bytes as usize).map_err(|why| {
+            corrupt(
+                &self.file,
+                format!("compressed grain {grain} at byte {at}: {why}"),
+            )
+        })?);
+        *self.last_grain.lock() = Some((at, Arc::clone(&data)));
+        Ok(data)
+    }
+
+    /// Guest bytes of grains allocated in this extent (for `info`/`map` summaries).
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+}
+
+/// Inflates one zlib stream that must end within `limit` bytes of output.
+pub fn inflate_grain(input: &[u8], limit: usize) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(limit + 1);
+    let mut z = Decompress::new(true);
+    // One extra byte of room tells a stream that ends exactly at `limit` from one that would
+    // run past it.
+    out.resize(limit + 1, 0);
+    let status = z
+        .decompress(input, &mut out, FlushDecompress::Finish)
+        .map_err(|e| format!("the deflate stream is damaged ({e})"))?;
+    let produced = z.total_out() as usize;
+    if produced > limit {
+        return Err(format!("it inflates to more than a grain ({limit} bytes)"));
+    }
+    if status != Status::StreamEnd {
+        return Err("the deflate stream is truncated".to_string());
+    }
+    out.truncate(produced);
+    Ok(out)
+}
+
+/// Reads and checks the footer of a stream whose header says the grain directory is at the
+/// end: footer marker, footer (a header copy), end-of-stream marker, in the last 1536 bytes.
+fn read_footer(file: &HostFile, file_len: u64) -> Result<SparseHeader> {
+    let invalid = |why: &str| {
+        Error::corrupt("open vmdk sparse extent", format!("Invalid footer: {why}"))
+            .with_path(file.path())
+    };
+    if file_len < 1536 + 512 {
+        return Err(invalid("the file is too short to hold one"));
+    }
+    let mut tail = vec![0u8; 1536];
+    file.read_at(&mut tail, file_len - 1536)?;
+    let footer_marker = Marker::decode(&tail[0..16]).ok_or_else(|| invalid("no marker"))?;
+    let eos = Marker::decode(&tail[1024..1040]).ok_or_else(|| invalid("no marker"))?;
+    if footer_marker.val != 1 || footer_marker.size != 0 || footer_marker.kind != MARKER_FOOTER {
+        return Err(invalid(
+            "no footer marker 1536 bytes before the end of the file",
+        ));
+    }
+    if eos.val != 0 || eos.size != 0 || eos.kind != MARKER_EOS {
+        return Err(invalid("no end-of-stream marker in the last sector"));
+    }
+    let footer = SparseHeader::decode(&tail[512..1024])
+        .map_err(|e| invalid(&format!("the footer header is bad: {}", e.message())))?;
+    if footer.gd_offset == GD_AT_END {
+        return Err(invalid("the footer defers the grain directory to itself"));
+    }
+    Ok(footer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        use flate2::{Compress, Compression, FlushCompress};
+        let mut c = Compress::new(Compression::default(), true);
+        let mut out = vec![0u8; data.len() + 1024];
+        c.compress(data, &mut out, FlushCompress::Finish)
+            .expect("compress");
+        out.truncate(c.total_out() as usize);
+        out
+    }
+
+    #[test]
+    fn inflate_checks_bounds() {
+        let data = vec![7u8; 4096];
+        let z = zlib(&data);
+        assert_eq!(inflate_grain(&z, 4096).expect("inflate"), data);
+        assert!(inflate_grain(&z, 4095)
+            .expect_err("too big")
+            .contains("more than a grain"));
+        assert!(inflate_grain(&z[..z.len() / 2], 4096)
+            .expect_err("cut")
+            .contains("truncated"));
+        assert!(inflate_grain(b"not zlib at all", 4096).is_err());
+    }
+}
