@@ -52,6 +52,25 @@ impl MemImage {
         Arc::new(Self::new(size))
     }
 
+    /// A read-only device holding `bytes`: every change fails with `ReadOnly`.
+    pub fn read_only_from_bytes(bytes: &[u8]) -> Self {
+        let mut img = Self::from_bytes(bytes);
+        img.read_only = true;
+        img
+    }
+
+    fn check_writable(&self, op: &'static str) -> Result<()> {
+        if self.read_only {
+            Err(Error::new(
+                ErrorKind::ReadOnly,
+                op,
+                "the in-memory image is read-only",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
     /// Every byte of the device (for tests of small images).
     pub fn to_vec(&self) -> Vec<u8> {
         let size = self.size() as usize;
@@ -93,24 +112,51 @@ impl Inner {
         }
     }
 
-    /// Zeroes a range, dropping whole pages when `unmap` allows.
+    /// Zeroes a range, dropping whole pages when `unmap` allows. Only pages that exist are
+    /// visited (absent pages already read as zeroes), so huge ranges cost what they hold.
     fn zero(&mut self, offset: u64, len: u64, unmap: bool) {
+        if len == 0 {
+            return;
+        }
         let end = offset + len;
-        let mut at = offset;
-        while at < end {
-            let page = at / PAGE;
-            let in_page = at % PAGE;
-            let n = (PAGE - in_page).min(end - at);
-            if n == PAGE && unmap {
+        let present: Vec<u64> = self
+            .pages
+            .range(offset / PAGE..=(end - 1) / PAGE)
+            .map(|(&page, _)| page)
+            .collect();
+        for page in present {
+            let start = page * PAGE;
+            let from = offset.max(start);
+            let to = end.min(start + PAGE);
+            if unmap && from == start && to == start + PAGE {
                 self.pages.remove(&page);
             } else if let Some(data) = self.pages.get_mut(&page) {
-                data[in_page as usize..(in_page + n) as usize].fill(0);
-            } else if !unmap {
-                self.pages
-                    .insert(page, vec![0u8; PAGE as usize].into_boxed_slice());
+                data[(from - start) as usize..(to - start) as usize].fill(0);
             }
-            at += n;
         }
+    }
+
+    /// End of the run of pages starting at `offset` that are all present (or all absent),
+    /// capped at `end`; found with range queries so huge holes cost nothing.
+    fn run_end(&self, offset: u64, end: u64) -> (bool, u64) {
+        let first = offset / PAGE;
+        let present = self.pages.contains_key(&first);
+        let run_end = if present {
+            let mut last = first;
+            for (&page, _) in self.pages.range(first + 1..) {
+                if page != last + 1 || page * PAGE >= end {
+                    break;
+                }
+                last = page;
+            }
+            (last + 1) * PAGE
+        } else {
+            self.pages
+                .range(first + 1..)
+                .next()
+                .map_or(end, |(&page, _)| page * PAGE)
+        };
+        (present, run_end.min(end))
     }
 }
 
@@ -127,9 +173,7 @@ impl BlockDev for MemImage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::new(ErrorKind::ReadOnly, "write", "read-only"));
-        }
+        self.check_writable("write")?;
         let mut inner = self.inner.write();
         check_range("write", inner.size, offset, buf.len() as u64)?;
         inner.copy_in(buf, offset);
@@ -137,6 +181,7 @@ impl BlockDev for MemImage {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        self.check_writable("write zeroes")?;
         let mut inner = self.inner.write();
         check_range("write zeroes", inner.size, offset, len)?;
         inner.zero(offset, len, mode == ZeroMode::MayUnmap);
@@ -157,14 +202,7 @@ impl BlockDev for MemImage {
         if len == 0 {
             return Err(Error::invalid("block status", "empty range"));
         }
-        let end = offset + len;
-        let first_page = offset / PAGE;
-        let present = inner.pages.contains_key(&first_page);
-        let mut page = first_page + 1;
-        while page * PAGE < end && inner.pages.contains_key(&page) == present {
-            page += 1;
-        }
-        let run_end = (page * PAGE).min(end);
+        let (present, run_end) = inner.run_end(offset, offset + len);
         Ok(BlockStatus {
             offset,
             len: run_end - offset,
@@ -177,6 +215,7 @@ impl BlockDev for MemImage {
     }
 
     fn resize(&self, new_size: u64, _prealloc: Preallocation) -> Result<()> {
+        self.check_writable("resize")?;
         let mut inner = self.inner.write();
         if new_size < inner.size {
             let tail = new_size % PAGE;
@@ -206,5 +245,77 @@ impl BlockDev for MemImage {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_sparse_images_cost_what_they_hold() {
+        let size = 1u64 << 40;
+        let img = MemImage::new(size);
+        img.write_at(b"tail", size - 4).expect("write");
+        img.write_at(&[7u8; 10_000], 1 << 30).expect("write");
+        // A few extents describe the whole TiB, without walking it page by page.
+        let mut at = 0;
+        let mut extents = Vec::new();
+        while at < size {
+            let st = img.block_status(at, size - at).expect("status");
+            extents.push((st.offset, st.len, st.data));
+            at += st.len;
+        }
+        assert_eq!(
+            extents,
+            vec![
+                (0, 1 << 30, false),
+                (1 << 30, 3 * PAGE, true),
+                (
+                    (1 << 30) + 3 * PAGE,
+                    size - PAGE - (1 << 30) - 3 * PAGE,
+                    false
+                ),
+                (size - PAGE, PAGE, true),
+            ]
+        );
+        img.write_zeroes(0, size, ZeroMode::KeepAllocated)
+            .expect("zero everything");
+        let mut buf = [1u8; 4];
+        img.read_at(&mut buf, size - 4).expect("read");
+        assert_eq!(buf, [0; 4]);
+        img.write_zeroes(0, size, ZeroMode::MayUnmap)
+            .expect("unmap");
+        assert_eq!(img.inner.read().pages.len(), 0);
+    }
+
+    #[test]
+    fn partial_pages_are_zeroed_in_place() {
+        let img = MemImage::from_bytes(&[5u8; 3 * PAGE as usize]);
+        img.write_zeroes(100, 2 * PAGE, ZeroMode::MayUnmap)
+            .expect("zero");
+        let bytes = img.to_vec();
+        assert!(bytes[..100].iter().all(|&b| b == 5));
+        assert!(bytes[100..100 + 2 * PAGE as usize].iter().all(|&b| b == 0));
+        assert!(bytes[100 + 2 * PAGE as usize..].iter().all(|&b| b == 5));
+        // The one whole page inside the range was dropped, the partial ones kept.
+        assert_eq!(img.inner.read().pages.len(), 2);
+    }
+
+    #[test]
+    fn read_only_images_refuse_changes() {
+        let img = MemImage::read_only_from_bytes(&[1u8; 8192]);
+        assert!(img.is_read_only());
+        let kinds = [
+            img.write_at(b"x", 0).map_err(|e| e.kind()),
+            img.write_zeroes(0, 1, ZeroMode::MayUnmap)
+                .map_err(|e| e.kind()),
+            img.discard(0, 4096).map_err(|e| e.kind()),
+            img.resize(0, Preallocation::Off).map_err(|e| e.kind()),
+        ];
+        for k in kinds {
+            assert_eq!(k, Err(ErrorKind::ReadOnly));
+        }
+        assert_eq!(img.to_vec(), vec![1u8; 8192]);
     }
 }
