@@ -326,8 +326,13 @@ impl HostFile {
         if let Some(pool) = &self.uring {
             match pool.run(&self.file, ops) {
                 Ok(()) => return Ok(()),
-                Err(uring::RunError::Failed(e, offset)) => {
-                    return Err(self.err("io_uring request", eof_message(e), offset))
+                Err(uring::RunError::Failed {
+                    error,
+                    offset,
+                    write,
+                }) => {
+                    let op = if write { "write" } else { "read" };
+                    return Err(self.err(op, eof_message(error), offset));
                 }
                 // Out of rings (many threads at once, memory limits): nothing was submitted,
                 // so the batch can still run the plain way.

@@ -305,6 +305,7 @@ fn deep_batches_partial_failures_and_ring_reuse() {
                 .submit(&mut ops)
                 .expect_err("the batch reports its failure");
             assert_eq!(err.offset(), Some(len as u64), "round {round}: {err}");
+            assert_eq!(err.op(), "read");
         }
         // The rings are idle and usable after the failures.
         for b in &mut sources {
@@ -340,6 +341,7 @@ fn short_reads_at_end_of_file_are_errors() {
                 .expect_err("short read");
             assert_eq!(err.kind(), ErrorKind::Io, "{cache:?}/{engine:?}: {err}");
             assert!(err.to_string().contains("end of the file"), "{err}");
+            assert_eq!(err.op(), "read");
         }
     }
 }
@@ -385,5 +387,83 @@ fn read_only_files_refuse_every_change() {
             assert_eq!(k, Err(ErrorKind::ReadOnly), "{engine:?}");
         }
         assert_eq!(file.len().expect("len"), 8192);
+    }
+}
+
+/// More threads than the pool keeps rings for, each pushing batches that mix aligned and
+/// unaligned reads and writes in its own slice of the file; then everything is checked.
+#[test]
+fn concurrent_mixed_batches_from_many_threads() {
+    const THREADS: usize = 12;
+    const SLICE: usize = 256 << 10;
+    let dir = TempDir::new("threads").expect("tempdir");
+    for cache in [CacheMode::Writeback, CacheMode::None] {
+        let path = dir.join(format!("threads-{cache:?}"));
+        std::fs::write(&path, vec![0u8; THREADS * SLICE]).expect("create");
+        let file =
+            Arc::new(HostFile::open(&path, true, cache, EngineChoice::IoUring).expect("open"));
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let file = Arc::clone(&file);
+                std::thread::spawn(move || {
+                    let mut rng = Rng::new(t as u64 + 100);
+                    let base = (t * SLICE) as u64;
+                    let mut model = vec![0u8; SLICE];
+                    for _ in 0..20 {
+                        // Up to 16 disjoint pieces of 16 KiB slots, some aligned, some not.
+                        let mut bufs = Vec::new();
+                        for slot in 0..16usize {
+                            if rng.chance(30) {
+                                continue;
+                            }
+                            let (skew, len) = if rng.chance(50) {
+                                (0, 4096 * (1 + rng.below(3) as usize))
+                            } else {
+                                (1 + rng.below(511) as usize, 1 + rng.below(12_000) as usize)
+                            };
+                            let mut b = AlignedBuf::zeroed(len, 4096);
+                            rng.fill(b.as_mut_slice());
+                            let at = slot * (16 << 10) + skew;
+                            model[at..at + len].copy_from_slice(b.as_slice());
+                            bufs.push((b, base + at as u64));
+                        }
+                        let mut ops: Vec<IoOp<'_>> = bufs
+                            .iter()
+                            .map(|(b, at)| IoOp::Write {
+                                buf: b.as_slice(),
+                                offset: *at,
+                            })
+                            .collect();
+                        file.submit(&mut ops).expect("write batch");
+                        let mut back = vec![0u8; SLICE];
+                        let mut ops: Vec<IoOp<'_>> = back
+                            .chunks_mut(SLICE / 8)
+                            .enumerate()
+                            .map(|(i, chunk)| IoOp::Read {
+                                buf: chunk,
+                                offset: base + (i * SLICE / 8) as u64,
+                            })
+                            .collect();
+                        file.submit(&mut ops).expect("read batch");
+                        drop(ops);
+                        assert!(back == model, "thread {t}: read back differs");
+                    }
+                    model
+                })
+            })
+            .collect();
+        let models: Vec<Vec<u8>> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
+        file.flush().expect("flush");
+        drop(file);
+        let data = std::fs::read(&path).expect("read");
+        for (t, model) in models.iter().enumerate() {
+            assert!(
+                data[t * SLICE..(t + 1) * SLICE] == model[..],
+                "{cache:?}: slice {t}"
+            );
+        }
     }
 }

@@ -45,8 +45,15 @@ pub enum RunError {
     /// No ring could be had (the kernel refused a new one); nothing was submitted, so the
     /// caller may run the batch another way.
     NoRing,
-    /// A request failed at this host offset; every request has completed or been drained.
-    Failed(io::Error, u64),
+    /// A request failed; every request has completed or been drained.
+    Failed {
+        /// What the kernel said.
+        error: io::Error,
+        /// Host offset of the failed (part of the) request.
+        offset: u64,
+        /// The failed request was a write.
+        write: bool,
+    },
 }
 
 /// A pool of rings for one file.
@@ -143,16 +150,17 @@ fn run_on(ring: &mut IoUring, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<
         .collect();
     for p in &pending {
         if p.offset.checked_add(p.len as u64).is_none() {
-            return Err(RunError::Failed(
-                io::Error::from_raw_os_error(libc::EFBIG),
-                p.offset,
-            ));
+            return Err(RunError::Failed {
+                error: io::Error::from_raw_os_error(libc::EFBIG),
+                offset: p.offset,
+                write: p.write,
+            });
         }
     }
     // Requests that still need (part of) their transfer submitted.
     let mut queue: VecDeque<usize> = (0..pending.len()).filter(|&i| pending[i].len > 0).collect();
     let mut in_flight = 0u32;
-    let mut first_error: Option<(io::Error, u64)> = None;
+    let mut first_error: Option<(io::Error, u64, bool)> = None;
 
     while (first_error.is_none() && !queue.is_empty()) || in_flight > 0 {
         while in_flight < RING_DEPTH && first_error.is_none() {
@@ -161,9 +169,8 @@ fn run_on(ring: &mut IoUring, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<
             };
             let p = &pending[index];
             let piece = (p.len - p.done).min(MAX_TRANSFER);
-            // SAFETY: `p.done < p.len`, so the pointer stays inside the caller's buffer,
-            // which is borrowed for the whole of this call.
-            let at = unsafe { p.ptr.add(p.done) };
+            // `p.done < p.len`: the pointer stays inside the caller's buffer.
+            let at = p.ptr.wrapping_add(p.done);
             let host = p.offset + p.done as u64;
             // `piece <= MAX_TRANSFER` fits in a u32.
             let entry = if p.write {
@@ -192,17 +199,23 @@ fn run_on(ring: &mut IoUring, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<
                 first_error = Some((
                     io::Error::other("the ring refused a request while idle"),
                     p.offset + p.done as u64,
+                    p.write,
                 ));
             }
             break;
         }
-        if let Err(e) = wait_one(ring) {
+        if let Err(error) = wait_one(ring) {
             drain(ring, in_flight);
-            let at = queue
-                .front()
-                .map(|&i| pending[i].offset + pending[i].done as u64)
-                .unwrap_or(0);
-            return Err(RunError::Failed(e, first_error.map_or(at, |(_, off)| off)));
+            let (offset, write) = match (&first_error, queue.front()) {
+                (Some((_, off, w)), _) => (*off, *w),
+                (None, Some(&i)) => (pending[i].offset + pending[i].done as u64, pending[i].write),
+                (None, None) => (0, false),
+            };
+            return Err(RunError::Failed {
+                error,
+                offset,
+                write,
+            });
         }
         for (user, res) in reap(ring) {
             in_flight = in_flight.saturating_sub(1);
@@ -216,7 +229,7 @@ fn run_on(ring: &mut IoUring, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<
                     p.again += 1;
                     queue.push_back(user as usize);
                 } else if first_error.is_none() {
-                    first_error = Some((io::Error::from_raw_os_error(-res), host));
+                    first_error = Some((io::Error::from_raw_os_error(-res), host, p.write));
                 }
             } else if res == 0 {
                 if first_error.is_none() {
@@ -228,7 +241,7 @@ fn run_on(ring: &mut IoUring, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<
                             "read past the end of the file",
                         )
                     };
-                    first_error = Some((err, host));
+                    first_error = Some((err, host, p.write));
                 }
             } else {
                 // The kernel never reports more than it was asked for; clamp all the same so
@@ -241,7 +254,11 @@ fn run_on(ring: &mut IoUring, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<
         }
     }
     match first_error {
-        Some((e, off)) => Err(RunError::Failed(e, off)),
+        Some((error, offset, write)) => Err(RunError::Failed {
+            error,
+            offset,
+            write,
+        }),
         None => Ok(()),
     }
 }
