@@ -241,3 +241,105 @@ fn qemu_two_gb_max_extent_sparse_reads_identically() {
 fn qemu_two_gb_max_extent_flat_reads_identically() {
     check_split("twoGbMaxExtentFlat");
 }
+
+/// Opens parents as VMDK, standing in for the registry in `vdisk_blockjobs`.
+struct VmdkOpener;
+
+impl vdisk_block::format::ImageOpener for VmdkOpener {
+    fn open_image(
+        &self,
+        path: &Path,
+        format: Option<&str>,
+        options: &OpenOptions,
+    ) -> vdisk_block::Result<std::sync::Arc<dyn BlockDev>> {
+        assert_eq!(
+            format,
+            Some("vmdk"),
+            "a VMDK parent is opened as vmdk, never probed"
+        );
+        VmdkFormat.open(path, options)
+    }
+}
+
+fn with_opener() -> OpenOptions {
+    OpenOptions {
+        opener: Some(std::sync::Arc::new(VmdkOpener)),
+        ..OpenOptions::read_only()
+    }
+}
+
+#[test]
+fn qemu_delta_chains_read_through_their_parents() {
+    let scratch = Scratch::new("interop-chain");
+    let base = create(&scratch, "base.vmdk", "subformat=monolithicSparse", "64M");
+    qemu_io(&base, "vmdk", WRITES);
+    let mid = scratch.path("mid.vmdk");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            "base.vmdk",
+            "-F",
+            "vmdk",
+            mid.to_str().expect("utf8"),
+        ],
+    );
+    qemu_io(
+        &mid,
+        "vmdk",
+        &["write -P 0xcd 32k 64k", "write -P 0x01 47m 512"],
+    );
+    let top = scratch.path("top.vmdk");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            "mid.vmdk",
+            "-F",
+            "vmdk",
+            top.to_str().expect("utf8"),
+        ],
+    );
+    qemu_io(&top, "vmdk", &["write -P 0x02 63m 4k"]);
+
+    let want = qemu_raw(&top, &scratch);
+    let dev = VmdkFormat.open(&top, &with_opener()).expect("open chain");
+    let got = read_all(dev.as_ref());
+    assert!(got == want, "the chain reads differently from qemu-img");
+    let info = dev.info().expect("info");
+    assert_eq!(info.backing_filename.as_deref(), Some("mid.vmdk"));
+    assert!(dev.backing().is_some());
+    // Unallocated in the top layer: status says the parent decides.
+    let st = dev.block_status(0, 4096).expect("status");
+    assert!(!st.allocated && !st.zero, "{st:?}");
+
+    // Without an opener the chain cannot be followed: say so instead of reading zeroes.
+    let err = VmdkFormat
+        .open(&top, &OpenOptions::read_only())
+        .map(|_| ())
+        .expect_err("no opener");
+    assert!(err.message().contains("opener"), "{err}");
+    // no_backing opens the layer alone.
+    let alone = OpenOptions {
+        no_backing: true,
+        ..OpenOptions::read_only()
+    };
+    let dev = VmdkFormat.open(&top, &alone).expect("alone");
+    assert!(dev.backing().is_none());
+
+    // A parent written after the delta was taken no longer matches the delta's parentCID.
+    qemu_io(&mid, "vmdk", &["write -P 0x09 0 512"]);
+    let err = VmdkFormat
+        .open(&top, &with_opener())
+        .map(|_| ())
+        .expect_err("cid mismatch");
+    assert!(err.message().contains("parentCID"), "{err}");
+}
