@@ -9,9 +9,10 @@ pub struct AlignedBuf {
 }
 
 impl AlignedBuf {
-    /// `len` zero bytes starting at an address that is a multiple of `align` (a power of two).
+    /// `len` zero bytes starting at an address that is a multiple of `align` (rounded up to a
+    /// power of two).
     pub fn zeroed(len: usize, align: usize) -> Self {
-        let align = align.max(1);
+        let align = align.max(1).next_power_of_two();
         let storage = vec![0u8; len + align];
         let start = storage.as_ptr().align_offset(align).min(align);
         AlignedBuf {

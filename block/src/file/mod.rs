@@ -3,8 +3,9 @@
 //! [`HostFile`] is the one way the block layer touches a host file. Data moves through one of
 //! two engines chosen at open time:
 //! - **sync**: `pread`/`pwrite` from the calling thread; many threads may call at once;
-//! - **io_uring**: requests go through a small pool of rings; [`HostFile::submit`] pushes a
-//!   whole batch with a bounded number in flight, which is what deep-queue callers want.
+//! - **io_uring**: requests go through a process-wide pool of rings; [`HostFile::submit`]
+//!   pushes a whole batch with a bounded number in flight, which is what deep-queue callers
+//!   want.
 //!
 //! `EngineChoice::Auto` tries io_uring and falls back to sync when the kernel refuses it
 //! (seccomp, `io_uring_disabled`, old kernels) or when [`NO_IO_URING_ENV`] is set; the reason
@@ -116,7 +117,7 @@ pub struct HostFile {
     writable: bool,
     /// `O_DIRECT` alignment of offsets, lengths and buffers; 1 when not direct.
     align: usize,
-    uring: Option<uring::RingPool>,
+    uring: Option<&'static uring::RingPool>,
     engine_note: Option<String>,
     /// Serialises overlapping write-like requests of a direct file (see `rangelock.rs`).
     locks: RangeLock,
@@ -500,7 +501,7 @@ fn uring_refused_by_env() -> bool {
 fn start_engine(
     choice: EngineChoice,
     refused: bool,
-) -> Result<(Option<uring::RingPool>, Option<String>)> {
+) -> Result<(Option<&'static uring::RingPool>, Option<String>)> {
     if choice == EngineChoice::Sync {
         return Ok((None, None));
     }
@@ -509,7 +510,7 @@ fn start_engine(
             "io_uring is disabled by {NO_IO_URING_ENV}"
         )))
     } else {
-        uring::RingPool::new()
+        uring::RingPool::shared()
     };
     match (pool, choice) {
         (Ok(pool), _) => Ok((Some(pool), None)),

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring};
@@ -56,7 +57,8 @@ pub enum RunError {
     },
 }
 
-/// A pool of rings for one file.
+/// A pool of rings. Rings are not tied to a file (each entry names its descriptor), so one
+/// pool serves the whole process: opening a thousand extent files costs no ring each.
 pub struct RingPool {
     idle: Mutex<Vec<IoUring>>,
 }
@@ -78,7 +80,18 @@ struct Pending {
 }
 
 impl RingPool {
-    /// Creates the pool, proving the kernel accepts io_uring by building and using one ring.
+    /// The process-wide pool, created (and the kernel probed) on first use. A refusal is
+    /// remembered, so every later open falls back the same way without asking again.
+    pub fn shared() -> io::Result<&'static RingPool> {
+        static POOL: OnceLock<Result<RingPool, (Option<i32>, String)>> = OnceLock::new();
+        match POOL.get_or_init(|| RingPool::new().map_err(|e| (e.raw_os_error(), e.to_string()))) {
+            Ok(pool) => Ok(pool),
+            Err((Some(code), _)) => Err(io::Error::from_raw_os_error(*code)),
+            Err((None, text)) => Err(io::Error::other(text.clone())),
+        }
+    }
+
+    /// Creates a pool, proving the kernel accepts io_uring by building and using one ring.
     pub fn new() -> io::Result<Self> {
         let mut ring = IoUring::new(RING_DEPTH)?;
         // A NOP round trip: some sandboxes allow io_uring_setup but block io_uring_enter.
