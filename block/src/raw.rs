@@ -57,6 +57,11 @@ impl Format for RawFormat {
             file.set_len(options.size)?;
             allocate_first_block(&file, options.size)?;
         }
+        // qemu writes the first block after fallocate too (the reserved range is unwritten,
+        // so without it `map` would show no data at all, unlike qemu's images).
+        if prealloc == Preallocation::Falloc && options.size > 0 {
+            allocate_first_block(&file, options.size)?;
+        }
         file.flush()
     }
 

@@ -79,10 +79,15 @@ impl Ctx {
         }
     }
 
-    /// Prints a command-line mistake of sub-command `cmd` and returns exit code 1.
+    /// Prints a command-line mistake of sub-command `cmd` and returns exit code 1: qemu-img's
+    /// two lines in drop-in mode, one line with a pointer to the help otherwise.
     pub fn usage(&self, cmd: &str, message: &str) -> i32 {
-        self.error(message);
-        eprintln!("Try '{} {cmd} --help' for more info", self.prog);
+        if self.dropin {
+            self.error(message);
+            eprintln!("Try '{} {cmd} --help' for more info", self.prog);
+        } else {
+            self.error(format!("{cmd}: {message} (see 'vdisk {cmd} --help')"));
+        }
         1
     }
 
@@ -95,11 +100,14 @@ impl Ctx {
                 let _ = err.print();
                 return 0;
             }
-            _ if !self.dropin => {
+            K::DisplayHelpOnMissingArgumentOrSubcommand if !self.dropin => {
                 let _ = err.print();
                 return 1;
             }
             _ => {}
+        }
+        if !self.dropin {
+            return self.clap_error_oneline(&err, cmd);
         }
         let context = |kind| match err.get(kind) {
             Some(ContextValue::String(s)) => Some(s.clone()),
@@ -148,6 +156,35 @@ impl Ctx {
                 self.error(first);
                 eprintln!("Try 'qemu-img {cmd} --help' for more info");
             }
+        }
+        1
+    }
+}
+
+impl Ctx {
+    /// vdisk's wording of a command-line mistake: clap's first line, with a pointer to the
+    /// help instead of clap's usage block.
+    fn clap_error_oneline(&self, err: &clap::Error, cmd: Option<&str>) -> i32 {
+        use clap::error::{ContextKind, ContextValue, ErrorKind as K};
+        let text = err.to_string();
+        let first = text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("error: ")
+            .to_string();
+        let known_cmd = !matches!(err.kind(), K::InvalidSubcommand) && cmd.is_some();
+        let what = match (err.kind(), err.get(ContextKind::InvalidArg)) {
+            (K::UnknownArgument, Some(ContextValue::String(arg))) => {
+                format!("unknown option '{arg}'")
+            }
+            _ => first,
+        };
+        match cmd {
+            Some(cmd) if known_cmd => {
+                self.error(format!("{cmd}: {what} (see 'vdisk {cmd} --help')"));
+            }
+            _ => self.error(format!("{what} (see 'vdisk --help')")),
         }
         1
     }

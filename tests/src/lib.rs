@@ -1,1 +1,136 @@
-//! Helpers shared by the cross-crate tests.
+//! Helpers shared by the cross-crate tests: scratch folders, running a tool in a folder, and
+//! running the vdisk binary under the name `qemu-img` (drop-in mode).
+//!
+//! This is a library, so it cannot see `CARGO_BIN_EXE_vdisk-under-test`; test files pass the
+//! binary's path in.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A temporary folder, removed when dropped.
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A fresh, empty folder under the system temp dir, unique to this process and `tag`.
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vdisk-test-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+
+    /// The folder itself.
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    /// A path inside the folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// A sub-folder, created if needed.
+    pub fn sub(&self, name: &str) -> PathBuf {
+        let p = self.0.join(name);
+        fs::create_dir_all(&p).expect("create sub folder");
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Read-only folders made by a test must become writable again to be removed.
+        if let Ok(entries) = fs::read_dir(&self.0) {
+            for e in entries.flatten() {
+                let _ = make_writable(&e.path());
+            }
+        }
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn make_writable(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path)?;
+    let mode = meta.permissions().mode() | 0o700;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    if meta.is_dir() {
+        for e in fs::read_dir(path)?.flatten() {
+            let _ = make_writable(&e.path());
+        }
+    }
+    Ok(())
+}
+
+/// What a finished command printed and returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+}
+
+/// Runs `program args` with `dir` as the working folder.
+pub fn run_in(dir: &Path, program: &Path, args: &[&str]) -> Run {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    Run {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: out.status.code().unwrap_or(-1),
+    }
+}
+
+/// Runs the system qemu-img (the oracle) in `dir`.
+pub fn qemu_img(dir: &Path, args: &[&str]) -> Run {
+    run_in(dir, Path::new("qemu-img"), args)
+}
+
+/// Runs the system qemu-io on a raw image in `dir`, each of `cmds` as one `-c`, and fails
+/// the test if it does not succeed.
+pub fn qemu_io_raw(dir: &Path, file: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(file);
+    let r = run_in(dir, Path::new("qemu-io"), &args);
+    assert_eq!(r.code, 0, "qemu-io {args:?} failed: {}", r.stderr);
+    assert!(
+        !r.stdout.contains("failed") && !r.stderr.contains("failed"),
+        "qemu-io {args:?}: {r:?}"
+    );
+}
+
+/// Makes `bin_dir/qemu-img` a link to the vdisk binary, so running it selects drop-in mode.
+pub fn dropin_link(bin_dir: &Path, vdisk: &Path) -> PathBuf {
+    fs::create_dir_all(bin_dir).expect("create bin dir");
+    let link = bin_dir.join("qemu-img");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(vdisk, &link).expect("link vdisk as qemu-img");
+    link
+}
+
+/// Length and allocated bytes (`st_blocks * 512`) of a file.
+pub fn size_and_allocation(path: &Path) -> (u64, u64) {
+    let m = fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    (m.len(), m.blocks() * 512)
+}
+
+/// True when the process runs as root (permission bits then do not stop it).
+pub fn is_root() -> bool {
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}

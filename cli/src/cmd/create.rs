@@ -173,22 +173,23 @@ fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
         .rev()
         .find(|o| o.key == "size")
         .map(|o| o.value.parse::<u64>().unwrap_or(0));
-    let size =
-        match (positional_size, option_size) {
-            (Some(_), Some(_)) => return Err(Failure::new(
+    let size = match (positional_size, option_size) {
+        (Some(_), Some(_)) => {
+            return Err(Failure::new(
                 format!("{name}: The image size must be specified only once"),
                 format!(
                     "create '{name}': the size is given both as SIZE and as -o size (give it once)"
                 ),
-            )),
-            (Some(s), None) | (None, Some(s)) => s,
-            (None, None) => {
-                return Err(Failure::new(
-                    format!("{name}: Image creation needs a size parameter"),
-                    format!("create '{name}': no size given (add a SIZE such as 10G)"),
-                ))
-            }
-        };
+            ))
+        }
+        (Some(s), None) | (None, Some(s)) => s,
+        (None, None) => {
+            return Err(Failure::new(
+                format!("{name}: Image creation needs a size parameter"),
+                format!("create '{name}': no size given (add a SIZE such as 10G)"),
+            ))
+        }
+    };
     if !args.quiet {
         print(&formatting_line(name, driver, size, &opts));
     }

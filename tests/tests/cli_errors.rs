@@ -1,0 +1,254 @@
+//! Failures of the vdisk commands, against the system qemu-img as the oracle.
+//!
+//! Every case runs in two identical folders, once with qemu-img and once with vdisk under
+//! the name `qemu-img` (drop-in mode), and requires the same exit code, the same stdout and
+//! the same stderr, byte for byte. The same case then runs under the name vdisk, which must
+//! exit with the same code, print the same stdout, and explain itself on one stderr line
+//! that starts with `vdisk: `; never a panic.
+//!
+//! The permission cases run both as root (where permission bits do not stop anyone, and
+//! both tools succeed) and as a user; either way the two tools must agree.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use vdisk_tests::{dropin_link, qemu_img, run_in, Run, Scratch};
+
+const VDISK: &str = env!("CARGO_BIN_EXE_vdisk-under-test");
+
+/// Builds the same starting files in `dir`.
+fn setup(dir: &Path) {
+    let r = qemu_img(dir, &["create", "-q", "-f", "raw", "a.raw", "1M"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    fs::create_dir_all(dir.join("folder")).expect("folder");
+    let ro_dir = dir.join("ro-dir");
+    fs::create_dir_all(&ro_dir).expect("ro-dir");
+    fs::set_permissions(&ro_dir, fs::Permissions::from_mode(0o555)).expect("chmod");
+    fs::write(dir.join("ro.raw"), vec![0u8; 4096]).expect("ro.raw");
+    fs::set_permissions(dir.join("ro.raw"), fs::Permissions::from_mode(0o444)).expect("chmod");
+}
+
+struct Bench {
+    scratch: Scratch,
+    dropin: std::path::PathBuf,
+}
+
+impl Bench {
+    fn new(tag: &str) -> Self {
+        let scratch = Scratch::new(tag);
+        let dropin = dropin_link(&scratch.sub("bin"), Path::new(VDISK));
+        Bench { scratch, dropin }
+    }
+
+    /// Runs `args` with qemu-img, drop-in vdisk and plain vdisk, each in a fresh folder, and
+    /// checks they agree. Returns qemu-img's result.
+    fn check(&self, args: &[&str]) -> Run {
+        let fresh = |name: &str| {
+            let d = self.scratch.sub(name);
+            for e in fs::read_dir(&d).expect("read dir").flatten() {
+                let p = e.path();
+                let _ = fs::set_permissions(&p, fs::Permissions::from_mode(0o755));
+                if p.is_dir() {
+                    fs::remove_dir_all(&p).expect("clean");
+                } else {
+                    fs::remove_file(&p).expect("clean");
+                }
+            }
+            setup(&d);
+            d
+        };
+        let q = qemu_img(&fresh("q"), args);
+        let d = run_in(&fresh("d"), &self.dropin, args);
+        assert_eq!(
+            d.code, q.code,
+            "exit code of {args:?}\nvdisk: {d:?}\nqemu: {q:?}"
+        );
+        assert_eq!(d.stdout, q.stdout, "stdout of {args:?}");
+        assert_eq!(d.stderr, q.stderr, "stderr of {args:?}");
+        let v = run_in(&fresh("v"), Path::new(VDISK), args);
+        assert_eq!(v.code, q.code, "exit code of vdisk {args:?}: {v:?}");
+        assert_eq!(v.stdout, q.stdout, "stdout of vdisk {args:?}");
+        assert!(
+            !v.stderr.contains("panicked"),
+            "vdisk {args:?} panicked: {}",
+            v.stderr
+        );
+        if q.code != 0 {
+            let lines: Vec<&str> = v.stderr.lines().collect();
+            assert_eq!(
+                lines.len(),
+                1,
+                "vdisk {args:?} must fail on one line: {}",
+                v.stderr
+            );
+            assert!(
+                lines[0].starts_with("vdisk: "),
+                "vdisk {args:?}: {}",
+                v.stderr
+            );
+        }
+        q
+    }
+}
+
+#[test]
+fn missing_files_and_folders() {
+    let b = Bench::new("err-open");
+    for args in [
+        vec!["info", "missing.raw"],
+        vec!["info", "--output=json", "missing.raw"],
+        vec!["info", "folder"],
+        vec!["map", "missing.raw"],
+        vec!["map", "--output=json", "folder"],
+        vec!["measure", "-O", "raw", "missing.raw"],
+        vec!["check", "missing.raw"],
+        vec!["check", "folder"],
+    ] {
+        assert_eq!(b.check(&args).code, 1, "{args:?}");
+    }
+    assert_eq!(b.check(&["compare", "a.raw", "missing.raw"]).code, 2);
+    assert_eq!(b.check(&["compare", "folder", "a.raw"]).code, 2);
+}
+
+#[test]
+fn unwritable_targets() {
+    let b = Bench::new("err-write");
+    // Refused for a user, allowed for root: the tools must agree either way.
+    b.check(&["create", "-f", "raw", "ro-dir/x.raw", "1M"]);
+    b.check(&["create", "-f", "raw", "ro.raw", "1M"]);
+    // Refused for everyone.
+    assert_eq!(
+        b.check(&["create", "-f", "raw", "nodir/x.raw", "1M"]).code,
+        1
+    );
+    assert_eq!(b.check(&["create", "-f", "raw", "folder", "1M"]).code, 1);
+    assert_eq!(
+        b.check(&["create", "-f", "raw", "/proc/vdisk-no-such.raw", "1M"])
+            .code,
+        1
+    );
+}
+
+#[test]
+fn sizes_that_overflow_or_do_not_parse() {
+    let b = Bench::new("err-size");
+    for size in [
+        "99999999999999999999",
+        "16E",
+        "8E",
+        "12x",
+        "0.5",
+        "1.5",
+        "-5",
+        "9223372036854775807",
+    ] {
+        assert_eq!(
+            b.check(&["create", "-f", "raw", "x.raw", size]).code,
+            1,
+            "{size}"
+        );
+    }
+    for args in [
+        vec!["measure", "-O", "raw", "--size", "16E"],
+        vec!["measure", "-O", "raw", "--size", "1x"],
+        vec!["map", "--start-offset", "-1", "a.raw"],
+        vec!["map", "--start-offset", "1x", "a.raw"],
+        vec!["map", "--max-length", "16E", "a.raw"],
+        vec!["create", "-f", "raw", "x.raw"],
+        vec!["create", "-f", "raw", "-o", "size=5k", "x.raw", "6k"],
+        vec!["create", "-f", "raw", "-o", "size=1x", "x.raw"],
+    ] {
+        assert_eq!(b.check(&args).code, 1, "{args:?}");
+    }
+}
+
+#[test]
+fn unknown_options_and_bad_values() {
+    let b = Bench::new("err-opt");
+    for args in [
+        vec!["info", "--bogus", "a.raw"],
+        vec!["info", "-z", "a.raw"],
+        vec!["map", "--nope", "a.raw"],
+        vec!["create", "--bogus", "x.raw", "1M"],
+        vec!["info", "--output=xml", "a.raw"],
+        vec!["map", "--output", "yaml", "a.raw"],
+        vec!["check", "-r", "bogus", "a.raw"],
+        vec!["create", "-f", "raw", "-o", "foo=bar", "x.raw", "1M"],
+        vec!["create", "-f", "raw", "-o", "nocow=maybe", "x.raw", "1M"],
+        vec![
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            "preallocation=bogus",
+            "x.raw",
+            "1M",
+        ],
+        vec![
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            "preallocation=metadata",
+            "x.raw",
+            "1M",
+        ],
+        vec!["create", "-f", "raw", "-b", "a.raw", "x.raw", "1M"],
+        vec!["measure", "-O", "raw", "-o", "foo=bar", "--size", "1M"],
+        vec!["measure", "-O", "raw"],
+        vec!["measure", "-O", "raw", "--size", "1M", "a.raw"],
+        vec!["info"],
+        vec!["info", "a.raw", "a.raw"],
+        vec!["create", "-f", "raw", "x.raw", "1M", "extra"],
+        vec!["compare", "a.raw"],
+    ] {
+        assert_eq!(b.check(&args).code, 1, "{args:?}");
+    }
+}
+
+#[test]
+fn unknown_formats() {
+    let b = Bench::new("err-fmt");
+    for args in [
+        vec!["info", "-f", "qcow9", "a.raw"],
+        vec!["map", "-f", "qcow9", "a.raw"],
+        vec!["create", "-f", "qcow9", "x.raw", "1M"],
+        vec!["measure", "-O", "qcow9", "--size", "1M"],
+    ] {
+        assert_eq!(b.check(&args).code, 1, "{args:?}");
+    }
+    assert_eq!(
+        b.check(&["compare", "-f", "qcow9", "a.raw", "a.raw"]).code,
+        2
+    );
+}
+
+#[test]
+fn raw_images_cannot_be_checked() {
+    let b = Bench::new("err-check");
+    assert_eq!(b.check(&["check", "a.raw"]).code, 63);
+    assert_eq!(
+        b.check(&["check", "-f", "raw", "--output=json", "a.raw"])
+            .code,
+        63
+    );
+    assert_eq!(b.check(&["check", "-q", "-f", "raw", "a.raw"]).code, 63);
+}
+
+#[test]
+fn commands_that_do_not_exist() {
+    let b = Bench::new("err-cmd");
+    // qemu-img's wording in drop-in mode; vdisk's own help otherwise.
+    for args in [vec!["bogus"], vec![]] {
+        let q = qemu_img(b.scratch.dir(), &args);
+        let d = run_in(b.scratch.dir(), &b.dropin, &args);
+        assert_eq!(
+            (d.code, &d.stdout, &d.stderr),
+            (q.code, &q.stdout, &q.stderr),
+            "{args:?}"
+        );
+        let v = run_in(b.scratch.dir(), Path::new(VDISK), &args);
+        assert_eq!(v.code, q.code, "{args:?}");
+    }
+}
