@@ -191,6 +191,20 @@ fn both_agree(dir: &Scratch, input: &Path, extra: &[&str], tag: &str) {
     assert_identical(&ours, input);
     assert_identical(&ours, &theirs);
     assert_alloc_close(&ours, &theirs);
+    assert_same_length(&ours, &theirs);
+}
+
+/// qemu-img sees raw files padded to whole 512-byte sectors; so must the target's length.
+fn assert_same_length(ours: &Path, theirs: &Path) {
+    let len = |p: &Path| fs::metadata(p).expect("stat").len();
+    assert_eq!(len(ours), len(theirs), "target lengths differ");
+}
+
+/// The bytes of `path` followed by zeroes up to a whole sector.
+fn padded_contents(path: &Path) -> Vec<u8> {
+    let mut bytes = fs::read(path).expect("read input");
+    bytes.resize(bytes.len().next_multiple_of(512), 0);
+    bytes
 }
 
 #[test]
@@ -242,7 +256,7 @@ fn tiny_and_empty_images() {
         both_agree(&dir, &input, &[], &format!("t{i}"));
         let ours = dir.path(&format!("vdisk-t{i}.raw"));
         let bytes = fs::read(&ours).expect("read output");
-        assert_eq!(bytes, fs::read(&input).expect("read input"), "size {size}");
+        assert_eq!(bytes, padded_contents(&input), "size {size}");
     }
 }
 
@@ -331,18 +345,22 @@ fn two_sources_are_concatenated() {
     let dir = Scratch::new("concat");
     let a = dir.path("a.raw");
     let b = dir.path("b.raw");
-    // qemu-img pads each source to a multiple of 512 bytes; aligned sizes keep the
-    // comparison about concatenation itself.
-    mixed_image(&a, 5 * MIB + 512, 31);
-    mixed_image(&b, 3 * MIB, 32);
+    // Unaligned sizes: qemu-img pads each source to whole sectors, and so must we.
+    mixed_image(&a, 5 * MIB + 1000, 31);
+    mixed_image(&b, 3 * MIB + 700, 32);
+    for (p, size) in [(&a, 5 * MIB + 1000), (&b, 3 * MIB + 700)] {
+        let f = OpenOptions::new().write(true).open(p).expect("open input");
+        f.write_all_at(&[0x77], size - 1).expect("write tail");
+    }
     let ours = dir.path("ours.raw");
     let theirs = dir.path("theirs.raw");
     vdisk_convert(&["-f", "raw", s(&a), s(&b), s(&ours)]);
     qemu_convert(&["-f", "raw", s(&a), s(&b), s(&theirs)]);
     assert_identical(&ours, &theirs);
     assert_alloc_close(&ours, &theirs);
-    let mut expected = fs::read(&a).expect("read a");
-    expected.extend(fs::read(&b).expect("read b"));
+    assert_same_length(&ours, &theirs);
+    let mut expected = padded_contents(&a);
+    expected.extend(padded_contents(&b));
     assert_eq!(fs::read(&ours).expect("read output"), expected);
 }
 

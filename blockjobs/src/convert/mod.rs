@@ -124,25 +124,45 @@ struct Counters {
     skipped: AtomicU64,
 }
 
+/// The size of the sources concatenated, each padded to whole sectors as qemu-img does
+/// (see [`plan`]); the size a new target needs.
+pub fn total_size(sources: &[Arc<dyn BlockDev>]) -> Result<u64> {
+    sources
+        .iter()
+        .try_fold(0u64, |acc, s| {
+            acc.checked_add(plan::padded_size(s.as_ref()))
+        })
+        .ok_or_else(|| Error::invalid("convert", "the sources' sizes add up past 2^64 bytes"))
+}
+
+/// Checks that `target` can take the sources and returns [`total_size`].
+///
+/// The target counts as padded to whole sectors too, as qemu-img sees it; it must hold every
+/// byte of the sources, while the zero padding after the last one may fall past its end.
+pub fn check_target_size(sources: &[Arc<dyn BlockDev>], target: &dyn BlockDev) -> Result<u64> {
+    let total = total_size(sources)?;
+    let last_padding = sources
+        .last()
+        .map_or(0, |s| plan::padded_size(s.as_ref()) - s.size());
+    if plan::padded_size(target) < total || target.size() < total - last_padding {
+        return Err(Error::invalid(
+            "convert",
+            "output file is smaller than input file",
+        ));
+    }
+    Ok(total)
+}
+
 /// Copies `sources`, concatenated, to the start of `target`, then flushes the target once.
 ///
-/// The target must be at least as large as the sources together.
+/// The target must pass [`check_target_size`].
 pub fn convert(
     sources: &[Arc<dyn BlockDev>],
     target: &dyn BlockDev,
     options: &ConvertOptions,
     progress: &dyn Progress,
 ) -> Result<ConvertStats> {
-    let total = sources
-        .iter()
-        .try_fold(0u64, |acc, s| acc.checked_add(s.size()))
-        .ok_or_else(|| Error::invalid("convert", "the sources' sizes add up past 2^64 bytes"))?;
-    if target.size() < total {
-        return Err(Error::invalid(
-            "convert",
-            "output file is smaller than input file",
-        ));
-    }
+    let total = check_target_size(sources, target)?;
     if options.min_sparse != 0 {
         ConvertOptions::check_min_sparse(options.min_sparse)?;
     }
@@ -299,6 +319,11 @@ impl Job<'_> {
 
     /// Makes a target range read as zeroes, doing nothing when it already does.
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        // Sector padding past the end of an unaligned target has nowhere to go.
+        let len = len.min(self.target.size().saturating_sub(offset));
+        if len == 0 {
+            return Ok(());
+        }
         if self.options.target_is_zero {
             self.counters.skipped.fetch_add(len, Ordering::Relaxed);
             return Ok(());
@@ -314,3 +339,6 @@ impl Job<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,6 +4,10 @@
 //! planner's lock, so workers see it streamed just ahead of where they copy. Data extents are
 //! cut at multiples of the chunk size in target space (aligned requests for `O_DIRECT`);
 //! zero extents are handed out whole, up to [`MAX_ZERO_CHUNK`], since they cost no buffer.
+//!
+//! Each source counts as its size rounded up to whole 512-byte sectors, the bytes past its
+//! end reading as zeroes: qemu-img sees a raw file of 1000 bytes as a 1024-byte disk, so
+//! concatenating unaligned files (and the target's size) must come out the same.
 
 use std::sync::Arc;
 
@@ -11,6 +15,15 @@ use vdisk_block::{BlockDev, Error, Result};
 
 /// The largest zero range handed out at once; it bounds how coarse progress can get.
 pub const MAX_ZERO_CHUNK: u64 = 1 << 30;
+
+/// qemu's sector: every device size is seen rounded up to a multiple of it.
+pub const SECTOR: u64 = 512;
+
+/// The size `dev` takes in a copy: its size rounded up to whole sectors.
+pub fn padded_size(dev: &dyn BlockDev) -> u64 {
+    let size = dev.size();
+    size.checked_next_multiple_of(SECTOR).unwrap_or(size)
+}
 
 /// What a chunk of the source holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,15 +84,18 @@ impl<'a> Planner<'a> {
                 return Ok(None);
             };
             let size = source.size();
-            if self.offset >= size {
+            let padded = padded_size(source.as_ref());
+            if self.offset >= padded {
                 self.index += 1;
-                self.dst_base += size;
+                self.dst_base += padded;
                 self.offset = 0;
                 self.extent = None;
                 continue;
             }
             let (ext_end, kind) = match self.extent {
                 Some((end, kind)) if end > self.offset => (end, kind),
+                // The sector padding past the end of the source.
+                _ if self.offset >= size => (padded, ChunkKind::Zero),
                 _ => {
                     let ext = self.query(source.as_ref(), size)?;
                     self.extent = Some(ext);
@@ -148,6 +164,7 @@ mod tests {
         a.write_zeroes(4 << 20, 1 << 20, ZeroMode::MayUnmap)
             .expect("zero");
         let b = MemImage::shared(3000);
+        b.write_at(&[2u8; 100], 2900).expect("write tail");
         let sources: Vec<Arc<dyn BlockDev>> = vec![a, b];
         let mut p = Planner::new(&sources, 2 << 20);
         let mut next_dst = 0;
@@ -164,7 +181,8 @@ mod tests {
             seq += 1;
             count += 1;
         }
-        assert_eq!(next_dst, (5 << 20) + 3000);
+        // The second source counts as 3072 bytes: its tail is padded to a whole sector.
+        assert_eq!(next_dst, (5 << 20) + 3072);
         assert!(count >= 2);
     }
 }

@@ -195,10 +195,7 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
             .map_err(|e| open_failure(ctx, path, &e))?;
         sources.push(dev);
     }
-    let total = sources
-        .iter()
-        .try_fold(0u64, |acc, s| acc.checked_add(s.size()))
-        .ok_or_else(|| "the sources' sizes add up past 2^64 bytes".to_string())?;
+    let total = convert::total_size(&sources).map_err(|e| e.message().to_string())?;
 
     let target_path = settings.target.clone();
     if !args.no_create {
@@ -231,9 +228,7 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     };
     let target = open_image(&target_path, Some(driver.name()), &target_opts)
         .map_err(|e| open_failure(ctx, &target_path, &e))?;
-    if target.size() < total {
-        return Err("output file is smaller than input file".to_string().into());
-    }
+    convert::check_target_size(&sources, target.as_ref()).map_err(|e| e.message().to_string())?;
     // A new image reads as zeroes if its format says so; with -S 0 qemu-img still writes
     // every zero range so the target ends up fully allocated, and so do we.
     if !args.no_create && settings.copy.min_sparse != 0 && target.has_zero_init() {
