@@ -47,6 +47,20 @@ impl Failure {
     }
 }
 
+impl From<String> for Failure {
+    /// A failure worded the same both ways.
+    fn from(text: String) -> Self {
+        Failure::same(text)
+    }
+}
+
+impl From<&str> for Failure {
+    /// A failure worded the same both ways.
+    fn from(text: &str) -> Self {
+        Failure::same(text)
+    }
+}
+
 impl Ctx {
     /// Decides the mode from the program name the binary was started under.
     pub fn from_argv0(argv0: Option<&OsStr>) -> Self {

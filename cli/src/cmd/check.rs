@@ -110,40 +110,78 @@ pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
         OpenOptions::read_only()
     };
     options.force_share = args.force_share;
-    let report = match driver.check(Path::new(name), &options, repair) {
+    let run_check = |mode: RepairMode| driver.check(Path::new(name), &options, mode);
+    let unsupported = |e: &vdisk_block::Error| {
+        Failure::new(
+            without_hint(e.message()).to_string(),
+            format!(
+                "check '{name}': format '{format}' has no metadata to check (convert or compare it instead)"
+            ),
+        )
+    };
+    let failed = |e: &vdisk_block::Error| {
+        Failure::new(
+            format!("Check failed: {}", e.message()),
+            format!("check '{name}': {e}"),
+        )
+    };
+    let mut report = match run_check(repair) {
         Ok(r) => r,
         Err(e) if e.kind() == ErrorKind::Unsupported => {
-            ctx.fail(&Failure::new(
-                without_hint(e.message()).to_string(),
-                format!(
-                    "check '{name}': format '{format}' has no metadata to check (convert or compare it instead)"
-                ),
-            ));
+            ctx.fail(&unsupported(&e));
             return 63;
         }
         Err(e) => {
-            ctx.fail(&Failure::new(
-                format!("Check failed: {}", e.message()),
-                format!("check '{name}': {e}"),
-            ));
+            ctx.fail(&failed(&e));
             return 1;
         }
     };
-    if !args.quiet || output == OutputFormat::Json {
-        match output {
-            OutputFormat::Json => print(&format!(
-                "{}\n",
-                qemu_json(&report_json(name, &format, &report))
-            )),
-            OutputFormat::Human => {
-                for line in &report.messages {
-                    eprintln!("{line}");
-                }
-                print(&report_human(&report));
-            }
+    for line in &report.messages {
+        eprintln!("{line}");
+    }
+    let say = |text: &str| {
+        if !args.quiet {
+            print(text);
         }
+    };
+    if report.leaks_fixed > 0 || report.corruptions_fixed > 0 {
+        // Like qemu-img: say what was repaired, then check the repaired image again and
+        // report that second check, carrying over the repair counts.
+        if output == OutputFormat::Human {
+            say(&format!(
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+                report.leaks_fixed, report.corruptions_fixed
+            ));
+        }
+        let (leaks_fixed, corruptions_fixed) = (report.leaks_fixed, report.corruptions_fixed);
+        report = match run_check(RepairMode::None) {
+            Ok(r) => r,
+            Err(e) => {
+                ctx.fail(&failed(&e));
+                return 1;
+            }
+        };
+        for line in &report.messages {
+            eprintln!("{line}");
+        }
+        report.leaks_fixed = leaks_fixed;
+        report.corruptions_fixed = corruptions_fixed;
+    }
+    match output {
+        OutputFormat::Json => say(&format!(
+            "{}\n",
+            qemu_json(&report_json(name, &format, &report))
+        )),
+        OutputFormat::Human => say(&report_human(&report)),
     }
     if report.check_errors > 0 {
+        ctx.fail(&Failure::new(
+            "Check failed",
+            format!(
+                "check '{name}': {} errors kept the check from finishing",
+                report.check_errors
+            ),
+        ));
         1
     } else if report.corruptions > 0 {
         2
@@ -154,38 +192,29 @@ pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
     }
 }
 
-/// qemu's `ImageCheck`: zero counts of findings are left out.
+/// qemu's `ImageCheck`, keys in the order qemu-img prints them; zero counts of findings
+/// are left out.
 fn report_json(name: &str, format: &str, r: &CheckReport) -> Value {
     let mut m = Map::new();
-    if let Some(v) = r.image_end_offset {
-        m.insert("image-end-offset".into(), json!(v));
-    }
-    if let Some(v) = r.total_clusters {
-        m.insert("total-clusters".into(), json!(v));
-    }
-    m.insert("check-errors".into(), json!(r.check_errors));
-    if r.leaks > 0 {
-        m.insert("leaks".into(), json!(r.leaks));
-    }
-    if r.corruptions > 0 {
-        m.insert("corruptions".into(), json!(r.corruptions));
-    }
-    if r.leaks_fixed > 0 {
-        m.insert("leaks-fixed".into(), json!(r.leaks_fixed));
-    }
-    if r.corruptions_fixed > 0 {
-        m.insert("corruptions-fixed".into(), json!(r.corruptions_fixed));
-    }
-    if let Some(v) = r.allocated_clusters {
-        m.insert("allocated-clusters".into(), json!(v));
-    }
+    let mut put = |key: &str, v: Option<u64>| {
+        if let Some(v) = v {
+            m.insert(key.into(), json!(v));
+        }
+    };
+    let nonzero = |v: u64| (v > 0).then_some(v);
+    put("image-end-offset", r.image_end_offset.filter(|&v| v > 0));
+    put("compressed-clusters", r.compressed_clusters);
+    put("total-clusters", r.total_clusters);
+    put("corruptions", nonzero(r.corruptions));
+    put("corruptions-fixed", nonzero(r.corruptions_fixed));
+    put("check-errors", Some(r.check_errors));
+    put("leaks", nonzero(r.leaks));
+    put("leaks-fixed", nonzero(r.leaks_fixed));
+    put("allocated-clusters", r.allocated_clusters);
     m.insert("filename".into(), json!(name));
     m.insert("format".into(), json!(format));
     if let Some(v) = r.fragmented_clusters {
         m.insert("fragmented-clusters".into(), json!(v));
-    }
-    if let Some(v) = r.compressed_clusters {
-        m.insert("compressed-clusters".into(), json!(v));
     }
     Value::Object(m)
 }
@@ -226,7 +255,7 @@ fn report_human(r: &CheckReport) -> String {
             ));
         }
     }
-    if let Some(end) = r.image_end_offset {
+    if let Some(end) = r.image_end_offset.filter(|&v| v > 0) {
         s.push_str(&format!("Image end offset: {end}\n"));
     }
     s
