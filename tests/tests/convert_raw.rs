@@ -392,8 +392,10 @@ fn direct_io_cache_modes() {
     both_agree(&dir, &input, &["-t", "writethrough"], "wt");
 }
 
-/// Runs both tools with the same arguments; both must fail with the same exit code.
-fn both_fail(args: &[&str]) -> (Output, Output) {
+/// Runs both tools with the same arguments; both must fail with the same exit code, and
+/// vdisk started under the name `qemu-img` (drop-in mode) must print qemu-img's exact
+/// message unless `same_words` is false.
+fn both_fail(dropin: &Path, args: &[&str], same_words: bool) -> Output {
     let mut all = vec!["convert"];
     all.extend_from_slice(args);
     let ours = run(VDISK, &all);
@@ -405,7 +407,16 @@ fn both_fail(args: &[&str]) -> (Output, Output) {
         "exit codes for {args:?}: vdisk said {}",
         String::from_utf8_lossy(&ours.stderr)
     );
-    (ours, theirs)
+    let as_qemu = run(s(dropin), &all);
+    assert_eq!(as_qemu.status.code(), theirs.status.code());
+    if same_words {
+        assert_eq!(
+            String::from_utf8_lossy(&as_qemu.stderr),
+            String::from_utf8_lossy(&theirs.stderr),
+            "drop-in wording for {args:?}"
+        );
+    }
+    ours
 }
 
 fn stderr_has(out: &Output, text: &str) {
@@ -416,39 +427,49 @@ fn stderr_has(out: &Output, text: &str) {
 #[test]
 fn error_cases_match_qemu_img() {
     let dir = Scratch::new("errors");
+    let dropin = dir.path("qemu-img");
+    std::os::unix::fs::symlink(VDISK, &dropin).expect("drop-in symlink");
     let input = dir.path("in.raw");
     mixed_image(&input, MIB, 61);
     let missing = dir.path("missing.raw");
     let out = dir.path("out.raw");
-    let (ours, _) = both_fail(&["-f", "raw", s(&missing), s(&out)]);
-    stderr_has(&ours, "Could not open");
+    let ours = both_fail(&dropin, &["-f", "raw", s(&missing), s(&out)], true);
+    stderr_has(&ours, "missing.raw");
+    stderr_has(&ours, "No such file or directory");
     assert!(!out.exists(), "a target was created for a missing source");
 
     let small = dir.path("small.raw");
     File::create(&small)
         .and_then(|f| f.set_len(MIB / 2))
         .expect("create small target");
-    let (ours, _) = both_fail(&["-n", "-f", "raw", s(&input), s(&small)]);
+    let ours = both_fail(&dropin, &["-n", "-f", "raw", s(&input), s(&small)], true);
     stderr_has(&ours, "output file is smaller than input file");
 
     let no_dir = dir.path("no-such-dir").join("out.raw");
-    let (ours, _) = both_fail(&["-f", "raw", s(&input), s(&no_dir)]);
-    stderr_has(&ours, "Could not create");
+    let ours = both_fail(&dropin, &["-f", "raw", s(&input), s(&no_dir)], true);
+    stderr_has(&ours, "No such file or directory");
     // A regular file where a folder should be.
     let under_file = input.join("out.raw");
-    both_fail(&["-f", "raw", s(&input), s(&under_file)]);
+    both_fail(&dropin, &["-f", "raw", s(&input), s(&under_file)], true);
 
-    let (ours, _) = both_fail(&["--target-is-zero", s(&input), s(&out)]);
+    let ours = both_fail(&dropin, &["--target-is-zero", s(&input), s(&out)], true);
     stderr_has(&ours, "--target-is-zero requires use of -n flag");
-    let (ours, _) = both_fail(&["-S", "100", s(&input), s(&out)]);
+    let ours = both_fail(&dropin, &["-S", "100", s(&input), s(&out)], true);
     stderr_has(&ours, "Invalid buffer size for sparse output");
-    both_fail(&["-S", "32M", s(&input), s(&out)]);
-    both_fail(&["-m", "0", s(&input), s(&out)]);
-    both_fail(&["-t", "bogus", s(&input), s(&out)]);
-    both_fail(&["-O", "bogus", s(&input), s(&out)]);
-    both_fail(&[s(&input)]);
-    let (ours, _) = both_fail(&["-n", "-o", "preallocation=off", s(&input), s(&small)]);
+    both_fail(&dropin, &["-S", "32M", s(&input), s(&out)], true);
+    both_fail(&dropin, &["-S", "abc", s(&input), s(&out)], true);
+    // We accept up to 64 parallel requests where qemu-img stops at 16: same code, other words.
+    both_fail(&dropin, &["-m", "0", s(&input), s(&out)], false);
+    both_fail(&dropin, &["-t", "bogus", s(&input), s(&out)], true);
+    both_fail(&dropin, &["-O", "bogus", s(&input), s(&out)], true);
+    both_fail(&dropin, &[s(&input)], true);
+    let ours = both_fail(
+        &dropin,
+        &["-n", "-o", "preallocation=off", s(&input), s(&small)],
+        true,
+    );
     stderr_has(&ours, "-o has no effect when skipping image creation");
+    both_fail(&dropin, &["-o", "foo=bar", s(&input), s(&out)], true);
 }
 
 #[test]

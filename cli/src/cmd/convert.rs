@@ -15,6 +15,7 @@ use vdisk_block::{
 use vdisk_blockjobs::convert::{self, ConvertOptions, MAX_PARALLEL};
 use vdisk_blockjobs::{format_by_name, open_image};
 
+use crate::context::{create_failure, open_failure, Failure};
 use crate::progress::ProgressReporter;
 use crate::Ctx;
 
@@ -72,21 +73,12 @@ pub struct ConvertArgs {
     pub files: Vec<PathBuf>,
 }
 
-/// A failure already worded for the user.
-struct Failure(String);
-
-impl From<String> for Failure {
-    fn from(text: String) -> Self {
-        Failure(text)
-    }
-}
-
 /// Runs `convert`; returns the exit code (qemu-img uses 1 for every failure).
 pub fn run(ctx: &Ctx, args: ConvertArgs) -> i32 {
-    match convert_cmd(ctx, &args) {
+    match convert_cmd(&args) {
         Ok(()) => 0,
-        Err(Failure(text)) => {
-            ctx.error(text);
+        Err(failure) => {
+            ctx.fail(&failure);
             1
         }
     }
@@ -104,30 +96,33 @@ struct Settings {
 
 fn parse(args: &ConvertArgs) -> Result<Settings, Failure> {
     if args.files.len() < 2 {
-        return Err("Must specify image file name".to_string().into());
+        return Err(Failure::new(
+            "Must specify image file name",
+            "convert: name the source image(s) and then the target",
+        ));
     }
     let (target, sources) = match args.files.split_last() {
         Some((t, s)) => (t.clone(), s.to_vec()),
-        None => return Err("Must specify image file name".to_string().into()),
+        None => return Err(Failure::same("Must specify image file name")),
     };
     if args.target_is_zero && !args.no_create {
-        return Err("--target-is-zero requires use of -n flag"
-            .to_string()
-            .into());
+        return Err(Failure::same("--target-is-zero requires use of -n flag"));
     }
     let create_options = args.options.join(",");
     if args.no_create && !create_options.is_empty() {
-        return Err("-o has no effect when skipping image creation"
-            .to_string()
-            .into());
+        return Err(Failure::same(
+            "-o has no effect when skipping image creation",
+        ));
     }
     let min_sparse = match &args.sparse_size {
         None => convert::DEFAULT_MIN_SPARSE,
         Some(text) => {
             let value = vdisk_block::size::parse_size(text).map_err(|_| {
-                format!("Invalid buffer size for sparse output specified: '{text}'.")
+                Failure::same(format!(
+                    "Invalid buffer size for sparse output specified: '{text}'."
+                ))
             })?;
-            ConvertOptions::check_min_sparse(value).map_err(|e| e.message().to_string())?;
+            ConvertOptions::check_min_sparse(value).map_err(|e| Failure::same(e.message()))?;
             value
         }
     };
@@ -136,17 +131,16 @@ fn parse(args: &ConvertArgs) -> Result<Settings, Failure> {
         Some(text) => match text.parse::<usize>() {
             Ok(n) if (1..=MAX_PARALLEL).contains(&n) => n,
             _ => {
-                return Err(format!(
+                return Err(Failure::same(format!(
                     "Invalid number of coroutines specified. Must be between 1 and {MAX_PARALLEL}."
-                )
-                .into())
+                )))
             }
         },
     };
     let cache = |text: &Option<String>| -> Result<CacheMode, Failure> {
         match text {
             None => Ok(CacheMode::Writeback),
-            Some(t) => CacheMode::parse(t).map_err(|e| e.message().to_string().into()),
+            Some(t) => CacheMode::parse(t).map_err(|e| Failure::same(e.message())),
         }
     };
     Ok(Settings {
@@ -165,10 +159,10 @@ fn parse(args: &ConvertArgs) -> Result<Settings, Failure> {
     })
 }
 
-fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
+fn convert_cmd(args: &ConvertArgs) -> Result<(), Failure> {
     let mut settings = parse(args)?;
     let driver = format_by_name(&args.target_format)
-        .map_err(|_| format!("Unknown file format '{}'", args.target_format))?;
+        .map_err(|_| Failure::same(format!("Unknown file format '{}'", args.target_format)))?;
     if settings
         .create_options
         .split(',')
@@ -178,9 +172,9 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
         return Ok(());
     }
     if args.compress {
-        return Err("Compression not supported for this file format"
-            .to_string()
-            .into());
+        return Err(Failure::same(
+            "Compression not supported for this file format",
+        ));
     }
 
     let source_opts = OpenOptions {
@@ -192,34 +186,23 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     let mut sources: Vec<Arc<dyn BlockDev>> = Vec::with_capacity(settings.sources.len());
     for path in &settings.sources {
         let dev = open_image(path, args.source_format.as_deref(), &source_opts)
-            .map_err(|e| open_failure(ctx, path, &e))?;
+            .map_err(|e| open_failure(&path.to_string_lossy(), &e))?;
         sources.push(dev);
     }
-    let total = convert::total_size(&sources).map_err(|e| e.message().to_string())?;
+    let total = convert::total_size(&sources).map_err(|e| Failure::same(e.message()))?;
 
     let target_path = settings.target.clone();
     if !args.no_create {
         let mut options = CreateOptions {
             size: total,
             options: CreateOptions::parse_options(&settings.create_options)
-                .map_err(|e| e.message().to_string())?,
+                .map_err(|e| Failure::same(e.message()))?,
         };
         // qemu-img takes the size from the sources; a size in -o is not an error there.
         options.options.remove("size");
-        driver.create(&target_path, options).map_err(|e| {
-            let why = if e.kind() == ErrorKind::InvalidInput {
-                e.message().to_string()
-            } else {
-                format!(
-                    "{}: error while converting {}: Could not create '{}': {}",
-                    target_path.display(),
-                    driver.name(),
-                    target_path.display(),
-                    e.message()
-                )
-            };
-            Failure(why)
-        })?;
+        driver
+            .create(&target_path, options)
+            .map_err(|e| convert_create_failure(&target_path, driver.name(), &e))?;
     }
     let target_opts = OpenOptions {
         cache: settings.target_cache,
@@ -227,8 +210,9 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
         ..OpenOptions::read_write()
     };
     let target = open_image(&target_path, Some(driver.name()), &target_opts)
-        .map_err(|e| open_failure(ctx, &target_path, &e))?;
-    convert::check_target_size(&sources, target.as_ref()).map_err(|e| e.message().to_string())?;
+        .map_err(|e| open_failure(&target_path.to_string_lossy(), &e))?;
+    convert::check_target_size(&sources, target.as_ref())
+        .map_err(|e| Failure::same(e.message()))?;
     // A new image reads as zeroes if its format says so; with -S 0 qemu-img still writes
     // every zero range so the target ends up fully allocated, and so do we.
     if !args.no_create && settings.copy.min_sparse != 0 && target.has_zero_init() {
@@ -242,18 +226,17 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn open_failure(ctx: &Ctx, path: &Path, err: &Error) -> Failure {
-    let shown = path.display();
-    let text = if ctx.dropin && err.kind() == ErrorKind::NotFound {
-        // qemu-img names the file twice: once for the image, once for its protocol layer.
-        format!(
-            "Could not open '{shown}': Could not open '{shown}': {}",
-            err.message()
-        )
-    } else {
-        format!("Could not open '{shown}': {}", err.message())
-    };
-    Failure(text)
+/// qemu-img words a failed creation inside convert as `NAME: error while converting FMT: ...`.
+fn convert_create_failure(path: &Path, format: &str, err: &Error) -> Failure {
+    let name = path.to_string_lossy();
+    let mut failure = create_failure(&name, format, err);
+    if err.kind() == ErrorKind::InvalidInput {
+        // Bad -o options: qemu-img prints the option error alone.
+        failure.qemu = err.message().to_string();
+    } else if let Some(rest) = failure.qemu.strip_prefix(&format!("{name}: ")) {
+        failure.qemu = format!("{name}: error while converting {format}: {rest}");
+    }
+    failure
 }
 
 fn copy_failure(err: &Error) -> Failure {
@@ -266,7 +249,7 @@ fn copy_failure(err: &Error) -> Failure {
         "flush" => format!("error while flushing the target: {}", err.message()),
         _ => err.to_string(),
     };
-    Failure(text)
+    Failure::new(text, format!("convert: {err}"))
 }
 
 fn print_create_help(options: Vec<(&'static str, &'static str)>) {
