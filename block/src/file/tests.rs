@@ -467,3 +467,140 @@ fn concurrent_mixed_batches_from_many_threads() {
         }
     }
 }
+
+/// A wait that fails while requests are in flight: the call must not return before the
+/// kernel is done with every buffer, and the ring must come back clean and reusable.
+#[test]
+fn a_failed_wait_drains_every_request_before_returning() {
+    let dir = TempDir::new("drain").expect("tempdir");
+    let path = dir.join("drain");
+    let n = uring::RING_DEPTH as usize;
+    let pattern: Vec<u8> = (0..n * 4096).map(|i| (i / 4096) as u8 ^ 0x5a).collect();
+    std::fs::write(&path, &pattern).expect("create");
+    let file =
+        HostFile::open(&path, false, CacheMode::Writeback, EngineChoice::IoUring).expect("open");
+    for drain_failures in [0u32, 5] {
+        let mut sinks: Vec<Vec<u8>> = (0..n).map(|_| vec![0u8; 4096]).collect();
+        let mut ops: Vec<IoOp<'_>> = sinks
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| IoOp::Read {
+                buf: b,
+                offset: (i * 4096) as u64,
+            })
+            .collect();
+        uring::fault::FAIL_NEXT_WAIT.with(|f| f.set(true));
+        uring::fault::FAIL_DRAIN_WAITS.with(|f| f.set(drain_failures));
+        let err = file.submit(&mut ops).expect_err("the wait failed");
+        assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+        drop(ops);
+        // Every request had reached the kernel; the drain waited for all of them.
+        for (i, b) in sinks.iter().enumerate() {
+            assert!(
+                b.iter().all(|&v| v == i as u8 ^ 0x5a),
+                "request {i} unfinished"
+            );
+        }
+        let pool = file.uring.expect("io_uring engine");
+        assert!(
+            pool.all_idle_rings_empty(),
+            "a ring went back with work in it"
+        );
+        let mut again = vec![0u8; n * 4096];
+        file.read_at(&mut again, 0)
+            .expect("the ring is usable again");
+        assert!(again == pattern);
+    }
+}
+
+fn fifo(dir: &TempDir, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    path
+}
+
+/// A pipe hands a read only what has been written so far, so one request completes in many
+/// short pieces; the engine must resubmit the remainder each time and keep the order.
+#[test]
+fn short_transfers_are_resubmitted_for_the_remainder() {
+    let dir = TempDir::new("short-pipe").expect("tempdir");
+    let path = fifo(&dir, "pipe");
+    // Read-write open of a FIFO does not wait for a writer.
+    let file = HostFile::open(&path, true, CacheMode::Writeback, EngineChoice::IoUring)
+        .expect("open fifo");
+    assert_eq!(file.engine(), EngineKind::IoUring);
+    let expect: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let (path, data) = (path.clone(), expect.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut w = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("open writer");
+            for piece in data.chunks(1000) {
+                w.write_all(piece).expect("write piece");
+                w.flush().expect("flush");
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
+    };
+    let mut buf = vec![0u8; expect.len()];
+    file.read_at(&mut buf, 0)
+        .expect("one read, many short completions");
+    writer.join().expect("writer");
+    assert!(buf == expect);
+}
+
+/// Requests that are really pending in the kernel when a wait fails (reads of an empty
+/// pipe): the call must not return until they completed, which needs the writer, and the
+/// drain's own failed waits are retried, not given up on.
+#[test]
+fn a_failed_wait_does_not_return_before_pending_requests_finish() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = TempDir::new("drain-pipe").expect("tempdir");
+    let path = fifo(&dir, "pipe");
+    let file = HostFile::open(&path, true, CacheMode::Writeback, EngineChoice::IoUring)
+        .expect("open fifo");
+    let written = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (path, written) = (path.clone(), Arc::clone(&written));
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut w = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("open writer");
+            // Give the batch time to get stuck; correctness does not depend on how long.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            written.store(true, Ordering::SeqCst);
+            w.write_all(&[7u8; 4 * 4096]).expect("write");
+        })
+    };
+    let mut sinks: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; 4096]).collect();
+    let mut ops: Vec<IoOp<'_>> = sinks
+        .iter_mut()
+        .map(|b| IoOp::Read { buf: b, offset: 0 })
+        .collect();
+    uring::fault::FAIL_NEXT_WAIT.with(|f| f.set(true));
+    uring::fault::FAIL_DRAIN_WAITS.with(|f| f.set(3));
+    let err = file.submit(&mut ops).expect_err("the wait failed");
+    assert!(
+        written.load(Ordering::SeqCst),
+        "returned while reads were still pending in the kernel"
+    );
+    assert_eq!(err.kind(), ErrorKind::Io);
+    writer.join().expect("writer");
+    let pool = file.uring.expect("io_uring engine");
+    assert!(
+        pool.all_idle_rings_empty(),
+        "a ring went back with work in it"
+    );
+}

@@ -280,6 +280,12 @@ fn run_on(ring: &mut IoUring, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<
 /// `EAGAIN`/`EBUSY` (the kernel is short of resources or the completion queue is full) are
 /// retried a bounded number of times after a pause.
 fn wait_one(ring: &mut IoUring) -> io::Result<()> {
+    #[cfg(test)]
+    if fault::FAIL_NEXT_WAIT.with(|f| f.replace(false)) {
+        // As after a real failure mid-flight: the entries reach the kernel, the wait fails.
+        ring.submit()?;
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
     let mut busy = 0u32;
     loop {
         match ring.submit_and_wait(1) {
@@ -324,7 +330,19 @@ fn drain(ring: &mut IoUring, mut in_flight: u32) {
         if reaped > 0 {
             failures = 0;
         }
-        match ring.submit_and_wait(1) {
+        #[cfg(test)]
+        let injected = fault::FAIL_DRAIN_WAITS.with(|n| {
+            let left = n.get();
+            n.set(left.saturating_sub(1));
+            (left > 0).then(|| io::Error::from_raw_os_error(libc::EIO))
+        });
+        #[cfg(not(test))]
+        let injected: Option<io::Error> = None;
+        let waited = match injected {
+            Some(e) => Err(e),
+            None => ring.submit_and_wait(1),
+        };
+        match waited {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -339,5 +357,29 @@ fn drain(ring: &mut IoUring, mut in_flight: u32) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+    }
+}
+
+#[cfg(test)]
+impl RingPool {
+    /// True when every idle ring has nothing queued and nothing waiting to be reaped.
+    pub(super) fn all_idle_rings_empty(&self) -> bool {
+        self.idle
+            .lock()
+            .iter_mut()
+            .all(|ring| ring.submission().is_empty() && ring.completion().is_empty())
+    }
+}
+
+/// Failure injection for the tests of the error paths, per thread.
+#[cfg(test)]
+pub(super) mod fault {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Make the next wait of a batch fail after submitting, as a dying ring would.
+        pub static FAIL_NEXT_WAIT: Cell<bool> = const { Cell::new(false) };
+        /// Make this many waits of the drain fail.
+        pub static FAIL_DRAIN_WAITS: Cell<u32> = const { Cell::new(0) };
     }
 }
