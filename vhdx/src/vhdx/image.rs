@@ -8,10 +8,12 @@
 //! - FULLY_PRESENT: the block's bytes are in this file;
 //! - PARTIALLY_PRESENT (differencing only): the sector bitmap says, per logical sector,
 //!   whether the bytes are here or in the parent;
-//! - ZERO: reads as zeroes, and hides the parent;
-//! - NOT_PRESENT and UNDEFINED: a hole; a differencing image reads the parent there;
-//! - UNMAPPED: a hole that reads as zeroes (it hides the parent of a differencing image,
-//!   since the guest discarded the range).
+//! - ZERO and UNMAPPED: read as zeroes; in a differencing image they hide the parent (the
+//!   guest zeroed or discarded the range), elsewhere they are holes;
+//! - NOT_PRESENT and UNDEFINED: holes; a differencing image reads the parent there.
+//!
+//! Block status reports every hole as unallocated (qemu reports all of a VHDX as data), so
+//! `map` and sparse copies see them.
 //!
 //! Writing is not implemented yet: a writable open is refused.
 
@@ -187,8 +189,7 @@ impl VhdxImage {
             PayloadState::FullyPresent => Source::Data(bat::file_offset(entry) + in_block),
             PayloadState::NotPresent | PayloadState::Undefined if diff => Source::Parent,
             PayloadState::NotPresent | PayloadState::Undefined => Source::Zero { allocated: false },
-            PayloadState::Zero => Source::Zero { allocated: true },
-            PayloadState::Unmapped => Source::Zero { allocated: diff },
+            PayloadState::Zero | PayloadState::Unmapped => Source::Zero { allocated: diff },
             PayloadState::PartiallyPresent if !diff => {
                 return Err(self.io_error(
                     offset,
