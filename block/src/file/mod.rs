@@ -380,12 +380,18 @@ impl HostFile {
             .map_err(|e| Error::io("flush", e).with_path(&self.path))
     }
 
-    /// Current length of the file.
+    /// Current length of the file; for a block device, its size (which `stat` reports as 0).
     pub fn len(&self) -> Result<u64> {
-        self.file
+        use std::os::unix::fs::FileTypeExt;
+        let meta = self
+            .file
             .metadata()
-            .map(|m| m.len())
-            .map_err(|e| Error::io("stat", e).with_path(&self.path))
+            .map_err(|e| Error::io("stat", e).with_path(&self.path))?;
+        if meta.file_type().is_block_device() {
+            return sys::device_size(&self.file)
+                .map_err(|e| Error::io("stat", e).with_path(&self.path));
+        }
+        Ok(meta.len())
     }
 
     /// True when the file is empty.

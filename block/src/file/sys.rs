@@ -85,3 +85,9 @@ pub(super) fn direct_io_alignment(file: &File) -> Option<usize> {
     let align = st.stx_dio_mem_align.max(st.stx_dio_offset_align) as usize;
     (align.is_power_of_two() && align > 1).then_some(align)
 }
+
+/// The size of a block device: where its end is (`lseek(SEEK_END)`). The file position it
+/// moves is never used: all data I/O is positional.
+pub(super) fn device_size(file: &File) -> io::Result<u64> {
+    retry(|| rustix::fs::seek(file, SeekFrom::End(0)))
+}
