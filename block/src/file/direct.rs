@@ -87,6 +87,10 @@ pub(super) fn write(
     buf: &[u8],
     offset: u64,
 ) -> io::Result<()> {
+    if buf.is_empty() {
+        // Nothing to write, and the length fix-up below must not grow the file for it.
+        return Ok(());
+    }
     let a = align as u64;
     let end = end_of(offset, buf.len())?;
     let env_start = round_down(offset, a);

@@ -301,8 +301,10 @@ impl HostFile {
             let mut all: Vec<&mut IoOp<'_>> = ops.iter_mut().collect();
             return self.run_engine(&mut all);
         }
-        let (mut direct, bounced): (Vec<_>, Vec<_>) =
-            ops.iter_mut().partition(|op| self.aligned(op));
+        let (mut direct, bounced): (Vec<_>, Vec<_>) = ops
+            .iter_mut()
+            .filter(|op| op.shape().1 > 0)
+            .partition(|op| self.aligned(op));
         for op in bounced {
             self.run_bounced(op)?;
         }

@@ -196,6 +196,19 @@ fn direct_writes_at_an_unaligned_end_of_file_keep_its_length() {
         let mut past = [0u8; 20];
         let err = file.read_at(&mut past, 990).expect_err("read past EOF");
         assert_eq!(err.offset(), Some(990));
+        // Empty requests past the end change nothing, in a batch or alone.
+        let mut empty_ops = [
+            IoOp::Write {
+                buf: &[],
+                offset: 5000,
+            },
+            IoOp::Read {
+                buf: &mut [],
+                offset: 7000,
+            },
+        ];
+        file.submit(&mut empty_ops).expect("empty batch");
+        assert_eq!(file.len().expect("len"), 1000);
         // Growing the file with an unaligned write sets exactly the length written.
         file.write_at(&[7u8; 100], 1000).expect("append");
         expect.extend_from_slice(&[7u8; 100]);
