@@ -23,8 +23,8 @@ pub enum ExtentData {
     },
     /// Reads as zeroes, stores nothing.
     Zero,
-    /// A hosted sparse extent.
-    Sparse(SparseExtent),
+    /// A sparse extent (boxed: it is much larger than the other variants).
+    Sparse(Box<SparseExtent>),
     /// A NOACCESS extent: it occupies guest space but must not be read.
     NoAccess,
 }

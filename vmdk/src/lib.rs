@@ -2,8 +2,9 @@
 //!
 //! Reads VMware disks: the text descriptor ([`descriptor`]), hosted sparse extents with their
 //! grain directory and tables, zeroed and compressed grains, the streamOptimized layout with
-//! markers and a footer ([`sparse`]), FLAT/VMFS and ZERO extents ([`extent`]), and delta
-//! disks on a parent opened through the caller's [`vdisk_block::format::ImageOpener`].
+//! markers and a footer ([`sparse`]), ESXi vmfsSparse (COWD) and seSparse deltas ([`esx`]),
+//! FLAT/VMFS and ZERO extents ([`extent`]), and delta disks on a parent opened through the
+//! caller's [`vdisk_block::format::ImageOpener`].
 //!
 //! Lifecycle of an open ([`open`]): classify the named file (sparse header or text
 //! descriptor) → parse the descriptor → open each extent, following file names only as
@@ -11,10 +12,11 @@
 //! [`VmdkImage`] that serves reads from many threads (grain tables cached behind a lock,
 //! data read without one).
 //!
-//! Not yet here (issue 5): writing and creating, vmfsSparse (COWD) and seSparse extents.
+//! Not yet here (issue 5): writing and creating, `check`, OVA/OVF input.
 #![forbid(unsafe_code)]
 
 pub mod descriptor;
+pub mod esx;
 pub mod extent;
 pub mod format;
 pub mod header;

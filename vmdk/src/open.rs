@@ -13,6 +13,7 @@ use vdisk_block::{Error, ErrorKind, HostFile, OpenOptions, Result};
 use crate::descriptor::{
     printable, Access, Descriptor, ExtentLine, ExtentType, MAX_DESCRIPTOR_BYTES,
 };
+use crate::esx;
 use crate::extent::{Extent, ExtentData};
 use crate::header::{SparseHeader, SECTOR};
 use crate::image::VmdkImage;
@@ -48,6 +49,10 @@ const DEVICE_TYPES: &[&str] = &[
 /// What the first bytes of a file say it is.
 enum Kind {
     Sparse(SparseHeader),
+    /// vmfsSparse, with the file's first bytes.
+    Cowd(Vec<u8>),
+    /// seSparse, with the file's first bytes.
+    SeSparse(Vec<u8>),
     Text,
 }
 
@@ -68,11 +73,11 @@ fn classify(file: &HostFile) -> Result<Kind> {
         let header = SparseHeader::decode(&first).map_err(|e| e.with_path(file.path()))?;
         return Ok(Kind::Sparse(header));
     }
-    if first.starts_with(b"COWD") {
-        return Err(
-            Error::unsupported(OP, "vmfsSparse (COWD) extents are not supported yet")
-                .with_path(file.path()),
-        );
+    if esx::is_cowd(&first) {
+        return Ok(Kind::Cowd(first));
+    }
+    if esx::is_sesparse(&first) {
+        return Ok(Kind::SeSparse(first));
     }
     Ok(Kind::Text)
 }
@@ -134,6 +139,7 @@ pub fn read_descriptor(path: &Path, options: &OpenOptions) -> Result<Descriptor>
         Kind::Sparse(header) => Ok(embedded_descriptor(&file, &header)?
             .unwrap_or_else(|| Descriptor::new("monolithicSparse", 0))),
         Kind::Text => text_descriptor(&file),
+        Kind::Cowd(_) | Kind::SeSparse(_) => Ok(Descriptor::new("vmfsSparse", 0)),
     }
 }
 
@@ -173,13 +179,26 @@ fn follow(image: &Path, name: &str, what: &str, options: &OpenOptions) -> Result
     Ok(target)
 }
 
-fn open_sparse(file: Arc<HostFile>) -> Result<SparseExtent> {
-    match classify(&file)? {
-        Kind::Sparse(header) => SparseExtent::open(file, header),
-        Kind::Text => Err(
-            Error::corrupt(OP, "a SPARSE extent has no sparse header ('KDMV')")
-                .with_path(file.path()),
-        ),
+/// Opens `file` as the sparse extent of kind `kind` a descriptor line names.
+fn open_sparse(file: Arc<HostFile>, kind: ExtentType) -> Result<SparseExtent> {
+    match (kind, classify(&file)?) {
+        (ExtentType::Sparse, Kind::Sparse(header)) => SparseExtent::open(file, header),
+        (ExtentType::VmfsSparse, Kind::Cowd(first)) => {
+            let geometry = esx::cowd_geometry(&file, &first)?;
+            SparseExtent::with_geometry(file, geometry)
+        }
+        (ExtentType::SeSparse, Kind::SeSparse(first)) => {
+            let geometry = esx::sesparse_geometry(&file, &first)?;
+            SparseExtent::with_geometry(file, geometry)
+        }
+        (kind, _) => Err(Error::corrupt(
+            OP,
+            format!(
+                "the file of a {} extent does not start with that kind's header",
+                kind.as_str()
+            ),
+        )
+        .with_path(file.path())),
     }
 }
 
@@ -211,15 +230,20 @@ fn open_extent(
     match line.kind {
         ExtentType::Zero => return Ok(extent),
         ExtentType::VmfsRdm | ExtentType::VmfsRaw => return unsupported(" (raw device mapping)"),
-        ExtentType::VmfsSparse | ExtentType::SeSparse => return unsupported(" yet"),
-        ExtentType::Flat | ExtentType::Vmfs | ExtentType::Sparse => {}
+        ExtentType::Flat
+        | ExtentType::Vmfs
+        | ExtentType::Sparse
+        | ExtentType::VmfsSparse
+        | ExtentType::SeSparse => {}
     }
     // The parser guarantees these kinds name a file.
     let name = line.file.as_deref().unwrap_or_default();
     let path = follow(image, name, "extent", options)?;
     let file = open_file(&path, options)?;
     extent.data = match line.kind {
-        ExtentType::Sparse => ExtentData::Sparse(open_sparse(file)?),
+        ExtentType::Sparse | ExtentType::VmfsSparse | ExtentType::SeSparse => {
+            ExtentData::Sparse(Box::new(open_sparse(file, line.kind)?))
+        }
         _ => {
             let offset = line
                 .offset
@@ -265,9 +289,29 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<VmdkImage> {
                 len,
                 kind: ExtentType::Sparse,
                 path: Some(path.to_path_buf()),
-                data: ExtentData::Sparse(sparse),
+                data: ExtentData::Sparse(Box::new(sparse)),
             };
             (descriptor, vec![extent])
+        }
+        Kind::Cowd(first) => {
+            // A vmfsSparse file opened directly is its own single extent, as in qemu.
+            let geometry = esx::cowd_geometry(&file, &first)?;
+            let sparse = SparseExtent::with_geometry(Arc::clone(&file), geometry)?;
+            let extent = Extent {
+                start: 0,
+                len: sparse.capacity_bytes(),
+                kind: ExtentType::VmfsSparse,
+                path: Some(path.to_path_buf()),
+                data: ExtentData::Sparse(Box::new(sparse)),
+            };
+            (Descriptor::new("vmfsSparse", 0), vec![extent])
+        }
+        Kind::SeSparse(_) => {
+            return Err(Error::invalid(
+                OP,
+                "a bare seSparse extent: open the descriptor that names it",
+            )
+            .with_path(path))
         }
         kind => {
             // A text descriptor, or a sparse file of capacity 0 whose embedded descriptor
@@ -275,7 +319,7 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<VmdkImage> {
             let descriptor = match kind {
                 Kind::Sparse(header) => embedded_descriptor(&file, &header)?
                     .ok_or_else(|| Error::corrupt(OP, "no descriptor").with_path(path))?,
-                Kind::Text => text_descriptor(&file)?,
+                _ => text_descriptor(&file)?,
             };
             check_create_type(&descriptor, path)?;
             if descriptor.extents.is_empty() {

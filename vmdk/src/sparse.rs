@@ -1,6 +1,7 @@
-//! Reading a hosted sparse extent (VMDK4): monolithicSparse, the `-sNNN` pieces of a split
-//! disk, and streamOptimized files (compressed grains behind markers, the grain directory
-//! possibly at the end behind a footer).
+//! Reading a sparse extent: hosted VMDK4 (monolithicSparse, the `-sNNN` pieces of a split
+//! disk, streamOptimized files with compressed grains behind markers and the grain directory
+//! possibly at the end behind a footer) and the ESXi deltas, whose tables differ only in
+//! how entries are encoded ([`Layout`]).
 //!
 //! Lookup is two levels: the grain directory (loaded whole at open, bounded by the file's
 //! length) points to grain tables (read on demand and cached), whose entries give the sector
@@ -35,15 +36,61 @@ pub enum Grain {
     Compressed(u64),
 }
 
-/// An opened hosted sparse extent.
+/// How the two table levels of a sparse extent are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Hosted VMDK4: u32 sector offsets at both levels.
+    Hosted,
+    /// ESXi vmfsSparse (VMDK3 `COWD`): u32 sector offsets, no zero or compressed grains.
+    Cowd,
+    /// ESXi seSparse: u64 entries; the directory holds grain table numbers, the tables
+    /// hold typed grain numbers.
+    SeSparse {
+        /// Byte offset of grain table number 0.
+        tables: u64,
+        /// Bytes of the grain table region.
+        tables_len: u64,
+        /// Byte offset of grain number 0.
+        grains: u64,
+        /// Bytes of the grain region.
+        grains_len: u64,
+    },
+}
+
+impl Layout {
+    fn entry_bytes(self) -> u64 {
+        match self {
+            Layout::Hosted | Layout::Cowd => 4,
+            Layout::SeSparse { .. } => 8,
+        }
+    }
+}
+
+/// Where the grain directory of an extent is and how the extent is laid out; what the
+/// header parsers of each flavour produce.
+#[derive(Debug, Clone)]
+pub struct Geometry {
+    /// The header in force (synthesised for ESXi flavours: capacity, grain size, entries per
+    /// table, overhead and flags are what the reader uses).
+    pub header: SparseHeader,
+    /// How entries are encoded.
+    pub layout: Layout,
+    /// Byte offset of the grain directory.
+    pub gd_offset: u64,
+    /// Grain directory entries the file holds.
+    pub gd_entries: u64,
+}
+
+/// An opened sparse extent: hosted, streamOptimized, vmfsSparse or seSparse.
 #[derive(Debug)]
 pub struct SparseExtent {
     file: Arc<HostFile>,
     /// The header in force: the footer's copy when the first header defers to it.
     header: SparseHeader,
+    layout: Layout,
     file_len: u64,
-    gd: Vec<u32>,
-    gt_cache: Mutex<HashMap<u32, Arc<Vec<u32>>>>,
+    gd: Vec<u64>,
+    gt_cache: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
     /// The most recently inflated grain, by file offset: readers that ask for less than a
     /// grain at a time would otherwise inflate the same grain again and again.
     last_grain: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
@@ -53,8 +100,20 @@ fn corrupt(file: &HostFile, message: impl Into<String>) -> Error {
     Error::corrupt("read vmdk sparse extent", message).with_path(file.path())
 }
 
+fn decode_entries(raw: &[u8], width: u64) -> Vec<u64> {
+    if width == 8 {
+        raw.chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect()
+    } else {
+        raw.chunks_exact(4)
+            .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect()
+    }
+}
+
 impl SparseExtent {
-    /// Opens the sparse extent in `file`, whose first 512 bytes are `first_header`.
+    /// Opens the hosted sparse extent in `file`, whose first 512 bytes are `first_header`.
     pub fn open(file: Arc<HostFile>, first_header: SparseHeader) -> Result<Self> {
         let file_len = file.len()?;
         let header = if first_header.gd_offset == GD_AT_END {
@@ -65,32 +124,59 @@ impl SparseExtent {
         header
             .validate(file_len)
             .map_err(|e| e.with_path(file.path()))?;
-        let entries = header.gd_entries();
-        let gd_bytes = entries * 4;
-        let gd_start = header.gd_offset.checked_mul(SECTOR);
-        match gd_start.and_then(|s| s.checked_add(gd_bytes)) {
+        let gd_offset = header
+            .gd_offset
+            .checked_mul(SECTOR)
+            .ok_or_else(|| corrupt(&file, "the grain directory offset overflows"))?;
+        let geometry = Geometry {
+            gd_entries: header.gd_entries(),
+            header,
+            layout: Layout::Hosted,
+            gd_offset,
+        };
+        Self::with_geometry(file, geometry)
+    }
+
+    /// Opens an extent whose header a flavour's parser has already checked: the grain
+    /// directory must lie inside the file and hold an entry for every grain table the
+    /// capacity needs.
+    pub fn with_geometry(file: Arc<HostFile>, geometry: Geometry) -> Result<Self> {
+        let file_len = file.len()?;
+        let Geometry {
+            header,
+            layout,
+            gd_offset,
+            gd_entries,
+        } = geometry;
+        let needed = header.gd_entries();
+        if needed > gd_entries {
+            return Err(corrupt(
+                &file,
+                format!(
+                    "the grain directory has {gd_entries} entries, fewer than the {needed} the capacity needs"
+                ),
+            ));
+        }
+        let gd_bytes = needed * layout.entry_bytes();
+        match gd_offset.checked_add(gd_bytes) {
             Some(end) if end <= file_len => {}
             _ => {
                 return Err(corrupt(
                     &file,
                     format!(
-                        "the grain directory ({entries} entries at sector {}) lies past the end of the file ({file_len} bytes)",
-                        header.gd_offset
+                        "the grain directory ({needed} entries at byte {gd_offset}) lies past the end of the file ({file_len} bytes)"
                     ),
                 ))
             }
         }
         let mut raw = vec![0u8; gd_bytes as usize];
-        file.read_at(&mut raw, header.gd_offset * SECTOR)?;
-        let gd = raw
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        file.read_at(&mut raw, gd_offset)?;
         Ok(SparseExtent {
+            gd: decode_entries(&raw, layout.entry_bytes()),
             file,
             header,
+            layout,
             file_len,
-            gd,
             gt_cache: Mutex::new(HashMap::new()),
             last_grain: Mutex::new(None),
         })
@@ -99,6 +185,11 @@ impl SparseExtent {
     /// The header in force.
     pub fn header(&self) -> &SparseHeader {
         &self.header
+    }
+
+    /// How the extent's tables are encoded.
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     /// The file holding the extent.
@@ -116,38 +207,66 @@ impl SparseExtent {
         self.header.capacity * SECTOR
     }
 
-    fn grain_table(&self, gd_index: usize) -> Result<Option<Arc<Vec<u32>>>> {
-        let Some(&gt_sector) = self.gd.get(gd_index) else {
-            return Ok(None);
+    /// The byte offset of the grain table a directory entry names, `None` if unallocated.
+    fn table_offset(&self, gd_index: usize, entry: u64) -> Result<Option<u64>> {
+        let table_bytes = u64::from(self.header.gtes_per_gt) * self.layout.entry_bytes();
+        let at = match self.layout {
+            _ if entry == 0 => return Ok(None),
+            Layout::Hosted | Layout::Cowd => entry * SECTOR,
+            Layout::SeSparse {
+                tables, tables_len, ..
+            } => {
+                if entry >> 32 != 0x1000_0000 {
+                    return Err(corrupt(
+                        &self.file,
+                        format!(
+                            "grain directory entry {gd_index} has an unknown type ({entry:#x})"
+                        ),
+                    ));
+                }
+                let number = entry & 0xffff_ffff;
+                let rel = number * table_bytes;
+                if rel + table_bytes > tables_len {
+                    return Err(corrupt(
+                        &self.file,
+                        format!(
+                            "grain directory entry {gd_index} names grain table {number}, outside the table region"
+                        ),
+                    ));
+                }
+                tables + rel
+            }
         };
-        if gt_sector == 0 {
-            return Ok(None);
-        }
-        if let Some(gt) = self.gt_cache.lock().get(&gt_sector) {
-            return Ok(Some(Arc::clone(gt)));
-        }
-        let len = u64::from(self.header.gtes_per_gt) * 4;
-        let start = u64::from(gt_sector) * SECTOR;
-        if start + len > self.file_len {
+        if at + table_bytes > self.file_len {
             return Err(corrupt(
                 &self.file,
                 format!(
-                    "grain directory entry {gd_index} points at sector {gt_sector}, past the end of the file"
+                    "grain directory entry {gd_index} points at byte {at}, past the end of the file"
                 ),
             ));
         }
-        let mut raw = vec![0u8; len as usize];
-        self.file.read_at(&mut raw, start)?;
-        let gt: Arc<Vec<u32>> = Arc::new(
-            raw.chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        );
+        Ok(Some(at))
+    }
+
+    fn grain_table(&self, gd_index: usize) -> Result<Option<Arc<Vec<u64>>>> {
+        let Some(&entry) = self.gd.get(gd_index) else {
+            return Ok(None);
+        };
+        let Some(at) = self.table_offset(gd_index, entry)? else {
+            return Ok(None);
+        };
+        if let Some(gt) = self.gt_cache.lock().get(&at) {
+            return Ok(Some(Arc::clone(gt)));
+        }
+        let width = self.layout.entry_bytes();
+        let mut raw = vec![0u8; (u64::from(self.header.gtes_per_gt) * width) as usize];
+        self.file.read_at(&mut raw, at)?;
+        let gt = Arc::new(decode_entries(&raw, width));
         let mut cache = self.gt_cache.lock();
         if cache.len() >= GT_CACHE_ENTRIES {
             cache.clear();
         }
-        cache.insert(gt_sector, Arc::clone(&gt));
+        cache.insert(at, Arc::clone(&gt));
         Ok(Some(gt))
     }
 
@@ -161,11 +280,56 @@ impl SparseExtent {
             return Ok(Grain::Unallocated);
         };
         let entry = gt[(grain % per_gt) as usize];
+        match self.layout {
+            Layout::Hosted => self.hosted_grain(grain, entry),
+            Layout::Cowd => match entry {
+                0 => Ok(Grain::Unallocated),
+                sector => self.data_grain(grain, sector * SECTOR),
+            },
+            Layout::SeSparse {
+                grains, grains_len, ..
+            } => match entry >> 60 {
+                0 => Ok(Grain::Unallocated),
+                // Unmapped (SCSI UNMAP) and explicitly zeroed grains both read as zeroes.
+                1 | 2 => Ok(Grain::Zero),
+                3 => {
+                    let number = ((entry & 0x0fff_0000_0000_0000) >> 48)
+                        | ((entry & 0x0000_ffff_ffff_ffff) << 12);
+                    let rel = number.checked_mul(self.grain_bytes());
+                    match rel {
+                        Some(rel) if rel + self.grain_bytes() <= grains_len => {
+                            self.data_grain(grain, grains + rel)
+                        }
+                        _ => Err(corrupt(
+                            &self.file,
+                            format!("grain {grain} names grain number {number}, outside the grain region"),
+                        )),
+                    }
+                }
+                kind => Err(corrupt(
+                    &self.file,
+                    format!("grain table entry of grain {grain} has an unknown type {kind}"),
+                )),
+            },
+        }
+    }
+
+    fn data_grain(&self, grain: u64, at: u64) -> Result<Grain> {
+        if at >= self.file_len {
+            return Err(corrupt(
+                &self.file,
+                format!("grain {grain} points at byte {at}, past the end of the file"),
+            ));
+        }
+        Ok(Grain::Data(at))
+    }
+
+    fn hosted_grain(&self, grain: u64, entry: u64) -> Result<Grain> {
         match entry {
             0 => Ok(Grain::Unallocated),
             1 if self.header.zeroed_grain() => Ok(Grain::Zero),
             sector => {
-                let at = u64::from(sector) * SECTOR;
+                let at = sector * SECTOR;
                 if self.header.compressed() {
                     if at >= self.file_len {
                         return Err(corrupt(
@@ -176,17 +340,16 @@ impl SparseExtent {
                         ));
                     }
                     Ok(Grain::Compressed(at))
+                } else if sector < self.header.overhead {
+                    Err(corrupt(
+                        &self.file,
+                        format!(
+                            "grain {grain} points at sector {sector}, inside the metadata (the first {} sectors)",
+                            self.header.overhead
+                        ),
+                    ))
                 } else {
-                    if u64::from(sector) < self.header.overhead {
-                        return Err(corrupt(
-                            &self.file,
-                            format!(
-                                "grain {grain} points at sector {sector}, inside the metadata (the first {} sectors)",
-                                self.header.overhead
-                            ),
-                        ));
-                    }
-                    Ok(Grain::Data(at))
+                    self.data_grain(grain, at)
                 }
             }
         }

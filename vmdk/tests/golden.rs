@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{fixtures_dir, lay_out, read_all, sha256_hex, Scratch};
+use common::{fixtures_dir, lay_out, read_all, sha256_hex, sha256_of, Scratch};
 use vdisk_block::{Format, OpenOptions};
 use vdisk_vmdk::VmdkFormat;
 
@@ -74,4 +74,51 @@ fn malformed_vmdk_fixtures_are_refused_clearly() {
         checked += 1;
     }
     assert_eq!(checked, 2, "expected the govmdk and govmomi fixtures");
+}
+
+/// The manifest's seSparse extent is bare (qemu-img would probe it as raw); behind a
+/// descriptor of createType seSparse, qemu-img reads it, so qemu-img is the oracle here.
+#[test]
+fn esxi_sesparse_extent_reads_as_qemu_reads_it() {
+    let Some(dir) = fixtures_dir() else { return };
+    let manifest = manifest(&dir);
+    let entry = &manifest["vmdk/esxi-sesparse-extent"];
+    let scratch = Scratch::new("sesparse");
+    let extent = lay_out(&dir, entry, &scratch.0);
+    let image = scratch.path("sesparse-disk.vmdk");
+    std::fs::write(
+        &image,
+        // The "# Extent description" comment matters to qemu 10.0.2: without it (the extent
+        // line right after the blank line) qemu-img counts the extent twice and reads 1 GiB.
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"seSparse\"\n\n\
+# Extent description\nRW 1048576 SESPARSE \"sesparse.vmdk\"\n\n#DDB\n",
+    )
+    .expect("descriptor");
+    let dev = VmdkFormat
+        .open(&image, &OpenOptions::read_only())
+        .expect("open seSparse");
+    assert_eq!(dev.size(), 512 << 20);
+    // What the image's origin asserts: the first 16 MiB read as 'a'.
+    let mut head = vec![0u8; 16 << 20];
+    dev.read_at(&mut head, 0).expect("read");
+    assert!(head.iter().all(|&b| b == b'a'));
+    let st = dev.block_status(0, 32 << 20).expect("status");
+    assert!(st.data && st.allocated && st.len == 16 << 20, "{st:?}");
+    let st = dev.block_status(16 << 20, 32 << 20).expect("status");
+    assert!(!st.allocated && !st.data, "{st:?}");
+
+    let raw = scratch.path("oracle.raw");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "vmdk", "-O", "raw"])
+        .arg(&image)
+        .arg(&raw)
+        .output()
+        .expect("qemu-img is required");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sha256_of(dev.as_ref()), common::sha256_file(&raw));
+    drop(extent);
 }

@@ -91,3 +91,41 @@ pub fn lay_out(fixtures: &Path, entry: &serde_json::Value, dest: &Path) -> PathB
     }
     dest.join(entry["main"].as_str().expect("main"))
 }
+
+/// The sha256 of every guest byte of `dev`, read in 1 MiB pieces without holding them all.
+pub fn sha256_of(dev: &dyn BlockDev) -> String {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < dev.size() {
+        let n = (dev.size() - at).min(buf.len() as u64) as usize;
+        dev.read_at(&mut buf[..n], at).expect("read");
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The sha256 of a file, read in 1 MiB pieces.
+pub fn sha256_file(path: &Path) -> String {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).expect("open");
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
