@@ -30,7 +30,11 @@ pub enum FollowPolicy {
 impl FollowPolicy {
     /// Decides whether `target`, named by the image at `image`, may be opened.
     pub fn allows(&self, image: &Path, target: &Path) -> Result<()> {
-        let base = image.parent().unwrap_or_else(|| Path::new("."));
+        // A bare file name has an empty parent, which would canonicalize to nothing.
+        let base = image
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new("."));
         let inside = |folder: &Path| -> bool {
             let (Ok(folder), Ok(target)) = (folder.canonicalize(), target.canonicalize()) else {
                 return false;

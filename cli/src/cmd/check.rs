@@ -201,19 +201,20 @@ fn report_json(name: &str, format: &str, r: &CheckReport) -> Value {
             m.insert(key.into(), json!(v));
         }
     };
-    let nonzero = |v: u64| (v > 0).then_some(v);
-    put("image-end-offset", r.image_end_offset.filter(|&v| v > 0));
-    put("compressed-clusters", r.compressed_clusters);
-    put("total-clusters", r.total_clusters);
-    put("corruptions", nonzero(r.corruptions));
-    put("corruptions-fixed", nonzero(r.corruptions_fixed));
+    // qemu leaves out every count that is zero (it sets `has_x = x != 0`).
+    let nonzero = |v: Option<u64>| v.filter(|&v| v > 0);
+    put("image-end-offset", nonzero(r.image_end_offset));
+    put("compressed-clusters", nonzero(r.compressed_clusters));
+    put("total-clusters", nonzero(r.total_clusters));
+    put("corruptions", nonzero(Some(r.corruptions)));
+    put("corruptions-fixed", nonzero(Some(r.corruptions_fixed)));
     put("check-errors", Some(r.check_errors));
-    put("leaks", nonzero(r.leaks));
-    put("leaks-fixed", nonzero(r.leaks_fixed));
-    put("allocated-clusters", r.allocated_clusters);
+    put("leaks", nonzero(Some(r.leaks)));
+    put("leaks-fixed", nonzero(Some(r.leaks_fixed)));
+    put("allocated-clusters", nonzero(r.allocated_clusters));
     m.insert("filename".into(), json!(name));
     m.insert("format".into(), json!(format));
-    if let Some(v) = r.fragmented_clusters {
+    if let Some(v) = nonzero(r.fragmented_clusters) {
         m.insert("fragmented-clusters".into(), json!(v));
     }
     Value::Object(m)
