@@ -12,9 +12,10 @@
 //!    format bugs under concurrency live.
 //! 2. **Shared reads.** Once every thread is done changing, all threads read the whole disk
 //!    at once, in differently sized pieces, and compare it with the model.
-//! 3. **Final checks.** A full comparison, block-status invariants over the whole disk, then
-//!    (optionally) the device is dropped, opened again through the factory, and compared
-//!    again.
+//! 3. **Final checks.** A full comparison and block-status invariants over the whole disk.
+//!    With [`ModelTest::resize_steps`] the device is then resized and steps 1-3 run again at
+//!    each new size. Last, optionally, the device is dropped, opened again through the
+//!    factory, and compared again.
 //!
 //! Discard is advisory for most formats, so after a discard the thread reads the range back,
 //! requires every byte to be either what it was or zero, and takes what it read into the
@@ -40,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::dev::{BlockDev, ZeroMode};
+use crate::dev::{BlockDev, Preallocation, ZeroMode};
 use crate::mem::MemImage;
 
 /// A small, fast, seeded PRNG (SplitMix64): the same seed gives the same run everywhere.
@@ -215,6 +216,7 @@ pub struct ModelTest {
     discard_zeroes: bool,
     initial_zero: bool,
     shared_read_limit: u64,
+    resizes: Vec<u64>,
 }
 
 /// One random operation.
@@ -250,6 +252,7 @@ impl ModelTest {
             discard_zeroes: false,
             initial_zero: true,
             shared_read_limit: u64::MAX,
+            resizes: Vec::new(),
         }
     }
 
@@ -319,6 +322,15 @@ impl ModelTest {
         self
     }
 
+    /// After the first round, resize the device to each of `sizes` in turn (growing or
+    /// shrinking, preallocation off) and run another round of operations and checks at each
+    /// size: what was inside the new size must survive, and grown space must read as zeroes.
+    #[must_use]
+    pub fn resize_steps(mut self, sizes: &[u64]) -> Self {
+        self.resizes = sizes.to_vec();
+        self
+    }
+
     /// Runs the test on the device `open` returns (called once, and again for the reopen).
     pub fn run<F>(&self, mut open: F) -> Result<ModelReport, ModelFailure>
     where
@@ -331,24 +343,30 @@ impl ModelTest {
             op_index: None,
             message,
         };
-        if self.size < self.threads as u64 {
+        let threads = self.threads as u64;
+        if let Some(&bad) = std::iter::once(&self.size)
+            .chain(&self.resizes)
+            .find(|&&size| size < threads)
+        {
             return Err(fail(
                 "setup",
-                format!(
-                    "{} bytes cannot be cut into {} regions",
-                    self.size, self.threads
-                ),
+                format!("{bad} bytes cannot be cut into {threads} regions"),
             ));
         }
+        let check_size = |dev: &dyn BlockDev, phase, want: u64| {
+            if dev.size() == want {
+                Ok(())
+            } else {
+                Err(fail(
+                    phase,
+                    format!("device is {} bytes, expected {want}", dev.size()),
+                ))
+            }
+        };
         let mut report = ModelReport::default();
         let dev = open().map_err(|e| fail("open", e.to_string()))?;
         report.opens += 1;
-        if dev.size() != self.size {
-            return Err(fail(
-                "open",
-                format!("device is {} bytes, expected {}", dev.size(), self.size),
-            ));
-        }
+        check_size(&*dev, "open", self.size)?;
         let model = Arc::new(MemImage::new(self.size));
         if self.initial_zero {
             compare_all(&*dev, &model, &mut report).map_err(|m| fail("initial contents", m))?;
@@ -356,11 +374,25 @@ impl ModelTest {
             adopt_all(&*dev, &model).map_err(|m| fail("initial contents", m))?;
         }
 
-        self.op_phase(&dev, &model, &mut report)?;
-        self.shared_read_phase(&dev, &model, &mut report)?;
-        compare_all(&*dev, &model, &mut report).map_err(|m| fail("final comparison", m))?;
-        check_status(&*dev, &model, 0, self.size, &mut report)
-            .map_err(|m| fail("final block status", m))?;
+        let mut size = self.size;
+        for round in 0..=self.resizes.len() {
+            if round > 0 {
+                size = self.resizes[round - 1];
+                dev.resize(size, Preallocation::Off)
+                    .map_err(|e| fail("resize", format!("to {size}: {e}")))?;
+                model
+                    .resize(size, Preallocation::Off)
+                    .map_err(|e| fail("resize", format!("model to {size}: {e}")))?;
+                check_size(&*dev, "resize", size)?;
+                compare_all(&*dev, &model, &mut report).map_err(|m| fail("after resize", m))?;
+            }
+            let seed = self.seed.wrapping_add(round as u64);
+            self.op_phase(size, seed, &dev, &model, &mut report)?;
+            self.shared_read_phase(size, seed, &dev, &model, &mut report)?;
+            compare_all(&*dev, &model, &mut report).map_err(|m| fail("final comparison", m))?;
+            check_status(&*dev, &model, 0, size, &mut report)
+                .map_err(|m| fail("final block status", m))?;
+        }
         dev.flush()
             .map_err(|e| fail("final flush", e.to_string()))?;
         report.flushes += 1;
@@ -369,29 +401,26 @@ impl ModelTest {
             drop(dev);
             let dev = open().map_err(|e| fail("reopen", e.to_string()))?;
             report.opens += 1;
-            if dev.size() != self.size {
-                return Err(fail(
-                    "reopen",
-                    format!("device is {} bytes, expected {}", dev.size(), self.size),
-                ));
-            }
+            check_size(&*dev, "reopen", size)?;
             compare_all(&*dev, &model, &mut report).map_err(|m| fail("reopen", m))?;
-            check_status(&*dev, &model, 0, self.size, &mut report)
+            check_status(&*dev, &model, 0, size, &mut report)
                 .map_err(|m| fail("reopen block status", m))?;
         }
         Ok(report)
     }
 
-    fn region(&self, thread: usize) -> (u64, u64) {
+    fn region(&self, size: u64, thread: usize) -> (u64, u64) {
         let n = self.threads as u64;
         let t = thread as u64;
         // u128 keeps size * t from overflowing for huge virtual sizes.
-        let cut = |i: u64| (self.size as u128 * i as u128 / n as u128) as u64;
+        let cut = |i: u64| (size as u128 * i as u128 / n as u128) as u64;
         (cut(t), cut(t + 1))
     }
 
     fn op_phase(
         &self,
+        size: u64,
+        seed: u64,
         dev: &Arc<dyn BlockDev>,
         model: &Arc<MemImage>,
         report: &mut ModelReport,
@@ -407,8 +436,8 @@ impl ModelTest {
                         test: self,
                         dev: &**dev,
                         model,
-                        rng: Rng::new(mix(self.seed, thread as u64)),
-                        region: self.region(thread),
+                        rng: Rng::new(mix(seed, thread as u64)),
+                        region: self.region(size, thread),
                         report: ModelReport::default(),
                     };
                     for index in 0..self.ops {
@@ -444,6 +473,8 @@ impl ModelTest {
 
     fn shared_read_phase(
         &self,
+        size: u64,
+        seed: u64,
         dev: &Arc<dyn BlockDev>,
         model: &Arc<MemImage>,
         report: &mut ModelReport,
@@ -454,17 +485,17 @@ impl ModelTest {
             for thread in 0..self.threads {
                 let (failure, totals) = (&failure, &totals);
                 scope.spawn(move || {
-                    let mut rng = Rng::new(mix(self.seed ^ 0x5eed, thread as u64));
+                    let mut rng = Rng::new(mix(seed ^ 0x5eed, thread as u64));
                     let mut local = ModelReport::default();
                     // Each thread starts somewhere else and wraps around, so the threads read
                     // different parts at any moment and together cover the disk many times.
-                    let start = rng.below(self.size);
-                    let total = self.size.min(self.shared_read_limit);
+                    let start = rng.below(size);
+                    let total = size.min(self.shared_read_limit);
                     let mut done = 0u64;
                     while done < total {
-                        let at = (start + done) % self.size;
+                        let at = (start + done) % size;
                         let len = (1 + rng.below(self.max_io.max(PASS_CHUNK)))
-                            .min(self.size - at)
+                            .min(size - at)
                             .min(total - done);
                         if let Err(message) = compare_range(&**dev, model, at, len, &mut local) {
                             failure
@@ -831,7 +862,7 @@ fn check_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dev::{BlockStatus, ImageInfo, Preallocation};
+    use crate::dev::{BlockStatus, ImageInfo};
     use crate::Result;
 
     #[test]
@@ -861,6 +892,15 @@ mod tests {
             .expect("MemImage matches itself");
         assert_eq!(report.opens, 2);
         assert!(report.writes > 100 && report.zeroes > 10 && report.discards > 5);
+        let resized: Arc<dyn BlockDev> = Arc::new(MemImage::new(1 << 20));
+        ModelTest::new(1 << 20)
+            .threads(2)
+            .ops(100)
+            .resize_steps(&[3 << 20, (1 << 20) + 7, 2 << 20])
+            .reopen(true)
+            .run(|| Ok(Arc::clone(&resized)))
+            .expect("MemImage resizes like the model");
+        assert_eq!(resized.size(), 2 << 20);
         assert!(report.extents > 0);
     }
 

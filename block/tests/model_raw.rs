@@ -123,3 +123,31 @@ fn direct_with_an_unaligned_image_size() {
     run_model(CacheMode::None, EngineChoice::IoUring, size, 300, 10);
     run_model(CacheMode::None, EngineChoice::Sync, size, 300, 11);
 }
+
+/// Resizes between rounds of operations: grown space reads as zeroes, shrunk-away data does
+/// not come back when the image grows again, with and without `O_DIRECT`.
+#[test]
+fn resize_rounds() {
+    for (cache, engine) in [
+        (CacheMode::Writeback, EngineChoice::Sync),
+        (CacheMode::None, EngineChoice::IoUring),
+    ] {
+        let dir = TempDir::new("model-resize").expect("tempdir");
+        let path = dir.join("disk.raw");
+        create(&path, 4 << 20);
+        let opts = options(cache, engine);
+        ModelTest::new(4 << 20)
+            .threads(3)
+            .ops(300)
+            .seed(31)
+            .discard_zeroes(true)
+            .resize_steps(&[9 << 20, (2 << 20) + 777, 6 << 20])
+            .reopen(true)
+            .run(|| {
+                let dev: Arc<dyn BlockDev> = Arc::new(RawImage::open(&path, &opts)?);
+                Ok(dev)
+            })
+            .unwrap_or_else(|f| panic!("{cache:?}/{engine:?}: {f}"));
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 6 << 20);
+    }
+}
