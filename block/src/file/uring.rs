@@ -80,15 +80,17 @@ struct Pending {
 }
 
 impl RingPool {
-    /// The process-wide pool, created (and the kernel probed) on first use. A refusal is
-    /// remembered, so every later open falls back the same way without asking again.
+    /// The process-wide pool, created (and the kernel probed) on first success. A refusal is
+    /// not remembered: it may have been passing (out of memory or descriptors), and asking
+    /// again costs one failing system call per open.
     pub fn shared() -> io::Result<&'static RingPool> {
-        static POOL: OnceLock<Result<RingPool, (Option<i32>, String)>> = OnceLock::new();
-        match POOL.get_or_init(|| RingPool::new().map_err(|e| (e.raw_os_error(), e.to_string()))) {
-            Ok(pool) => Ok(pool),
-            Err((Some(code), _)) => Err(io::Error::from_raw_os_error(*code)),
-            Err((None, text)) => Err(io::Error::other(text.clone())),
+        static POOL: OnceLock<RingPool> = OnceLock::new();
+        if let Some(pool) = POOL.get() {
+            return Ok(pool);
         }
+        let fresh = RingPool::new()?;
+        // Another thread may have won the race; its pool is kept and this one dropped.
+        Ok(POOL.get_or_init(|| fresh))
     }
 
     /// Creates a pool, proving the kernel accepts io_uring by building and using one ring.
