@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use vdisk_block::{BlockDev, CreateOptions, Error, Format, OpenOptions, Result};
 
+use crate::vhdx::create::{self, CreateParams, ParentSpec};
 use crate::vhdx::header::FILE_SIGNATURE;
 use crate::vhdx::image::VhdxImage;
+use crate::vhdx::parent;
 
 /// The VHDX format driver (qemu's name: `vhdx`).
 #[derive(Debug, Default, Clone, Copy)]
@@ -29,14 +31,78 @@ impl Format for VhdxFormat {
         Ok(Arc::new(VhdxImage::open(path, options)?))
     }
 
-    fn create(&self, path: &Path, _options: CreateOptions) -> Result<()> {
-        Err(
-            Error::unsupported("create", "creating VHDX images is not implemented yet")
-                .with_path(path),
-        )
+    fn create(&self, path: &Path, mut options: CreateOptions) -> Result<()> {
+        let mut p = CreateParams {
+            size: options.size,
+            ..CreateParams::default()
+        };
+        p.fixed = match options.take("subformat").as_deref() {
+            None | Some("dynamic") => false,
+            Some("fixed") => true,
+            Some(other) => {
+                return Err(Error::invalid(
+                    "create",
+                    format!("Parameter 'subformat' does not accept value '{other}'"),
+                ))
+            }
+        };
+        p.block_size = options.take_size("block_size")?.filter(|&b| b != 0);
+        if let Some(log) = options.take_size("log_size")? {
+            p.log_size = log;
+        }
+        if let Some(zero) = options.take_bool("block_state_zero")? {
+            p.block_state_zero = zero;
+        }
+        let backing_fmt = options.take("backing_fmt");
+        if let Some(name) = options.take("backing_file") {
+            if backing_fmt.as_deref().is_some_and(|f| f != "vhdx") {
+                return Err(Error::invalid(
+                    "create",
+                    "a VHDX can only have a VHDX parent (backing_fmt=vhdx)",
+                ));
+            }
+            if p.fixed {
+                return Err(Error::invalid(
+                    "create",
+                    "a differencing VHDX cannot be fixed",
+                ));
+            }
+            let parent_file = create::parent_path(path, &name);
+            let linkage = parent::data_write_guid(&parent_file)?;
+            if p.size == 0 {
+                let parent = VhdxImage::open(
+                    &parent_file,
+                    &OpenOptions {
+                        no_backing: true,
+                        ..OpenOptions::read_only()
+                    },
+                )?;
+                p.size = parent.params().virtual_size;
+            }
+            p.parent = Some(ParentSpec { name, linkage });
+        }
+        options.reject_leftovers("vhdx")?;
+        create::create(path, &p)
     }
 
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
-        Vec::new()
+        vec![
+            ("size", "Virtual disk size; max of 64TB"),
+            ("log_size", "Log size; min 1MB (rounded up to whole MB)"),
+            (
+                "block_size",
+                "Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size",
+            ),
+            (
+                "subformat",
+                "VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'",
+            ),
+            (
+                "block_state_zero",
+                "Fixed images only: keep blocks in the ZERO state (default on)",
+            ),
+            ("backing_file", "Parent image of a differencing VHDX"),
+            ("backing_fmt", "Format of the parent (vhdx only)"),
+        ]
     }
 }

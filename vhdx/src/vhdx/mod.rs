@@ -5,6 +5,7 @@
 //! metadata region, payload blocks and sector-bitmap blocks.
 
 pub mod bat;
+pub mod create;
 pub mod format;
 pub mod header;
 pub mod image;
