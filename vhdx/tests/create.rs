@@ -9,7 +9,7 @@ use std::process::Command;
 
 use common::json::Json;
 use common::{have_qemu, read_all, run, Scratch};
-use vdisk_block::{BlockDev, CreateOptions, Format, OpenOptions};
+use vdisk_block::{CreateOptions, Format, OpenOptions};
 use vdisk_vhdx::VhdxFormat;
 
 const MIB: u64 = 1 << 20;
