@@ -1,79 +1,108 @@
-//! A bounded cache of L2 tables, keyed by host offset.
+//! A bounded cache of L2 tables, keyed by host offset, with write-back of changed tables.
 //!
-//! Tables are shared as `Arc<[u64]>` so a reader keeps using a table after it has been
-//! evicted; eviction picks the least recently used entry. The capacity is fixed at open, so
-//! a huge image costs no more memory than a small one.
+//! The cache lives inside the image's metadata lock, so it has no lock of its own. Tables
+//! changed by a write stay `dirty` until the image writes them back (after making the data
+//! and refcounts they depend on durable, see `image.rs`); only clean tables are evicted, so
+//! the least recently used clean table goes when the cache is full. The owner writes back
+//! when too many tables are dirty, which keeps memory bounded.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use parking_lot::Mutex;
-
-/// The cache of decoded L2 tables (entries already converted from big-endian).
+/// One cached L2 table (entries already converted from big-endian).
 #[derive(Debug)]
-pub struct L2Cache {
-    inner: Mutex<Inner>,
-    capacity: usize,
+pub struct Table {
+    /// The entries (two words per entry with extended L2).
+    pub words: Vec<u64>,
+    /// Changed since it was last written.
+    pub dirty: bool,
+    used: u64,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    tables: HashMap<u64, (Arc<[u64]>, u64)>,
+/// The cache of L2 tables.
+#[derive(Debug)]
+pub struct L2Cache {
+    tables: HashMap<u64, Table>,
+    capacity: usize,
     clock: u64,
 }
 
 impl L2Cache {
-    /// A cache holding at most `capacity` tables (at least one).
+    /// A cache holding at most `capacity` clean tables (at least two).
     pub fn new(capacity: usize) -> Self {
         L2Cache {
-            inner: Mutex::new(Inner::default()),
-            capacity: capacity.max(1),
+            tables: HashMap::new(),
+            capacity: capacity.max(2),
+            clock: 0,
         }
     }
 
     /// The table at host `offset`, if cached.
-    pub fn get(&self, offset: u64) -> Option<Arc<[u64]>> {
-        let mut inner = self.inner.lock();
-        inner.clock += 1;
-        let now = inner.clock;
-        inner.tables.get_mut(&offset).map(|(table, used)| {
-            *used = now;
-            Arc::clone(table)
-        })
+    pub fn get(&mut self, offset: u64) -> Option<&mut Table> {
+        self.clock += 1;
+        let now = self.clock;
+        let table = self.tables.get_mut(&offset)?;
+        table.used = now;
+        Some(table)
     }
 
-    /// Caches `table` as the one at host `offset`, evicting the least recently used table
-    /// when full.
-    pub fn insert(&self, offset: u64, table: Arc<[u64]>) {
-        let mut inner = self.inner.lock();
-        inner.clock += 1;
-        let now = inner.clock;
-        if !inner.tables.contains_key(&offset) && inner.tables.len() >= self.capacity {
-            let oldest = inner
+    /// Caches `words` as the table at host `offset`, evicting the least recently used clean
+    /// table when full.
+    pub fn insert(&mut self, offset: u64, words: Vec<u64>, dirty: bool) -> &mut Table {
+        self.clock += 1;
+        if !self.tables.contains_key(&offset) && self.tables.len() >= self.capacity {
+            let oldest = self
                 .tables
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
+                .filter(|(_, t)| !t.dirty)
+                .min_by_key(|(_, t)| t.used)
                 .map(|(k, _)| *k);
             if let Some(k) = oldest {
-                inner.tables.remove(&k);
+                self.tables.remove(&k);
             }
         }
-        inner.tables.insert(offset, (table, now));
+        let used = self.clock;
+        let slot = self.tables.entry(offset).or_insert(Table {
+            words: Vec::new(),
+            dirty: false,
+            used,
+        });
+        slot.words = words;
+        slot.dirty = dirty;
+        slot.used = used;
+        slot
     }
 
-    /// Forgets the table at `offset` (it was freed or rewritten elsewhere).
-    pub fn remove(&self, offset: u64) {
-        self.inner.lock().tables.remove(&offset);
+    /// Forgets the table at `offset` (its cluster was freed).
+    pub fn remove(&mut self, offset: u64) {
+        self.tables.remove(&offset);
     }
 
     /// Number of cached tables.
     pub fn len(&self) -> usize {
-        self.inner.lock().tables.len()
+        self.tables.len()
     }
 
     /// True when nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.tables.is_empty()
+    }
+
+    /// Number of tables changed since they were last written.
+    pub fn dirty_count(&self) -> usize {
+        self.tables.values().filter(|t| t.dirty).count()
+    }
+
+    /// True when the owner should write back before caching more tables.
+    pub fn needs_writeback(&self) -> bool {
+        self.dirty_count() * 2 >= self.capacity
+    }
+
+    /// The dirty tables, by offset, to be written back.
+    pub fn dirty_tables(&mut self) -> impl Iterator<Item = (u64, &mut Table)> {
+        self.tables
+            .iter_mut()
+            .filter(|(_, t)| t.dirty)
+            .map(|(k, t)| (*k, t))
     }
 }
 
@@ -82,15 +111,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn evicts_least_recently_used() {
-        let cache = L2Cache::new(2);
-        cache.insert(1, Arc::from(vec![1u64]));
-        cache.insert(2, Arc::from(vec![2u64]));
+    fn evicts_least_recently_used_clean_table() {
+        let mut cache = L2Cache::new(2);
+        cache.insert(1, vec![1], false);
+        cache.insert(2, vec![2], false);
         assert!(cache.get(1).is_some());
-        cache.insert(3, Arc::from(vec![3u64]));
+        cache.insert(3, vec![3], false);
         assert_eq!(cache.len(), 2);
         assert!(cache.get(2).is_none());
-        assert_eq!(cache.get(1).as_deref(), Some(&[1u64][..]));
-        assert_eq!(cache.get(3).as_deref(), Some(&[3u64][..]));
+        assert_eq!(cache.get(1).map(|t| t.words.clone()), Some(vec![1]));
+        assert_eq!(cache.get(3).map(|t| t.words.clone()), Some(vec![3]));
+    }
+
+    #[test]
+    fn dirty_tables_are_not_evicted() {
+        let mut cache = L2Cache::new(2);
+        cache.insert(1, vec![1], true);
+        cache.insert(2, vec![2], true);
+        cache.insert(3, vec![3], false);
+        assert!(cache.get(1).is_some() && cache.get(2).is_some());
+        assert_eq!(cache.dirty_count(), 2);
+        assert!(cache.needs_writeback());
     }
 }

@@ -6,18 +6,22 @@
 //! block status and `resolve_read` are all built on those runs, so a long contiguous range
 //! costs one host read and no per-cluster work.
 //!
-//! This slice opens images read-only: writes answer with a clear read-only error.
+//! Locking: `io` orders guest I/O (reads share it, anything that changes metadata takes it
+//! exclusively, so a cluster is never freed or reused under a reader); `meta` guards the
+//! tables and caches for the short time a lookup or an update takes. Writes live in
+//! `write.rs`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use vdisk_block::{
     check_range, BlockDev, BlockStatus, Error, ErrorKind, HostFile, HostLocation, ImageInfo,
     OpenOptions, Preallocation, ReadSegment, Result, ZeroMode,
 };
 
+use crate::alloc::Refcounts;
 use crate::cache::L2Cache;
 use crate::compress;
 use crate::entry::{Decoder, Kind};
@@ -33,17 +37,32 @@ const L2_CACHE_TABLES: u64 = 1024;
 pub struct Qcow2Image {
     path: PathBuf,
     file: Arc<HostFile>,
-    header: Header,
-    decoder: Decoder,
-    l1: Vec<u64>,
-    l2_cache: L2Cache,
-    data: DataFile,
-    backing: Option<Arc<dyn BlockDev>>,
+    pub(crate) header: Header,
+    pub(crate) decoder: Decoder,
+    pub(crate) io: RwLock<()>,
+    pub(crate) meta: Mutex<Meta>,
+    pub(crate) data: DataFile,
+    pub(crate) backing: Option<Arc<dyn BlockDev>>,
+    pub(crate) writable: bool,
     /// The last decompressed cluster, keyed by its host offset: sequential small reads of a
     /// compressed cluster decompress it once.
-    last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
+    pub(crate) last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
     /// Length of the file holding guest data, refreshed when a read reaches past it.
-    data_len: AtomicU64,
+    pub(crate) data_len: AtomicU64,
+}
+
+/// The mutable metadata of an image, behind its metadata lock.
+#[derive(Debug)]
+pub(crate) struct Meta {
+    /// The active L1 table.
+    pub l1: Vec<u64>,
+    /// Cached L2 tables.
+    pub l2: L2Cache,
+    /// Refcounts, loaded only for writable images.
+    pub refs: Option<Refcounts>,
+    /// Host byte ranges whose clusters lose one reference once the tables that stopped
+    /// referencing them are durable.
+    pub pending_free: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -70,17 +89,13 @@ fn read_be_u64s(bytes: &[u8]) -> Vec<u64> {
 impl Qcow2Image {
     /// Opens `path`. Backing and data files are opened only as `options.policy` allows.
     pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
-        if options.writable {
-            return Err(Error::unsupported(
-                "open",
-                "writing qcow2 images is not implemented yet; open it read-only",
-            )
-            .with_path(path));
-        }
         let _chain = ChainGuard::enter(path)?;
-        let file = HostFile::open(path, false, options.cache, options.engine)?;
+        let file = HostFile::open(path, options.writable, options.cache, options.engine)?;
         let file_len = file.len()?;
-        let header = read_header(&file, file_len).map_err(|e| e.with_path(path))?;
+        let mut header = read_header(&file, file_len).map_err(|e| e.with_path(path))?;
+        if options.writable {
+            crate::write::prepare_writable(&file, &mut header).map_err(|e| e.with_path(path))?;
+        }
         let l1 = read_l1(&file, &header, file_len).map_err(|e| e.with_path(path))?;
         let decoder = Decoder {
             cluster_bits: header.cluster_bits,
@@ -125,14 +140,25 @@ impl Qcow2Image {
             _ => file_len,
         };
         let tables = (L2_CACHE_BYTES >> header.cluster_bits).clamp(2, L2_CACHE_TABLES);
+        let refs = if options.writable {
+            Some(Refcounts::load(&file, &header).map_err(|e| e.with_path(path))?)
+        } else {
+            None
+        };
         Ok(Qcow2Image {
             path: path.to_path_buf(),
             file: Arc::new(file),
             decoder,
-            l1,
-            l2_cache: L2Cache::new(tables as usize),
+            io: RwLock::new(()),
+            meta: Mutex::new(Meta {
+                l1,
+                l2: L2Cache::new(tables as usize),
+                refs,
+                pending_free: Vec::new(),
+            }),
             data,
             backing,
+            writable: options.writable,
             last_compressed: Mutex::new(None),
             data_len: AtomicU64::new(data_len),
             header,
@@ -154,15 +180,18 @@ impl Qcow2Image {
         &self.file
     }
 
-    /// The active L1 table.
-    pub fn l1(&self) -> &[u64] {
-        &self.l1
+    /// A copy of the active L1 table.
+    pub fn l1(&self) -> Vec<u64> {
+        self.meta.lock().l1.clone()
     }
 
-    /// The L2 table at host `offset`, through the cache.
-    pub fn l2_table(&self, offset: u64) -> Result<Arc<[u64]>> {
-        if let Some(t) = self.l2_cache.get(offset) {
-            return Ok(t);
+    /// Makes sure the L2 table at host `offset` is in the cache.
+    pub(crate) fn load_l2(&self, meta: &mut Meta, offset: u64) -> Result<()> {
+        if meta.l2.get(offset).is_some() {
+            return Ok(());
+        }
+        if meta.l2.needs_writeback() {
+            self.writeback(meta)?;
         }
         let cs = self.header.cluster_size();
         let end = offset.saturating_add(cs);
@@ -175,22 +204,31 @@ impl Qcow2Image {
         }
         let mut raw = vec![0u8; cs as usize];
         self.file.read_at(&mut raw, offset)?;
-        let table: Arc<[u64]> = Arc::from(read_be_u64s(&raw));
-        self.l2_cache.insert(offset, Arc::clone(&table));
-        Ok(table)
+        meta.l2.insert(offset, read_be_u64s(&raw), false);
+        Ok(())
     }
 
     /// Resolves guest `offset`: the kind of the run starting there and its length (at most
     /// `max`, never crossing an L2 table). Host offsets in the result point at `offset`
     /// itself, not at the start of its cluster.
     pub fn lookup(&self, offset: u64, max: u64) -> Result<(Kind, u64)> {
+        self.lookup_locked(&mut self.meta.lock(), offset, max)
+    }
+
+    /// [`Qcow2Image::lookup`] with the metadata lock held.
+    pub(crate) fn lookup_locked(
+        &self,
+        meta: &mut Meta,
+        offset: u64,
+        max: u64,
+    ) -> Result<(Kind, u64)> {
         let cb = self.header.cluster_bits;
         let cs = 1u64 << cb;
         let shift = self.header.l1_entry_shift();
         let l1_index = offset >> shift;
         let l1_end = (l1_index + 1) << shift;
         let to_l1_end = (l1_end - offset).min(max);
-        let l2_offset = match self.l1.get(l1_index as usize) {
+        let l2_offset = match meta.l1.get(l1_index as usize) {
             None => 0,
             Some(&e) => self
                 .decoder
@@ -200,7 +238,16 @@ impl Qcow2Image {
         if l2_offset == 0 {
             return Ok((Kind::Unallocated, to_l1_end));
         }
-        let table = self.l2_table(l2_offset)?;
+        self.load_l2(meta, l2_offset)?;
+        let table = match meta.l2.get(l2_offset) {
+            Some(t) => &t.words,
+            None => {
+                return Err(Error::corrupt(
+                    "read metadata",
+                    "an L2 table left the cache while in use",
+                ))
+            }
+        };
         let width = if self.decoder.extended_l2 { 2 } else { 1 };
         let entries = self.header.l2_entries();
         let sc_size = self.decoder.subcluster_size();
@@ -234,7 +281,7 @@ impl Qcow2Image {
         Ok((start_kind, (pos - offset).min(to_l1_end)))
     }
 
-    fn data_file(&self) -> Result<&Arc<HostFile>> {
+    pub(crate) fn data_file(&self) -> Result<&Arc<HostFile>> {
         match &self.data {
             DataFile::Internal => Ok(&self.file),
             DataFile::External(f) => Ok(f),
@@ -266,7 +313,7 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(crate) fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let Some(backing) = &self.backing else {
             buf.fill(0);
             return Ok(());
@@ -312,6 +359,29 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Reads guest bytes with the I/O lock already held (shared or exclusive).
+    pub(crate) fn read_locked(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (kind, run) = self.lookup(pos, (buf.len() - done) as u64)?;
+            let chunk = &mut buf[done..done + run as usize];
+            match kind {
+                Kind::Unallocated | Kind::UnallocatedAlloc { .. } => {
+                    self.read_backing(chunk, pos)?
+                }
+                Kind::ZeroPlain | Kind::ZeroAlloc { .. } => chunk.fill(0),
+                Kind::Normal { host } => {
+                    let file = self.data_file()?;
+                    self.read_host(file, chunk, host)?
+                }
+                Kind::Compressed { offset: h, len } => self.read_compressed(chunk, pos, h, len)?,
+            }
+            done += run as usize;
+        }
+        Ok(())
+    }
+
     fn refuse_encrypted(&self, op: &'static str) -> Result<()> {
         if self.header.crypt_method == CryptMethod::None {
             return Ok(());
@@ -329,7 +399,7 @@ impl Qcow2Image {
         .with_path(&self.path))
     }
 
-    fn read_only_error(&self, op: &'static str) -> Error {
+    pub(crate) fn read_only_error(&self, op: &'static str) -> Error {
         Error::new(ErrorKind::ReadOnly, op, "the image is open read-only").with_path(&self.path)
     }
 
@@ -432,42 +502,24 @@ impl BlockDev for Qcow2Image {
             return Ok(());
         }
         self.refuse_encrypted("read")?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let (kind, run) = self.lookup(pos, (buf.len() - done) as u64)?;
-            let chunk = &mut buf[done..done + run as usize];
-            match kind {
-                Kind::Unallocated | Kind::UnallocatedAlloc { .. } => {
-                    self.read_backing(chunk, pos)?
-                }
-                Kind::ZeroPlain | Kind::ZeroAlloc { .. } => chunk.fill(0),
-                Kind::Normal { host } => {
-                    let file = self.data_file()?;
-                    self.read_host(file, chunk, host)?
-                }
-                Kind::Compressed { offset: h, len } => self.read_compressed(chunk, pos, h, len)?,
-            }
-            done += run as usize;
-        }
-        Ok(())
+        let _io = self.io.read();
+        self.read_locked(buf, offset)
     }
 
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(self.read_only_error("write"))
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_impl(buf, offset)
     }
 
-    fn write_zeroes(&self, _offset: u64, _len: u64, _mode: ZeroMode) -> Result<()> {
-        Err(self.read_only_error("write zeroes"))
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        self.write_zeroes_impl(offset, len, mode)
     }
 
-    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(self.read_only_error("discard"))
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_impl(offset, len)
     }
 
     fn flush(&self) -> Result<()> {
-        // Nothing is ever written through a read-only image.
-        Ok(())
+        self.flush_impl()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
@@ -475,6 +527,7 @@ impl BlockDev for Qcow2Image {
         if len == 0 {
             return Err(Error::invalid("block status", "empty range").at_offset(offset));
         }
+        let _io = self.io.read();
         let (first, mut run) = self.lookup(offset, len)?;
         while run < len {
             let (next, more) = self.lookup(offset + run, len - run)?;
@@ -534,7 +587,13 @@ impl BlockDev for Qcow2Image {
     }
 
     fn resize(&self, _new_size: u64, _prealloc: Preallocation) -> Result<()> {
-        Err(self.read_only_error("resize"))
+        if !self.writable {
+            return Err(self.read_only_error("resize"));
+        }
+        Err(
+            Error::unsupported("resize", "resizing qcow2 images is not implemented yet")
+                .with_path(&self.path),
+        )
     }
 
     fn info(&self) -> Result<ImageInfo> {
@@ -572,6 +631,9 @@ impl BlockDev for Qcow2Image {
 
     fn resolve_read(&self, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
         check_range("resolve read", self.size(), offset, len)?;
+        // The segments are only valid until the next write; callers that write concurrently
+        // must order their own requests, as with any disk.
+        let _io = self.io.read();
         let encrypted = self.header.crypt_method != CryptMethod::None;
         let mut out: Vec<ReadSegment> = Vec::new();
         let mut done = 0u64;
@@ -606,6 +668,6 @@ impl BlockDev for Qcow2Image {
     }
 
     fn is_read_only(&self) -> bool {
-        true
+        !self.writable
     }
 }

@@ -5,6 +5,7 @@
 //!   QEMU's limits before anything is allocated;
 //! - [`entry`]: L1/L2 entries (standard, zero, compressed, extended L2 subclusters);
 //! - [`refcount`]: refcount tables and blocks of every width;
+//! - [`alloc`]: cluster allocation and refcount updates for writable images;
 //! - [`image`]: [`Qcow2Image`], the opened image as a `BlockDev` (read path);
 //! - [`check`]: a metadata check that counts leaks and corruptions like `qemu-img check`;
 //! - [`format`]: [`Qcow2Format`], the driver the registry lists.
@@ -14,6 +15,7 @@
 //! and encryption are not implemented yet; those requests fail with a clear error.
 #![forbid(unsafe_code)]
 
+pub mod alloc;
 pub mod cache;
 pub mod check;
 pub mod compress;
@@ -24,6 +26,7 @@ pub mod image;
 pub mod open;
 pub mod refcount;
 pub mod snapshot;
+mod write;
 
 pub use format::Qcow2Format;
 pub use header::Header;

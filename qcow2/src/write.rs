@@ -1,0 +1,380 @@
+//! The write path: allocation, copy-on-write, zero clusters, discard and write-back.
+//!
+//! Every write holds the image's I/O lock exclusively, so no reader sees a cluster being
+//! freed or reused; metadata changes happen under the metadata lock.
+//!
+//! How a write to one guest cluster is served, case by case:
+//! - **Data cluster with COPIED set** (refcount exactly 1): written in place.
+//! - **Zero cluster with a preallocated host cluster and COPIED**: the whole cluster is
+//!   written in place (zeroes around the new bytes) and the zero flag dropped.
+//! - **Anything else** (unallocated, zero, compressed, or shared with a snapshot): a new
+//!   cluster is allocated and filled with the cluster's current contents (from the backing
+//!   file, zeroes, the decompressed data or the shared cluster) with the new bytes on top;
+//!   the L2 entry then points to it and the old host cluster, if any, loses one reference.
+//!   Nothing that another table may still reference is ever written in place.
+//!
+//! An L2 table that is not COPIED (shared with a snapshot) is copied to a new cluster before
+//! its first change, and the L1 entry is switched to the copy.
+//!
+//! Ordering (crash safety), enforced in [`Qcow2Image::writeback`] and `ensure_l2`:
+//! 1. data and refcount increments reach the disk (flush) before any L2 table that refers
+//!    to them is written;
+//! 2. a new L2 table is on disk before the L1 entry that points to it;
+//! 3. a refcount is lowered only after the tables that stopped referencing the cluster are
+//!    on disk, so a crash can leak a cluster but never free one still in use.
+
+use vdisk_block::{check_range, Error, ErrorKind, HostFile, Result, ZeroMode};
+
+use crate::entry::{Kind, COPIED, ZERO};
+use crate::header::{autoclear, incompat, CryptMethod, Header};
+use crate::image::{Meta, Qcow2Image};
+
+/// Header offset of `autoclear_features`.
+const HEADER_AUTOCLEAR: u64 = 88;
+
+/// Checks that this driver can write the image, and clears the auto-clear bits it does not
+/// maintain (as the spec requires of a writer that does not know them). Persistent bitmaps
+/// are not updated by this driver yet, so their bit is cleared too, which marks them stale
+/// instead of silently wrong.
+pub(crate) fn prepare_writable(file: &HostFile, header: &mut Header) -> Result<()> {
+    let refuse = |why: &str| {
+        Err(Error::unsupported(
+            "open",
+            format!("cannot open the image for writing: {why}"),
+        ))
+    };
+    if header.incompatible_features & incompat::CORRUPT != 0 {
+        return Err(Error::corrupt(
+            "open",
+            "the image is marked corrupt and cannot be opened read/write (repair it first)",
+        ));
+    }
+    if header.incompatible_features & incompat::DIRTY != 0 {
+        return refuse(
+            "its refcounts need a rebuild (dirty bit set), which is not implemented yet",
+        );
+    }
+    if header.crypt_method != CryptMethod::None {
+        return refuse("writing encrypted images is not implemented yet");
+    }
+    if header.extended_l2() {
+        return refuse("writing images with extended L2 entries is not implemented yet");
+    }
+    if header.has_data_file() {
+        return refuse("writing images with an external data file is not implemented yet");
+    }
+    let keep = header.autoclear_features & autoclear::KNOWN & !autoclear::BITMAPS;
+    if header.version >= 3 && keep != header.autoclear_features {
+        file.write_at(&keep.to_be_bytes(), HEADER_AUTOCLEAR)?;
+        file.flush()?;
+        header.autoclear_features = keep;
+    }
+    Ok(())
+}
+
+fn table_bytes(words: &[u64]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(words.len() * 8);
+    for w in words {
+        raw.extend_from_slice(&w.to_be_bytes());
+    }
+    raw
+}
+
+impl Qcow2Image {
+    fn check_writable(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
+        if !self.writable {
+            return Err(self.read_only_error(op));
+        }
+        check_range(op, self.header.size, offset, len)
+    }
+
+    fn refs_missing(&self) -> Error {
+        Error::new(
+            ErrorKind::ReadOnly,
+            "write",
+            "the image has no refcounts loaded",
+        )
+        .with_path(self.path())
+    }
+
+    /// Makes the L2 table covering guest `pos` private to the active L1 (allocating or
+    /// copying it as needed); returns its host offset and the entry index of `pos`.
+    fn ensure_l2(&self, meta: &mut Meta, pos: u64) -> Result<(u64, usize)> {
+        let cb = self.header.cluster_bits;
+        let l1_index = (pos >> self.header.l1_entry_shift()) as usize;
+        let idx = ((pos >> cb) & (self.header.l2_entries() - 1)) as usize;
+        let entry = *meta.l1.get(l1_index).ok_or_else(|| {
+            Error::corrupt("write", format!("L1 index {l1_index} is past the L1 table"))
+        })?;
+        let old = self.decoder.l2_offset(l1_index as u64, entry)?;
+        if old != 0 && entry & COPIED != 0 {
+            return Ok((old, idx));
+        }
+        let words = if old == 0 {
+            vec![0u64; (self.header.cluster_size() / 8) as usize]
+        } else {
+            self.load_l2(meta, old)?;
+            meta.l2
+                .get(old)
+                .map(|t| t.words.clone())
+                .ok_or_else(|| Error::corrupt("write", "an L2 table left the cache while in use"))?
+        };
+        let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
+        let new = refs.alloc(self.file())? << cb;
+        // The refcount and the table are durable before the L1 entry points to the table.
+        refs.write_dirty(self.file())?;
+        self.file().write_at(&table_bytes(&words), new)?;
+        self.file().flush()?;
+        let l1_entry = new | COPIED;
+        self.file().write_at(
+            &l1_entry.to_be_bytes(),
+            self.header.l1_table_offset + l1_index as u64 * 8,
+        )?;
+        meta.l1[l1_index] = l1_entry;
+        meta.l2.insert(new, words, false);
+        if old != 0 {
+            meta.pending_free.push((old, self.header.cluster_size()));
+        }
+        Ok((new, idx))
+    }
+
+    /// Sets L2 entry `idx` of the table at `l2` and marks the table dirty.
+    fn set_entry(&self, meta: &mut Meta, l2: u64, idx: usize, value: u64) -> Result<()> {
+        self.load_l2(meta, l2)?;
+        let table = meta
+            .l2
+            .get(l2)
+            .ok_or_else(|| Error::corrupt("write", "an L2 table left the cache while in use"))?;
+        table.words[idx] = value;
+        table.dirty = true;
+        Ok(())
+    }
+
+    fn entry_at(&self, meta: &mut Meta, l2: u64, idx: usize) -> Result<u64> {
+        self.load_l2(meta, l2)?;
+        meta.l2
+            .get(l2)
+            .map(|t| t.words[idx])
+            .ok_or_else(|| Error::corrupt("write", "an L2 table left the cache while in use"))
+    }
+
+    /// Queues the host storage of `kind` to lose one reference at the next write-back.
+    fn release(meta: &mut Meta, kind: Kind, cluster_size: u64) {
+        match kind {
+            Kind::Normal { host } | Kind::ZeroAlloc { host } | Kind::UnallocatedAlloc { host } => {
+                meta.pending_free.push((host, cluster_size))
+            }
+            Kind::Compressed { offset, len } => meta.pending_free.push((offset, len)),
+            Kind::Unallocated | Kind::ZeroPlain => {}
+        }
+    }
+
+    /// Writes `data` into the guest cluster containing `pos` (`data` does not cross it).
+    fn write_cluster(&self, data: &[u8], pos: u64) -> Result<()> {
+        let cs = self.header.cluster_size();
+        let start = pos & !(cs - 1);
+        let within = (pos - start) as usize;
+        let mut meta = self.meta.lock();
+        let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
+        let entry = self.entry_at(&mut meta, l2, idx)?;
+        let kind = self.decoder.classify(entry, 0, 0, start)?;
+        let copied = entry & COPIED != 0;
+        if let (Kind::Normal { host }, true) = (kind, copied) {
+            drop(meta);
+            return self.file().write_at(data, host + within as u64);
+        }
+        // Build the whole new cluster: its current contents with `data` on top.
+        let full: Vec<u8> = if data.len() as u64 == cs {
+            data.to_vec()
+        } else {
+            let mut b = vec![0u8; cs as usize];
+            let valid = (self.header.size - start).min(cs) as usize;
+            if !matches!(kind, Kind::ZeroPlain | Kind::ZeroAlloc { .. }) {
+                drop(meta);
+                self.read_locked(&mut b[..valid], start)?;
+                meta = self.meta.lock();
+            }
+            b[within..within + data.len()].copy_from_slice(data);
+            b
+        };
+        if let (Kind::ZeroAlloc { host }, true) = (kind, copied) {
+            self.file().write_at(&full, host)?;
+            return self.set_entry(&mut meta, l2, idx, host | COPIED);
+        }
+        let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
+        let host = refs.alloc(self.file())? << self.header.cluster_bits;
+        self.file().write_at(&full, host)?;
+        self.set_entry(&mut meta, l2, idx, host | COPIED)?;
+        Self::release(&mut meta, kind, cs);
+        Ok(())
+    }
+
+    /// Makes one whole guest cluster read as zeroes (or fall through, for discard).
+    fn clear_cluster(&self, pos: u64, discard: bool, mode: ZeroMode) -> Result<()> {
+        let cs = self.header.cluster_size();
+        let has_backing = self.header.backing_file.is_some();
+        let v3 = self.header.version >= 3;
+        let mut meta = self.meta.lock();
+        let (kind, _) = self.lookup_locked(&mut meta, pos, cs)?;
+        let new_entry = match (kind, discard) {
+            // Already what we want, without touching any table.
+            (Kind::ZeroPlain, _) => return Ok(()),
+            (Kind::Unallocated, _) if !has_backing => return Ok(()),
+            (Kind::Unallocated, true) => return Ok(()),
+            // Keep the allocation: mark the private cluster zero in place.
+            (Kind::Normal { host } | Kind::ZeroAlloc { host }, false)
+                if v3 && mode == ZeroMode::KeepAllocated =>
+            {
+                let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
+                let entry = self.entry_at(&mut meta, l2, idx)?;
+                if entry & COPIED != 0 {
+                    let host = host & !(cs - 1);
+                    return self.set_entry(&mut meta, l2, idx, host | COPIED | ZERO);
+                }
+                ZERO
+            }
+            _ if v3 => {
+                if discard && !has_backing {
+                    0
+                } else {
+                    ZERO
+                }
+            }
+            // Version 2 has no zero flag: deallocate when nothing shows through.
+            _ if !has_backing => 0,
+            (_, true) => return Ok(()),
+            _ => {
+                drop(meta);
+                return self.write_cluster(&vec![0u8; cs as usize], pos);
+            }
+        };
+        let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
+        let entry = self.entry_at(&mut meta, l2, idx)?;
+        let old = self.decoder.classify(entry, 0, 0, pos)?;
+        self.set_entry(&mut meta, l2, idx, new_entry)?;
+        Self::release(&mut meta, old, cs);
+        Ok(())
+    }
+
+    /// Splits `[offset, offset + len)` into per-cluster pieces: `(pos, len, whole)`, where
+    /// `whole` means the piece covers its cluster up to the cluster's end or the disk's end.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
+        let cs = self.header.cluster_size();
+        let size = self.header.size;
+        let end = offset + len;
+        let mut pos = offset;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let cluster_end = ((pos & !(cs - 1)) + cs).min(end);
+            let n = cluster_end - pos;
+            let whole = pos & (cs - 1) == 0 && (n == cs || cluster_end == size);
+            let piece = (pos, n, whole);
+            pos = cluster_end;
+            Some(piece)
+        })
+    }
+
+    fn after_op(&self) -> Result<()> {
+        let mut meta = self.meta.lock();
+        if meta.l2.needs_writeback() || meta.pending_free.len() > 4096 {
+            self.writeback(&mut meta)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable("write", offset, buf.len() as u64)?;
+        let _io = self.io.write();
+        for (pos, n, _) in self.pieces(offset, buf.len() as u64) {
+            let at = (pos - offset) as usize;
+            self.write_cluster(&buf[at..at + n as usize], pos)
+                .map_err(|e| e.with_path(self.path()))?;
+        }
+        self.after_op()
+    }
+
+    pub(crate) fn write_zeroes_impl(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        self.check_writable("write zeroes", offset, len)?;
+        let _io = self.io.write();
+        for (pos, n, whole) in self.pieces(offset, len) {
+            if whole {
+                self.clear_cluster(pos, false, mode)?;
+            } else {
+                self.write_cluster(&vec![0u8; n as usize], pos)?;
+            }
+        }
+        self.after_op()
+    }
+
+    pub(crate) fn discard_impl(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable("discard", offset, len)?;
+        let _io = self.io.write();
+        // Discard is advisory: pieces of clusters keep their data.
+        for (pos, _, whole) in self.pieces(offset, len) {
+            if whole {
+                self.clear_cluster(pos, true, ZeroMode::MayUnmap)?;
+            }
+        }
+        self.after_op()
+    }
+
+    pub(crate) fn flush_impl(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut meta = self.meta.lock();
+        self.writeback(&mut meta)?;
+        self.file().flush()
+    }
+
+    /// Writes changed metadata back in the order that keeps the image consistent at every
+    /// point: data and refcount increments, then L2 tables, then refcount decrements.
+    pub(crate) fn writeback(&self, meta: &mut Meta) -> Result<()> {
+        let Some(refs) = meta.refs.as_mut() else {
+            return Ok(());
+        };
+        let file = self.file();
+        if meta.l2.dirty_count() == 0 && meta.pending_free.is_empty() && !refs.has_dirty() {
+            return Ok(());
+        }
+        refs.write_dirty(file)?;
+        file.flush()?;
+        let mut wrote = false;
+        for (offset, table) in meta.l2.dirty_tables() {
+            file.write_at(&table_bytes(&table.words), offset)?;
+            table.dirty = false;
+            wrote = true;
+        }
+        if wrote {
+            file.flush()?;
+        }
+        if meta.pending_free.is_empty() {
+            return Ok(());
+        }
+        let cb = self.header.cluster_bits;
+        for (offset, len) in std::mem::take(&mut meta.pending_free) {
+            let first = offset >> cb;
+            let last = (offset + len.max(1) - 1) >> cb;
+            for cluster in first..=last {
+                refs.adjust(file, cluster, false)?;
+                if refs.get(file, cluster)? == 0 {
+                    meta.l2.remove(cluster << cb);
+                }
+            }
+        }
+        *self.last_compressed.lock() = None;
+        refs.write_dirty(file)?;
+        Ok(())
+    }
+}
+
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        // Best effort: callers that care about errors flush before dropping.
+        if self.writable {
+            let _ = self.flush_impl();
+        }
+    }
+}

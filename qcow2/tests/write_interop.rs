@@ -1,0 +1,293 @@
+//! Images written through our driver: the random-operation model test (several threads,
+//! reopen included) must pass, then `qemu-img check` must find no errors and no leaks and
+//! qemu must read exactly what we read. Copy-on-write cases (backing file, snapshot-shared
+//! clusters, compressed clusters) must leave the other views intact.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use vdisk_block::testing::ModelTest;
+use vdisk_block::{BlockDev, OpenOptions, ZeroMode};
+use vdisk_qcow2::Qcow2Image;
+
+fn open_rw(path: &Path) -> Qcow2Image {
+    let opts = OpenOptions {
+        writable: true,
+        ..options()
+    };
+    Qcow2Image::open(path, &opts).unwrap_or_else(|e| panic!("open rw {}: {e}", path.display()))
+}
+
+/// `qemu-img check` must report a clean image.
+fn qemu_check_clean(image: &Path) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "--output=json", image.to_str().expect("utf-8")])
+        .output()
+        .expect("run qemu-img check");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("check json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let field = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    assert_eq!(
+        (field("corruptions"), field("leaks"), field("check-errors")),
+        (0, 0, 0),
+        "qemu-img check {}: {v}",
+        image.display()
+    );
+    assert!(out.status.success(), "qemu-img check exit status");
+}
+
+fn model_run(name: &str, create_opts: &str, size: u64) {
+    let s = Scratch::new(name);
+    let img = s.path("img.qcow2");
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !create_opts.is_empty() {
+        args.extend(["-o", create_opts]);
+    }
+    let size_s = size.to_string();
+    args.extend([img.to_str().expect("utf-8"), &size_s]);
+    qemu_img(&args);
+    let report = ModelTest::new(size)
+        .threads(2)
+        .ops(250)
+        .seed(size ^ name.len() as u64)
+        .max_io(96 << 10)
+        .large_io(1 << 20)
+        .reopen(true)
+        .run(|| Ok(Arc::new(open_rw(&img)) as Arc<dyn BlockDev>))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(report.writes > 0);
+    qemu_check_clean(&img);
+    let ours = read_all(&open(&img));
+    assert_same(&ours, &qemu_contents(&img, &s), name);
+}
+
+#[test]
+fn model_default_layout() {
+    model_run("w-default", "", 16 << 20);
+}
+
+#[test]
+fn model_v2() {
+    model_run("w-v2", "compat=0.10", 16 << 20);
+}
+
+#[test]
+fn model_small_clusters_and_widths() {
+    // 512-byte clusters: the refcount table must grow (it covers 8 MiB of file at first).
+    model_run("w-512", "cluster_size=512,refcount_bits=16", 12 << 20);
+    model_run("w-4k-1", "cluster_size=4k,refcount_bits=1", 8 << 20);
+    model_run("w-4k-64", "cluster_size=4k,refcount_bits=64", 8 << 20);
+    model_run("w-2m", "cluster_size=2M", 24 << 20);
+    model_run("w-lazy", "lazy_refcounts=on,refcount_bits=8", 8 << 20);
+}
+
+#[test]
+fn cow_from_backing_file() {
+    let s = Scratch::new("w-backing");
+    let base = s.path("base.qcow2");
+    let top = s.path("top.qcow2");
+    let p = |p: &Path| p.to_str().expect("utf-8").to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &p(&base), "8M"]);
+    qemu_io(&base, &["write -P 0x5a 0 8m"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &p(&top),
+        "8M",
+    ]);
+    let before = qemu_contents(&base, &s);
+    {
+        let dev = open_rw(&top);
+        dev.write_at(&[1u8; 1000], 70_000).expect("partial write");
+        dev.write_zeroes(1 << 20, 65536, ZeroMode::MayUnmap)
+            .expect("zero cluster over backing");
+        dev.write_zeroes(2 << 20, 4096, ZeroMode::KeepAllocated)
+            .expect("partial zeroes");
+        dev.discard(3 << 20, 65536).expect("discard");
+        dev.flush().expect("flush");
+    }
+    qemu_check_clean(&top);
+    qemu_check_clean(&base);
+    assert_same(&qemu_contents(&base, &s), &before, "base untouched");
+    let mut expect = before.clone();
+    expect[70_000..71_000].fill(1);
+    expect[1 << 20..(1 << 20) + 65536].fill(0);
+    expect[2 << 20..(2 << 20) + 4096].fill(0);
+    let top_now = qemu_contents(&top, &s);
+    // Discard over a backing file may read as zeroes or as the backing data.
+    let d = 3 << 20;
+    for i in d..d + 65536 {
+        assert!(
+            top_now[i] == 0 || top_now[i] == expect[i],
+            "discarded byte {i}"
+        );
+        expect[i] = top_now[i];
+    }
+    assert_same(&top_now, &expect, "top after copy-on-write");
+}
+
+#[test]
+fn cow_of_snapshot_shared_clusters() {
+    let s = Scratch::new("w-snap");
+    let img = s.path("img.qcow2");
+    let p = img.to_str().expect("utf-8");
+    qemu_img(&["create", "-q", "-f", "qcow2", p, "8M"]);
+    qemu_io(&img, &["write -P 0x21 0 2m", "write -P 0x22 4m 64k"]);
+    qemu_img(&["snapshot", "-c", "s1", p]);
+    let snap_before = qemu_contents(&img, &s);
+    {
+        let dev = open_rw(&img);
+        dev.write_at(&[9u8; 512], 512)
+            .expect("write into shared cluster");
+        dev.write_at(&[8u8; 65536], 4 << 20)
+            .expect("overwrite shared cluster");
+        dev.discard(1 << 20, 1 << 20)
+            .expect("discard shared clusters");
+        dev.flush().expect("flush");
+    }
+    qemu_check_clean(&img);
+    // The snapshot still reads as it was.
+    let snap = s.path("snap.raw");
+    qemu_img(&[
+        "convert",
+        "-l",
+        "snapshot.name=s1",
+        "-O",
+        "raw",
+        p,
+        snap.to_str().expect("utf-8"),
+    ]);
+    assert_same(
+        &std::fs::read(&snap).expect("read"),
+        &snap_before,
+        "snapshot intact",
+    );
+    let mut expect = snap_before.clone();
+    expect[512..1024].fill(9);
+    expect[4 << 20..(4 << 20) + 65536].fill(8);
+    expect[1 << 20..2 << 20].fill(0);
+    assert_same(&qemu_contents(&img, &s), &expect, "active layer");
+}
+
+#[test]
+fn cow_of_compressed_clusters() {
+    let s = Scratch::new("w-comp");
+    let src = s.path("src.qcow2");
+    let img = s.path("c.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        src.to_str().expect("u"),
+        "4M",
+    ]);
+    qemu_io(&src, &["write -P 0x31 0 4m"]);
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        src.to_str().expect("u"),
+        img.to_str().expect("u"),
+    ]);
+    {
+        let dev = open_rw(&img);
+        dev.write_at(&[7u8; 100], 65_000)
+            .expect("write over compressed");
+        dev.write_zeroes(2 << 20, 65536, ZeroMode::KeepAllocated)
+            .expect("zero compressed");
+        dev.flush().expect("flush");
+    }
+    qemu_check_clean(&img);
+    let mut expect = vec![0x31u8; 4 << 20];
+    expect[65_000..65_100].fill(7);
+    expect[2 << 20..(2 << 20) + 65536].fill(0);
+    assert_same(
+        &qemu_contents(&img, &s),
+        &expect,
+        "compressed copy-on-write",
+    );
+}
+
+#[test]
+fn read_only_and_unsupported_writes_are_refused() {
+    let s = Scratch::new("w-refuse");
+    let img = s.path("ro.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        img.to_str().expect("u"),
+        "1M",
+    ]);
+    let dev = open(&img);
+    let err = dev.write_at(&[1], 0).expect_err("read-only");
+    assert_eq!(err.kind(), vdisk_block::ErrorKind::ReadOnly);
+    let ext = s.path("ext.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        ext.to_str().expect("u"),
+        "1M",
+    ]);
+    let opts = OpenOptions {
+        writable: true,
+        ..options()
+    };
+    let err = Qcow2Image::open(&ext, &opts).expect_err("extended L2 writes");
+    assert_eq!(err.kind(), vdisk_block::ErrorKind::Unsupported);
+}
+
+#[test]
+fn refcount_table_grows_with_self_describing_blocks() {
+    let s = Scratch::new("w-grow");
+    let img = s.path("g.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512,refcount_bits=64",
+        img.to_str().expect("u"),
+        "12M",
+    ]);
+    let before = Qcow2Image::open(&img, &options()).expect("open");
+    let (rt_before, rtc_before) = (
+        before.header().refcount_table_offset,
+        before.header().refcount_table_clusters,
+    );
+    drop(before);
+    let data: Vec<u8> = (0..10u32 << 20).map(|i| (i % 251) as u8).collect();
+    {
+        let dev = open_rw(&img);
+        dev.write_at(&data, 1 << 20).expect("write 10 MiB");
+        dev.flush().expect("flush");
+    }
+    let after = Qcow2Image::open(&img, &options()).expect("open");
+    let h = after.header();
+    assert!(
+        h.refcount_table_offset != rt_before && h.refcount_table_clusters > rtc_before,
+        "the refcount table moved and grew: {h:?}"
+    );
+    qemu_check_clean(&img);
+    let contents = qemu_contents(&img, &s);
+    assert_same(&contents[1 << 20..11 << 20], &data, "data after growth");
+}
