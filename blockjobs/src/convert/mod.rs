@@ -171,6 +171,7 @@ pub fn convert(
         .chunk_size
         .max(granularity)
         .next_multiple_of(granularity);
+    let workers = options.parallel.clamp(1, MAX_PARALLEL);
     let job = Job {
         sources,
         target,
@@ -179,11 +180,10 @@ pub fn convert(
         granularity,
         chunk_size,
         planner: Mutex::new(Planner::new(sources, chunk_size as u64)),
-        order: WriteOrder::new(!options.out_of_order),
+        order: WriteOrder::new(!options.out_of_order, workers),
         error: Mutex::new(None),
         counters: Counters::default(),
     };
-    let workers = options.parallel.clamp(1, MAX_PARALLEL);
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| job.work());
