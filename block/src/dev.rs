@@ -164,6 +164,34 @@ pub struct ImageInfo {
     pub backing_format: Option<String>,
 }
 
+/// One value of an image's format-specific facts, shaped like the JSON qemu prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InfoValue {
+    /// `true` / `false`.
+    Bool(bool),
+    /// A signed number.
+    Int(i64),
+    /// An unsigned number (qemu prints some, like VMDK CIDs, as large unsigned values).
+    UInt(u64),
+    /// A string.
+    Text(String),
+    /// A list.
+    List(Vec<InfoValue>),
+    /// An object; keys are kept in the order qemu-img prints them.
+    Map(Vec<(String, InfoValue)>),
+}
+
+/// The format-specific part of `info` (qemu's `ImageInfoSpecific`): `{"type": kind, "data":
+/// {...}}`. Drivers list the keys in the order qemu-img prints them, since the front end
+/// prints them in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatSpecific {
+    /// The `type` (usually the format name: `qcow2`, `vmdk`, `luks`).
+    pub kind: String,
+    /// The `data` object.
+    pub data: Vec<(String, InfoValue)>,
+}
+
 /// An opened disk image or device, shared by many threads.
 ///
 /// Offsets and lengths are bytes of the guest-visible contents. Requests must lie inside
@@ -196,6 +224,13 @@ pub trait BlockDev: Send + Sync {
 
     /// Facts about the image for `info`.
     fn info(&self) -> Result<ImageInfo>;
+
+    /// Format-specific facts for `info`, when the format has any (qcow2's compat level and
+    /// features, VMDK's create type and extents, ...). Added after `info` so drivers that
+    /// have none need not say so.
+    fn format_specific(&self) -> Result<Option<FormatSpecific>> {
+        Ok(None)
+    }
 
     /// The device reads fallthrough ranges from, if any.
     fn backing(&self) -> Option<Arc<dyn BlockDev>> {

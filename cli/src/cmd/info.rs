@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use serde_json::{json, Map, Value};
+use vdisk_block::dev::{FormatSpecific, InfoValue};
 use vdisk_block::size::human_size;
 use vdisk_block::{BlockDev, ImageInfo};
 
@@ -85,6 +86,7 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
 /// What `info` shows about one image of the chain.
 struct Node {
     info: ImageInfo,
+    specific: Option<FormatSpecific>,
     /// The name to print: the user's spelling for the top image.
     name: String,
     /// The guest size qemu shows (whole sectors).
@@ -101,6 +103,12 @@ fn collect(top: &Arc<dyn BlockDev>, name: &str, chain: bool) -> Result<Vec<Node>
                 format!("cannot read facts about '{name}': {}", e.message()),
             )
         })?;
+        let specific = d.format_specific().map_err(|e| {
+            Failure::new(
+                e.message().to_string(),
+                format!("cannot read facts about '{name}': {}", e.message()),
+            )
+        })?;
         let shown = if nodes.is_empty() {
             name.to_string()
         } else {
@@ -109,6 +117,7 @@ fn collect(top: &Arc<dyn BlockDev>, name: &str, chain: bool) -> Result<Vec<Node>
         nodes.push(Node {
             virtual_size: vdisk_blockjobs::map::visible_len(d.as_ref()),
             info,
+            specific,
             name: shown,
         });
         dev = if chain { d.backing() } else { None };
@@ -160,6 +169,12 @@ fn node_json(node: &Node) -> Value {
     if i.encrypted {
         m.insert("encrypted".into(), json!(true));
     }
+    if let Some(spec) = &node.specific {
+        m.insert(
+            "format-specific".into(),
+            json!({"type": spec.kind, "data": map_json(&spec.data)}),
+        );
+    }
     if let Some(full) = &i.full_backing_filename {
         m.insert(
             "full-backing-filename".into(),
@@ -197,12 +212,18 @@ fn node_human(node: &Node) -> String {
     if i.encrypted {
         s.push_str("encrypted: yes\n");
     }
+    if i.dirty {
+        s.push_str("cleanly shut down: no\n");
+    }
     if let Some(b) = &i.backing_filename {
         s.push_str(&format!("backing file: {b}"));
-        if let Some(full) = &i.full_backing_filename {
-            let full = full.display().to_string();
-            if &full != b {
-                s.push_str(&format!(" (actual path: {full})"));
+        match &i.full_backing_filename {
+            None => s.push_str(" (cannot determine actual path)"),
+            Some(full) => {
+                let full = full.display().to_string();
+                if &full != b {
+                    s.push_str(&format!(" (actual path: {full})"));
+                }
             }
         }
         s.push('\n');
@@ -210,8 +231,9 @@ fn node_human(node: &Node) -> String {
     if let Some(f) = &i.backing_format {
         s.push_str(&format!("backing file format: {f}\n"));
     }
-    if i.dirty {
-        s.push_str("cleanly shut down: no\n");
+    if let Some(spec) = node.specific.as_ref().filter(|spec| !spec.data.is_empty()) {
+        s.push_str("Format specific information:\n");
+        dump_map(&mut s, 1, &spec.data);
     }
     s.push_str(&format!(
         "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {}\n    disk size: {}\n",
@@ -220,4 +242,97 @@ fn node_human(node: &Node) -> String {
         disk_size(i.actual_size)
     ));
     s
+}
+
+/// Format-specific facts as JSON, keys in the driver's (qemu's) order.
+fn value_json(v: &InfoValue) -> Value {
+    match v {
+        InfoValue::Bool(b) => json!(b),
+        InfoValue::Int(n) => json!(n),
+        InfoValue::UInt(n) => json!(n),
+        InfoValue::Text(t) => json!(t),
+        InfoValue::List(items) => Value::Array(items.iter().map(value_json).collect()),
+        InfoValue::Map(entries) => map_json(entries),
+    }
+}
+
+fn map_json(entries: &[(String, InfoValue)]) -> Value {
+    Value::Object(
+        entries
+            .iter()
+            .map(|(k, v)| (k.clone(), value_json(v)))
+            .collect(),
+    )
+}
+
+fn is_composite(v: &InfoValue) -> bool {
+    matches!(v, InfoValue::List(_) | InfoValue::Map(_))
+}
+
+/// qemu's human dump of a value: scalars inline, objects and lists on the following lines,
+/// four spaces deeper.
+fn dump_value(out: &mut String, level: usize, v: &InfoValue) {
+    match v {
+        InfoValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        InfoValue::Int(n) => out.push_str(&n.to_string()),
+        InfoValue::UInt(n) => out.push_str(&n.to_string()),
+        InfoValue::Text(t) => out.push_str(t),
+        InfoValue::List(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let sep = if is_composite(item) { '\n' } else { ' ' };
+                out.push_str(&format!("{:width$}[{i}]:{sep}", "", width = level * 4));
+                dump_value(out, level + 1, item);
+                if !is_composite(item) {
+                    out.push('\n');
+                }
+            }
+        }
+        InfoValue::Map(entries) => dump_map(out, level, entries),
+    }
+}
+
+/// qemu's human dump of an object: `key: value`, dashes in keys shown as spaces.
+fn dump_map(out: &mut String, level: usize, entries: &[(String, InfoValue)]) {
+    for (key, v) in entries {
+        let sep = if is_composite(v) { '\n' } else { ' ' };
+        let key = key.replace('-', " ");
+        out.push_str(&format!("{:width$}{key}:{sep}", "", width = level * 4));
+        dump_value(out, level + 1, v);
+        if !is_composite(v) {
+            out.push('\n');
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape of a VMDK's facts, printed as qemu-img 10.0.2 prints them.
+    #[test]
+    fn format_specific_dumps_like_qemu() {
+        let data = vec![
+            ("cid".to_string(), InfoValue::UInt(1143185952)),
+            ("parent-cid".to_string(), InfoValue::UInt(4294967295)),
+            (
+                "create-type".to_string(),
+                InfoValue::Text("monolithicSparse".into()),
+            ),
+            (
+                "extents".to_string(),
+                InfoValue::List(vec![InfoValue::Map(vec![
+                    ("virtual-size".to_string(), InfoValue::UInt(67108864)),
+                    ("filename".to_string(), InfoValue::Text("t.vmdk".into())),
+                    ("cluster-size".to_string(), InfoValue::UInt(65536)),
+                    ("format".to_string(), InfoValue::Text("".into())),
+                ])]),
+            ),
+        ];
+        let mut out = String::new();
+        dump_map(&mut out, 1, &data);
+        assert_eq!(
+            out,
+            "    cid: 1143185952\n    parent cid: 4294967295\n    create type: monolithicSparse\n    extents:\n        [0]:\n            virtual size: 67108864\n            filename: t.vmdk\n            cluster size: 65536\n            format: \n"
+        );
+    }
 }
