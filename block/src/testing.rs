@@ -17,6 +17,10 @@
 //!    each new size. Last, optionally, the device is dropped, opened again through the
 //!    factory, and compared again.
 //!
+//! Some reads go the split way a deep-queue caller takes: [`BlockDev::resolve_read`], then
+//! the host ranges read straight from their files, zero ranges filled, indirect ranges read
+//! through the image; the segments must cover the request exactly.
+//!
 //! Discard is advisory for most formats, so after a discard the thread reads the range back,
 //! requires every byte to be either what it was or zero, and takes what it read into the
 //! model ([`ModelTest::discard_zeroes`] demands zeroes instead).
@@ -41,7 +45,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::dev::{BlockDev, Preallocation, ZeroMode};
+use crate::dev::{BlockDev, Preallocation, ReadSegment, ZeroMode};
 use crate::mem::MemImage;
 
 /// A small, fast, seeded PRNG (SplitMix64): the same seed gives the same run everywhere.
@@ -223,6 +227,7 @@ pub struct ModelTest {
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Read,
+    ResolvedRead,
     Write,
     Zeroes(ZeroMode),
     Discard,
@@ -542,7 +547,8 @@ struct Worker<'a> {
 impl Worker<'_> {
     fn pick_op(&mut self) -> Op {
         match self.rng.below(100) {
-            0..=31 => Op::Read,
+            0..=25 => Op::Read,
+            26..=31 => Op::ResolvedRead,
             32..=66 => Op::Write,
             67..=74 => Op::Zeroes(ZeroMode::KeepAllocated),
             75..=82 => Op::Zeroes(ZeroMode::MayUnmap),
@@ -601,6 +607,9 @@ impl Worker<'_> {
         let what = |name: &str| format!("{name} {offset}+{len}");
         match op {
             Op::Read => compare_range(self.dev, self.model, offset, len, &mut self.report),
+            Op::ResolvedRead => {
+                compare_resolved(self.dev, self.model, offset, len, &mut self.report)
+            }
             Op::Write => {
                 let mut data = vec![0u8; len as usize];
                 self.rng.fill(&mut data);
@@ -753,6 +762,60 @@ pub fn check_block_status(dev: &dyn BlockDev, offset: u64, len: u64) -> Result<u
     Ok(report.extents)
 }
 
+/// Reads `offset..offset+len` the split way ([`BlockDev::resolve_read`], then each segment
+/// by itself) and requires the model's bytes.
+fn compare_resolved(
+    dev: &dyn BlockDev,
+    model: &MemImage,
+    offset: u64,
+    len: u64,
+    report: &mut ModelReport,
+) -> Result<(), String> {
+    let segments = dev
+        .resolve_read(offset, len)
+        .map_err(|e| format!("resolve read {offset}+{len}: {e}"))?;
+    let covered = segments
+        .iter()
+        .try_fold(0u64, |sum, seg| sum.checked_add(seg.len()));
+    if covered != Some(len) || segments.iter().any(|seg| seg.is_empty()) {
+        return Err(format!(
+            "resolve read {offset}+{len}: segments cover {covered:?} bytes or include empty ones: {segments:?}"
+        ));
+    }
+    let mut got = vec![0u8; len as usize];
+    let mut pos = 0usize;
+    for seg in &segments {
+        let n = seg.len() as usize;
+        let guest = offset + pos as u64;
+        let piece = &mut got[pos..pos + n];
+        match seg {
+            ReadSegment::Host { file, offset, .. } => file
+                .read_at(piece, *offset)
+                .map_err(|e| format!("read host segment for guest {guest}+{n}: {e}"))?,
+            ReadSegment::Zero { .. } => piece.fill(0),
+            ReadSegment::Indirect { .. } => dev
+                .read_at(piece, guest)
+                .map_err(|e| format!("read indirect segment {guest}+{n}: {e}"))?,
+        }
+        pos += n;
+    }
+    let mut want = vec![0u8; len as usize];
+    model
+        .read_at(&mut want, offset)
+        .map_err(|e| format!("model read {offset}+{len}: {e}"))?;
+    report.reads += 1;
+    report.bytes_read += len;
+    match got.iter().zip(&want).position(|(g, w)| g != w) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "resolved read {offset}+{len}: byte {} reads {:#04x}, model has {:#04x}",
+            offset + i as u64,
+            got[i],
+            want[i]
+        )),
+    }
+}
+
 fn compare_all(
     dev: &dyn BlockDev,
     model: &MemImage,
@@ -862,7 +925,7 @@ fn check_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dev::{BlockStatus, ImageInfo};
+    use crate::dev::{BlockStatus, ImageInfo, Preallocation};
     use crate::Result;
 
     #[test]
@@ -1005,6 +1068,56 @@ mod tests {
             .run(|| Ok(Arc::clone(&image)))
             .expect_err("a zero extent holding data is noticed");
         assert!(failure.message.contains("zero"), "{failure}");
+    }
+
+    /// A device whose split read path says everything is zero.
+    struct ZeroResolver(MemImage);
+
+    impl BlockDev for ZeroResolver {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+            self.0.write_zeroes(offset, len, mode)
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<()> {
+            self.0.discard(offset, len)
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+            self.0.block_status(offset, len)
+        }
+        fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+            self.0.resize(new_size, prealloc)
+        }
+        fn info(&self) -> Result<ImageInfo> {
+            self.0.info()
+        }
+        fn resolve_read(&self, _offset: u64, len: u64) -> Result<Vec<ReadSegment>> {
+            Ok(vec![ReadSegment::Zero { len }])
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_wrong_split_read_path_is_caught() {
+        let image: Arc<dyn BlockDev> = Arc::new(ZeroResolver(MemImage::new(1 << 20)));
+        let failure = ModelTest::new(1 << 20)
+            .threads(2)
+            .ops(300)
+            .run(|| Ok(Arc::clone(&image)))
+            .expect_err("zeroes instead of data are noticed");
+        assert!(failure.message.contains("resolved read"), "{failure}");
     }
 
     #[test]
