@@ -53,8 +53,8 @@ impl Format for RawFormat {
         options.reject_leftovers("raw")?;
         let file = HostFile::create(path, crate::CacheMode::Writeback, crate::EngineChoice::Sync)?;
         preallocate(&file, 0, options.size, prealloc)?;
-        if prealloc == Preallocation::Off && options.size > 0 {
-            file.set_len(options.size)?;
+        // qemu-img does this for off and falloc alike (`full` wrote everything already).
+        if matches!(prealloc, Preallocation::Off | Preallocation::Falloc) && options.size > 0 {
             allocate_first_block(&file, options.size)?;
         }
         // qemu writes the first block after fallocate too (the reserved range is unwritten,

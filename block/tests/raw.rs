@@ -192,7 +192,18 @@ fn preallocation_modes_allocate_what_they_promise() {
     assert!(allocated(&off) <= 64 << 10, "off: {}", allocated(&off));
     assert!(allocated(&falloc) >= size, "falloc: {}", allocated(&falloc));
     assert!(allocated(&full) >= size, "full: {}", allocated(&full));
-    // full wrote zeroes, so it is all data; falloc reserved space that still reads as zero.
+    // As `qemu-img map` shows for images qemu-img creates: off and falloc have their first
+    // block written and the rest reads as zero (falloc's reserved blocks are unwritten
+    // extents); full wrote zeroes, so it is all data.
+    for path in [&off, &falloc] {
+        let image = RawImage::open(path, &OpenOptions::read_only()).expect("open");
+        assert_eq!(
+            extents(&image),
+            vec![(0, 4096, true, false), (4096, size - 4096, false, true)],
+            "{}",
+            path.display()
+        );
+    }
     let image = RawImage::open(&full, &OpenOptions::read_only()).expect("open");
     assert_eq!(extents(&image), vec![(0, size, true, false)]);
     for path in [&off, &falloc, &full] {
