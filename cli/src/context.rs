@@ -17,6 +17,8 @@ pub struct Ctx {
     pub prog: String,
     /// Invoked as `qemu-img`: print exactly what qemu-img prints.
     pub dropin: bool,
+    /// The program name exactly as invoked (qemu-img repeats it in "Try ... --help").
+    pub argv0: String,
 }
 
 /// A failure worded both ways; [`Ctx::fail`] picks one.
@@ -64,6 +66,9 @@ impl From<&str> for Failure {
 impl Ctx {
     /// Decides the mode from the program name the binary was started under.
     pub fn from_argv0(argv0: Option<&OsStr>) -> Self {
+        let invoked = argv0
+            .map(|a| a.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "vdisk".into());
         let name = argv0
             .and_then(|a| Path::new(a).file_name())
             .map(|n| n.to_string_lossy().into_owned())
@@ -76,6 +81,7 @@ impl Ctx {
                 "vdisk".into()
             },
             dropin,
+            argv0: invoked,
         }
     }
 
@@ -98,7 +104,7 @@ impl Ctx {
     pub fn usage(&self, cmd: &str, message: &str) -> i32 {
         if self.dropin {
             self.error(message);
-            eprintln!("Try '{} {cmd} --help' for more info", self.prog);
+            eprintln!("Try '{} {cmd} --help' for more info", self.argv0);
         } else {
             self.error(format!("{cmd}: {message} (see 'vdisk {cmd} --help')"));
         }
@@ -130,17 +136,17 @@ impl Ctx {
         };
         let Some(cmd) = cmd else {
             self.error("Not enough arguments");
-            eprintln!("Try 'qemu-img --help' for more info");
+            eprintln!("Try '{} --help' for more info", self.argv0);
             return 1;
         };
         match err.kind() {
             K::InvalidSubcommand => {
                 self.error(format!("Command not found: {cmd}"));
-                eprintln!("Try 'qemu-img --help' for more info");
+                eprintln!("Try '{} --help' for more info", self.argv0);
             }
             K::DisplayHelpOnMissingArgumentOrSubcommand | K::MissingSubcommand => {
                 self.error("Not enough arguments");
-                eprintln!("Try 'qemu-img --help' for more info");
+                eprintln!("Try '{} --help' for more info", self.argv0);
             }
             K::UnknownArgument => {
                 let arg = context(ContextKind::InvalidArg).unwrap_or_default();
@@ -151,14 +157,14 @@ impl Ctx {
                         format!("invalid option -- '{c}'")
                     }
                 };
-                eprintln!("qemu-img {cmd}: {what}");
-                eprintln!("Try 'qemu-img {cmd} --help' for more info");
+                eprintln!("{} {cmd}: {what}", self.argv0);
+                eprintln!("Try '{} {cmd} --help' for more info", self.argv0);
             }
             K::InvalidValue | K::NoEquals | K::TooFewValues => {
                 let arg = context(ContextKind::InvalidArg).unwrap_or_default();
                 let name = arg.split_whitespace().next().unwrap_or("").to_string();
-                eprintln!("qemu-img {cmd}: option '{name}' requires an argument");
-                eprintln!("Try 'qemu-img {cmd} --help' for more info");
+                eprintln!("{} {cmd}: option '{name}' requires an argument", self.argv0);
+                eprintln!("Try '{} {cmd} --help' for more info", self.argv0);
             }
             _ => {
                 let text = err.to_string();
@@ -168,7 +174,7 @@ impl Ctx {
                     .unwrap_or("")
                     .trim_start_matches("error: ");
                 self.error(first);
-                eprintln!("Try 'qemu-img {cmd} --help' for more info");
+                eprintln!("Try '{} {cmd} --help' for more info", self.argv0);
             }
         }
         1
@@ -282,7 +288,7 @@ pub fn create_failure(name: &str, format: &str, err: &Error) -> Failure {
     };
     let hint = match err.kind() {
         ErrorKind::NotFound => " (does the folder exist?)",
-        ErrorKind::PermissionDenied => " (check the folder's permissions)",
+        ErrorKind::PermissionDenied => " (check the permissions of the file and its folder)",
         _ => "",
     };
     Failure::new(qemu, format!("create '{name}': {}{hint}", err.message()))

@@ -78,7 +78,21 @@ pub struct Run {
 
 /// Runs `program args` with `dir` as the working folder.
 pub fn run_in(dir: &Path, program: &Path, args: &[&str]) -> Run {
-    let out = Command::new(program)
+    run_with_path(dir, None, program, args)
+}
+
+/// Runs `program args` in `dir`, with `bin` (if any) searched first for programs named
+/// without a folder. qemu-img repeats its name as invoked in some messages, so a drop-in
+/// test runs both tools by the bare name `qemu-img`.
+pub fn run_with_path(dir: &Path, bin: Option<&Path>, program: &Path, args: &[&str]) -> Run {
+    let mut cmd = Command::new(program);
+    if let Some(bin) = bin {
+        let old = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![bin.to_path_buf()];
+        paths.extend(std::env::split_paths(&old));
+        cmd.env("PATH", std::env::join_paths(paths).expect("join PATH"));
+    }
+    let out = cmd
         .args(args)
         .current_dir(dir)
         .env("LC_ALL", "C")

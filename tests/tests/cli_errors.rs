@@ -13,7 +13,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use vdisk_tests::{dropin_link, qemu_img, run_in, Run, Scratch};
+use vdisk_tests::{dropin_link, is_root, qemu_img, run_with_path, Run, Scratch};
 
 const VDISK: &str = env!("CARGO_BIN_EXE_vdisk-under-test");
 
@@ -44,6 +44,23 @@ impl Bench {
     /// Runs `args` with qemu-img, drop-in vdisk and plain vdisk, each in a fresh folder, and
     /// checks they agree. Returns qemu-img's result.
     fn check(&self, args: &[&str]) -> Run {
+        self.check_as(None, args)
+    }
+
+    /// Like [`Bench::check`], run as the unprivileged user `nobody` through `setpriv` when
+    /// `as_nobody` is given (so permission bits apply even when the tests run as root).
+    fn check_as(&self, as_nobody: Option<&Path>, args: &[&str]) -> Run {
+        // Both qemu-img and drop-in vdisk run by the bare name, found through PATH, since
+        // qemu-img repeats the name it was invoked by.
+        let run = |dir: &Path, bin: Option<&Path>, program: &Path| match as_nobody {
+            None => run_with_path(dir, bin, program, args),
+            Some(setpriv) => {
+                let program = program.to_string_lossy().into_owned();
+                let mut full = vec!["--reuid=65534", "--regid=65534", "--clear-groups", &program];
+                full.extend_from_slice(args);
+                run_with_path(dir, bin, setpriv, &full)
+            }
+        };
         let fresh = |name: &str| {
             let d = self.scratch.sub(name);
             for e in fs::read_dir(&d).expect("read dir").flatten() {
@@ -58,15 +75,16 @@ impl Bench {
             setup(&d);
             d
         };
-        let q = qemu_img(&fresh("q"), args);
-        let d = run_in(&fresh("d"), &self.dropin, args);
+        let name = Path::new("qemu-img");
+        let q = run(&fresh("q"), None, name);
+        let d = run(&fresh("d"), self.dropin.parent(), name);
         assert_eq!(
             d.code, q.code,
             "exit code of {args:?}\nvdisk: {d:?}\nqemu: {q:?}"
         );
         assert_eq!(d.stdout, q.stdout, "stdout of {args:?}");
         assert_eq!(d.stderr, q.stderr, "stderr of {args:?}");
-        let v = run_in(&fresh("v"), Path::new(VDISK), args);
+        let v = run(&fresh("v"), None, Path::new(VDISK));
         assert_eq!(v.code, q.code, "exit code of vdisk {args:?}: {v:?}");
         assert_eq!(v.stdout, q.stdout, "stdout of vdisk {args:?}");
         assert!(
@@ -117,6 +135,20 @@ fn unwritable_targets() {
     // Refused for a user, allowed for root: the tools must agree either way.
     b.check(&["create", "-f", "raw", "ro-dir/x.raw", "1M"]);
     b.check(&["create", "-f", "raw", "ro.raw", "1M"]);
+    // As root the permission bits above stop nobody; run them again as an ordinary user.
+    let setpriv = Path::new("/usr/bin/setpriv");
+    if is_root() && setpriv.exists() {
+        let bench = b.scratch.dir();
+        let _ = fs::set_permissions(bench, fs::Permissions::from_mode(0o755));
+        for args in [
+            ["create", "-f", "raw", "ro-dir/x.raw", "1M"],
+            ["create", "-f", "raw", "ro.raw", "1M"],
+        ] {
+            let q = b.check_as(Some(setpriv), &args);
+            assert_eq!(q.code, 1, "{args:?} as nobody: {q:?}");
+            assert!(q.stderr.contains("Permission denied"), "{q:?}");
+        }
+    }
     // Refused for everyone.
     assert_eq!(
         b.check(&["create", "-f", "raw", "nodir/x.raw", "1M"]).code,
@@ -242,13 +274,18 @@ fn commands_that_do_not_exist() {
     // qemu-img's wording in drop-in mode; vdisk's own help otherwise.
     for args in [vec!["bogus"], vec![]] {
         let q = qemu_img(b.scratch.dir(), &args);
-        let d = run_in(b.scratch.dir(), &b.dropin, &args);
+        let d = run_with_path(
+            b.scratch.dir(),
+            b.dropin.parent(),
+            Path::new("qemu-img"),
+            &args,
+        );
         assert_eq!(
             (d.code, &d.stdout, &d.stderr),
             (q.code, &q.stdout, &q.stderr),
             "{args:?}"
         );
-        let v = run_in(b.scratch.dir(), Path::new(VDISK), &args);
+        let v = run_with_path(b.scratch.dir(), None, Path::new(VDISK), &args);
         assert_eq!(v.code, q.code, "{args:?}");
     }
 }
