@@ -78,6 +78,18 @@ fn fixtures(tag: &str) -> Fixtures {
         .and_then(|f| f.set_len(3 * 4096 + 1536))
         .expect("make tail");
     qemu_io_raw(&dir, "tail.raw", &["write -P 9 12800 512"]);
+    // Larger than qemu-img's 1 GiB block-status step, with data across the step boundaries
+    // (sparse, so it costs nothing).
+    create(&["create", "-q", "-f", "raw", "big.raw", "3G"]);
+    qemu_io_raw(
+        &dir,
+        "big.raw",
+        &[
+            "write -P 1 1073737728 8192",
+            "write -P 2 2147479552 4096",
+            "write -P 3 2684354560 65536",
+        ],
+    );
     Fixtures {
         scratch: s,
         names: vec![
@@ -89,6 +101,7 @@ fn fixtures(tag: &str) -> Fixtures {
             "odd-data.raw",
             "odd-hole.raw",
             "tail.raw",
+            "big.raw",
         ],
     }
 }
@@ -286,6 +299,16 @@ fn compare_agrees_with_qemu_img() {
     fs::write(s.path("odd1.raw"), vec![0u8; 1000]).expect("write");
     fs::write(s.path("odd2.raw"), vec![0u8; 1024]).expect("write");
 
+    // Large sparse images: only the data ranges are read.
+    for name in ["big1.raw", "big2.raw"] {
+        create(name, "3G");
+        qemu_io_raw(dir, name, &["write -P 6 1073737728 8192"]);
+    }
+    qemu_io_raw(dir, "big2.raw", &["write -P 7 3113851290 1"]);
+
+    assert_eq!(same_compare(dir, &["big1.raw", "big1.raw"]), 0);
+    assert_eq!(same_compare(dir, &["big1.raw", "big2.raw"]), 1);
+    assert_eq!(same_compare(dir, &["-s", "big1.raw", "big2.raw"]), 1);
     assert_eq!(same_compare(dir, &["a.raw", "same.raw"]), 0);
     assert_eq!(
         same_compare(dir, &["-f", "raw", "-F", "raw", "a.raw", "dense.raw"]),
