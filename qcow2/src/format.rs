@@ -1,11 +1,9 @@
-//! The qcow2 [`Format`]: probe, open and (for now) check; create comes with the write path.
+//! The qcow2 [`Format`]: probe, open, create and check.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use vdisk_block::{
-    BlockDev, CheckReport, CreateOptions, Error, Format, OpenOptions, RepairMode, Result,
-};
+use vdisk_block::{BlockDev, CheckReport, CreateOptions, Format, OpenOptions, RepairMode, Result};
 
 use crate::header;
 use crate::image::Qcow2Image;
@@ -31,15 +29,12 @@ impl Format for Qcow2Format {
         Ok(Arc::new(Qcow2Image::open(path, options)?))
     }
 
-    fn create(&self, path: &Path, _options: CreateOptions) -> Result<()> {
-        Err(
-            Error::unsupported("create", "creating qcow2 images is not implemented yet")
-                .with_path(path),
-        )
+    fn create(&self, path: &Path, options: CreateOptions) -> Result<()> {
+        crate::create::create(path, options)
     }
 
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
-        Vec::new()
+        crate::create::OPTIONS.to_vec()
     }
 
     fn check(&self, path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {

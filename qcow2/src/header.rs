@@ -772,3 +772,134 @@ fn parse_bitmaps_ext(data: &[u8]) -> Result<BitmapsExt> {
     }
     Ok(ext)
 }
+
+/// The feature name table QEMU writes: every feature this driver knows, by name.
+pub fn default_feature_names() -> Vec<FeatureName> {
+    let entry = |kind, bit, name: &str| FeatureName {
+        kind,
+        bit,
+        name: name.to_string(),
+    };
+    vec![
+        entry(FeatureKind::Incompatible, 0, "dirty bit"),
+        entry(FeatureKind::Incompatible, 1, "corrupt bit"),
+        entry(FeatureKind::Incompatible, 2, "external data file"),
+        entry(FeatureKind::Incompatible, 3, "compression type"),
+        entry(FeatureKind::Incompatible, 4, "extended L2 entries"),
+        entry(FeatureKind::Compatible, 0, "lazy refcounts"),
+        entry(FeatureKind::Autoclear, 0, "bitmaps"),
+        entry(FeatureKind::Autoclear, 1, "raw external data"),
+    ]
+}
+
+fn push_ext(out: &mut Vec<u8>, kind: u32, data: &[u8]) {
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(8), 0);
+}
+
+impl Header {
+    /// Encodes the header, its extensions and the backing file name as the bytes of the
+    /// start of cluster 0. `backing_file_offset`/`backing_file_size` are computed; unknown
+    /// extensions and header fields are written back unchanged.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(4096);
+        let put32 = |out: &mut Vec<u8>, v: u32| out.extend_from_slice(&v.to_be_bytes());
+        let put64 = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_be_bytes());
+        put32(&mut out, MAGIC);
+        put32(&mut out, self.version);
+        put64(&mut out, 0); // backing file offset, patched below
+        put32(&mut out, 0); // backing file size, patched below
+        put32(&mut out, self.cluster_bits);
+        put64(&mut out, self.size);
+        put32(
+            &mut out,
+            match self.crypt_method {
+                CryptMethod::None => 0,
+                CryptMethod::Aes => 1,
+                CryptMethod::Luks => 2,
+            },
+        );
+        put32(&mut out, self.l1_size);
+        put64(&mut out, self.l1_table_offset);
+        put64(&mut out, self.refcount_table_offset);
+        put32(&mut out, self.refcount_table_clusters);
+        put32(&mut out, self.nb_snapshots);
+        put64(&mut out, self.snapshots_offset);
+        if self.version >= 3 {
+            put64(&mut out, self.incompatible_features);
+            put64(&mut out, self.compatible_features);
+            put64(&mut out, self.autoclear_features);
+            put32(&mut out, self.refcount_order);
+            let header_length = self.header_length.max(V3_HEADER_LEN);
+            put32(&mut out, header_length);
+            out.push(match self.compression_type {
+                CompressionType::Deflate => 0,
+                CompressionType::Zstd => 1,
+            });
+            out.extend_from_slice(&self.extra_fields);
+            out.resize(header_length as usize, 0);
+        }
+        let e = &self.extensions;
+        if let Some(c) = e.crypto {
+            let mut d = c.offset.to_be_bytes().to_vec();
+            d.extend_from_slice(&c.length.to_be_bytes());
+            push_ext(&mut out, ext::CRYPTO, &d);
+        }
+        if let Some(f) = &e.backing_format {
+            push_ext(&mut out, ext::BACKING_FORMAT, f.as_bytes());
+        }
+        if let Some(d) = &e.data_file {
+            push_ext(&mut out, ext::DATA_FILE, d.as_bytes());
+        }
+        if !e.feature_names.is_empty() {
+            let mut d = Vec::with_capacity(e.feature_names.len() * 48);
+            for f in &e.feature_names {
+                let mut entry = [0u8; 48];
+                entry[0] = match f.kind {
+                    FeatureKind::Incompatible => 0,
+                    FeatureKind::Compatible => 1,
+                    FeatureKind::Autoclear => 2,
+                    FeatureKind::Other(x) => x,
+                };
+                entry[1] = f.bit;
+                let name = f.name.as_bytes();
+                let n = name.len().min(46);
+                entry[2..2 + n].copy_from_slice(&name[..n]);
+                d.extend_from_slice(&entry);
+            }
+            push_ext(&mut out, ext::FEATURE_NAMES, &d);
+        }
+        if let Some(b) = e.bitmaps {
+            let mut d = b.nb_bitmaps.to_be_bytes().to_vec();
+            d.extend_from_slice(&[0; 4]);
+            d.extend_from_slice(&b.directory_size.to_be_bytes());
+            d.extend_from_slice(&b.directory_offset.to_be_bytes());
+            push_ext(&mut out, ext::BITMAPS, &d);
+        }
+        for (kind, data) in &e.unknown {
+            push_ext(&mut out, *kind, data);
+        }
+        out.extend_from_slice(&[0u8; 8]); // end of extensions
+        if let Some(name) = &self.backing_file {
+            if name.len() > MAX_BACKING_NAME as usize {
+                return Err(Error::invalid(
+                    "create",
+                    format!("Backing file name too long ({} bytes)", name.len()),
+                ));
+            }
+            let at = out.len() as u64;
+            out[8..16].copy_from_slice(&at.to_be_bytes());
+            out[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+        }
+        if out.len() as u64 > self.cluster_size() {
+            return Err(Error::invalid(
+                "create",
+                "the header, its extensions and the backing file name do not fit in one cluster",
+            ));
+        }
+        Ok(out)
+    }
+}

@@ -10,15 +10,18 @@
 //! - [`check`]: a metadata check that counts leaks and corruptions like `qemu-img check`;
 //! - [`format`]: [`Qcow2Format`], the driver the registry lists.
 //!
-//! Status: images open read-only (reads, block status, backing chains, external data
-//! files, zlib/zstd compressed clusters, extended L2). Writes, create, snapshots, bitmaps
-//! and encryption are not implemented yet; those requests fail with a clear error.
+//! Status: reads (block status, backing chains, external data files, zlib/zstd compressed
+//! clusters, extended L2), writes (allocation, copy-on-write, zero clusters, discard,
+//! refcount growth) on images without extended L2 / data file / encryption, `create` with
+//! qemu-img's options, and a report-only `check`. Resize, snapshots, bitmaps, encryption,
+//! compressed writes and repair are not implemented yet; they fail with a clear error.
 #![forbid(unsafe_code)]
 
 pub mod alloc;
 pub mod cache;
 pub mod check;
 pub mod compress;
+pub mod create;
 pub mod entry;
 pub mod format;
 pub mod header;

@@ -23,9 +23,9 @@
 //! 3. a refcount is lowered only after the tables that stopped referencing the cluster are
 //!    on disk, so a crash can leak a cluster but never free one still in use.
 
-use vdisk_block::{check_range, Error, ErrorKind, HostFile, Result, ZeroMode};
+use vdisk_block::{check_range, Error, ErrorKind, HostFile, Preallocation, Result, ZeroMode};
 
-use crate::entry::{Kind, COPIED, ZERO};
+use crate::entry::{Kind, COPIED, OFFSET_MASK, ZERO};
 use crate::header::{autoclear, incompat, CryptMethod, Header};
 use crate::image::{Meta, Qcow2Image};
 
@@ -318,6 +318,51 @@ impl Qcow2Image {
             }
         }
         self.after_op()
+    }
+
+    /// Allocates a host cluster for every unallocated guest cluster (QEMU's
+    /// `preallocation=metadata`), then reserves (`falloc`) or writes (`full`) their space.
+    pub(crate) fn preallocate(&self, mode: Preallocation) -> Result<()> {
+        if !self.writable {
+            return Err(self.read_only_error("preallocate"));
+        }
+        let _io = self.io.write();
+        let cs = self.header.cluster_size();
+        let mut meta = self.meta.lock();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut pos = 0;
+        while pos < self.header.size {
+            let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
+            let entry = self.entry_at(&mut meta, l2, idx)?;
+            if entry & OFFSET_MASK == 0 {
+                let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
+                let host = refs.alloc(self.file())? << self.header.cluster_bits;
+                self.set_entry(&mut meta, l2, idx, host | COPIED)?;
+                match runs.last_mut() {
+                    Some((start, len)) if *start + *len == host => *len += cs,
+                    _ => runs.push((host, cs)),
+                }
+            }
+            pos += cs;
+            if meta.l2.needs_writeback() {
+                self.writeback(&mut meta)?;
+            }
+        }
+        self.writeback(&mut meta)?;
+        // Like QEMU, the file reaches to the end of the last preallocated cluster.
+        if let Some(&(start, len)) = runs.iter().max_by_key(|(s, l)| s + l) {
+            if self.file().len()? < start + len {
+                self.file().set_len(start + len)?;
+            }
+        }
+        for &(start, len) in &runs {
+            match mode {
+                Preallocation::Falloc => self.file().allocate(start, len)?,
+                Preallocation::Full => self.file().write_zero_bytes(start, len)?,
+                Preallocation::Off | Preallocation::Metadata => {}
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn flush_impl(&self) -> Result<()> {

@@ -1,0 +1,207 @@
+//! Images we create look to qemu-img exactly like the ones it creates with the same
+//! options (`info` fields, contents, allocation), pass `qemu-img check`, and take writes
+//! from both qemu-io and our driver.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use vdisk_block::testing::ModelTest;
+use vdisk_block::{BlockDev, CreateOptions, ErrorKind, Format, OpenOptions};
+use vdisk_qcow2::{Qcow2Format, Qcow2Image};
+
+fn ours(path: &Path, size: u64, opts: &str) -> vdisk_block::Result<()> {
+    Qcow2Format.create(
+        path,
+        CreateOptions {
+            size,
+            options: CreateOptions::parse_options(opts).expect("options"),
+        },
+    )
+}
+
+fn info(path: &Path) -> serde_json::Value {
+    let json = qemu_img(&["info", "--output=json", path.to_str().expect("utf-8")]);
+    serde_json::from_str(&json).expect("info json")
+}
+
+fn check_clean(path: &Path) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", path.to_str().expect("utf-8")])
+        .output()
+        .expect("qemu-img check");
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn same_as_qemu_for_every_option() {
+    let s = Scratch::new("create");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        s.path("base.qcow2").to_str().expect("u"),
+        "4M",
+    ]);
+    let data_ours = s.path("ours.data");
+    let data_qemu = s.path("qemu.data");
+    let combos: Vec<String> = vec![
+        String::new(),
+        "compat=0.10".into(),
+        "compat=v3,cluster_size=512".into(),
+        "cluster_size=4k,refcount_bits=1".into(),
+        "cluster_size=2M,refcount_bits=64".into(),
+        "refcount_bits=8,lazy_refcounts=on".into(),
+        "extended_l2=on".into(),
+        "extended_l2=on,cluster_size=16k,compression_type=zstd".into(),
+        "compression_type=zstd".into(),
+        "backing_file=base.qcow2,backing_fmt=qcow2".into(),
+        "compat=0.10,backing_file=base.qcow2,backing_fmt=qcow2".into(),
+        "preallocation=metadata".into(),
+        "preallocation=metadata,cluster_size=4k,compat=0.10".into(),
+        "preallocation=falloc,cluster_size=16k".into(),
+        "preallocation=full".into(),
+        "data_file=DATA".into(),
+        "data_file=DATA,data_file_raw=on".into(),
+    ];
+    for combo in &combos {
+        for size in [3u64 << 20, (40 << 20) + 4096] {
+            let a = s.path("ours.qcow2");
+            let b = s.path("qemu.qcow2");
+            let _ = std::fs::remove_file(&a);
+            let _ = std::fs::remove_file(&b);
+            let oa = combo.replace("DATA", data_ours.to_str().expect("u"));
+            let ob = combo.replace("DATA", data_qemu.to_str().expect("u"));
+            ours(&a, size, &oa).unwrap_or_else(|e| panic!("create {combo}: {e}"));
+            let mut args = vec!["create", "-q", "-f", "qcow2"];
+            if !ob.is_empty() {
+                args.extend(["-o", ob.as_str()]);
+            }
+            let size_s = size.to_string();
+            args.extend([b.to_str().expect("u"), size_s.as_str()]);
+            qemu_img(&args);
+            let (ia, ib) = (info(&a), info(&b));
+            let what = format!("{combo} {size}: ours {ia}\nqemu {ib}");
+            for key in [
+                "virtual-size",
+                "cluster-size",
+                "backing-filename",
+                "backing-filename-format",
+            ] {
+                assert_eq!(ia.get(key), ib.get(key), "{key}: {what}");
+            }
+            let mut fa = ia["format-specific"]["data"].clone();
+            let mut fb = ib["format-specific"]["data"].clone();
+            for f in [&mut fa, &mut fb] {
+                if let Some(o) = f.as_object_mut() {
+                    o.remove("data-file");
+                }
+            }
+            assert_eq!(fa, fb, "format-specific: {what}");
+            if combo.contains("preallocation") {
+                let la = std::fs::metadata(&a).expect("stat").len();
+                let lb = std::fs::metadata(&b).expect("stat").len();
+                assert_eq!(la, lb, "file length: {what}");
+            }
+            check_clean(&a);
+            if !combo.contains("data_file") {
+                qemu_img(&["compare", a.to_str().expect("u"), b.to_str().expect("u")]);
+            }
+        }
+    }
+}
+
+#[test]
+fn invalid_options_are_refused_like_qemu() {
+    let s = Scratch::new("create-bad");
+    let p = s.path("x.qcow2");
+    for (opts, needle) in [
+        ("compat=1.2", "does not accept value '1.2'"),
+        ("cluster_size=3000", "power of two between 512 and 2048k"),
+        ("cluster_size=4M", "power of two between 512 and 2048k"),
+        ("refcount_bits=3", "Refcount width must be a power of two"),
+        ("refcount_bits=128", "Refcount width must be a power of two"),
+        (
+            "compat=0.10,refcount_bits=8",
+            "Different refcount widths than 16 bits",
+        ),
+        (
+            "compat=0.10,lazy_refcounts=on",
+            "Lazy refcounts only supported",
+        ),
+        (
+            "compat=0.10,extended_l2=on",
+            "Extended L2 entries are only supported",
+        ),
+        ("extended_l2=on,cluster_size=4k", "at least 16384 bytes"),
+        ("compression_type=lz4", "does not accept value 'lz4'"),
+        (
+            "compat=0.10,compression_type=zstd",
+            "Non-zlib compression type",
+        ),
+        ("data_file_raw=on", "data-file-raw requires data-file"),
+        ("backing_file=b.qcow2", "without backing format"),
+        ("bogus=1", "Invalid parameter 'bogus'"),
+    ] {
+        let err = ours(&p, 1 << 20, opts).expect_err(opts);
+        assert!(err.to_string().contains(needle), "{opts}: {err}");
+        assert!(
+            matches!(err.kind(), ErrorKind::InvalidInput),
+            "{opts}: {err:?}"
+        );
+        let out = std::process::Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                p.to_str().expect("u"),
+                "1M",
+            ])
+            .output()
+            .expect("qemu-img");
+        assert!(!out.status.success(), "qemu-img accepts {opts}");
+    }
+}
+
+#[test]
+fn created_images_take_writes() {
+    for opts in [
+        "",
+        "compat=0.10,cluster_size=4k",
+        "refcount_bits=1,cluster_size=1k",
+    ] {
+        let s = Scratch::new("create-write");
+        let img = s.path("w.qcow2");
+        ours(&img, 8 << 20, opts).expect("create");
+        ModelTest::new(8 << 20)
+            .threads(2)
+            .ops(150)
+            .reopen(true)
+            .run(|| {
+                let o = OpenOptions {
+                    writable: true,
+                    ..options()
+                };
+                Ok(Arc::new(Qcow2Image::open(&img, &o)?) as Arc<dyn BlockDev>)
+            })
+            .unwrap_or_else(|e| panic!("{opts}: {e}"));
+        check_clean(&img);
+        assert_same(&read_all(&open(&img)), &qemu_contents(&img, &s), opts);
+        // And qemu-io can write into what we made.
+        qemu_io(&img, &["write -P 0x42 100k 300k"]);
+        check_clean(&img);
+        assert_same(&read_all(&open(&img)), &qemu_contents(&img, &s), opts);
+    }
+}
