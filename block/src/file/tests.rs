@@ -617,3 +617,52 @@ fn a_failed_wait_does_not_return_before_pending_requests_finish() {
         "a ring went back with work in it"
     );
 }
+
+/// Random unaligned and aligned requests against a plain byte vector, on direct files whose
+/// length is no multiple of a block and that writes past the end keep growing.
+#[test]
+fn direct_random_requests_match_a_byte_vector() {
+    let dir = TempDir::new("direct-random").expect("tempdir");
+    for (engine, seed) in [(EngineChoice::Sync, 1u64), (EngineChoice::IoUring, 2)] {
+        let mut rng = Rng::new(seed);
+        let path = dir.join(format!("random-{engine:?}"));
+        let mut model = vec![0u8; 10_000 + rng.below(5000) as usize];
+        rng.fill(&mut model);
+        std::fs::write(&path, &model).expect("create");
+        let file = HostFile::open(&path, true, CacheMode::None, engine).expect("open");
+        for step in 0..400 {
+            let limit = if rng.chance(10) { 40_000 } else { 3000 };
+            let len = 1 + rng.below(limit) as usize;
+            let offset = if rng.chance(50) {
+                rng.below(model.len() as u64 + 3000)
+            } else {
+                rng.below(model.len() as u64 / 512 + 4) * 512
+            };
+            if rng.chance(50) {
+                let mut data = vec![0u8; len];
+                rng.fill(&mut data);
+                file.write_at(&data, offset).expect("write");
+                let end = offset as usize + len;
+                if end > model.len() {
+                    model.resize(end, 0);
+                }
+                model[offset as usize..end].copy_from_slice(&data);
+                assert_eq!(file.len().expect("len"), model.len() as u64, "step {step}");
+            } else {
+                let mut back = vec![0u8; len];
+                let result = file.read_at(&mut back, offset);
+                if offset as usize + len <= model.len() {
+                    result.expect("read inside the file");
+                    assert!(
+                        back[..] == model[offset as usize..offset as usize + len],
+                        "{engine:?} step {step}: read {offset}+{len}"
+                    );
+                } else {
+                    assert!(result.is_err(), "{engine:?} step {step}: read past the end");
+                }
+            }
+        }
+        drop(file);
+        assert!(std::fs::read(&path).expect("read") == model, "{engine:?}");
+    }
+}
