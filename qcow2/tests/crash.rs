@@ -80,7 +80,7 @@ fn crash_run(name: &str, setup: &[&str], opts: &str, snapshot: bool) {
                 let start = off / cs * cs;
                 let n = (len / cs).max(1) * cs;
                 let n = n.min(size - start);
-                if n % cs == 0 || start + n == size {
+                if n & (cs - 1) == 0 || start + n == size {
                     dev.discard(start, n).expect("discard");
                     let mut now = vec![0u8; n as usize];
                     dev.read_at(&mut now, start).expect("read back");
