@@ -1,11 +1,12 @@
 //! One extent of an opened disk: where a slice of the guest's bytes comes from.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vdisk_block::{BlockStatus, Error, ErrorKind, HostFile, HostLocation, Result};
+use vdisk_block::{BlockStatus, Error, ErrorKind, HostFile, HostLocation, Result, ZeroMode};
 
-use crate::descriptor::ExtentType;
+use crate::descriptor::{Access, ExtentType};
 use crate::sparse::{Grain, SparseExtent};
 
 /// The storage behind an extent.
@@ -18,8 +19,8 @@ pub enum ExtentData {
         file: Arc<HostFile>,
         /// Byte offset of the extent's first byte in the file.
         offset: u64,
-        /// The file's length when opened.
-        file_len: u64,
+        /// The file's length (kept up to date by writes that extend it).
+        file_len: AtomicU64,
     },
     /// Reads as zeroes, stores nothing.
     Zero,
@@ -38,6 +39,8 @@ pub struct Extent {
     pub len: u64,
     /// The type its descriptor line gave (SPARSE for a monolithic file).
     pub kind: ExtentType,
+    /// How the disk may use it.
+    pub access: Access,
     /// The file, when there is one.
     pub path: Option<PathBuf>,
     /// The storage.
@@ -72,6 +75,7 @@ impl Extent {
                 file_len,
             } => {
                 let host = base + offset;
+                let file_len = file_len.load(Ordering::Acquire);
                 let in_file = file_len.saturating_sub(host).min(buf.len() as u64) as usize;
                 let (head, tail) = buf.split_at_mut(in_file);
                 file.read_at(head, host)?;
@@ -84,6 +88,86 @@ impl Extent {
             }
             ExtentData::Sparse(sparse) => sparse.read(buf, offset, unallocated),
             ExtentData::NoAccess => Err(self.no_access("read", offset)),
+        }
+    }
+
+    fn check_writable(&self, op: &'static str, offset: u64) -> Result<()> {
+        match self.access {
+            Access::ReadWrite => Ok(()),
+            Access::NoAccess => Err(self.no_access(op, offset)),
+            Access::ReadOnly => Err(Error::new(
+                ErrorKind::ReadOnly,
+                op,
+                format!(
+                    "the guest byte {} lies in a RDONLY extent",
+                    self.start + offset
+                ),
+            )
+            .at_offset(self.start + offset)),
+        }
+    }
+
+    /// Writes `buf` at extent offset `offset`; `unallocated` supplies the rest of a grain a
+    /// sparse extent allocates.
+    pub fn write(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        unallocated: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        self.check_writable("write", offset)?;
+        match &self.data {
+            ExtentData::Flat {
+                file,
+                offset: base,
+                file_len,
+            } => {
+                file.write_at(buf, base + offset)?;
+                file_len.fetch_max(base + offset + buf.len() as u64, Ordering::AcqRel);
+                Ok(())
+            }
+            ExtentData::Sparse(sparse) => sparse.write(buf, offset, unallocated),
+            ExtentData::Zero => Err(Error::unsupported(
+                "write",
+                "a ZERO extent stores nothing and cannot be written",
+            )
+            .at_offset(self.start + offset)),
+            ExtentData::NoAccess => Err(self.no_access("write", offset)),
+        }
+    }
+
+    /// Makes `len` bytes at extent offset `offset` read as zeroes.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        mode: ZeroMode,
+        has_backing: bool,
+        unallocated: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        self.check_writable("write zeroes", offset)?;
+        match &self.data {
+            ExtentData::Flat {
+                file,
+                offset: base,
+                file_len,
+            } => {
+                // Past the end of the file the bytes already read as zeroes.
+                let end = file_len.load(Ordering::Acquire);
+                let len = end.saturating_sub(base + offset).min(len);
+                if len == 0 {
+                    return Ok(());
+                }
+                match file.zero_range(base + offset, len) {
+                    Ok(()) => Ok(()),
+                    Err(_) => file.write_zero_bytes(base + offset, len),
+                }
+            }
+            ExtentData::Sparse(sparse) => {
+                sparse.write_zeroes(offset, len, mode, has_backing, unallocated)
+            }
+            ExtentData::Zero => Ok(()),
+            ExtentData::NoAccess => Err(self.no_access("write zeroes", offset)),
         }
     }
 
@@ -106,7 +190,8 @@ impl Extent {
                 file_len,
             } => {
                 let host = base + offset;
-                if host >= *file_len {
+                let file_len = file_len.load(Ordering::Acquire);
+                if host >= file_len {
                     st.zero = true;
                 } else {
                     st.len = len.min(file_len - host);

@@ -1,9 +1,11 @@
-//! The `vmdk` format driver: probing and opening (creation comes later).
+//! The `vmdk` format driver: probing, opening and creating.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use vdisk_block::{BlockDev, CreateOptions, Error, Format, OpenOptions, Result};
+use vdisk_block::{BlockDev, CreateOptions, Format, OpenOptions, Result};
+
+use crate::create::CreateSpec;
 
 use crate::header::SparseHeader;
 
@@ -48,15 +50,23 @@ impl Format for VmdkFormat {
         Ok(Arc::new(crate::open::open(path, options)?))
     }
 
-    fn create(&self, path: &Path, _options: CreateOptions) -> Result<()> {
-        Err(
-            Error::unsupported("create", "creating VMDK images is not implemented yet")
-                .with_path(path),
-        )
+    fn create(&self, path: &Path, options: CreateOptions) -> Result<()> {
+        let spec = CreateSpec::from_options(path, options)?;
+        crate::create::create(path, &spec)
     }
 
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
-        Vec::new()
+        vec![
+            ("adapter_type", "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX"),
+            ("backing_file", "File name of a base image"),
+            ("backing_fmt", "Must be 'vmdk' if present"),
+            ("compat6", "VMDK version 6 image"),
+            ("hwversion", "VMDK hardware version"),
+            ("size", "Virtual disk size"),
+            ("subformat", "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized}"),
+            ("toolsversion", "VMware guest tools version"),
+            ("zeroed_grain", "Enable efficient zero writes using the zeroed-grain GTE feature"),
+        ]
     }
 }
 

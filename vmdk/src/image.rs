@@ -4,11 +4,14 @@
 //! a sparse extent does not hold come from the parent, or read as zeroes without one.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use vdisk_block::{
-    check_range, BlockDev, BlockStatus, Error, ErrorKind, ImageInfo, Preallocation, ReadSegment,
-    Result, ZeroMode,
+    check_range, BlockDev, BlockStatus, Error, ErrorKind, HostFile, ImageInfo, Preallocation,
+    ReadSegment, Result, ZeroMode,
 };
 
 use crate::descriptor::Descriptor;
@@ -23,6 +26,86 @@ pub struct VmdkImage {
     pub(crate) backing: Option<Arc<dyn BlockDev>>,
     /// The parent as the descriptor names it, resolved against the image's folder.
     pub(crate) parent_path: Option<PathBuf>,
+    /// Where the descriptor lives, when the image is writable.
+    pub(crate) desc_store: Option<DescriptorStore>,
+    /// Serialises writers: allocation and table updates happen under it; reads never take it.
+    pub(crate) write_lock: Mutex<()>,
+    /// The CID has been changed for this open (done before the first write, as VMware and
+    /// qemu do, so a delta taken earlier no longer matches).
+    pub(crate) cid_bumped: AtomicBool,
+}
+
+/// Where a writable image's descriptor is kept.
+#[derive(Debug)]
+pub(crate) enum DescriptorStore {
+    /// Embedded in a sparse file: at most `capacity` bytes at `offset`.
+    Embedded {
+        /// The sparse file.
+        file: Arc<HostFile>,
+        /// Byte offset of the descriptor.
+        offset: u64,
+        /// Bytes reserved for it.
+        capacity: u64,
+    },
+    /// A text file of its own.
+    Text(Arc<HostFile>),
+}
+
+impl DescriptorStore {
+    /// Replaces the stored descriptor with `descriptor`.
+    pub(crate) fn store(&self, descriptor: &Descriptor) -> Result<()> {
+        let text = descriptor.to_text();
+        match self {
+            DescriptorStore::Embedded {
+                file,
+                offset,
+                capacity,
+            } => {
+                if text.len() as u64 > *capacity {
+                    return Err(Error::invalid(
+                        "write vmdk descriptor",
+                        format!(
+                            "the descriptor ({} bytes) does not fit the {capacity} bytes reserved for it",
+                            text.len()
+                        ),
+                    )
+                    .with_path(file.path()));
+                }
+                let mut padded = text.into_bytes();
+                padded.resize(*capacity as usize, 0);
+                file.write_at(&padded, *offset)?;
+                file.flush()
+            }
+            DescriptorStore::Text(file) => {
+                file.write_at(text.as_bytes(), 0)?;
+                file.set_len(text.len() as u64)?;
+                file.flush()
+            }
+        }
+    }
+}
+
+/// A content id nobody else has: qemu and VMware use a random one.
+pub(crate) fn new_cid() -> u32 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut z = nanos
+        ^ (u64::from(std::process::id()) << 32)
+        ^ u64::from(COUNTER.fetch_add(1, AtomicOrdering::Relaxed))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let cid = (z ^ (z >> 31)) as u32;
+    // 0xffffffff means "no parent" in parentCID; never hand it out as a CID.
+    if cid == u32::MAX {
+        0xfffffffe
+    } else {
+        cid
+    }
 }
 
 impl std::fmt::Debug for VmdkImage {
@@ -55,12 +138,41 @@ impl VmdkImage {
     }
 
     fn read_only(&self, op: &'static str) -> Error {
-        Error::new(
-            ErrorKind::ReadOnly,
-            op,
-            "the image is open read-only (writing VMDK is not implemented yet)",
-        )
-        .with_path(&self.path)
+        Error::new(ErrorKind::ReadOnly, op, "the image is open read-only").with_path(&self.path)
+    }
+
+    /// Changes the CID once per open, before the first change to the guest's contents.
+    fn before_write(&self, op: &'static str) -> Result<()> {
+        let Some(store) = &self.desc_store else {
+            return Err(self.read_only(op));
+        };
+        if !self.cid_bumped.load(AtomicOrdering::Acquire) {
+            let mut descriptor = self.descriptor.clone();
+            descriptor.cid = new_cid();
+            store.store(&descriptor)?;
+            self.cid_bumped.store(true, AtomicOrdering::Release);
+        }
+        Ok(())
+    }
+
+    /// Runs `each(extent, offset within it, guest offset, length)` over the extents that
+    /// `offset..offset + len` touches.
+    fn for_extents(
+        &self,
+        offset: u64,
+        len: u64,
+        mut each: impl FnMut(&Extent, u64, u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let extent = &self.extents[self.extent_at(at)];
+            let within = at - extent.start;
+            let n = (extent.len - within).min(end - at);
+            each(extent, within, at, n)?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Fills `buf` from guest offset `offset` with what the parent (or nothing) holds.
@@ -109,19 +221,56 @@ impl BlockDev for VmdkImage {
         Ok(())
     }
 
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(self.read_only("write"))
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range("write", self.size, offset, buf.len() as u64)?;
+        let _guard = self.write_lock.lock();
+        self.before_write("write")?;
+        self.for_extents(offset, buf.len() as u64, |extent, within, at, n| {
+            let piece = &buf[(at - offset) as usize..(at - offset + n) as usize];
+            let start = extent.start;
+            extent.write(piece, within, &mut |fill: &mut [u8], off: u64| {
+                self.read_fallthrough(fill, start + off)
+            })
+        })
     }
 
-    fn write_zeroes(&self, _offset: u64, _len: u64, _mode: ZeroMode) -> Result<()> {
-        Err(self.read_only("write zeroes"))
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        check_range("write zeroes", self.size, offset, len)?;
+        let _guard = self.write_lock.lock();
+        self.before_write("write zeroes")?;
+        let has_backing = self.backing.is_some();
+        self.for_extents(offset, len, |extent, within, _, n| {
+            let start = extent.start;
+            extent.write_zeroes(
+                within,
+                n,
+                mode,
+                has_backing,
+                &mut |fill: &mut [u8], off: u64| self.read_fallthrough(fill, start + off),
+            )
+        })
     }
 
-    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(self.read_only("discard"))
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_range("discard", self.size, offset, len)?;
+        if self.desc_store.is_none() {
+            return Err(self.read_only("discard"));
+        }
+        // Discard is advisory and VMDK has no way to free a grain in place (qemu does not
+        // implement it either): the data stays.
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
+        if self.desc_store.is_none() {
+            return Ok(());
+        }
+        let _guard = self.write_lock.lock();
+        for extent in &self.extents {
+            if let Some(file) = extent.host_file() {
+                file.flush()?;
+            }
+        }
         Ok(())
     }
 
@@ -137,7 +286,13 @@ impl BlockDev for VmdkImage {
     }
 
     fn resize(&self, _new_size: u64, _prealloc: Preallocation) -> Result<()> {
-        Err(self.read_only("resize"))
+        if self.desc_store.is_none() {
+            return Err(self.read_only("resize"));
+        }
+        Err(
+            Error::unsupported("resize", "resizing VMDK images is not supported")
+                .with_path(&self.path),
+        )
     }
 
     fn info(&self) -> Result<ImageInfo> {
@@ -215,6 +370,15 @@ impl BlockDev for VmdkImage {
     }
 
     fn is_read_only(&self) -> bool {
-        true
+        self.desc_store.is_none()
+    }
+
+    fn has_zero_init(&self) -> bool {
+        // Sparse extents start unallocated and flat files start as holes; a parent breaks it.
+        self.backing.is_none()
+            && self
+                .extents
+                .iter()
+                .all(|e| !matches!(e.data, ExtentData::NoAccess))
     }
 }

@@ -15,6 +15,7 @@
 //! Not yet here (issue 5): writing and creating, `check`, OVA/OVF input.
 #![forbid(unsafe_code)]
 
+pub mod create;
 pub mod descriptor;
 pub mod esx;
 pub mod extent;
@@ -23,6 +24,8 @@ pub mod header;
 pub mod image;
 pub mod open;
 pub mod sparse;
+mod sparse_write;
+pub mod stream;
 
 pub use descriptor::{Access, Descriptor, ExtentLine, ExtentType};
 pub use format::VmdkFormat;

@@ -16,7 +16,7 @@ use crate::descriptor::{
 use crate::esx;
 use crate::extent::{Extent, ExtentData};
 use crate::header::{SparseHeader, SECTOR};
-use crate::image::VmdkImage;
+use crate::image::{DescriptorStore, VmdkImage};
 use crate::sparse::SparseExtent;
 
 const OP: &str = "open vmdk";
@@ -56,10 +56,10 @@ enum Kind {
     Text,
 }
 
-fn open_file(path: &Path, options: &OpenOptions) -> Result<Arc<HostFile>> {
+fn open_file(path: &Path, writable: bool, options: &OpenOptions) -> Result<Arc<HostFile>> {
     Ok(Arc::new(HostFile::open(
         path,
-        false,
+        writable,
         options.cache,
         options.engine,
     )?))
@@ -134,7 +134,7 @@ fn text_descriptor(file: &HostFile) -> Result<Descriptor> {
 
 /// The descriptor of the VMDK at `path`, embedded or separate, without opening any extent.
 pub fn read_descriptor(path: &Path, options: &OpenOptions) -> Result<Descriptor> {
-    let file = open_file(path, options)?;
+    let file = open_file(path, false, options)?;
     match classify(&file)? {
         Kind::Sparse(header) => Ok(embedded_descriptor(&file, &header)?
             .unwrap_or_else(|| Descriptor::new("monolithicSparse", 0))),
@@ -213,6 +213,7 @@ fn open_extent(
         start,
         len,
         kind: line.kind,
+        access: line.access,
         path: None,
         data: ExtentData::Zero,
     };
@@ -239,7 +240,8 @@ fn open_extent(
     // The parser guarantees these kinds name a file.
     let name = line.file.as_deref().unwrap_or_default();
     let path = follow(image, name, "extent", options)?;
-    let file = open_file(&path, options)?;
+    let writable = options.writable && line.access == Access::ReadWrite;
+    let file = open_file(&path, writable, options)?;
     extent.data = match line.kind {
         ExtentType::Sparse | ExtentType::VmfsSparse | ExtentType::SeSparse => {
             ExtentData::Sparse(Box::new(open_sparse(file, line.kind)?))
@@ -252,7 +254,7 @@ fn open_extent(
                 .ok_or_else(|| {
                     Error::corrupt(OP, "the FLAT extent's offset overflows").with_path(image)
                 })?;
-            let file_len = file.len()?;
+            let file_len = file.len()?.into();
             ExtentData::Flat {
                 file,
                 offset,
@@ -266,14 +268,7 @@ fn open_extent(
 
 /// Opens the VMDK at `path` (read-only) with every extent and, within the policy, its parent.
 pub fn open(path: &Path, options: &OpenOptions) -> Result<VmdkImage> {
-    if options.writable {
-        return Err(Error::unsupported(
-            OP,
-            "writing VMDK images is not implemented yet; open read-only",
-        )
-        .with_path(path));
-    }
-    let file = open_file(path, options)?;
+    let file = open_file(path, options.writable, options)?;
     let (descriptor, extents) = match classify(&file)? {
         Kind::Sparse(header) if header.capacity != 0 || header.descriptor_offset == 0 => {
             // A monolithic sparse file is its own single extent; the extent lines of its
@@ -288,6 +283,7 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<VmdkImage> {
                 start: 0,
                 len,
                 kind: ExtentType::Sparse,
+                access: Access::ReadWrite,
                 path: Some(path.to_path_buf()),
                 data: ExtentData::Sparse(Box::new(sparse)),
             };
@@ -301,6 +297,7 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<VmdkImage> {
                 start: 0,
                 len: sparse.capacity_bytes(),
                 kind: ExtentType::VmfsSparse,
+                access: Access::ReadWrite,
                 path: Some(path.to_path_buf()),
                 data: ExtentData::Sparse(Box::new(sparse)),
             };
@@ -342,6 +339,12 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<VmdkImage> {
         }
     };
     let size = extents.last().map(|e| e.start + e.len).unwrap_or(0);
+    let desc_store = if options.writable {
+        check_writable(path, &extents)?;
+        Some(descriptor_store(&file, path)?)
+    } else {
+        None
+    };
     let (backing, parent_path) = open_parent(path, &descriptor, options)?;
     Ok(VmdkImage {
         path: path.to_path_buf(),
@@ -350,7 +353,58 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<VmdkImage> {
         size,
         backing,
         parent_path,
+        desc_store,
+        write_lock: parking_lot::Mutex::new(()),
+        cid_bumped: std::sync::atomic::AtomicBool::new(false),
     })
+}
+
+/// Refuses a writable open of extents this driver only reads, before anything is changed.
+fn check_writable(path: &Path, extents: &[Extent]) -> Result<()> {
+    for extent in extents {
+        if let ExtentData::Sparse(sparse) = &extent.data {
+            let header = sparse.header();
+            let why = if sparse.layout() != crate::sparse::Layout::Hosted {
+                Some(format!(
+                    "{} extents are read-only here",
+                    extent.kind.as_str()
+                ))
+            } else if header.compressed() {
+                Some("streamOptimized images are append-only and written only when created".into())
+            } else if header.version == 3 {
+                Some("version 3 sparse extents (VMware changed-block tracking) are read-only, as in qemu".into())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(
+                    Error::unsupported(OP, format!("cannot open for writing: {why}"))
+                        .with_path(extent.path.as_deref().unwrap_or(path)),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where a writable image keeps its descriptor: embedded in the named sparse file, or the
+/// named text file itself.
+fn descriptor_store(file: &Arc<HostFile>, path: &Path) -> Result<DescriptorStore> {
+    match classify(file)? {
+        Kind::Sparse(header) if header.descriptor_offset != 0 && header.descriptor_size != 0 => {
+            Ok(DescriptorStore::Embedded {
+                file: Arc::clone(file),
+                offset: header.descriptor_offset * SECTOR,
+                capacity: header.descriptor_size * SECTOR,
+            })
+        }
+        Kind::Text => Ok(DescriptorStore::Text(Arc::clone(file))),
+        _ => Err(Error::unsupported(
+            OP,
+            "cannot open for writing: the image has no descriptor to record its new CID in",
+        )
+        .with_path(path)),
+    }
 }
 
 type Parent = (Option<Arc<dyn vdisk_block::BlockDev>>, Option<PathBuf>);

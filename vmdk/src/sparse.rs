@@ -10,13 +10,16 @@
 //! before it is used.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use flate2::{Decompress, FlushDecompress, Status};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use vdisk_block::{Error, HostFile, Result};
 
-use crate::header::{Marker, SparseHeader, GD_AT_END, MARKER_EOS, MARKER_FOOTER, SECTOR};
+use crate::header::{
+    Marker, SparseHeader, FLAG_REDUNDANT_GD, GD_AT_END, MARKER_EOS, MARKER_FOOTER, SECTOR,
+};
 
 /// Grain tables kept in memory at most (2 KiB each at 512 entries): enough to map 32 GiB of
 /// 64 KiB grains without rereading, small enough not to matter.
@@ -88,9 +91,17 @@ pub struct SparseExtent {
     /// The header in force: the footer's copy when the first header defers to it.
     header: SparseHeader,
     layout: Layout,
-    file_len: u64,
-    gd: Vec<u64>,
-    gt_cache: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
+    /// The file's length: grows as a writer allocates.
+    pub(crate) file_len: AtomicU64,
+    /// Grain directory entries; written only under the image's write lock.
+    pub(crate) gd: RwLock<Vec<u64>>,
+    /// Byte offset of the grain directory.
+    pub(crate) gd_offset: u64,
+    /// The redundant grain directory (hosted extents with the flag), with its offset.
+    pub(crate) rgd: Option<(u64, RwLock<Vec<u64>>)>,
+    /// Where the next allocation goes (sector aligned); only writers use it.
+    pub(crate) end: Mutex<u64>,
+    pub(crate) gt_cache: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
     /// The most recently inflated grain, by file offset: readers that ask for less than a
     /// grain at a time would otherwise inflate the same grain again and again.
     last_grain: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
@@ -171,12 +182,35 @@ impl SparseExtent {
         }
         let mut raw = vec![0u8; gd_bytes as usize];
         file.read_at(&mut raw, gd_offset)?;
+        let gd = decode_entries(&raw, layout.entry_bytes());
+        // The redundant directory is only needed to keep it in step when writing.
+        let rgd = if file.is_writable()
+            && layout == Layout::Hosted
+            && header.flags & FLAG_REDUNDANT_GD != 0
+            && header.rgd_offset != 0
+        {
+            let at = header.rgd_offset * SECTOR;
+            if at + gd_bytes > file_len {
+                return Err(corrupt(
+                    &file,
+                    "the redundant grain directory lies past the end of the file",
+                ));
+            }
+            let mut raw = vec![0u8; gd_bytes as usize];
+            file.read_at(&mut raw, at)?;
+            Some((at, RwLock::new(decode_entries(&raw, 4))))
+        } else {
+            None
+        };
         Ok(SparseExtent {
-            gd: decode_entries(&raw, layout.entry_bytes()),
+            gd: RwLock::new(gd),
+            gd_offset,
+            rgd,
+            end: Mutex::new(file_len.div_ceil(SECTOR) * SECTOR),
             file,
             header,
             layout,
-            file_len,
+            file_len: AtomicU64::new(file_len),
             gt_cache: Mutex::new(HashMap::new()),
             last_grain: Mutex::new(None),
         })
@@ -237,7 +271,7 @@ impl SparseExtent {
                 tables + rel
             }
         };
-        if at + table_bytes > self.file_len {
+        if at + table_bytes > self.file_len() {
             return Err(corrupt(
                 &self.file,
                 format!(
@@ -249,7 +283,7 @@ impl SparseExtent {
     }
 
     fn grain_table(&self, gd_index: usize) -> Result<Option<Arc<Vec<u64>>>> {
-        let Some(&entry) = self.gd.get(gd_index) else {
+        let Some(entry) = self.gd.read().get(gd_index).copied() else {
             return Ok(None);
         };
         let Some(at) = self.table_offset(gd_index, entry)? else {
@@ -315,7 +349,7 @@ impl SparseExtent {
     }
 
     fn data_grain(&self, grain: u64, at: u64) -> Result<Grain> {
-        if at >= self.file_len {
+        if at >= self.file_len() {
             return Err(corrupt(
                 &self.file,
                 format!("grain {grain} points at byte {at}, past the end of the file"),
@@ -331,7 +365,7 @@ impl SparseExtent {
             sector => {
                 let at = sector * SECTOR;
                 if self.header.compressed() {
-                    if at >= self.file_len {
+                    if at >= self.file_len() {
                         return Err(corrupt(
                             &self.file,
                             format!(
@@ -374,7 +408,7 @@ impl SparseExtent {
             }
             Grain::Data(at) => {
                 let host = at + within;
-                if host + buf.len() as u64 > self.file_len {
+                if host + buf.len() as u64 > self.file_len() {
                     return Err(corrupt(
                         &self.file,
                         format!("grain {grain} at byte {at} runs past the end of the file"),
@@ -463,7 +497,7 @@ impl SparseExtent {
         let max_compressed = 2 * grain_bytes;
         let (data_at, data_len) = if self.header.markers() {
             let mut raw = [0u8; 12];
-            if at + 12 > self.file_len {
+            if at + 12 > self.file_len() {
                 return Err(corrupt(
                     &self.file,
                     format!("the grain marker of grain {grain} at byte {at} is past the end of the file"),
@@ -474,7 +508,7 @@ impl SparseExtent {
                 raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
             ]);
             let size = u64::from(u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]));
-            if size == 0 || size > max_compressed || at + 12 + size > self.file_len {
+            if size == 0 || size > max_compressed || at + 12 + size > self.file_len() {
                 return Err(corrupt(
                     &self.file,
                     format!(
@@ -492,7 +526,7 @@ impl SparseExtent {
             }
             (at + 12, size)
         } else {
-            (at, max_compressed.min(self.file_len - at))
+            (at, max_compressed.min(self.file_len() - at))
         };
         let mut input = vec![0u8; data_len as usize];
         self.file.read_at(&mut input, data_at)?;
@@ -506,9 +540,9 @@ impl SparseExtent {
         Ok(data)
     }
 
-    /// Guest bytes of grains allocated in this extent (for `info`/`map` summaries).
+    /// The length of the extent's file (including what a writer allocated since open).
     pub fn file_len(&self) -> u64 {
-        self.file_len
+        self.file_len.load(Ordering::Acquire)
     }
 }
 
