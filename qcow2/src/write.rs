@@ -60,9 +60,6 @@ pub(crate) fn prepare_writable(file: &HostFile, header: &mut Header) -> Result<(
     if header.extended_l2() {
         return refuse("writing images with extended L2 entries is not implemented yet");
     }
-    if header.has_data_file() {
-        return refuse("writing images with an external data file is not implemented yet");
-    }
     let keep = header.autoclear_features & autoclear::KNOWN & !autoclear::BITMAPS;
     if header.version >= 3 && keep != header.autoclear_features {
         file.write_at(&keep.to_be_bytes(), HEADER_AUTOCLEAR)?;
@@ -181,7 +178,7 @@ impl Qcow2Image {
         let copied = entry & COPIED != 0;
         if let (Kind::Normal { host }, true) = (kind, copied) {
             drop(meta);
-            return self.file().write_at(data, host + within as u64);
+            return self.data_file()?.write_at(data, host + within as u64);
         }
         // Build the whole new cluster: its current contents with `data` on top.
         let full: Vec<u8> = if data.len() as u64 == cs {
@@ -198,8 +195,15 @@ impl Qcow2Image {
             b
         };
         if let (Kind::ZeroAlloc { host }, true) = (kind, copied) {
-            self.file().write_at(&full, host)?;
+            self.data_file()?.write_at(&full, host)?;
             return self.set_entry(&mut meta, l2, idx, host | COPIED);
+        }
+        if self.header.has_data_file() {
+            // Data clusters of an external data file sit at their guest offset and carry
+            // no refcount: nothing to allocate or release.
+            let valid = (self.header.size - start).min(cs) as usize;
+            self.data_file()?.write_at(&full[..valid], start)?;
+            return self.set_entry(&mut meta, l2, idx, start | COPIED);
         }
         let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
         let host = refs.alloc(self.file())? << self.header.cluster_bits;
@@ -214,6 +218,15 @@ impl Qcow2Image {
         let cs = self.header.cluster_size();
         let has_backing = self.header.backing_file.is_some();
         let v3 = self.header.version >= 3;
+        if self.header.has_data_file() {
+            // Zeroes go into the data file itself, which keeps a raw data file valid;
+            // discard is advisory and keeps the data.
+            if discard {
+                return Ok(());
+            }
+            let n = (self.header.size - pos).min(cs);
+            return self.write_cluster(&vec![0u8; n as usize], pos);
+        }
         let mut meta = self.meta.lock();
         let (kind, _) = self.lookup_locked(&mut meta, pos, cs)?;
         let new_entry = match (kind, discard) {
@@ -371,6 +384,9 @@ impl Qcow2Image {
         }
         let mut meta = self.meta.lock();
         self.writeback(&mut meta)?;
+        if let crate::open::DataFile::External(data) = &self.data {
+            data.flush()?;
+        }
         self.file().flush()
     }
 
@@ -383,6 +399,9 @@ impl Qcow2Image {
         let file = self.file();
         if meta.l2.dirty_count() == 0 && meta.pending_free.is_empty() && !refs.has_dirty() {
             return Ok(());
+        }
+        if let crate::open::DataFile::External(data) = &self.data {
+            data.flush()?;
         }
         refs.write_dirty(file)?;
         file.flush()?;

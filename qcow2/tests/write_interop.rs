@@ -291,3 +291,38 @@ fn refcount_table_grows_with_self_describing_blocks() {
     let contents = qemu_contents(&img, &s);
     assert_same(&contents[1 << 20..11 << 20], &data, "data after growth");
 }
+
+#[test]
+fn external_data_files() {
+    for raw in ["off", "on"] {
+        let s = Scratch::new("w-data");
+        let img = s.path("img.qcow2");
+        let data = s.path("img.data");
+        let opts = format!("data_file={},data_file_raw={raw}", data.display());
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            img.to_str().expect("u"),
+            "8M",
+        ]);
+        ModelTest::new(8 << 20)
+            .threads(2)
+            .ops(200)
+            .reopen(true)
+            .run(|| Ok(Arc::new(open_rw(&img)) as Arc<dyn BlockDev>))
+            .unwrap_or_else(|e| panic!("data_file_raw={raw}: {e}"));
+        qemu_check_clean(&img);
+        let contents = qemu_contents(&img, &s);
+        assert_same(&read_all(&open(&img)), &contents, "data file image");
+        if raw == "on" {
+            // The data file stays a valid raw image of the guest contents.
+            let mut bytes = std::fs::read(&data).expect("read data file");
+            bytes.resize(contents.len(), 0);
+            assert_same(&bytes, &contents, "raw data file");
+        }
+    }
+}
