@@ -32,6 +32,8 @@ pub struct Overlaid {
     extents: BTreeMap<u64, Extent>,
     /// The file length after replay (replay may extend the file).
     len: u64,
+    /// Nothing was replayed: every read goes straight to the file, whatever its length now.
+    direct: bool,
 }
 
 impl Overlaid {
@@ -42,6 +44,7 @@ impl Overlaid {
             file,
             extents: BTreeMap::new(),
             len,
+            direct: true,
         })
     }
 
@@ -50,7 +53,7 @@ impl Overlaid {
         &self.file
     }
 
-    /// The file length as replay left it.
+    /// The file length as replay left it (as it was at open when nothing was replayed).
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -62,11 +65,37 @@ impl Overlaid {
 
     /// True when nothing was replayed (reads go straight to the file).
     pub fn is_clean(&self) -> bool {
-        self.extents.is_empty() && self.len == self.file.len().unwrap_or(self.len)
+        self.direct
+    }
+
+    /// Writes every replayed change into the host file and flushes it (a writable open
+    /// replays for real). Afterwards the view reads the file directly.
+    pub fn apply_to_file(&mut self) -> Result<()> {
+        if self.direct {
+            return Ok(());
+        }
+        for (at, ext) in &self.extents {
+            match &ext.content {
+                Content::Zero => self.file.write_zero_bytes(*at, ext.len)?,
+                Content::Data { data, skip } => self
+                    .file
+                    .write_at(&data[*skip..*skip + ext.len as usize], *at)?,
+            }
+        }
+        if self.file.len()? < self.len {
+            self.file.set_len(self.len)?;
+        }
+        self.file.flush()?;
+        self.extents.clear();
+        self.direct = true;
+        Ok(())
     }
 
     /// True when `offset..offset+len` is exactly what the host file holds.
     pub fn untouched(&self, offset: u64, len: u64) -> bool {
+        if self.direct {
+            return true;
+        }
         let end = offset.saturating_add(len);
         if end > self.file.len().unwrap_or(0) {
             return false;
@@ -76,6 +105,9 @@ impl Overlaid {
 
     /// Extends the visible file to at least `len` bytes (the extension reads as zeroes).
     pub fn extend_to(&mut self, len: u64) {
+        if len > self.len {
+            self.direct = false;
+        }
         self.len = self.len.max(len);
     }
 
@@ -85,6 +117,7 @@ impl Overlaid {
         if len == 0 {
             return;
         }
+        self.direct = false;
         self.carve(offset, offset + len);
         self.extents.insert(
             offset,
@@ -101,6 +134,7 @@ impl Overlaid {
         if len == 0 {
             return;
         }
+        self.direct = false;
         let end = offset.saturating_add(len);
         self.carve(offset, end);
         self.extents.insert(
@@ -170,6 +204,9 @@ impl Overlaid {
     /// Fills `buf` from `offset` as the replayed file reads. Bytes past the visible length are
     /// an error; bytes between the host file's end and the visible length read as zeroes.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.direct {
+            return self.file.read_at(buf, offset);
+        }
         let end = offset
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= self.len)
@@ -185,9 +222,6 @@ impl Overlaid {
                 .with_path(self.file.path())
                 .at_offset(offset)
             })?;
-        if self.extents.is_empty() && end <= self.file.len()? {
-            return self.file.read_at(buf, offset);
-        }
         let mut pos = offset;
         while pos < end {
             let out = &mut buf[(pos - offset) as usize..];

@@ -15,10 +15,12 @@
 //! Block status reports every hole as unallocated (qemu reports all of a VHDX as data), so
 //! `map` and sparse copies see them.
 //!
-//! Writing is not implemented yet: a writable open is refused.
+//! Writes live in [`crate::vhdx::write`]; a writable open replays a pending log into the file
+//! first.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
 
 use vdisk_block::{
     check_range, BlockDev, BlockStatus, Error, ErrorKind, HostFile, HostLocation, ImageInfo,
@@ -37,15 +39,33 @@ const MIB: u64 = 1024 * 1024;
 
 /// An opened VHDX image (read-only for now).
 pub struct VhdxImage {
-    path: PathBuf,
-    view: Overlaid,
-    header: Header,
-    regions: Regions,
-    params: DiskParams,
+    pub(crate) path: PathBuf,
+    pub(crate) view: Overlaid,
+    pub(crate) regions: Regions,
+    pub(crate) params: DiskParams,
     creator: Option<String>,
-    bat: Vec<u64>,
-    parent: Option<Arc<dyn BlockDev>>,
+    /// The BAT; readers copy an entry out and drop the lock before any I/O.
+    pub(crate) bat: RwLock<Vec<u64>>,
+    pub(crate) parent: Option<Arc<dyn BlockDev>>,
     replay: Option<ReplaySummary>,
+    /// Header, log and allocation state; held for the whole of a metadata update.
+    pub(crate) writer: Mutex<WriterState>,
+    /// The first write of this session already changed the write GUIDs.
+    pub(crate) session_started: AtomicBool,
+    pub(crate) writable: bool,
+    /// Test hook: fail every file write or flush after this many (simulated power cut).
+    #[cfg(test)]
+    pub(crate) fault: crate::vhdx::write::FaultBudget,
+}
+
+/// What writers share: the current header and its slot, where the next block goes, and the
+/// log session.
+#[derive(Debug)]
+pub(crate) struct WriterState {
+    pub(crate) header: Header,
+    pub(crate) slot: usize,
+    pub(crate) file_end: u64,
+    pub(crate) log_seq: u64,
 }
 
 impl std::fmt::Debug for VhdxImage {
@@ -61,7 +81,7 @@ impl std::fmt::Debug for VhdxImage {
 
 /// Where one guest range comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+pub(crate) enum Source {
     /// This file at the host offset.
     Data(u64),
     /// Zeroes; `allocated` when this layer decides it (it hides a parent).
@@ -88,14 +108,12 @@ impl VhdxImage {
     /// Opens `path`. The parent of a differencing image is opened through `options.opener`
     /// within `options.policy`.
     pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
-        if options.writable {
-            return Err(Error::unsupported(
-                "open",
-                "writing VHDX images is not implemented yet; open it read-only",
-            )
-            .with_path(path));
-        }
-        let file = Arc::new(HostFile::open(path, false, options.cache, options.engine)?);
+        let file = Arc::new(HostFile::open(
+            path,
+            options.writable,
+            options.cache,
+            options.engine,
+        )?);
         let mut view = Overlaid::new(Arc::clone(&file))?;
         let file_len = view.len();
         if file_len < HEADER_SECTION {
@@ -112,7 +130,7 @@ impl VhdxImage {
         for (buf, off) in raw.iter_mut().zip(HEADER_OFFSETS) {
             view.read_at(buf, off)?;
         }
-        let (_, header) =
+        let (slot, header) =
             header::choose_current([&raw[0], &raw[1]]).map_err(|w| corrupt(path, w))?;
         log::check_header(&header, file_len).map_err(|w| corrupt(path, w))?;
         let replay = log::replay(&mut view, &header)
@@ -126,17 +144,31 @@ impl VhdxImage {
             Some(locator) => parent::open(path, locator, options)?,
             None => None,
         };
-        Ok(VhdxImage {
+        let file_end = allocation_start(&bat, &params, view.len());
+        let mut image = VhdxImage {
             path: path.to_path_buf(),
             view,
-            header,
             regions,
             params,
             creator: Some(creator),
-            bat,
+            bat: RwLock::new(bat),
             parent,
             replay,
-        })
+            writer: Mutex::new(WriterState {
+                header,
+                slot,
+                file_end,
+                log_seq: 0,
+            }),
+            session_started: AtomicBool::new(false),
+            writable: options.writable,
+            #[cfg(test)]
+            fault: Default::default(),
+        };
+        if options.writable {
+            image.finish_replay()?;
+        }
+        Ok(image)
     }
 
     /// The validated metadata.
@@ -145,8 +177,23 @@ impl VhdxImage {
     }
 
     /// The current header.
-    pub fn header(&self) -> &Header {
-        &self.header
+    pub fn header(&self) -> Header {
+        self.writer().header.clone()
+    }
+
+    /// The writer state (poisoning only means another thread panicked mid-update; the state
+    /// itself stays consistent because every update commits through the log).
+    pub(crate) fn writer(&self) -> std::sync::MutexGuard<'_, WriterState> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of BAT entry `index`.
+    pub(crate) fn bat_entry(&self, index: u64) -> Result<u64> {
+        let bat = self.bat.read().unwrap_or_else(|e| e.into_inner());
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| bat.get(i).copied())
+            .ok_or_else(|| self.io_error(0, format!("BAT index {index} is out of range")))
     }
 
     /// The BAT and metadata regions.
@@ -170,14 +217,14 @@ impl VhdxImage {
     }
 
     /// Where the range at `offset` (at most `max` bytes) comes from, and for how long.
-    fn map(&self, offset: u64, max: u64) -> Result<(Source, u64)> {
+    pub(crate) fn map(&self, offset: u64, max: u64) -> Result<(Source, u64)> {
         let bs = self.params.block_size as u64;
         let block = offset / bs;
         let in_block = offset % bs;
         let block_end = ((block + 1) * bs).min(self.params.virtual_size);
         let len = max.min(block_end - offset);
         let ratio = self.params.chunk_ratio();
-        let entry = self.entry(bat::payload_index(block, ratio))?;
+        let entry = self.bat_entry(bat::payload_index(block, ratio))?;
         let diff = self.params.has_parent;
         let state = PayloadState::from_bits(entry).ok_or_else(|| {
             self.io_error(
@@ -207,7 +254,7 @@ impl VhdxImage {
     fn map_partial(&self, block: u64, in_block: u64, len: u64, host: u64) -> Result<(Source, u64)> {
         let ratio = self.params.chunk_ratio();
         let sector = self.params.logical_sector_size as u64;
-        let sb = self.entry(bat::bitmap_index(block, ratio))?;
+        let sb = self.bat_entry(bat::bitmap_index(block, ratio))?;
         if bat::state_bits(sb) != bat::SB_PRESENT {
             return Err(self.io_error(
                 block * self.params.block_size as u64,
@@ -235,14 +282,7 @@ impl VhdxImage {
         Ok((source, run))
     }
 
-    fn entry(&self, index: u64) -> Result<u64> {
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| self.bat.get(i).copied())
-            .ok_or_else(|| self.io_error(0, format!("BAT index {index} is out of range")))
-    }
-
-    fn io_error(&self, offset: u64, why: String) -> Error {
+    pub(crate) fn io_error(&self, offset: u64, why: String) -> Error {
         Error::corrupt("read", why)
             .with_path(&self.path)
             .at_offset(offset)
@@ -252,7 +292,7 @@ impl VhdxImage {
         self.view.read_at(buf, host)
     }
 
-    fn read_parent(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(crate) fn read_parent(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let Some(parent) = &self.parent else {
             buf.fill(0);
             return Ok(());
@@ -265,14 +305,30 @@ impl VhdxImage {
         Ok(())
     }
 
-    fn read_only(&self, op: &'static str) -> Error {
-        Error::new(
-            ErrorKind::ReadOnly,
-            op,
-            "the image is open read-only (writing VHDX is not implemented yet)",
-        )
-        .with_path(&self.path)
+    pub(crate) fn read_only(&self, op: &'static str) -> Error {
+        Error::new(ErrorKind::ReadOnly, op, "the image is open read-only").with_path(&self.path)
     }
+}
+
+/// Where the next block goes: past the file's end and every allocated block, 1 MiB aligned.
+fn allocation_start(bat: &[u64], params: &DiskParams, file_len: u64) -> u64 {
+    let bs = params.block_size as u64;
+    let ratio = params.chunk_ratio();
+    let used = bat
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(bat::state_bits(**e), 6 | 7))
+        .map(|(i, e)| {
+            let len = if bat::is_bitmap_index(i as u64, ratio) {
+                MIB
+            } else {
+                bs
+            };
+            bat::file_offset(*e).saturating_add(len)
+        })
+        .max()
+        .unwrap_or(0);
+    used.max(file_len).next_multiple_of(MIB)
 }
 
 fn read_regions(view: &Overlaid, path: &Path) -> Result<Regions> {
@@ -476,20 +532,20 @@ impl BlockDev for VhdxImage {
         Ok(())
     }
 
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(self.read_only("write"))
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_impl(buf, offset)
     }
 
-    fn write_zeroes(&self, _offset: u64, _len: u64, _mode: ZeroMode) -> Result<()> {
-        Err(self.read_only("write zeroes"))
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        self.zero_impl(offset, len, Some(mode))
     }
 
-    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(self.read_only("discard"))
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_impl(offset, len, None)
     }
 
     fn flush(&self) -> Result<()> {
-        Ok(())
+        self.flush_impl()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
@@ -533,7 +589,13 @@ impl BlockDev for VhdxImage {
     }
 
     fn resize(&self, _new_size: u64, _prealloc: Preallocation) -> Result<()> {
-        Err(self.read_only("resize"))
+        if !self.writable {
+            return Err(self.read_only("resize"));
+        }
+        Err(
+            Error::unsupported("resize", "resizing VHDX images is not implemented yet")
+                .with_path(&self.path),
+        )
     }
 
     fn info(&self) -> Result<ImageInfo> {
@@ -600,7 +662,11 @@ impl BlockDev for VhdxImage {
         Ok(out)
     }
 
+    fn has_zero_init(&self) -> bool {
+        !self.params.has_parent
+    }
+
     fn is_read_only(&self) -> bool {
-        true
+        !self.writable
     }
 }

@@ -14,3 +14,4 @@ pub mod log;
 pub mod metadata;
 pub mod parent;
 pub mod region;
+pub mod write;

@@ -1,0 +1,386 @@
+//! The write path of VHDX: data first, then metadata through the log.
+//!
+//! Invariants, in the order a write keeps them:
+//! 1. **Session GUIDs.** Before the first change of a session the header gets a new
+//!    FileWriteGuid and DataWriteGuid (MS-VHDX 2.2.2.1), so a child made against the old
+//!    contents no longer links to this image.
+//! 2. **Data before metadata.** A block is allocated past the end of the file, its bytes
+//!    (the guest's, plus zeroes or the parent's for the rest of the block) are written and
+//!    flushed before any BAT entry points at it. A crash before the BAT update leaks the
+//!    space and loses nothing that was acknowledged.
+//! 3. **Metadata through the log.** Every BAT change is written as one log entry (the new
+//!    4 KiB BAT sectors), flushed, then written in place and flushed again, before the next
+//!    entry may overwrite the log. Each entry is alone in its sequence (tail = itself) at
+//!    the start of the log, so after a crash the newest entry is the active sequence and a
+//!    torn entry fails its checksum and is ignored. The header's LogGuid is set before the
+//!    first entry and cleared on flush once everything is applied, so a cleanly flushed
+//!    image has nothing to replay and qemu opens it read-only.
+//! 4. **Blocks are only ever whole.** A write into a block that is not FULLY_PRESENT
+//!    materialises the whole block (zeroes, or the parent's bytes in a differencing image)
+//!    and makes it FULLY_PRESENT; PARTIALLY_PRESENT blocks written by Hyper-V are completed
+//!    in place from the parent the same way. No sector bitmap is ever written.
+//!
+//! Zeroing whole blocks switches them to the ZERO state (hiding the parent of a differencing
+//! image); a fixed image (LeaveBlockAllocated) keeps its blocks and zeroes them in place.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use vdisk_block::{check_range, Result, ZeroMode};
+#[cfg(test)]
+use vdisk_block::{Error, ErrorKind};
+
+use crate::guid::Guid;
+use crate::vhdx::bat::{self, PayloadState};
+use crate::vhdx::create::random_guid;
+use crate::vhdx::header::{Header, HEADER_OFFSETS};
+use crate::vhdx::image::{Source, VhdxImage, WriterState};
+use crate::vhdx::log::{encode_entry, LogWrite};
+
+const SECTOR: u64 = 4096;
+/// Piece size for copying parent data and zeroes.
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// Test hook: how many more file writes and flushes may succeed (`-1`: no limit).
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct FaultBudget(pub(crate) std::sync::atomic::AtomicI64);
+
+#[cfg(test)]
+impl Default for FaultBudget {
+    fn default() -> Self {
+        FaultBudget(std::sync::atomic::AtomicI64::new(-1))
+    }
+}
+
+impl VhdxImage {
+    /// Fails when the simulated power cut has happened (tests only).
+    fn io_allowed(&self) -> Result<()> {
+        #[cfg(test)]
+        {
+            let left = self.fault.0.load(Ordering::SeqCst);
+            if left == 0 {
+                return Err(Error::new(ErrorKind::Io, "write", "simulated power cut"));
+            }
+            if left > 0 {
+                self.fault.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+
+    fn fwrite(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.io_allowed()?;
+        self.file().write_at(buf, offset)
+    }
+
+    fn fzero(&self, offset: u64, len: u64) -> Result<()> {
+        self.io_allowed()?;
+        self.file().write_zero_bytes(offset, len)
+    }
+
+    fn fflush(&self) -> Result<()> {
+        self.io_allowed()?;
+        self.file().flush()
+    }
+
+    fn check_writable(&self, op: &'static str) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(self.read_only(op))
+        }
+    }
+
+    /// A writable open replays a pending log into the file and clears the LogGuid, so the
+    /// file on disk is consistent before anything else writes to it.
+    pub(crate) fn finish_replay(&mut self) -> Result<()> {
+        if self.view.is_clean() {
+            return Ok(());
+        }
+        self.view.apply_to_file()?;
+        let mut w = self.writer();
+        self.update_header(&mut w, |h| h.log_guid = Guid::ZERO)
+    }
+
+    /// Writes `change` applied to the current header into the non-current slot with the
+    /// next sequence number, and flushes: a torn write leaves the old header current.
+    fn update_header(&self, w: &mut WriterState, change: impl FnOnce(&mut Header)) -> Result<()> {
+        let mut h = w.header.clone();
+        change(&mut h);
+        h.sequence = h.sequence.wrapping_add(1);
+        let slot = 1 - w.slot;
+        self.fwrite(&h.encode(), HEADER_OFFSETS[slot])?;
+        self.fflush()?;
+        w.header = h;
+        w.slot = slot;
+        Ok(())
+    }
+
+    /// Changes the write GUIDs once per session, before the first change.
+    fn start_session(&self) -> Result<()> {
+        if self.session_started.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut w = self.writer();
+        if !self.session_started.load(Ordering::Acquire) {
+            let (fw, dw) = (random_guid()?, random_guid()?);
+            self.update_header(&mut w, |h| {
+                h.file_write_guid = fw;
+                h.data_write_guid = dw;
+            })?;
+            self.session_started.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Commits BAT `changes` (index, new entry) through the log; see the module docs.
+    fn commit_bat(&self, w: &mut WriterState, changes: &[(u64, u64)]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.fflush()?;
+        if w.header.log_guid.is_zero() {
+            let guid = random_guid()?;
+            self.update_header(w, |h| h.log_guid = guid)?;
+            w.log_seq = 0;
+        }
+        let mut sectors: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        {
+            let bat = self.bat.read().unwrap_or_else(|e| e.into_inner());
+            for &(index, _) in changes {
+                let sector = index * 8 / SECTOR;
+                sectors.entry(sector).or_insert_with(|| {
+                    let mut buf = vec![0u8; SECTOR as usize];
+                    let first = (sector * SECTOR / 8) as usize;
+                    for (i, e) in bat.iter().skip(first).take(SECTOR as usize / 8).enumerate() {
+                        buf[i * 8..i * 8 + 8].copy_from_slice(&e.to_le_bytes());
+                    }
+                    buf
+                });
+            }
+        }
+        for &(index, entry) in changes {
+            let buf = sectors
+                .get_mut(&(index * 8 / SECTOR))
+                .ok_or_else(|| self.io_error(0, "BAT sector vanished".into()))?;
+            let at = (index * 8 % SECTOR) as usize;
+            buf[at..at + 8].copy_from_slice(&entry.to_le_bytes());
+        }
+        let bat_offset = self.regions.bat.offset;
+        let writes: Vec<LogWrite> = sectors
+            .into_iter()
+            .map(|(s, data)| LogWrite::Data {
+                offset: bat_offset + s * SECTOR,
+                data,
+            })
+            .collect();
+        let file_len = self.file().len()?;
+        // Each entry must fit in the log; a huge zeroing commits in several entries.
+        // n data sectors need n + ceil((64 + 32 n) / 4096) sectors of log.
+        let log_sectors = w.header.log_length as u64 / SECTOR;
+        let per_entry = log_sectors.saturating_sub(2 + log_sectors / 128).max(1) as usize;
+        for group in writes.chunks(per_entry) {
+            w.log_seq += 1;
+            let entry = encode_entry(w.header.log_guid, w.log_seq, 0, file_len, file_len, group);
+            self.fwrite(&entry, w.header.log_offset)?;
+            self.fflush()?;
+            for write in group {
+                if let LogWrite::Data { offset, data } = write {
+                    self.fwrite(data, *offset)?;
+                }
+            }
+            self.fflush()?;
+        }
+        let mut bat = self.bat.write().unwrap_or_else(|e| e.into_inner());
+        for &(index, entry) in changes {
+            if let Some(slot) = bat.get_mut(index as usize) {
+                *slot = entry;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the LogGuid once everything is applied (flush and close).
+    fn retire_log(&self) -> Result<()> {
+        let mut w = self.writer();
+        if !w.header.log_guid.is_zero() {
+            self.update_header(&mut w, |h| h.log_guid = Guid::ZERO)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn flush_impl(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.fflush()?;
+        self.retire_log()
+    }
+
+    fn payload_state(&self, block: u64) -> Result<(u64, PayloadState, u64)> {
+        let index = bat::payload_index(block, self.params.chunk_ratio());
+        let entry = self.bat_entry(index)?;
+        let state = PayloadState::from_bits(entry).ok_or_else(|| {
+            self.io_error(
+                block * self.params.block_size as u64,
+                format!("BAT entry of block {block} has a reserved state"),
+            )
+        })?;
+        Ok((index, state, bat::file_offset(entry)))
+    }
+
+    /// Makes `block` FULLY_PRESENT with its current contents; returns its host offset.
+    /// Called with the writer lock held.
+    fn materialise(&self, w: &mut WriterState, block: u64) -> Result<u64> {
+        let (index, state, offset) = self.payload_state(block)?;
+        if state == PayloadState::FullyPresent {
+            return Ok(offset);
+        }
+        let bs = self.params.block_size as u64;
+        let start = block * bs;
+        let len = bs.min(self.params.virtual_size - start);
+        let host = if state == PayloadState::PartiallyPresent {
+            offset
+        } else {
+            let host = w.file_end;
+            w.file_end += bs;
+            self.io_allowed()?;
+            let file = self.file();
+            if file.len()? < host + bs {
+                file.set_len(host + bs)?;
+            }
+            host
+        };
+        // The rest of the block keeps what the guest saw: the parent where the block fell
+        // through to it, zeroes elsewhere (a fresh block past the end of file is zeroes).
+        let mut pos = 0;
+        let mut buf = Vec::new();
+        while pos < len {
+            let (source, n) = self.map(start + pos, (len - pos).min(COPY_CHUNK))?;
+            if source == Source::Parent && self.parent.is_some() {
+                buf.resize(n as usize, 0);
+                self.read_parent(&mut buf, start + pos)?;
+                self.fwrite(&buf, host + pos)?;
+            } else if state == PayloadState::PartiallyPresent
+                && source != (Source::Data(host + pos))
+            {
+                self.fzero(host + pos, n)?;
+            }
+            pos += n;
+        }
+        self.commit_bat(
+            w,
+            &[(
+                index,
+                bat::make_entry(PayloadState::FullyPresent.bits(), host),
+            )],
+        )?;
+        Ok(host)
+    }
+
+    /// Host offset of `block` for writing, allocating it when needed.
+    fn block_for_write(&self, block: u64) -> Result<u64> {
+        let (_, state, offset) = self.payload_state(block)?;
+        if state == PayloadState::FullyPresent {
+            return Ok(offset);
+        }
+        let mut w = self.writer();
+        self.materialise(&mut w, block)
+    }
+
+    pub(crate) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable("write")?;
+        check_range("write", self.size_bytes(), offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.start_session()?;
+        let bs = self.params.block_size as u64;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let block = pos / bs;
+            let in_block = pos % bs;
+            let n = ((bs - in_block) as usize).min(buf.len() - done);
+            let host = self.block_for_write(block)?;
+            self.fwrite(&buf[done..done + n], host + in_block)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write-zeroes (`Some(mode)`) and discard (`None`).
+    pub(crate) fn zero_impl(&self, offset: u64, len: u64, mode: Option<ZeroMode>) -> Result<()> {
+        let op = if mode.is_some() {
+            "write zeroes"
+        } else {
+            "discard"
+        };
+        self.check_writable(op)?;
+        check_range(op, self.size_bytes(), offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.start_session()?;
+        let bs = self.params.block_size as u64;
+        let diff = self.params.has_parent;
+        let keep = self.params.leave_block_allocated && !diff;
+        let mut to_zero_state = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let block = pos / bs;
+            let start = block * bs;
+            let block_end = (start + bs).min(self.params.virtual_size);
+            let n = block_end.min(end) - pos;
+            let whole = pos == start && pos + n == block_end;
+            let (index, state, host) = self.payload_state(block)?;
+            let reads_zero = !state.has_offset()
+                && (!diff || matches!(state, PayloadState::Zero | PayloadState::Unmapped));
+            if reads_zero {
+                // Nothing to do: the range already reads as zeroes.
+            } else if whole
+                && !keep
+                && (mode != Some(ZeroMode::KeepAllocated) || state != PayloadState::FullyPresent)
+            {
+                // Whole blocks become ZERO, unless the caller wants an allocated block kept.
+                to_zero_state.push((index, bat::make_entry(PayloadState::Zero.bits(), 0)));
+            } else if mode.is_none() {
+                // Discard of part of a block, or of a block that must stay allocated, is
+                // advisory: keep the data.
+            } else if state == PayloadState::FullyPresent {
+                self.fzero(host + (pos - start), n)?;
+            } else {
+                let host = self.block_for_write(block)?;
+                self.fzero(host + (pos - start), n)?;
+            }
+            pos += n;
+        }
+        if !to_zero_state.is_empty() {
+            // Data written to these blocks before must not resurface if the file space is
+            // ever reused: the space is simply never handed out again.
+            self.fflush()?;
+            let mut w = self.writer();
+            self.commit_bat(&mut w, &to_zero_state)?;
+        }
+        Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.params.virtual_size
+    }
+}
+
+impl Drop for VhdxImage {
+    fn drop(&mut self) {
+        #[cfg(test)]
+        if self.fault.0.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        if self.writable {
+            // Best effort: a failure leaves a LogGuid whose entry replays idempotently.
+            let _ = self.flush_impl();
+        }
+    }
+}
