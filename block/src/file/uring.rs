@@ -7,8 +7,9 @@
 //!
 //! The one rule everything here serves: the kernel writes into (or reads from) the caller's
 //! buffers, so no call returns while a request it submitted is still owned by the kernel. On
-//! every error path the ring is drained first; a ring that cannot be drained is not
-//! survivable (returning would let the kernel write into freed memory), so the process aborts.
+//! every error path the ring is drained first (after asking the kernel to cancel what it
+//! can); a ring that cannot be drained is not survivable (returning would let the kernel
+//! write into freed memory), so the process aborts.
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -220,7 +221,8 @@ fn run_on(ring: &mut IoUring, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<
             break;
         }
         if let Err(error) = wait_one(ring) {
-            drain(ring, in_flight);
+            let cancels = cancel_all(ring);
+            drain(ring, in_flight + cancels);
             let (offset, write) = match (&first_error, queue.front()) {
                 (Some((_, off, w)), _) => (*off, *w),
                 (None, Some(&i)) => (pending[i].offset + pending[i].done as u64, pending[i].write),
@@ -306,6 +308,27 @@ fn wait_one(ring: &mut IoUring) -> io::Result<()> {
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// `user_data` of the cancel entry, which no request of a batch can have (indices are small).
+const CANCEL_TAG: u64 = u64::MAX;
+
+/// Asks the kernel to cancel everything in flight on this ring (one entry matching any
+/// request, Linux 5.19+), so the drain does not wait on requests that may never finish on
+/// their own, such as a read of an empty pipe. Returns how many entries it queued (their
+/// completions are drained with the rest). Cancelled requests complete with `ECANCELED`;
+/// those already running complete normally. Older kernels reject the entry, which costs
+/// nothing but the wait.
+fn cancel_all(ring: &mut IoUring) -> u32 {
+    let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+        .build()
+        .user_data(CANCEL_TAG);
+    // SAFETY: a cancel entry references no memory of ours; it names requests by the ring
+    // they are in, and its own completion is reaped by the drain like any other.
+    match unsafe { ring.submission().push(&entry) } {
+        Ok(()) => 1,
+        Err(_) => 0,
     }
 }
 
