@@ -384,6 +384,27 @@ fn requests_over_one_gib_are_split_correctly() {
 }
 
 #[test]
+fn offsets_the_kernel_would_misread_are_rejected() {
+    let dir = TempDir::new("offsets").expect("tempdir");
+    let path = scratch(&dir, "img", 4096);
+    for engine in ENGINES {
+        let file = HostFile::open(&path, true, CacheMode::Writeback, engine).expect("open");
+        for offset in [u64::MAX, u64::MAX - 1, i64::MAX as u64, 1 << 63] {
+            let mut buf = [0u8; 2];
+            assert!(
+                file.read_at(&mut buf, offset).is_err(),
+                "{engine:?} read {offset}"
+            );
+            assert!(
+                file.write_at(&buf, offset).is_err(),
+                "{engine:?} write {offset}"
+            );
+        }
+        assert_eq!(file.len().expect("len"), 4096);
+    }
+}
+
+#[test]
 fn read_only_files_refuse_every_change() {
     let dir = TempDir::new("ro").expect("tempdir");
     let path = scratch(&dir, "img", 8192);

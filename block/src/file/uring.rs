@@ -165,9 +165,11 @@ fn run_on(ring: &mut IoUring, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<
         })
         .collect();
     for p in &pending {
-        if p.offset.checked_add(p.len as u64).is_none() {
+        // The kernel reads offsets as signed, and -1 would even mean "the file position".
+        let end = p.offset.checked_add(p.len as u64);
+        if end.is_none_or(|end| end > i64::MAX as u64) {
             return Err(RunError::Failed {
-                error: io::Error::from_raw_os_error(libc::EFBIG),
+                error: io::Error::from_raw_os_error(libc::EINVAL),
                 offset: p.offset,
                 write: p.write,
             });
@@ -226,7 +228,11 @@ fn run_on(ring: &mut IoUring, file: &File, ops: &mut [&mut IoOp<'_>]) -> Result<
             let (offset, write) = match (&first_error, queue.front()) {
                 (Some((_, off, w)), _) => (*off, *w),
                 (None, Some(&i)) => (pending[i].offset + pending[i].done as u64, pending[i].write),
-                (None, None) => (0, false),
+                // Everything left is in flight: name the first unfinished request.
+                (None, None) => pending
+                    .iter()
+                    .find(|p| p.done < p.len)
+                    .map_or((0, false), |p| (p.offset + p.done as u64, p.write)),
             };
             return Err(RunError::Failed {
                 error,
