@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vdisk_block::{BlockDev, Result};
+use vdisk_block::{BlockDev, Error, Result};
 
 /// qemu measures every device in 512-byte sectors and rounds a partial last sector up.
 pub const SECTOR: u64 = 512;
@@ -94,7 +94,20 @@ pub fn chain_status(top: &Arc<dyn BlockDev>, offset: u64, len: u64) -> Result<Ma
                 filename: layer.info().ok().map(|i| i.filename),
             });
         }
-        let st = layer.block_status(offset, len.min(size - offset))?;
+        let asked = len.min(size - offset);
+        let st = layer.block_status(offset, asked)?;
+        // Every walk advances by the extent's length: a driver that answered with nothing,
+        // or with more than was asked, would loop forever or overrun, so it is refused.
+        if st.len == 0 || st.len > asked || st.offset != offset {
+            return Err(Error::corrupt(
+                "block status",
+                format!(
+                    "the driver described {}+{} when asked for {offset}+{asked}",
+                    st.offset, st.len
+                ),
+            )
+            .at_offset(offset));
+        }
         len = st.len;
         if st.data || st.zero {
             return Ok(MapEntry {
@@ -204,6 +217,51 @@ mod tests {
             assert!(!pair[0].mergeable(&pair[1]), "{pair:?} should have merged");
             assert_eq!(pair[0].start + pair[0].length, pair[1].start);
         }
+    }
+
+    /// A device whose block status never advances, as a buggy driver might answer.
+    struct Stuck(MemImage);
+
+    impl BlockDev for Stuck {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+            self.0.write_zeroes(offset, len, mode)
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<()> {
+            self.0.discard(offset, len)
+        }
+        fn flush(&self) -> Result<()> {
+            self.0.flush()
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<vdisk_block::BlockStatus> {
+            let mut st = self.0.block_status(offset, len)?;
+            st.len = 0;
+            Ok(st)
+        }
+        fn resize(&self, size: u64, p: vdisk_block::Preallocation) -> Result<()> {
+            self.0.resize(size, p)
+        }
+        fn info(&self) -> Result<vdisk_block::ImageInfo> {
+            self.0.info()
+        }
+        fn is_read_only(&self) -> bool {
+            self.0.is_read_only()
+        }
+    }
+
+    #[test]
+    fn a_driver_that_does_not_advance_is_an_error_not_a_hang() {
+        let dev: Arc<dyn BlockDev> = Arc::new(Stuck(MemImage::new(1 << 20)));
+        let err = walk_map(&dev, 0, None, |_, _| Ok(())).expect_err("must fail");
+        assert_eq!(err.kind(), vdisk_block::ErrorKind::Corrupt);
     }
 
     #[test]
