@@ -53,13 +53,10 @@ impl Format for RawFormat {
         options.reject_leftovers("raw")?;
         let file = HostFile::create(path, crate::CacheMode::Writeback, crate::EngineChoice::Sync)?;
         preallocate(&file, 0, options.size, prealloc)?;
-        // qemu-img does this for off and falloc alike (`full` wrote everything already).
+        // qemu-img writes the first block for off and falloc alike (`full` wrote everything
+        // already); after fallocate the reserved range is unwritten, so without it `map`
+        // would show no data at all, unlike qemu's images.
         if matches!(prealloc, Preallocation::Off | Preallocation::Falloc) && options.size > 0 {
-            allocate_first_block(&file, options.size)?;
-        }
-        // qemu writes the first block after fallocate too (the reserved range is unwritten,
-        // so without it `map` would show no data at all, unlike qemu's images).
-        if prealloc == Preallocation::Falloc && options.size > 0 {
             allocate_first_block(&file, options.size)?;
         }
         file.flush()
