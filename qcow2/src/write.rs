@@ -25,9 +25,14 @@
 
 use vdisk_block::{check_range, Error, ErrorKind, HostFile, Preallocation, Result, ZeroMode};
 
-use crate::entry::{Kind, COPIED, OFFSET_MASK, ZERO};
+use crate::entry::{Kind, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::header::{autoclear, incompat, CryptMethod, Header};
 use crate::image::{Meta, Qcow2Image};
+
+/// Subcluster bitmap with every subcluster allocated.
+const ALL_ALLOCATED: u64 = 0xffff_ffff;
+/// Subcluster bitmap with every subcluster reading as zeroes.
+const ALL_ZERO: u64 = 0xffff_ffff << 32;
 
 /// Header offset of `autoclear_features`.
 const HEADER_AUTOCLEAR: u64 = 88;
@@ -56,9 +61,6 @@ pub(crate) fn prepare_writable(file: &HostFile, header: &mut Header) -> Result<(
     }
     if header.crypt_method != CryptMethod::None {
         return refuse("writing encrypted images is not implemented yet");
-    }
-    if header.extended_l2() {
-        return refuse("writing images with extended L2 entries is not implemented yet");
     }
     let keep = header.autoclear_features & autoclear::KNOWN & !autoclear::BITMAPS;
     if header.version >= 3 && keep != header.autoclear_features {
@@ -135,24 +137,152 @@ impl Qcow2Image {
         Ok((new, idx))
     }
 
-    /// Sets L2 entry `idx` of the table at `l2` and marks the table dirty.
-    fn set_entry(&self, meta: &mut Meta, l2: u64, idx: usize, value: u64) -> Result<()> {
+    fn width(&self) -> usize {
+        if self.decoder.extended_l2 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Sets L2 entry `idx` of the table at `l2` (and its subcluster bitmap with extended
+    /// L2) and marks the table dirty.
+    fn set_entry_bitmap(
+        &self,
+        meta: &mut Meta,
+        l2: u64,
+        idx: usize,
+        value: u64,
+        bitmap: u64,
+    ) -> Result<()> {
+        let width = self.width();
         self.load_l2(meta, l2)?;
         let table = meta
             .l2
             .get(l2)
             .ok_or_else(|| Error::corrupt("write", "an L2 table left the cache while in use"))?;
-        table.words[idx] = value;
+        table.words[idx * width] = value;
+        if width == 2 {
+            table.words[idx * width + 1] = bitmap;
+        }
         table.dirty = true;
         Ok(())
     }
 
+    /// Sets a standard L2 entry; with extended L2 every subcluster becomes allocated.
+    fn set_entry(&self, meta: &mut Meta, l2: u64, idx: usize, value: u64) -> Result<()> {
+        self.set_entry_bitmap(meta, l2, idx, value, ALL_ALLOCATED)
+    }
+
     fn entry_at(&self, meta: &mut Meta, l2: u64, idx: usize) -> Result<u64> {
+        Ok(self.entry_bitmap_at(meta, l2, idx)?.0)
+    }
+
+    /// L2 entry `idx` and its subcluster bitmap (0 without extended L2).
+    fn entry_bitmap_at(&self, meta: &mut Meta, l2: u64, idx: usize) -> Result<(u64, u64)> {
+        let width = self.width();
         self.load_l2(meta, l2)?;
         meta.l2
             .get(l2)
-            .map(|t| t.words[idx])
+            .map(|t| {
+                let bitmap = if width == 2 { t.words[idx * 2 + 1] } else { 0 };
+                (t.words[idx * width], bitmap)
+            })
             .ok_or_else(|| Error::corrupt("write", "an L2 table left the cache while in use"))
+    }
+
+    /// Writes `data` into the guest cluster containing `pos` of an image with extended L2
+    /// entries: only the touched subclusters become allocated, the others keep reading as
+    /// they did (zeroes, or the backing file). A shared or compressed cluster is copied
+    /// whole, as without subclusters.
+    fn write_subclusters(&self, data: &[u8], pos: u64) -> Result<()> {
+        let cs = self.header.cluster_size();
+        let sc = cs / u64::from(crate::entry::SUBCLUSTERS);
+        let start = pos & !(cs - 1);
+        let within = pos - start;
+        let valid = (self.header.size - start).min(cs);
+        let mut meta = self.meta.lock();
+        let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
+        let (entry, bitmap) = self.entry_bitmap_at(&mut meta, l2, idx)?;
+        let data_file = self.header.has_data_file();
+        let compressed = entry & COMPRESSED != 0;
+        let host0 = entry & OFFSET_MASK;
+        let has_host = !compressed && (host0 != 0 || (data_file && entry & COPIED != 0));
+        let private = has_host && entry & COPIED != 0;
+        if !private && (has_host || compressed) {
+            let mut full = vec![0u8; cs as usize];
+            drop(meta);
+            self.read_locked(&mut full[..valid as usize], start)?;
+            meta = self.meta.lock();
+            full[within as usize..within as usize + data.len()].copy_from_slice(data);
+            let old = self.decoder.classify(entry, 0, 0, start)?;
+            let host = if data_file {
+                start
+            } else {
+                let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
+                refs.alloc(self.file())? << self.header.cluster_bits
+            };
+            self.data_file()?.write_at(&full[..valid as usize], host)?;
+            self.set_entry_bitmap(&mut meta, l2, idx, host | COPIED, ALL_ALLOCATED)?;
+            if !data_file {
+                Self::release(&mut meta, old, cs);
+            }
+            return Ok(());
+        }
+        // Touched subclusters, with the untouched bytes of the edge ones filled from what
+        // they read as now.
+        let end = within + data.len() as u64;
+        let (first, last) = (within / sc, (end - 1) / sc);
+        let span = (first * sc, ((last + 1) * sc).min(valid));
+        let mut owned;
+        let payload: &[u8] = if span == (within, end) {
+            data
+        } else {
+            owned = vec![0u8; (span.1 - span.0) as usize];
+            drop(meta);
+            self.read_locked(&mut owned, start + span.0)?;
+            meta = self.meta.lock();
+            let at = (within - span.0) as usize;
+            owned[at..at + data.len()].copy_from_slice(data);
+            &owned
+        };
+        let host = if private {
+            host0
+        } else if data_file {
+            start
+        } else {
+            let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
+            refs.alloc(self.file())? << self.header.cluster_bits
+        };
+        self.data_file()?.write_at(payload, host + span.0)?;
+        let mask = (((1u64 << (last - first + 1)) - 1) << first) & 0xffff_ffff;
+        let new_bitmap = (bitmap | mask) & !(mask << 32);
+        self.set_entry_bitmap(&mut meta, l2, idx, host | COPIED, new_bitmap)
+    }
+
+    /// Makes a whole cluster of an extended-L2 image read as zeroes, or discards it.
+    fn clear_subclusters(&self, pos: u64, discard: bool, mode: ZeroMode) -> Result<()> {
+        let cs = self.header.cluster_size();
+        let has_backing = self.header.backing_file.is_some();
+        let mut meta = self.meta.lock();
+        let (kind, _) = self.lookup_locked(&mut meta, pos, cs)?;
+        if kind == Kind::Unallocated && (discard || !has_backing) {
+            return Ok(());
+        }
+        let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
+        let (entry, _) = self.entry_bitmap_at(&mut meta, l2, idx)?;
+        let compressed = entry & COMPRESSED != 0;
+        let host0 = entry & OFFSET_MASK;
+        let has_host = !compressed && host0 != 0;
+        let private = has_host && entry & COPIED != 0;
+        let old = self.decoder.classify(entry, 0, 0, pos)?;
+        if !discard && mode == ZeroMode::KeepAllocated && private {
+            return self.set_entry_bitmap(&mut meta, l2, idx, host0 | COPIED, ALL_ZERO);
+        }
+        let bitmap = if discard && !has_backing { 0 } else { ALL_ZERO };
+        self.set_entry_bitmap(&mut meta, l2, idx, 0, bitmap)?;
+        Self::release(&mut meta, old, cs);
+        Ok(())
     }
 
     /// Queues the host storage of `kind` to lose one reference at the next write-back.
@@ -168,6 +298,9 @@ impl Qcow2Image {
 
     /// Writes `data` into the guest cluster containing `pos` (`data` does not cross it).
     fn write_cluster(&self, data: &[u8], pos: u64) -> Result<()> {
+        if self.decoder.extended_l2 {
+            return self.write_subclusters(data, pos);
+        }
         let cs = self.header.cluster_size();
         let start = pos & !(cs - 1);
         let within = (pos - start) as usize;
@@ -226,6 +359,9 @@ impl Qcow2Image {
             }
             let n = (self.header.size - pos).min(cs);
             return self.write_cluster(&vec![0u8; n as usize], pos);
+        }
+        if self.decoder.extended_l2 {
+            return self.clear_subclusters(pos, discard, mode);
         }
         let mut meta = self.meta.lock();
         let (kind, _) = self.lookup_locked(&mut meta, pos, cs)?;

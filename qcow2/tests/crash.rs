@@ -123,4 +123,10 @@ fn consistent_at_every_operation_boundary() {
         false,
     );
     crash_run("crash-snapshot", &["write -P 7 0 4m"], "", true);
+    crash_run(
+        "crash-ext",
+        &["write -P 5 1m 1m"],
+        "extended_l2=on,cluster_size=32k",
+        true,
+    );
 }
