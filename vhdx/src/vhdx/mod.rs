@@ -5,6 +5,8 @@
 //! metadata region, payload blocks and sector-bitmap blocks.
 
 pub mod bat;
+#[cfg(test)]
+mod crash_tests;
 pub mod create;
 pub mod format;
 pub mod header;
