@@ -26,18 +26,24 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a new disk image.
+    #[command(long_about = cmd::create::LONG_ABOUT)]
     Create(cmd::create::CreateArgs),
     /// Show facts about an image.
+    #[command(long_about = cmd::info::LONG_ABOUT)]
     Info(cmd::info::InfoArgs),
     /// Check an image's metadata for consistency.
+    #[command(long_about = cmd::check::LONG_ABOUT)]
     Check(cmd::check::CheckArgs),
     /// Convert (copy) one image into another, possibly of another format.
     Convert(cmd::convert::ConvertArgs),
     /// Compare the guest-visible contents of two images.
+    #[command(long_about = cmd::compare::LONG_ABOUT)]
     Compare(cmd::compare::CompareArgs),
     /// Show how an image's guest offsets map to host storage.
+    #[command(long_about = cmd::map::LONG_ABOUT)]
     Map(cmd::map::MapArgs),
     /// Calculate the file size needed to create or convert an image.
+    #[command(long_about = cmd::measure::LONG_ABOUT)]
     Measure(cmd::measure::MeasureArgs),
 }
 

@@ -14,15 +14,15 @@ use crate::context::{without_hint, Failure};
 use crate::output::{qemu_json, OutputFormat};
 use crate::Ctx;
 
-/// Arguments of `check`.
-#[derive(Debug, Args)]
-#[command(
-    about = "Check an image's metadata for consistency",
-    long_about = "Check an image's metadata for consistency and, with -r, repair it.\n\n\
+/// The long `--help` text of `check`.
+pub const LONG_ABOUT: &str =
+    "Check an image's metadata for consistency and, with -r, repair it.\n\n\
                   Exit status: 0 consistent, 1 the check could not finish, 2 corruptions \
                   found, 3 only leaked clusters found, 63 the format cannot be checked (raw).\n\n\
-                  Example: vdisk check -r leaks disk.qcow2"
-)]
+                  Example: vdisk check -r leaks disk.qcow2";
+
+/// Arguments of `check`.
+#[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Format of the image (default: probed)
     #[arg(short = 'f', long = "format", value_name = "FMT")]

@@ -10,18 +10,18 @@ use super::{open, print, OpenSpec};
 use crate::context::Failure;
 use crate::Ctx;
 
-/// Arguments of `compare`.
-#[derive(Debug, Args)]
-#[command(
-    about = "Check if two images have the same contents",
-    long_about = "Check if two images have the same guest-visible contents, whatever their \
+/// The long `--help` text of `compare`.
+pub const LONG_ABOUT: &str =
+    "Check if two images have the same guest-visible contents, whatever their \
                   formats. An unallocated range equals zeroes, and when the sizes differ the \
                   tail of the larger image must read as zeroes; --strict also requires equal \
                   sizes and equal allocation.\n\n\
                   Exit status: 0 identical, 1 different, 2 cannot open an image, 3 cannot read \
                   allocation status, 4 cannot read data.\n\n\
-                  Example: vdisk compare -f raw -F raw a.raw b.raw"
-)]
+                  Example: vdisk compare -f raw -F raw a.raw b.raw";
+
+/// Arguments of `compare`.
+#[derive(Debug, Args)]
 pub struct CompareArgs {
     /// Format of FILENAME1 (default: probed)
     #[arg(short = 'f', long = "a-format", value_name = "FMT")]

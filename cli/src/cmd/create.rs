@@ -14,16 +14,16 @@ use super::print;
 use crate::context::{create_failure, parse_size_arg, Failure};
 use crate::Ctx;
 
-/// Arguments of `create`.
-#[derive(Debug, Args)]
-#[command(
-    about = "Create a new disk image",
-    long_about = "Create a new disk image FILENAME of SIZE bytes (suffixes k, M, G, T, P, E \
+/// The long `--help` text of `create`.
+pub const LONG_ABOUT: &str =
+    "Create a new disk image FILENAME of SIZE bytes (suffixes k, M, G, T, P, E \
                   multiply by 1024). An existing file is overwritten.\n\n\
                   Options of the format go in -o as key=value pairs separated by commas; \
                   '-o help' lists them. Raw images take preallocation=off|falloc|full.\n\n\
-                  Example: vdisk create -f raw -o preallocation=falloc disk.raw 10G"
-)]
+                  Example: vdisk create -f raw -o preallocation=falloc disk.raw 10G";
+
+/// Arguments of `create`.
+#[derive(Debug, Args)]
 pub struct CreateArgs {
     /// Format of the new image
     #[arg(

@@ -13,14 +13,14 @@ use crate::context::Failure;
 use crate::output::{qemu_json, OutputFormat};
 use crate::Ctx;
 
+/// The long `--help` text of `info`.
+pub const LONG_ABOUT: &str =
+    "Display information about an image: its format, virtual size, the space it \
+                  takes on the host, its backing file, and the host file below it.\n\n\
+                  Example: vdisk info --output=json disk.raw";
+
 /// Arguments of `info`.
 #[derive(Debug, Args)]
-#[command(
-    about = "Display information about an image",
-    long_about = "Display information about an image: its format, virtual size, the space it \
-                  takes on the host, its backing file, and the host file below it.\n\n\
-                  Example: vdisk info --output=json disk.raw"
-)]
 pub struct InfoArgs {
     /// Format of the image (default: probed; give it for raw images to avoid probing)
     #[arg(short = 'f', long = "format", value_name = "FMT")]

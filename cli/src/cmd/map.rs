@@ -12,17 +12,17 @@ use crate::context::{parse_size_arg, Failure};
 use crate::output::{map_entry_human, map_entry_json, OutputFormat, MAP_HUMAN_HEADER};
 use crate::Ctx;
 
-/// Arguments of `map`.
-#[derive(Debug, Args)]
-#[command(
-    about = "Dump the allocation map of an image",
-    long_about = "Dump the allocation map of an image: for each range of the guest disk, \
+/// The long `--help` text of `map`.
+pub const LONG_ABOUT: &str =
+    "Dump the allocation map of an image: for each range of the guest disk, \
                   whether it holds data, reads as zeroes or falls through to a backing file, \
                   and where it is stored on the host.\n\n\
                   The JSON form prints one extent per line; the human form lists only the \
                   ranges that hold data.\n\n\
-                  Example: vdisk map --output=json --start-offset 1M --max-length 64M disk.raw"
-)]
+                  Example: vdisk map --output=json --start-offset 1M --max-length 64M disk.raw";
+
+/// Arguments of `map`.
+#[derive(Debug, Args)]
 pub struct MapArgs {
     /// Format of the image (default: probed)
     #[arg(short = 'f', long = "format", value_name = "FMT")]

@@ -10,14 +10,14 @@ use crate::context::{parse_size_arg, Failure};
 use crate::output::{qemu_json, OutputFormat};
 use crate::Ctx;
 
+/// The long `--help` text of `measure`.
+pub const LONG_ABOUT: &str =
+    "Calculate the file size a new image needs: either an empty image of --size \
+                  bytes, or a copy of FILENAME converted to the target format.\n\n\
+                  Example: vdisk measure --output=json -O raw --size 10G";
+
 /// Arguments of `measure`.
 #[derive(Debug, Args)]
-#[command(
-    about = "Calculate the file size needed for a new image",
-    long_about = "Calculate the file size a new image needs: either an empty image of --size \
-                  bytes, or a copy of FILENAME converted to the target format.\n\n\
-                  Example: vdisk measure --output=json -O raw --size 10G"
-)]
 pub struct MeasureArgs {
     /// Format of FILENAME (default: probed)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
