@@ -26,6 +26,8 @@ pub enum ExtentData {
     Zero,
     /// A sparse extent (boxed: it is much larger than the other variants).
     Sparse(Box<SparseExtent>),
+    /// A streamOptimized extent opened for appending.
+    Stream(Box<crate::stream::StreamWriter>),
     /// A NOACCESS extent: it occupies guest space but must not be read.
     NoAccess,
 }
@@ -87,6 +89,7 @@ impl Extent {
                 Ok(())
             }
             ExtentData::Sparse(sparse) => sparse.read(buf, offset, unallocated),
+            ExtentData::Stream(stream) => stream.read(buf, offset),
             ExtentData::NoAccess => Err(self.no_access("read", offset)),
         }
     }
@@ -127,6 +130,7 @@ impl Extent {
                 Ok(())
             }
             ExtentData::Sparse(sparse) => sparse.write(buf, offset, unallocated),
+            ExtentData::Stream(stream) => stream.write(buf, offset),
             ExtentData::Zero => Err(Error::unsupported(
                 "write",
                 "a ZERO extent stores nothing and cannot be written",
@@ -166,6 +170,7 @@ impl Extent {
             ExtentData::Sparse(sparse) => {
                 sparse.write_zeroes(offset, len, mode, has_backing, unallocated)
             }
+            ExtentData::Stream(stream) => stream.write_zeroes(offset, len),
             ExtentData::Zero => Ok(()),
             ExtentData::NoAccess => Err(self.no_access("write zeroes", offset)),
         }
@@ -204,6 +209,7 @@ impl Extent {
             }
             ExtentData::Zero => st.zero = true,
             ExtentData::NoAccess => return Err(self.no_access("block status", offset)),
+            ExtentData::Stream(stream) => return Ok(stream.status(offset, len, st)),
             ExtentData::Sparse(sparse) => {
                 let (grain, run) = sparse.status(offset, len)?;
                 st.len = run;
@@ -235,6 +241,7 @@ impl Extent {
         match &self.data {
             ExtentData::Flat { file, .. } => Some(file),
             ExtentData::Sparse(sparse) => Some(sparse.file()),
+            ExtentData::Stream(stream) => Some(stream.reader().file()),
             ExtentData::Zero | ExtentData::NoAccess => None,
         }
     }

@@ -223,6 +223,18 @@ impl BlockDev for VmdkImage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_range("write", self.size, offset, buf.len() as u64)?;
+        if let [Extent {
+            data: ExtentData::Stream(stream),
+            ..
+        }] = self.extents.as_slice()
+        {
+            // The stream keeps its own lock and compresses outside it: writers run in parallel.
+            {
+                let _guard = self.write_lock.lock();
+                self.before_write("write")?;
+            }
+            return stream.write(buf, offset);
+        }
         let _guard = self.write_lock.lock();
         self.before_write("write")?;
         self.for_extents(offset, buf.len() as u64, |extent, within, at, n| {
@@ -267,8 +279,13 @@ impl BlockDev for VmdkImage {
         }
         let _guard = self.write_lock.lock();
         for extent in &self.extents {
-            if let Some(file) = extent.host_file() {
-                file.flush()?;
+            match &extent.data {
+                ExtentData::Stream(stream) => stream.flush()?,
+                _ => {
+                    if let Some(file) = extent.host_file() {
+                        file.flush()?;
+                    }
+                }
             }
         }
         Ok(())

@@ -12,7 +12,10 @@
 //! [`VmdkImage`] that serves reads from many threads (grain tables cached behind a lock,
 //! data read without one).
 //!
-//! Not yet here (issue 5): writing and creating, `check`, OVA/OVF input.
+//! Creating and writing: [`create`] (monolithic and split, sparse and flat) and [`stream`]
+//! (streamOptimized in VMware's layout, append-only).
+//!
+//! Not yet here (issue 5): `check`, resize, OVA/OVF input, the vdisk CLI wiring.
 #![forbid(unsafe_code)]
 
 pub mod create;

@@ -18,6 +18,7 @@ use crate::extent::{Extent, ExtentData};
 use crate::header::{SparseHeader, SECTOR};
 use crate::image::{DescriptorStore, VmdkImage};
 use crate::sparse::SparseExtent;
+use crate::stream::StreamWriter;
 
 const OP: &str = "open vmdk";
 
@@ -279,13 +280,20 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<VmdkImage> {
             let descriptor = embedded_descriptor(&file, &header)?
                 .unwrap_or_else(|| Descriptor::new("monolithicSparse", 0));
             let len = sparse.capacity_bytes();
+            let data = if options.writable && header.compressed() {
+                // A stream opened for writing is appended to, never changed in place.
+                let at_end = header.gd_offset == crate::header::GD_AT_END;
+                ExtentData::Stream(Box::new(StreamWriter::new(sparse, at_end)?))
+            } else {
+                ExtentData::Sparse(Box::new(sparse))
+            };
             let extent = Extent {
                 start: 0,
                 len,
                 kind: ExtentType::Sparse,
                 access: Access::ReadWrite,
                 path: Some(path.to_path_buf()),
-                data: ExtentData::Sparse(Box::new(sparse)),
+                data,
             };
             (descriptor, vec![extent])
         }
@@ -370,7 +378,7 @@ fn check_writable(path: &Path, extents: &[Extent]) -> Result<()> {
                     extent.kind.as_str()
                 ))
             } else if header.compressed() {
-                Some("streamOptimized images are append-only and written only when created".into())
+                Some("compressed extents inside a descriptor cannot be written".into())
             } else if header.version == 3 {
                 Some("version 3 sparse extents (VMware changed-block tracking) are read-only, as in qemu".into())
             } else {

@@ -282,7 +282,7 @@ impl SparseExtent {
         Ok(Some(at))
     }
 
-    fn grain_table(&self, gd_index: usize) -> Result<Option<Arc<Vec<u64>>>> {
+    pub(crate) fn grain_table(&self, gd_index: usize) -> Result<Option<Arc<Vec<u64>>>> {
         let Some(entry) = self.gd.read().get(gd_index).copied() else {
             return Ok(None);
         };
@@ -485,7 +485,7 @@ impl SparseExtent {
     }
 
     /// The grain at file offset `at`, inflated and checked.
-    fn inflated(&self, grain: u64, at: u64) -> Result<Arc<Vec<u8>>> {
+    pub(crate) fn inflated(&self, grain: u64, at: u64) -> Result<Arc<Vec<u8>>> {
         if let Some((cached_at, data)) = &*self.last_grain.lock() {
             if *cached_at == at {
                 return Ok(Arc::clone(data));
