@@ -344,6 +344,14 @@ impl Refcounts {
         Ok(wrote)
     }
 
+    /// True when `cluster` holds the refcount table or one of the loaded refcount blocks.
+    pub fn is_own_metadata(&self, cluster: u64) -> bool {
+        let offset = cluster << self.cluster_bits;
+        let table_end = self.table_offset + self.table_clusters() * self.cs();
+        (self.table_offset..table_end).contains(&offset)
+            || self.blocks.values().any(|b| b.offset == offset)
+    }
+
     /// True when some block changed since it was last written.
     pub fn has_dirty(&self) -> bool {
         self.blocks.values().any(|b| b.dirty)

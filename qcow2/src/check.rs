@@ -1,6 +1,6 @@
 //! `check`: recount every reference to every host cluster and compare with the refcounts on
-//! disk, counting leaks and corruptions the way `qemu-img check` does (report only; repair
-//! comes with the write path).
+//! disk, counting leaks and corruptions the way `qemu-img check` does, and optionally set
+//! the refcounts to the counted references (repair).
 //!
 //! References are counted from the header cluster, the active L1 table and everything
 //! under it, every snapshot's L1 table and everything under it, the snapshot table, the
@@ -13,6 +13,7 @@ use std::path::Path;
 
 use vdisk_block::{CheckReport, Error, HostFile, OpenOptions, RepairMode, Result};
 
+use crate::alloc::Refcounts;
 use crate::entry::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::header::{Header, MAX_L1_BYTES};
 use crate::refcount::{RefcountReader, REFTABLE_RESERVED};
@@ -350,18 +351,75 @@ impl Counter<'_> {
     }
 }
 
-/// Checks the image at `path` without repairing it.
+/// Checks the image at `path` and, with `repair`, fixes its refcounts.
+///
+/// Repair sets every on-disk refcount to the number of references counted (`Leaks`: only
+/// where the refcount is too high), clears the dirty bit, and checks again; the report then
+/// gives what was fixed and what remains. Refcount structures that cannot be read (a
+/// malformed refcount table) are not rebuilt yet: the repair fails with that error.
 pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {
-    if repair != RepairMode::None {
-        return Err(Error::unsupported(
+    let (before, refs) = {
+        let file = HostFile::open(path, false, options.cache, options.engine)?;
+        count(path, &file)?
+    };
+    if repair == RepairMode::None {
+        return Ok(before);
+    }
+    let file = HostFile::open(path, true, options.cache, options.engine)?;
+    let header = crate::image::read_header(&file, file.len()?).map_err(|e| e.with_path(path))?;
+    if header.incompatible_features & crate::header::incompat::CORRUPT != 0
+        && repair != RepairMode::All
+    {
+        return Err(Error::corrupt(
             "check",
-            "repairing qcow2 images is not implemented yet (check without -r)",
+            "the image is marked corrupt; only a full repair (-r all) may write to it",
         )
         .with_path(path));
     }
+    let mut rc = Refcounts::load(&file, &header).map_err(|e| e.with_path(path))?;
+    for (cluster, &reference) in refs.iter().enumerate() {
+        let cluster = cluster as u64;
+        let reference = u64::from(reference);
+        let on_disk = rc.get(&file, cluster).map_err(|e| e.with_path(path))?;
+        let fix = match repair {
+            RepairMode::Leaks => on_disk > reference,
+            _ => on_disk != reference,
+        };
+        // Refcount blocks created by this repair describe themselves; never zero them.
+        if fix && !(reference == 0 && rc.is_own_metadata(cluster)) {
+            rc.set(&file, cluster, reference)
+                .map_err(|e| e.with_path(path))?;
+        }
+    }
+    rc.write_dirty(&file)?;
+    file.flush()?;
+    let clear = crate::header::incompat::DIRTY
+        | if repair == RepairMode::All {
+            crate::header::incompat::CORRUPT
+        } else {
+            0
+        };
+    if header.version >= 3 && header.incompatible_features & clear != 0 {
+        let features = header.incompatible_features & !clear;
+        file.write_at(&features.to_be_bytes(), 72)?;
+        file.flush()?;
+    }
+    drop(file);
     let file = HostFile::open(path, false, options.cache, options.engine)?;
+    let (mut after, _) = count(path, &file)?;
+    after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
+    after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
+    let mut messages = before.messages;
+    messages.append(&mut after.messages);
+    after.messages = messages;
+    Ok(after)
+}
+
+/// Counts references in the image open as `file`; returns the report and the reference
+/// count of every host cluster.
+fn count(path: &Path, file: &HostFile) -> Result<(CheckReport, Vec<u32>)> {
     let file_len = file.len()?;
-    let header = crate::image::read_header(&file, file_len).map_err(|e| e.with_path(path))?;
+    let header = crate::image::read_header(file, file_len).map_err(|e| e.with_path(path))?;
     let cs = header.cluster_size();
     let file_clusters = file_len.div_ceil(cs);
     if file_clusters > MAX_TRACKED_CLUSTERS {
@@ -373,9 +431,9 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
         )
         .with_path(path));
     }
-    let rc = RefcountReader::new(&file, &header).map_err(|e| e.with_path(path))?;
+    let rc = RefcountReader::new(file, &header).map_err(|e| e.with_path(path))?;
     let mut c = Counter {
-        file: &file,
+        file,
         header: &header,
         refs: vec![0; file_clusters as usize],
         report: CheckReport::default(),
@@ -383,7 +441,7 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
     };
     c.inc(0, cs);
     c.l1(header.l1_table_offset, header.l1_size, true)?;
-    match snapshot::read_table(&file, &header) {
+    match snapshot::read_table(file, &header) {
         Ok((snapshots, table_bytes)) => {
             for sn in &snapshots {
                 c.l1(sn.l1_table_offset, sn.l1_size, false)?;
@@ -402,6 +460,7 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
     c.bitmaps()?;
     c.refblocks();
     let highest = c.compare();
+    let refs = std::mem::take(&mut c.refs);
     let mut report = c.report;
     report.image_end_offset = Some(highest.map_or(0, |h| (h + 1) * cs));
     // QEMU counts whole 512-byte sectors of the virtual size.
@@ -413,5 +472,5 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
     ] {
         field.get_or_insert(0);
     }
-    Ok(report)
+    Ok((report, refs))
 }

@@ -90,6 +90,9 @@ impl Qcow2Image {
     /// Opens `path`. Backing and data files are opened only as `options.policy` allows.
     pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
         let _chain = ChainGuard::enter(path)?;
+        if options.writable {
+            rebuild_if_dirty(path, options)?;
+        }
         let file = HostFile::open(path, options.writable, options.cache, options.engine)?;
         let file_len = file.len()?;
         let mut header = read_header(&file, file_len).map_err(|e| e.with_path(path))?;
@@ -458,6 +461,31 @@ fn continues(start: Kind, dist: u64, next: Kind) -> bool {
         }
         _ => false,
     }
+}
+
+/// A dirty image (lazy refcounts, not closed cleanly) has stale refcounts: like QEMU, a
+/// read/write open recounts them first.
+fn rebuild_if_dirty(path: &Path, options: &OpenOptions) -> Result<()> {
+    let dirty = {
+        let file = HostFile::open(path, false, options.cache, options.engine)?;
+        let header = read_header(&file, file.len()?).map_err(|e| e.with_path(path))?;
+        header.incompatible_features & header::incompat::DIRTY != 0
+            && header.incompatible_features & header::incompat::CORRUPT == 0
+    };
+    if dirty {
+        let report = crate::check::check(path, options, vdisk_block::RepairMode::All)?;
+        if report.corruptions > 0 {
+            return Err(Error::corrupt(
+                "open",
+                format!(
+                    "the dirty image still has {} corruptions after its refcounts were rebuilt",
+                    report.corruptions
+                ),
+            )
+            .with_path(path));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn read_header(file: &HostFile, file_len: u64) -> Result<Header> {

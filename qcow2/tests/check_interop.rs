@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use vdisk_block::{CheckReport, Format, RepairMode};
+use vdisk_block::{BlockDev, CheckReport, Format, RepairMode};
 use vdisk_qcow2::Qcow2Format;
 
 fn ours(image: &Path) -> CheckReport {
@@ -201,4 +201,90 @@ fn planted_leaks_and_corruptions() {
     std::fs::copy(&img, &two).expect("copy");
     poke(&two, refblock + last_cluster * 2, &[0, 2]);
     assert_agrees(&two);
+}
+
+fn repair(image: &Path, mode: RepairMode) -> CheckReport {
+    Qcow2Format
+        .check(image, &options(), mode)
+        .unwrap_or_else(|e| panic!("repair {}: {e}", image.display()))
+}
+
+#[test]
+fn repair_fixes_leaks_and_refcount_corruptions() {
+    let s = Scratch::new("repair");
+    let img = make(&s, "");
+    let contents = qemu_contents(&img, &s);
+    let reftable = be64_at(&img, 48);
+    let refblock = be64_at(&img, reftable);
+    let image_len = std::fs::metadata(&img).expect("stat").len();
+    let last_cluster = image_len / 65536 - 1;
+    poke(&img, image_len + 2 * 65536 - 1, &[0]);
+    poke(&img, refblock + (last_cluster + 1) * 2, &[0, 1]);
+    poke(&img, refblock + (last_cluster + 2) * 2, &[0, 1]);
+    let r = repair(&img, RepairMode::Leaks);
+    assert_eq!((r.leaks, r.leaks_fixed, r.corruptions), (0, 2, 0), "{r:?}");
+    assert_agrees(&img);
+
+    poke(&img, refblock + last_cluster * 2, &[0, 0]);
+    let found = ours(&img);
+    assert!(found.corruptions > 0);
+    let r = repair(&img, RepairMode::All);
+    assert_eq!((r.leaks, r.corruptions), (0, 0), "{r:?}");
+    assert_eq!(r.corruptions_fixed, found.corruptions);
+    let r = assert_agrees(&img);
+    assert_eq!((r.leaks, r.corruptions), (0, 0));
+    assert_eq!(
+        qemu_contents(&img, &s),
+        contents,
+        "repair keeps the guest data"
+    );
+}
+
+#[test]
+fn dirty_lazy_refcount_image_is_rebuilt_on_read_write_open() {
+    let s = Scratch::new("dirty");
+    let img = s.path("d.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        img.to_str().expect("u"),
+        "4M",
+    ]);
+    // qemu-io's abort leaves the dirty bit set and the refcounts stale, like a crash.
+    let _ = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 256k",
+            "-c",
+            "write -P 2 1m 64k",
+            "-c",
+            "abort",
+        ])
+        .arg(&img)
+        .output()
+        .expect("qemu-io");
+    let r = assert_agrees(&img);
+    assert!(r.corruptions > 0, "stale refcounts: {r:?}");
+    let dev = vdisk_qcow2::Qcow2Image::open(
+        &img,
+        &vdisk_block::OpenOptions {
+            writable: true,
+            ..options()
+        },
+    )
+    .expect("read/write open rebuilds the refcounts");
+    assert!(!dev.info().expect("info").dirty);
+    drop(dev);
+    let r = assert_agrees(&img);
+    assert_eq!((r.leaks, r.corruptions), (0, 0));
+    let mut expect = vec![0u8; 4 << 20];
+    expect[..256 << 10].fill(1);
+    expect[1 << 20..(1 << 20) + 65536].fill(2);
+    assert_same(&qemu_contents(&img, &s), &expect, "data kept");
 }

@@ -321,27 +321,26 @@ fn read_only_and_unsupported_writes_are_refused() {
     let dev = open(&img);
     let err = dev.write_at(&[1], 0).expect_err("read-only");
     assert_eq!(err.kind(), vdisk_block::ErrorKind::ReadOnly);
-    // A dirty lazy-refcount image needs its refcounts rebuilt first (not implemented).
-    let dirty = s.path("dirty.qcow2");
+    // An image marked corrupt may only be opened read-only.
+    let dirty = s.path("corrupt.qcow2");
     qemu_img(&[
         "create",
         "-q",
         "-f",
         "qcow2",
-        "-o",
-        "lazy_refcounts=on",
         dirty.to_str().expect("u"),
         "1M",
     ]);
     let mut bytes = std::fs::read(&dirty).expect("read");
-    bytes[79] |= 1;
+    bytes[79] |= 2;
     std::fs::write(&dirty, &bytes).expect("write");
     let opts = OpenOptions {
         writable: true,
         ..options()
     };
-    let err = Qcow2Image::open(&dirty, &opts).expect_err("dirty image writes");
-    assert_eq!(err.kind(), vdisk_block::ErrorKind::Unsupported);
+    let err = Qcow2Image::open(&dirty, &opts).expect_err("corrupt image writes");
+    assert_eq!(err.kind(), vdisk_block::ErrorKind::Corrupt);
+    Qcow2Image::open(&dirty, &options()).expect("read-only open of a corrupt image");
 }
 
 #[test]
