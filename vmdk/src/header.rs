@@ -1,6 +1,6 @@
 //! The hosted sparse extent header (VMDK4, magic `KDMV`) and the streamOptimized markers.
 //!
-//! All fields are little-endian and counted in 512-byte sectors. [`SparseHeader::parse`]
+//! All fields are little-endian and counted in 512-byte sectors. [`SparseHeader::validate`]
 //! checks every field the reader later multiplies or allocates by, so later arithmetic on a
 //! parsed header cannot overflow and no table it describes can be larger than the file.
 

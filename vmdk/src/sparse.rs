@@ -447,8 +447,23 @@ impl SparseExtent {
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
-            let left_in_grain = grain_bytes - at % grain_bytes;
-            let n = (buf.len() - done).min(usize::try_from(left_in_grain).unwrap_or(usize::MAX));
+            let left = (buf.len() - done) as u64;
+            // Plain grains that follow each other in the file are read with one request.
+            if let (Grain::Data(host), run) = self.status(at, left)? {
+                if run > grain_bytes - at % grain_bytes {
+                    if host + run > self.file_len() {
+                        return Err(corrupt(
+                            &self.file,
+                            format!("the grains at byte {host} run past the end of the file"),
+                        ));
+                    }
+                    self.file
+                        .read_at(&mut buf[done..done + run as usize], host)?;
+                    done += run as usize;
+                    continue;
+                }
+            }
+            let n = left.min(grain_bytes - at % grain_bytes) as usize;
             self.read_in_grain(&mut buf[done..done + n], at, unallocated)?;
             done += n;
         }
