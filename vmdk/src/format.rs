@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use vdisk_block::{BlockDev, CreateOptions, Format, OpenOptions, Result};
+use vdisk_block::{BlockDev, CheckReport, CreateOptions, Format, OpenOptions, RepairMode, Result};
 
 use crate::create::CreateSpec;
 
@@ -53,6 +53,16 @@ impl Format for VmdkFormat {
     fn create(&self, path: &Path, options: CreateOptions) -> Result<()> {
         let spec = CreateSpec::from_options(path, options)?;
         crate::create::create(path, &spec)
+    }
+
+    fn check(
+        &self,
+        path: &Path,
+        options: &OpenOptions,
+        _repair: RepairMode,
+    ) -> Result<CheckReport> {
+        // Nothing in a VMDK is repairable in place (qemu repairs nothing either).
+        crate::check::check(path, options)
     }
 
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {

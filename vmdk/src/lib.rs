@@ -18,6 +18,7 @@
 //! Not yet here (issue 5): `check`, resize, OVA/OVF input, the vdisk CLI wiring.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod create;
 pub mod descriptor;
 pub mod esx;

@@ -375,3 +375,47 @@ fn a_stream_with_a_bad_footer_is_refused() {
     let err = fail(open(&p), "no footer");
     assert!(err.message().contains("Invalid footer"), "{err}");
 }
+
+/// qemu-img check's exit code and stderr.
+fn qemu_check(path: &Path) -> (i32, String) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "vmdk"])
+        .arg(path)
+        .output()
+        .expect("qemu-img");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_finds_what_qemu_finds() {
+    use vdisk_block::RepairMode;
+    let dir = Scratch::new("check");
+    let (image, h, bytes) = sparse_image(&dir);
+    let report = VmdkFormat
+        .check(&image, &OpenOptions::read_only(), RepairMode::None)
+        .expect("check");
+    assert_eq!(report.corruptions, 0, "{:?}", report.messages);
+    let gt = u32_at(&bytes, (h.gd_offset * 512) as usize) as usize * 512;
+    // Two grains past the end of the file.
+    let mut copy = bytes.clone();
+    copy[gt + 4..gt + 8].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
+    copy[gt + 40..gt + 44].copy_from_slice(&0x7fff_1000u32.to_le_bytes());
+    let path = dir.path("bad.vmdk");
+    write(&path, &copy);
+    let report = VmdkFormat
+        .check(&path, &OpenOptions::read_only(), RepairMode::None)
+        .expect("check runs");
+    assert_eq!(report.corruptions, 2, "{:?}", report.messages);
+    assert_eq!(
+        report.messages[0],
+        "ERROR: cluster offset for sector 128 points after EOF"
+    );
+    // qemu-img 10 stops at the first such grain ("Check failed", exit 1); we report every
+    // one. The first finding is worded the same.
+    let (rc, stderr) = qemu_check(&path);
+    assert_eq!(rc, 1);
+    assert!(stderr.contains(&report.messages[0]), "{stderr}");
+}

@@ -52,6 +52,14 @@ fn open_ro(path: &Path) -> Arc<dyn BlockDev> {
 }
 
 fn qemu_check(path: &Path) {
+    let ours = VmdkFormat
+        .check(
+            path,
+            &OpenOptions::read_only(),
+            vdisk_block::RepairMode::None,
+        )
+        .expect("our check runs");
+    assert_eq!(ours.corruptions, 0, "{:?}", ours.messages);
     let p = path.to_str().expect("utf8");
     let check = qemu("qemu-img", &["check", "-f", "vmdk", p]);
     assert!(check.contains("No errors were found"), "{check}");
