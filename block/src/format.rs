@@ -300,6 +300,21 @@ pub trait Format: Send + Sync {
     /// The `-o` options `create` accepts, with one line of help each.
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)>;
 
+    /// The options qemu-img's `Formatting '...'` line shows for this format, in qemu's order,
+    /// each with the value shown when the user did not give it (`None`: shown only when
+    /// given). By default: `size`, then the `-o` options in the order of
+    /// [`Format::create_options_help`], none shown unless given.
+    fn create_options_shown(&self) -> Vec<(&'static str, Option<&'static str>)> {
+        let mut shown = vec![("size", None)];
+        shown.extend(
+            self.create_options_help()
+                .into_iter()
+                .filter(|(name, _)| *name != "size")
+                .map(|(name, _)| (name, None)),
+        );
+        shown
+    }
+
     /// Checks (and with `repair`, repairs) the image's metadata.
     fn check(&self, path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {
         let _ = (path, options, repair);

@@ -62,6 +62,16 @@ impl Format for RawFormat {
         file.flush()
     }
 
+    fn create_options_shown(&self) -> Vec<(&'static str, Option<&'static str>)> {
+        // qemu's option table order (the raw format's, then the file protocol's).
+        vec![
+            ("size", None),
+            ("nocow", None),
+            ("preallocation", None),
+            ("extent_size_hint", None),
+        ]
+    }
+
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
         vec![
             ("size", "Virtual disk size"),

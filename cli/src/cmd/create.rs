@@ -81,21 +81,6 @@ fn type_label(kind: Kind) -> &'static str {
     }
 }
 
-/// qemu prints the options of the `Formatting` line in the order of its option tables
-/// (format first, then the file protocol's), not in the order they were given.
-fn print_order(format: &dyn Format) -> Vec<String> {
-    let mut order: Vec<String> = vec!["size".into()];
-    if format.name() == "raw" {
-        order.extend(["nocow", "preallocation", "extent_size_hint"].map(String::from));
-    }
-    for (name, _) in format.create_options_help() {
-        if !order.iter().any(|o| o == name) {
-            order.push(name.to_string());
-        }
-    }
-    order
-}
-
 /// One `-o` option after checking: what to print and what to hand the driver.
 struct Opt {
     key: String,
@@ -161,20 +146,15 @@ fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
         .get(1)
         .map(|t| parse_size_arg("image size", t))
         .transpose()?;
-    if args.backing.is_some() && driver.name() == "raw" {
-        return Err(Failure::new(
-            format!("{name}: Backing file not supported for file format 'raw'"),
-            format!("create '{name}': raw images cannot have a backing file (use -f qcow2)"),
-        ));
-    }
-    let opts = check_options(name, driver, &items)?;
+    let mut opts = check_options(name, driver, &items)?;
+    let backing = backing_options(name, driver, args, &mut opts)?;
     let option_size = opts
         .iter()
         .rev()
         .find(|o| o.key == "size")
         .map(|o| o.value.parse::<u64>().unwrap_or(0));
-    let size = match (positional_size, option_size) {
-        (Some(_), Some(_)) => {
+    let size = match (positional_size, option_size, backing) {
+        (Some(_), Some(_), _) => {
             return Err(Failure::new(
                 format!("{name}: The image size must be specified only once"),
                 format!(
@@ -182,8 +162,10 @@ fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
                 ),
             ))
         }
-        (Some(s), None) | (None, Some(s)) => s,
-        (None, None) => {
+        (Some(s), None, _) | (None, Some(s), _) => s,
+        // Without a size, an overlay takes its backing file's.
+        (None, None, Some(Some(backing_size))) => backing_size,
+        (None, None, _) => {
             return Err(Failure::new(
                 format!("{name}: Image creation needs a size parameter"),
                 format!("create '{name}': no size given (add a SIZE such as 10G)"),
@@ -227,6 +209,85 @@ fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
 /// A failure already reported (usage errors print their own lines).
 fn silent() -> Failure {
     Failure::same(String::new())
+}
+
+/// Folds `-b`/`-F` into the `backing_file`/`backing_fmt` options and, unless `-u` was given,
+/// opens the backing file to check it. Returns `None` without a backing file, otherwise the
+/// backing file's size when it was opened.
+fn backing_options(
+    name: &str,
+    driver: &dyn Format,
+    args: &CreateArgs,
+    opts: &mut Vec<Opt>,
+) -> Result<Option<Option<u64>>, Failure> {
+    for (key, value) in [
+        ("backing_file", &args.backing),
+        ("backing_fmt", &args.backing_format),
+    ] {
+        if let Some(value) = value {
+            opts.retain(|o| o.key != key);
+            opts.push(Opt {
+                key: key.to_string(),
+                shown: value.replace(',', ",,"),
+                value: value.clone(),
+            });
+        }
+    }
+    let get = |key: &str| opts.iter().find(|o| o.key == key).map(|o| o.value.clone());
+    let Some(backing) = get("backing_file") else {
+        return Ok(None);
+    };
+    let format = driver.name();
+    let takes_backing = driver
+        .create_options_help()
+        .iter()
+        .any(|(n, _)| *n == "backing_file");
+    if !takes_backing {
+        return Err(Failure::new(
+            format!("{name}: Backing file not supported for file format '{format}'"),
+            format!(
+                "create '{name}': {format} images cannot have a backing file (use a format that can, such as qcow2)"
+            ),
+        ));
+    }
+    // The backing file is named relative to the new image, not to the working folder.
+    let resolved = match Path::new(name).parent() {
+        Some(dir) if !Path::new(&backing).is_absolute() && !dir.as_os_str().is_empty() => {
+            dir.join(&backing)
+        }
+        _ => Path::new(&backing).to_path_buf(),
+    };
+    let Some(backing_fmt) = get("backing_fmt") else {
+        let detected = vdisk_blockjobs::probe(&resolved)
+            .map(|f| format!("\nDetected format of {}.", f.name()))
+            .unwrap_or_default();
+        return Err(Failure::new(
+            format!("{name}: Backing file specified without backing format{detected}"),
+            format!(
+                "create '{name}': give the backing file's format with -F (it is never guessed)"
+            ),
+        ));
+    };
+    if args.backing_unsafe {
+        return Ok(Some(None));
+    }
+    let mut options = vdisk_block::OpenOptions::read_only();
+    options.force_share = true;
+    match vdisk_blockjobs::open_image(&resolved, Some(&backing_fmt), &options) {
+        Ok(dev) => Ok(Some(Some(dev.size()))),
+        Err(e) => Err(Failure::new(
+            format!(
+                "{name}: Could not open '{}': {}\nCould not open backing image.",
+                resolved.display(),
+                crate::context::without_hint(e.message())
+            ),
+            format!(
+                "create '{name}': cannot open the backing file '{}': {} (use -u to create the image anyway)",
+                resolved.display(),
+                e.message()
+            ),
+        )),
+    }
 }
 
 /// Checks each `-o` item: known to the driver, and a valid value of its type.
@@ -292,10 +353,14 @@ fn check_options(name: &str, driver: &dyn Format, items: &[String]) -> Result<Ve
 }
 
 fn formatting_line(name: &str, driver: &dyn Format, size: u64, opts: &[Opt]) -> String {
-    let mut line = format!("Formatting '{name}', fmt={} size={size}", driver.name());
-    for key in print_order(driver).iter().filter(|k| *k != "size") {
-        if let Some(o) = opts.iter().find(|o| &o.key == key) {
+    let mut line = format!("Formatting '{name}', fmt={}", driver.name());
+    for (key, default) in driver.create_options_shown() {
+        if key == "size" {
+            line.push_str(&format!(" size={size}"));
+        } else if let Some(o) = opts.iter().find(|o| o.key == key) {
             line.push_str(&format!(" {}={}", o.key, o.shown));
+        } else if let Some(default) = default {
+            line.push_str(&format!(" {key}={default}"));
         }
     }
     line.push('\n');
