@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use vdisk_block::{BlockDev, CreateOptions, Error, Format, OpenOptions, Result};
 
+use crate::vpc::create::{self, VpcParams};
 use crate::vpc::footer::Footer;
 use crate::vpc::image::VpcImage;
 
@@ -31,14 +32,40 @@ impl Format for VpcFormat {
         Ok(Arc::new(VpcImage::open(path, options)?))
     }
 
-    fn create(&self, path: &Path, _options: CreateOptions) -> Result<()> {
-        Err(
-            Error::unsupported("create", "creating VHD images is not implemented yet")
-                .with_path(path),
+    fn create(&self, path: &Path, mut options: CreateOptions) -> Result<()> {
+        let fixed = match options.take("subformat").as_deref() {
+            None | Some("dynamic") => false,
+            Some("fixed") => true,
+            Some(other) => {
+                return Err(Error::invalid(
+                    "create",
+                    format!("Parameter 'subformat' does not accept value '{other}'"),
+                ))
+            }
+        };
+        let force_size = options.take_bool("force_size")?;
+        options.reject_leftovers("vpc")?;
+        create::create(
+            path,
+            &VpcParams {
+                size: options.size,
+                fixed,
+                force_size,
+            },
         )
     }
 
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
-        Vec::new()
+        vec![
+            ("size", "Virtual disk size"),
+            (
+                "subformat",
+                "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed}",
+            ),
+            (
+                "force_size",
+                "Keep the exact size instead of rounding to a CHS geometry (default: on for fixed images of whole MiB, so Azure accepts them; off otherwise)",
+            ),
+        ]
     }
 }

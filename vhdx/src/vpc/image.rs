@@ -5,10 +5,11 @@
 //! differencing images, which qemu does not support: a sector whose bitmap bit (most
 //! significant bit first) is clear, or whose block is unallocated, comes from the parent.
 //!
-//! Writing is not implemented yet: a writable open is refused.
+//! Fixed and dynamic images are writable (see [`crate::vpc::write`]); a writable open of a
+//! differencing image is refused for now.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use vdisk_block::{
     check_range, BlockDev, BlockStatus, CacheMode, EngineChoice, Error, ErrorKind, HostFile,
@@ -20,7 +21,7 @@ use crate::guid::Guid;
 use crate::vpc::dynamic::{DynamicHeader, HEADER_SIZE};
 use crate::vpc::footer::{Footer, FOOTER_SIZE, TYPE_DIFFERENCING, TYPE_DYNAMIC, TYPE_FIXED};
 
-const UNALLOCATED: u32 = 0xFFFF_FFFF;
+pub(crate) const UNALLOCATED: u32 = 0xFFFF_FFFF;
 /// Parent paths longer than this are not paths.
 const MAX_LOCATOR_LEN: u32 = 64 * 1024;
 /// The driver option carrying the canonical paths of the children above an image.
@@ -29,18 +30,22 @@ const MAX_DEPTH: usize = 64;
 
 /// An opened VHD image (read-only for now).
 pub struct VpcImage {
-    path: PathBuf,
-    file: Arc<HostFile>,
+    pub(crate) path: PathBuf,
+    pub(crate) file: Arc<HostFile>,
     footer: Footer,
-    size: u64,
-    dynamic: Option<Dynamic>,
+    pub(crate) size: u64,
+    pub(crate) dynamic: Option<Dynamic>,
     parent: Option<Arc<dyn BlockDev>>,
     parent_path: Option<String>,
+    pub(crate) writable: bool,
+    /// Serialises block allocation (the footer moves with every new block).
+    pub(crate) alloc: Mutex<()>,
 }
 
-struct Dynamic {
-    header: DynamicHeader,
-    bat: Vec<u32>,
+pub(crate) struct Dynamic {
+    pub(crate) header: DynamicHeader,
+    /// Readers copy an entry out and drop the lock before any I/O.
+    pub(crate) bat: RwLock<Vec<u32>>,
     differencing: bool,
 }
 
@@ -85,13 +90,6 @@ impl VpcImage {
     /// within `options.policy`. Driver option `force_size_calc` (`chs` or `current_size`)
     /// overrides the size rule, as in qemu.
     pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
-        if options.writable {
-            return Err(Error::unsupported(
-                "open",
-                "writing VHD images is not implemented yet; open it read-only",
-            )
-            .with_path(path));
-        }
         let force = match options
             .driver_options
             .get("force_size_calc")
@@ -107,7 +105,12 @@ impl VpcImage {
                 ))
             }
         };
-        let file = Arc::new(HostFile::open(path, false, options.cache, options.engine)?);
+        let file = Arc::new(HostFile::open(
+            path,
+            options.writable,
+            options.cache,
+            options.engine,
+        )?);
         let file_len = file.len()?;
         let footer = read_footer(&file, path)?;
         let size = footer.virtual_size(force).map_err(|w| corrupt(path, w))?;
@@ -119,6 +122,8 @@ impl VpcImage {
             dynamic: None,
             parent: None,
             parent_path: None,
+            writable: options.writable,
+            alloc: Mutex::new(()),
         };
         match footer.disk_type {
             TYPE_FIXED => {
@@ -132,6 +137,13 @@ impl VpcImage {
             TYPE_DYNAMIC | TYPE_DIFFERENCING => {
                 image.dynamic = Some(image.read_dynamic(file_len)?);
                 if footer.disk_type == TYPE_DIFFERENCING {
+                    if options.writable {
+                        return Err(Error::unsupported(
+                            "open",
+                            "writing differencing VHD images is not implemented yet",
+                        )
+                        .with_path(path));
+                    }
                     image.open_parent(options)?;
                 }
             }
@@ -202,7 +214,7 @@ impl VpcImage {
         }
         Ok(Dynamic {
             header,
-            bat,
+            bat: RwLock::new(bat),
             differencing: self.footer.disk_type == TYPE_DIFFERENCING,
         })
     }
@@ -372,7 +384,13 @@ impl VpcImage {
         let len = max.min(bs - in_block);
         let entry = usize::try_from(block)
             .ok()
-            .and_then(|b| d.bat.get(b).copied())
+            .and_then(|b| {
+                d.bat
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(b)
+                    .copied()
+            })
             .ok_or_else(|| {
                 Error::corrupt("read", format!("block {block} has no BAT entry"))
                     .with_path(&self.path)
@@ -413,13 +431,8 @@ impl VpcImage {
         ))
     }
 
-    fn read_only(&self, op: &'static str) -> Error {
-        Error::new(
-            ErrorKind::ReadOnly,
-            op,
-            "the image is open read-only (writing VHD is not implemented yet)",
-        )
-        .with_path(&self.path)
+    pub(crate) fn read_only(&self, op: &'static str) -> Error {
+        Error::new(ErrorKind::ReadOnly, op, "the image is open read-only").with_path(&self.path)
     }
 }
 
@@ -449,20 +462,24 @@ impl BlockDev for VpcImage {
         Ok(())
     }
 
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(self.read_only("write"))
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_impl(buf, offset)
     }
 
-    fn write_zeroes(&self, _offset: u64, _len: u64, _mode: ZeroMode) -> Result<()> {
-        Err(self.read_only("write zeroes"))
+    fn write_zeroes(&self, offset: u64, len: u64, _mode: ZeroMode) -> Result<()> {
+        self.zero_impl(offset, len, true)
     }
 
-    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(self.read_only("discard"))
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_impl(offset, len, false)
     }
 
     fn flush(&self) -> Result<()> {
-        Ok(())
+        if self.writable {
+            self.file.flush()
+        } else {
+            Ok(())
+        }
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
@@ -507,7 +524,13 @@ impl BlockDev for VpcImage {
     }
 
     fn resize(&self, _new_size: u64, _prealloc: Preallocation) -> Result<()> {
-        Err(self.read_only("resize"))
+        if !self.writable {
+            return Err(self.read_only("resize"));
+        }
+        Err(
+            Error::unsupported("resize", "resizing VHD images is not implemented yet")
+                .with_path(&self.path),
+        )
     }
 
     fn info(&self) -> Result<ImageInfo> {
@@ -564,7 +587,11 @@ impl BlockDev for VpcImage {
         Ok(out)
     }
 
+    fn has_zero_init(&self) -> bool {
+        self.dynamic.as_ref().is_some_and(|d| !d.differencing)
+    }
+
     fn is_read_only(&self) -> bool {
-        true
+        !self.writable
     }
 }

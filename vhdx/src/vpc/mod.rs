@@ -4,7 +4,9 @@
 //! image starts with a copy of the footer, then a dynamic header, a BAT of big-endian
 //! sector numbers, and blocks each preceded by a sector bitmap; the footer ends the file.
 
+pub mod create;
 pub mod dynamic;
 pub mod footer;
 pub mod format;
 pub mod image;
+pub mod write;
