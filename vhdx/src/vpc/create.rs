@@ -25,7 +25,7 @@ pub const BLOCK_SIZE: u32 = 2 << 20;
 const VHD_EPOCH: u64 = 946_684_800;
 
 /// CHS geometry for `sectors` by the algorithm of the VHD specification.
-pub fn geometry(sectors: u64) -> (u16, u8, u8) {
+pub fn geometry(sectors: u64) -> Geometry {
     let sectors = sectors.min(MAX_GEOMETRY_SECTORS);
     let (spt, heads, cth): (u64, u64, u64);
     if sectors >= 65535 * 16 * 63 {
@@ -64,12 +64,15 @@ pub struct VpcParams {
     pub force_size: Option<bool>,
 }
 
+/// Cylinders, heads and sectors per track.
+pub type Geometry = (u16, u8, u8);
+
 /// The size, geometry and creator a new image gets.
-pub fn plan(p: &VpcParams) -> Result<(u64, (u16, u8, u8), [u8; 4])> {
+pub fn plan(p: &VpcParams) -> Result<(u64, Geometry, [u8; 4])> {
     let requested = p.size / 512;
     let force = p
         .force_size
-        .unwrap_or(p.fixed && p.size > 0 && p.size % (1 << 20) == 0);
+        .unwrap_or(p.fixed && p.size > 0 && p.size.is_multiple_of(1 << 20));
     if force {
         if requested > MAX_SECTORS {
             return Err(Error::invalid(
@@ -83,7 +86,7 @@ pub fn plan(p: &VpcParams) -> Result<(u64, (u16, u8, u8), [u8; 4])> {
     // truncates.
     let mut sectors = requested.min(MAX_GEOMETRY_SECTORS);
     let mut geo = geometry(sectors);
-    let chs = |g: (u16, u8, u8)| g.0 as u64 * g.1 as u64 * g.2 as u64;
+    let chs = |g: Geometry| g.0 as u64 * g.1 as u64 * g.2 as u64;
     while chs(geo) < sectors {
         sectors += 1;
         geo = geometry(sectors);
@@ -105,7 +108,7 @@ pub fn plan(p: &VpcParams) -> Result<(u64, (u16, u8, u8), [u8; 4])> {
 /// Encodes a footer.
 pub fn encode_footer(
     size: u64,
-    geo: (u16, u8, u8),
+    geo: Geometry,
     creator: [u8; 4],
     disk_type: u32,
     data_offset: u64,
