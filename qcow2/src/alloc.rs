@@ -201,6 +201,31 @@ impl Refcounts {
         Ok(c)
     }
 
+    /// Allocates `n` contiguous clusters at the end of the used area (for tables that must
+    /// be contiguous) and sets their refcounts to 1.
+    pub fn alloc_contiguous(&mut self, file: &HostFile, n: u64) -> Result<u64> {
+        let per = self.per_block();
+        loop {
+            let start = self.end;
+            // Create the refcount blocks the range needs first; each lands at the end of
+            // the used area, so try again past it.
+            let mut moved = false;
+            for t in start / per..=(start + n.max(1) - 1) / per {
+                if !self.load_block(file, t)? {
+                    self.new_block(file, t, u64::MAX)?;
+                    moved = true;
+                }
+            }
+            if moved {
+                continue;
+            }
+            for c in start..start + n {
+                self.set(file, c, 1)?;
+            }
+            return Ok(start);
+        }
+    }
+
     /// Creates the refcount block for table index `t`, placing it at the end of the used
     /// area when that lies in its own range, so that it describes itself.
     fn new_block(&mut self, file: &HostFile, t: u64, avoid: u64) -> Result<()> {

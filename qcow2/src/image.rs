@@ -49,6 +49,8 @@ pub struct Qcow2Image {
     pub(crate) last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
     /// Length of the file holding guest data, refreshed when a read reaches past it.
     pub(crate) data_len: AtomicU64,
+    /// Guest-visible size (changes with resize).
+    pub(crate) size: AtomicU64,
 }
 
 /// The mutable metadata of an image, behind its metadata lock.
@@ -56,6 +58,8 @@ pub struct Qcow2Image {
 pub(crate) struct Meta {
     /// The active L1 table.
     pub l1: Vec<u64>,
+    /// Host offset of the active L1 table (changes when resize grows it).
+    pub l1_offset: u64,
     /// Cached L2 tables.
     pub l2: L2Cache,
     /// Refcounts, loaded only for writable images.
@@ -155,6 +159,7 @@ impl Qcow2Image {
             io: RwLock::new(()),
             meta: Mutex::new(Meta {
                 l1,
+                l1_offset: header.l1_table_offset,
                 l2: L2Cache::new(tables as usize),
                 refs,
                 pending_free: Vec::new(),
@@ -164,6 +169,7 @@ impl Qcow2Image {
             writable: options.writable,
             last_compressed: Mutex::new(None),
             data_len: AtomicU64::new(data_len),
+            size: AtomicU64::new(header.size),
             header,
         })
     }
@@ -521,7 +527,7 @@ fn read_l1(file: &HostFile, h: &Header, file_len: u64) -> Result<Vec<u64>> {
 
 impl BlockDev for Qcow2Image {
     fn size(&self) -> u64 {
-        self.header.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -614,14 +620,8 @@ impl BlockDev for Qcow2Image {
         Ok(st)
     }
 
-    fn resize(&self, _new_size: u64, _prealloc: Preallocation) -> Result<()> {
-        if !self.writable {
-            return Err(self.read_only_error("resize"));
-        }
-        Err(
-            Error::unsupported("resize", "resizing qcow2 images is not implemented yet")
-                .with_path(&self.path),
-        )
+    fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        self.resize_impl(new_size, prealloc)
     }
 
     fn info(&self) -> Result<ImageInfo> {
@@ -629,7 +629,7 @@ impl BlockDev for Qcow2Image {
         Ok(ImageInfo {
             format: "qcow2".into(),
             filename: self.path.clone(),
-            virtual_size: h.size,
+            virtual_size: self.size(),
             actual_size: Some(self.file.allocated_bytes()?),
             file_length: Some(self.file.len()?),
             cluster_size: Some(h.cluster_size()),

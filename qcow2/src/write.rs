@@ -23,7 +23,9 @@
 //! 3. a refcount is lowered only after the tables that stopped referencing the cluster are
 //!    on disk, so a crash can leak a cluster but never free one still in use.
 
-use vdisk_block::{check_range, Error, ErrorKind, HostFile, Preallocation, Result, ZeroMode};
+use vdisk_block::{
+    check_range, BlockDev, Error, ErrorKind, HostFile, Preallocation, Result, ZeroMode,
+};
 
 use crate::entry::{Kind, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::header::{autoclear, incompat, CryptMethod, Header};
@@ -84,7 +86,7 @@ impl Qcow2Image {
         if !self.writable {
             return Err(self.read_only_error(op));
         }
-        check_range(op, self.header.size, offset, len)
+        check_range(op, self.size(), offset, len)
     }
 
     fn refs_missing(&self) -> Error {
@@ -127,7 +129,7 @@ impl Qcow2Image {
         let l1_entry = new | COPIED;
         self.file().write_at(
             &l1_entry.to_be_bytes(),
-            self.header.l1_table_offset + l1_index as u64 * 8,
+            meta.l1_offset + l1_index as u64 * 8,
         )?;
         meta.l1[l1_index] = l1_entry;
         meta.l2.insert(new, words, false);
@@ -200,7 +202,7 @@ impl Qcow2Image {
         let sc = cs / u64::from(crate::entry::SUBCLUSTERS);
         let start = pos & !(cs - 1);
         let within = pos - start;
-        let valid = (self.header.size - start).min(cs);
+        let valid = (self.size() - start).min(cs);
         let mut meta = self.meta.lock();
         let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
         let (entry, bitmap) = self.entry_bitmap_at(&mut meta, l2, idx)?;
@@ -318,7 +320,7 @@ impl Qcow2Image {
             data.to_vec()
         } else {
             let mut b = vec![0u8; cs as usize];
-            let valid = (self.header.size - start).min(cs) as usize;
+            let valid = (self.size() - start).min(cs) as usize;
             if !matches!(kind, Kind::ZeroPlain | Kind::ZeroAlloc { .. }) {
                 drop(meta);
                 self.read_locked(&mut b[..valid], start)?;
@@ -334,7 +336,7 @@ impl Qcow2Image {
         if self.header.has_data_file() {
             // Data clusters of an external data file sit at their guest offset and carry
             // no refcount: nothing to allocate or release.
-            let valid = (self.header.size - start).min(cs) as usize;
+            let valid = (self.size() - start).min(cs) as usize;
             self.data_file()?.write_at(&full[..valid], start)?;
             return self.set_entry(&mut meta, l2, idx, start | COPIED);
         }
@@ -357,7 +359,7 @@ impl Qcow2Image {
             if discard {
                 return Ok(());
             }
-            let n = (self.header.size - pos).min(cs);
+            let n = (self.size() - pos).min(cs);
             return self.write_cluster(&vec![0u8; n as usize], pos);
         }
         if self.decoder.extended_l2 {
@@ -409,7 +411,7 @@ impl Qcow2Image {
     /// `whole` means the piece covers its cluster up to the cluster's end or the disk's end.
     fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
         let cs = self.header.cluster_size();
-        let size = self.header.size;
+        let size = self.size();
         let end = offset + len;
         let mut pos = offset;
         std::iter::from_fn(move || {
@@ -447,6 +449,12 @@ impl Qcow2Image {
     pub(crate) fn write_zeroes_impl(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
         self.check_writable("write zeroes", offset, len)?;
         let _io = self.io.write();
+        self.zero_locked(offset, len, mode)?;
+        self.after_op()
+    }
+
+    /// Write-zeroes with the I/O lock held.
+    fn zero_locked(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
         for (pos, n, whole) in self.pieces(offset, len) {
             if whole {
                 self.clear_cluster(pos, false, mode)?;
@@ -454,7 +462,7 @@ impl Qcow2Image {
                 self.write_cluster(&vec![0u8; n as usize], pos)?;
             }
         }
-        self.after_op()
+        Ok(())
     }
 
     pub(crate) fn discard_impl(&self, offset: u64, len: u64) -> Result<()> {
@@ -476,11 +484,22 @@ impl Qcow2Image {
             return Err(self.read_only_error("preallocate"));
         }
         let _io = self.io.write();
+        self.preallocate_range(0, self.size(), mode)
+    }
+
+    /// [`Self::preallocate`] for the guest clusters of `[from, to)`, with the I/O lock held.
+    fn preallocate_range(&self, from: u64, to: u64, mode: Preallocation) -> Result<()> {
+        if self.header.has_data_file() || self.decoder.extended_l2 {
+            return Err(Error::unsupported(
+                "preallocate",
+                "preallocation with an external data file or extended L2 entries is not implemented yet",
+            ));
+        }
         let cs = self.header.cluster_size();
         let mut meta = self.meta.lock();
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut pos = 0;
-        while pos < self.header.size {
+        let mut pos = from;
+        while pos < to {
             let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
             let entry = self.entry_at(&mut meta, l2, idx)?;
             if entry & OFFSET_MASK == 0 {
@@ -512,6 +531,163 @@ impl Qcow2Image {
             }
         }
         Ok(())
+    }
+
+    /// Changes the guest-visible size. Growing extends the L1 table when needed (moved to
+    /// new contiguous clusters, switched over in one header write); shrinking deallocates
+    /// every cluster past the new end first. Images with internal snapshots are refused.
+    pub(crate) fn resize_impl(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        if !self.writable {
+            return Err(self.read_only_error("resize"));
+        }
+        let _io = self.io.write();
+        let old_size = self.size();
+        if new_size == old_size {
+            return Ok(());
+        }
+        if self.header.nb_snapshots > 0 {
+            return Err(
+                Error::unsupported("resize", "Can't resize an image which has snapshots")
+                    .with_path(self.path()),
+            );
+        }
+        if new_size > i64::MAX as u64 {
+            return Err(Error::invalid(
+                "resize",
+                format!("size {new_size} is too large"),
+            ));
+        }
+        if new_size < old_size && prealloc != Preallocation::Off {
+            return Err(Error::invalid(
+                "resize",
+                "Preallocation can only be used when growing an image",
+            ));
+        }
+        let cs = self.header.cluster_size();
+        let cb = self.header.cluster_bits;
+        let shift = self.header.l1_entry_shift();
+        let needed_l1 = new_size.div_ceil(1u64 << shift);
+        let mut meta = self.meta.lock();
+        if new_size < old_size {
+            // Deallocate every cluster that lies wholly past the new end.
+            let first = new_size.div_ceil(cs) * cs;
+            let mut pos = first;
+            while pos < old_size {
+                let (kind, run) = self.lookup_locked(&mut meta, pos, old_size - pos)?;
+                let run = run.max(1);
+                if !matches!(kind, Kind::Unallocated) {
+                    let mut at = pos;
+                    while at < pos + run {
+                        let (l2, idx) = self.ensure_l2(&mut meta, at)?;
+                        let (entry, _) = self.entry_bitmap_at(&mut meta, l2, idx)?;
+                        let old = self.decoder.classify(entry, 0, 0, at)?;
+                        self.set_entry_bitmap(&mut meta, l2, idx, 0, 0)?;
+                        if !self.header.has_data_file() {
+                            Self::release(&mut meta, old, cs);
+                        }
+                        at = (at & !(cs - 1)) + cs;
+                    }
+                }
+                pos += run;
+            }
+            // L2 tables that now cover nothing are unhooked and freed.
+            for i in needed_l1 as usize..meta.l1.len() {
+                let l2 = self.decoder.l2_offset(i as u64, meta.l1[i])?;
+                if l2 == 0 {
+                    continue;
+                }
+                meta.l1[i] = 0;
+                self.file()
+                    .write_at(&0u64.to_be_bytes(), meta.l1_offset + i as u64 * 8)?;
+                meta.pending_free.push((l2, cs));
+            }
+            self.writeback(&mut meta)?;
+            self.file().flush()?;
+            self.write_size(new_size, meta.l1.len() as u64, meta.l1_offset)?;
+            self.size
+                .store(new_size, std::sync::atomic::Ordering::Release);
+            if let crate::open::DataFile::External(data) = &self.data {
+                if self.header.data_file_raw() {
+                    data.set_len(new_size)?;
+                }
+            }
+            return Ok(());
+        }
+        if needed_l1 > meta.l1.len() as u64 {
+            if needed_l1 * 8 > crate::header::MAX_L1_BYTES {
+                return Err(Error::invalid(
+                    "resize",
+                    format!("size {new_size} needs an L1 table larger than 32 MiB"),
+                ));
+            }
+            let clusters = (needed_l1 * 8).div_ceil(cs);
+            let mut l1 = meta.l1.clone();
+            l1.resize((clusters * cs / 8) as usize, 0);
+            l1.truncate(needed_l1 as usize);
+            let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
+            let start = refs.alloc_contiguous(self.file(), clusters)? << cb;
+            // The new table and its refcounts are durable before the header points to it.
+            refs.write_dirty(self.file())?;
+            self.file().write_at(&table_bytes(&l1), start)?;
+            self.file().flush()?;
+            let old_offset = meta.l1_offset;
+            let old_bytes = meta.l1.len() as u64 * 8;
+            self.write_size(new_size, needed_l1, start)?;
+            meta.l1 = l1;
+            meta.l1_offset = start;
+            if old_bytes > 0 {
+                meta.pending_free.push((old_offset, old_bytes));
+            }
+        } else {
+            self.write_size(new_size, meta.l1.len() as u64, meta.l1_offset)?;
+        }
+        self.size
+            .store(new_size, std::sync::atomic::Ordering::Release);
+        drop(meta);
+        // The grown range must read as zeroes: clear what a shrink left in the last partial
+        // cluster, and hide a longer backing file.
+        let tail_dirty = old_size & (cs - 1) != 0 && {
+            let (kind, _) = self.lookup(old_size - 1, 1)?;
+            match kind {
+                Kind::Normal { .. } | Kind::Compressed { .. } => true,
+                Kind::Unallocated | Kind::UnallocatedAlloc { .. } => self.backing.is_some(),
+                Kind::ZeroPlain | Kind::ZeroAlloc { .. } => false,
+            }
+        };
+        let mut zero_end = if tail_dirty {
+            (old_size.div_ceil(cs) * cs).min(new_size)
+        } else {
+            old_size
+        };
+        if let Some(backing) = &self.backing {
+            zero_end = zero_end.max(backing.size().min(new_size));
+        }
+        if zero_end > old_size {
+            self.zero_locked(old_size, zero_end - old_size, ZeroMode::MayUnmap)?;
+        }
+        if prealloc != Preallocation::Off {
+            let start = old_size.div_ceil(cs) * cs;
+            self.preallocate_range(start, new_size, prealloc)?;
+        }
+        let mut meta = self.meta.lock();
+        self.writeback(&mut meta)?;
+        self.file().flush()
+    }
+
+    /// Writes the size, L1 size and L1 offset header fields (bytes 24..48) in one write.
+    fn write_size(&self, size: u64, l1_size: u64, l1_offset: u64) -> Result<()> {
+        let mut raw = [0u8; 24];
+        raw[..8].copy_from_slice(&size.to_be_bytes());
+        let crypt: u32 = match self.header.crypt_method {
+            CryptMethod::None => 0,
+            CryptMethod::Aes => 1,
+            CryptMethod::Luks => 2,
+        };
+        raw[8..12].copy_from_slice(&crypt.to_be_bytes());
+        raw[12..16].copy_from_slice(&(l1_size as u32).to_be_bytes());
+        raw[16..24].copy_from_slice(&l1_offset.to_be_bytes());
+        self.file().write_at(&raw, 24)?;
+        self.file().flush()
     }
 
     pub(crate) fn flush_impl(&self) -> Result<()> {

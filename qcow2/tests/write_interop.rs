@@ -414,3 +414,80 @@ fn external_data_files() {
         }
     }
 }
+
+#[test]
+fn resize_grow_and_shrink() {
+    use vdisk_block::Preallocation;
+    let s = Scratch::new("w-resize");
+    let img = s.path("r.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        img.to_str().expect("u"),
+        "1M",
+    ]);
+    qemu_io(&img, &["write -P 0x10 0 1m"]);
+    {
+        // 512-byte clusters: 1 MiB needs 32 L1 entries, 64 MiB needs 2048 (the L1 moves).
+        let dev = open_rw(&img);
+        dev.resize(64 << 20, Preallocation::Off).expect("grow");
+        dev.write_at(&[0x20; 4096], 60 << 20)
+            .expect("write past the old end");
+        dev.flush().expect("flush");
+    }
+    qemu_check_clean(&img);
+    let mut expect = vec![0u8; 64 << 20];
+    expect[..1 << 20].fill(0x10);
+    expect[60 << 20..(60 << 20) + 4096].fill(0x20);
+    assert_same(&qemu_contents(&img, &s), &expect, "grown");
+    {
+        let dev = open_rw(&img);
+        dev.resize((3 << 20) + 100, Preallocation::Off)
+            .expect("shrink");
+        dev.resize(8 << 20, Preallocation::Off).expect("grow again");
+        dev.flush().expect("flush");
+    }
+    qemu_check_clean(&img);
+    let mut expect = vec![0u8; 8 << 20];
+    expect[..1 << 20].fill(0x10);
+    assert_same(&qemu_contents(&img, &s), &expect, "shrunk then grown");
+
+    let b = s.path("b.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        b.to_str().expect("u"),
+        "1000000",
+    ]);
+    qemu_io(&b, &["write -P 0x30 0 1000000"]);
+    {
+        let dev = open_rw(&b);
+        dev.resize(4 << 20, Preallocation::Metadata)
+            .expect("grow with metadata");
+        dev.resize(6 << 20, Preallocation::Full)
+            .expect("grow with full");
+        let err = dev
+            .resize(1 << 20, Preallocation::Full)
+            .expect_err("shrink + prealloc");
+        assert_eq!(err.kind(), vdisk_block::ErrorKind::InvalidInput);
+        dev.flush().expect("flush");
+    }
+    qemu_check_clean(&b);
+    let mut expect = vec![0u8; 6 << 20];
+    expect[..1_000_000].fill(0x30);
+    assert_same(&qemu_contents(&b, &s), &expect, "preallocated growth");
+    let st = open(&b).block_status(5 << 20, 4096).expect("status");
+    assert!(st.allocated && st.data, "preallocated: {st:?}");
+
+    qemu_img(&["snapshot", "-c", "s", b.to_str().expect("u")]);
+    let err = open_rw(&b)
+        .resize(8 << 20, Preallocation::Off)
+        .expect_err("snapshots");
+    assert_eq!(err.kind(), vdisk_block::ErrorKind::Unsupported);
+}
