@@ -147,6 +147,13 @@ fn info_matches_qemu_img() {
         );
         same_output(dir, &["info", "--backing-chain", name], false);
     }
+    // A device node is read through qemu's host_device protocol.
+    same_output(fx.scratch.dir(), &["info", "-f", "raw", "/dev/null"], false);
+    same_output(
+        fx.scratch.dir(),
+        &["info", "--output=json", "/dev/null"],
+        true,
+    );
 }
 
 #[test]

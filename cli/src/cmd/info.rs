@@ -125,6 +125,16 @@ fn collect(top: &Arc<dyn BlockDev>, name: &str, chain: bool) -> Result<Vec<Node>
     Ok(nodes)
 }
 
+/// qemu's name for the driver of the host file: `host_device` for device nodes, `file`
+/// for everything else.
+fn protocol(node: &Node) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(&node.info.filename) {
+        Ok(m) if m.file_type().is_block_device() || m.file_type().is_char_device() => "host_device",
+        _ => "file",
+    }
+}
+
 /// The protocol node below an image: the host file itself.
 fn file_json(node: &Node) -> Value {
     let mut m = Map::new();
@@ -134,7 +144,7 @@ fn file_json(node: &Node) -> Value {
         json!(sectors(node.info.file_length.unwrap_or(0))),
     );
     m.insert("filename".into(), json!(node.name));
-    m.insert("format".into(), json!("file"));
+    m.insert("format".into(), json!(protocol(node)));
     if let Some(actual) = node.info.actual_size {
         m.insert("actual-size".into(), json!(actual));
     }
@@ -236,8 +246,9 @@ fn node_human(node: &Node) -> String {
         dump_map(&mut s, 1, &spec.data);
     }
     s.push_str(&format!(
-        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {}\n    disk size: {}\n",
+        "Child node '/file':\n    filename: {}\n    protocol type: {}\n    file length: {}\n    disk size: {}\n",
         node.name,
+        protocol(node),
         size_line(sectors(i.file_length.unwrap_or(0))),
         disk_size(i.actual_size)
     ));
