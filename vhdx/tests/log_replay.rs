@@ -155,4 +155,22 @@ fn a_dirty_log_is_replayed_in_memory_on_read_only_open() {
         ours == oracle,
         "our in-memory replay differs from qemu's replay"
     );
+
+    // A writable open replays into the file and clears the log: qemu then opens it
+    // read-only and reads the same bytes.
+    let ours_rw = dir.path("replayed-by-us.vhdx");
+    std::fs::copy(&image, &ours_rw).expect("copy");
+    {
+        let img = VhdxImage::open(&ours_rw, &OpenOptions::read_write()).expect("open rw");
+        assert!(
+            img.header().log_guid.is_zero(),
+            "the log is retired after replay"
+        );
+    }
+    let raw2 = dir.path("ours.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "vhdx", "-O", "raw"])
+        .arg(&ours_rw)
+        .arg(&raw2));
+    assert!(std::fs::read(&raw2).expect("raw") == ours);
 }
