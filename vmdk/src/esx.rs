@@ -2,7 +2,9 @@
 //! (magic `0xcafebabe`, with a volatile header `0xcafecafe`). Each parser checks its fields
 //! and describes the extent's tables as a [`Geometry`] for [`crate::sparse::SparseExtent`].
 
-use vdisk_block::{Error, HostFile, Result};
+use vdisk_block::{Error, Result};
+
+use crate::source::Source;
 
 use crate::header::{SparseHeader, MAX_GD_ENTRIES, MAX_GRAIN_SECTORS, SECTOR};
 use crate::sparse::{Geometry, Layout};
@@ -55,7 +57,7 @@ fn synthesised(capacity: u64, grain_sectors: u64) -> SparseHeader {
 
 /// Parses a vmfsSparse header: `COWD`, then u32 version, flags, disk sectors, granularity,
 /// grain directory offset (sectors) and size (entries), ...
-pub fn cowd_geometry(file: &HostFile, first: &[u8]) -> Result<Geometry> {
+pub fn cowd_geometry(file: &Source, first: &[u8]) -> Result<Geometry> {
     let bad = |why: String| Error::corrupt("open vmfsSparse extent", why).with_path(file.path());
     if first.len() < 44 || !is_cowd(first) {
         return Err(bad("no COWD header".into()));
@@ -79,7 +81,7 @@ pub fn cowd_geometry(file: &HostFile, first: &[u8]) -> Result<Geometry> {
 }
 
 /// Parses and checks a seSparse constant header and its volatile header.
-pub fn sesparse_geometry(file: &HostFile, first: &[u8]) -> Result<Geometry> {
+pub fn sesparse_geometry(file: &Source, first: &[u8]) -> Result<Geometry> {
     let bad = |why: String| Error::corrupt("open seSparse extent", why).with_path(file.path());
     if first.len() < 512 || u64_at(first, 0) != SESPARSE_MAGIC {
         return Err(bad("no seSparse header".into()));

@@ -223,7 +223,7 @@ impl Extent {
                         st.data = true;
                         st.host = Some(HostLocation {
                             file: sparse.file().path().to_path_buf(),
-                            offset: host,
+                            offset: sparse.file().base() + host,
                         });
                     }
                     Grain::Compressed(_) => {
@@ -240,8 +240,8 @@ impl Extent {
     pub fn host_file(&self) -> Option<&Arc<HostFile>> {
         match &self.data {
             ExtentData::Flat { file, .. } => Some(file),
-            ExtentData::Sparse(sparse) => Some(sparse.file()),
-            ExtentData::Stream(stream) => Some(stream.reader().file()),
+            ExtentData::Sparse(sparse) => Some(sparse.file().host()),
+            ExtentData::Stream(stream) => Some(stream.reader().file().host()),
             ExtentData::Zero | ExtentData::NoAccess => None,
         }
     }

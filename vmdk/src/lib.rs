@@ -27,6 +27,7 @@ pub mod format;
 pub mod header;
 pub mod image;
 pub mod open;
+pub mod source;
 pub mod sparse;
 mod sparse_write;
 pub mod stream;

@@ -17,6 +17,7 @@ use crate::esx;
 use crate::extent::{Extent, ExtentData};
 use crate::header::{SparseHeader, SECTOR};
 use crate::image::{DescriptorStore, VmdkImage};
+use crate::source::Source;
 use crate::sparse::SparseExtent;
 use crate::stream::StreamWriter;
 
@@ -66,7 +67,11 @@ fn open_file(path: &Path, writable: bool, options: &OpenOptions) -> Result<Arc<H
     )?))
 }
 
-fn classify(file: &HostFile) -> Result<Kind> {
+fn open_source(path: &Path, writable: bool, options: &OpenOptions) -> Result<Arc<Source>> {
+    Ok(Arc::new(Source::whole(open_file(path, writable, options)?)))
+}
+
+fn classify(file: &Source) -> Result<Kind> {
     let len = file.len()?;
     let mut first = vec![0u8; len.min(512) as usize];
     file.read_at(&mut first, 0)?;
@@ -84,7 +89,7 @@ fn classify(file: &HostFile) -> Result<Kind> {
 }
 
 /// Reads the descriptor a sparse header embeds, if it has one.
-fn embedded_descriptor(file: &HostFile, header: &SparseHeader) -> Result<Option<Descriptor>> {
+fn embedded_descriptor(file: &Source, header: &SparseHeader) -> Result<Option<Descriptor>> {
     if header.descriptor_offset == 0 || header.descriptor_size == 0 {
         return Ok(None);
     }
@@ -117,7 +122,7 @@ fn embedded_descriptor(file: &HostFile, header: &SparseHeader) -> Result<Option<
         .map_err(|e| e.with_path(file.path()))
 }
 
-fn text_descriptor(file: &HostFile) -> Result<Descriptor> {
+fn text_descriptor(file: &Source) -> Result<Descriptor> {
     let len = file.len()?;
     if len > MAX_DESCRIPTOR_BYTES as u64 {
         return Err(Error::corrupt(
@@ -135,7 +140,7 @@ fn text_descriptor(file: &HostFile) -> Result<Descriptor> {
 
 /// The descriptor of the VMDK at `path`, embedded or separate, without opening any extent.
 pub fn read_descriptor(path: &Path, options: &OpenOptions) -> Result<Descriptor> {
-    let file = open_file(path, false, options)?;
+    let file = open_source(path, false, options)?;
     match classify(&file)? {
         Kind::Sparse(header) => Ok(embedded_descriptor(&file, &header)?
             .unwrap_or_else(|| Descriptor::new("monolithicSparse", 0))),
@@ -181,7 +186,7 @@ fn follow(image: &Path, name: &str, what: &str, options: &OpenOptions) -> Result
 }
 
 /// Opens `file` as the sparse extent of kind `kind` a descriptor line names.
-fn open_sparse(file: Arc<HostFile>, kind: ExtentType) -> Result<SparseExtent> {
+fn open_sparse(file: Arc<Source>, kind: ExtentType) -> Result<SparseExtent> {
     match (kind, classify(&file)?) {
         (ExtentType::Sparse, Kind::Sparse(header)) => SparseExtent::open(file, header),
         (ExtentType::VmfsSparse, Kind::Cowd(first)) => {
@@ -245,7 +250,8 @@ fn open_extent(
     let file = open_file(&path, writable, options)?;
     extent.data = match line.kind {
         ExtentType::Sparse | ExtentType::VmfsSparse | ExtentType::SeSparse => {
-            ExtentData::Sparse(Box::new(open_sparse(file, line.kind)?))
+            let source = Arc::new(Source::whole(file));
+            ExtentData::Sparse(Box::new(open_sparse(source, line.kind)?))
         }
         _ => {
             let offset = line
@@ -269,7 +275,7 @@ fn open_extent(
 
 /// Opens the VMDK at `path` (read-only) with every extent and, within the policy, its parent.
 pub fn open(path: &Path, options: &OpenOptions) -> Result<VmdkImage> {
-    let file = open_file(path, options.writable, options)?;
+    let file = open_source(path, options.writable, options)?;
     let (descriptor, extents) = match classify(&file)? {
         Kind::Sparse(header) if header.capacity != 0 || header.descriptor_offset == 0 => {
             // A monolithic sparse file is its own single extent; the extent lines of its
@@ -397,16 +403,16 @@ fn check_writable(path: &Path, extents: &[Extent]) -> Result<()> {
 
 /// Where a writable image keeps its descriptor: embedded in the named sparse file, or the
 /// named text file itself.
-fn descriptor_store(file: &Arc<HostFile>, path: &Path) -> Result<DescriptorStore> {
+fn descriptor_store(file: &Arc<Source>, path: &Path) -> Result<DescriptorStore> {
     match classify(file)? {
         Kind::Sparse(header) if header.descriptor_offset != 0 && header.descriptor_size != 0 => {
             Ok(DescriptorStore::Embedded {
-                file: Arc::clone(file),
+                file: Arc::clone(file.host()),
                 offset: header.descriptor_offset * SECTOR,
                 capacity: header.descriptor_size * SECTOR,
             })
         }
-        Kind::Text => Ok(DescriptorStore::Text(Arc::clone(file))),
+        Kind::Text => Ok(DescriptorStore::Text(Arc::clone(file.host()))),
         _ => Err(Error::unsupported(
             OP,
             "cannot open for writing: the image has no descriptor to record its new CID in",

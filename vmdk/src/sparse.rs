@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use flate2::{Decompress, FlushDecompress, Status};
 use parking_lot::{Mutex, RwLock};
-use vdisk_block::{Error, HostFile, Result};
+use vdisk_block::{Error, Result};
+
+use crate::source::Source;
 
 use crate::header::{
     Marker, SparseHeader, FLAG_REDUNDANT_GD, GD_AT_END, MARKER_EOS, MARKER_FOOTER, SECTOR,
@@ -87,7 +89,7 @@ pub struct Geometry {
 /// An opened sparse extent: hosted, streamOptimized, vmfsSparse or seSparse.
 #[derive(Debug)]
 pub struct SparseExtent {
-    file: Arc<HostFile>,
+    file: Arc<Source>,
     /// The header in force: the footer's copy when the first header defers to it.
     header: SparseHeader,
     layout: Layout,
@@ -107,7 +109,7 @@ pub struct SparseExtent {
     last_grain: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
-fn corrupt(file: &HostFile, message: impl Into<String>) -> Error {
+fn corrupt(file: &Source, message: impl Into<String>) -> Error {
     Error::corrupt("read vmdk sparse extent", message).with_path(file.path())
 }
 
@@ -125,7 +127,7 @@ fn decode_entries(raw: &[u8], width: u64) -> Vec<u64> {
 
 impl SparseExtent {
     /// Opens the hosted sparse extent in `file`, whose first 512 bytes are `first_header`.
-    pub fn open(file: Arc<HostFile>, first_header: SparseHeader) -> Result<Self> {
+    pub fn open(file: Arc<Source>, first_header: SparseHeader) -> Result<Self> {
         let file_len = file.len()?;
         let header = if first_header.gd_offset == GD_AT_END {
             read_footer(&file, file_len)?
@@ -151,7 +153,7 @@ impl SparseExtent {
     /// Opens an extent whose header a flavour's parser has already checked: the grain
     /// directory must lie inside the file and hold an entry for every grain table the
     /// capacity needs.
-    pub fn with_geometry(file: Arc<HostFile>, geometry: Geometry) -> Result<Self> {
+    pub fn with_geometry(file: Arc<Source>, geometry: Geometry) -> Result<Self> {
         let file_len = file.len()?;
         let Geometry {
             header,
@@ -227,7 +229,7 @@ impl SparseExtent {
     }
 
     /// The file holding the extent.
-    pub fn file(&self) -> &Arc<HostFile> {
+    pub fn file(&self) -> &Arc<Source> {
         &self.file
     }
 
@@ -584,7 +586,7 @@ pub fn inflate_grain(input: &[u8], limit: usize) -> std::result::Result<Vec<u8>,
 
 /// Reads and checks the footer of a stream whose header says the grain directory is at the
 /// end: footer marker, footer (a header copy), end-of-stream marker, in the last 1536 bytes.
-fn read_footer(file: &HostFile, file_len: u64) -> Result<SparseHeader> {
+fn read_footer(file: &Source, file_len: u64) -> Result<SparseHeader> {
     let invalid = |why: &str| {
         Error::corrupt("open vmdk sparse extent", format!("Invalid footer: {why}"))
             .with_path(file.path())

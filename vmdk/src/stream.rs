@@ -392,7 +392,12 @@ impl StreamWriter {
             self.append(&mut state, grain, &compressed)?;
         }
         if state.dirty {
-            let end = write_closing(self.reader.file(), &self.header, &state.tables, state.tail)?;
+            let end = write_closing(
+                self.reader.file().host(),
+                &self.header,
+                &state.tables,
+                state.tail,
+            )?;
             self.reader.file().set_len(end)?;
             self.reader.file_len.fetch_max(end, Ordering::AcqRel);
             state.dirty = false;
