@@ -699,3 +699,49 @@ impl BlockDev for Qcow2Image {
         !self.writable
     }
 }
+
+/// The qcow2-specific facts `qemu-img info` prints under `format-specific`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Info {
+    /// `0.10` (version 2) or `1.1` (version 3).
+    pub compat: &'static str,
+    /// `zlib` or `zstd`.
+    pub compression_type: &'static str,
+    /// Lazy refcounts (version 3 only).
+    pub lazy_refcounts: bool,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// The corrupt bit.
+    pub corrupt: bool,
+    /// Extended L2 entries.
+    pub extended_l2: bool,
+    /// The external data file name, if any.
+    pub data_file: Option<String>,
+    /// The data file is a valid raw image by itself.
+    pub data_file_raw: bool,
+    /// Internal snapshots.
+    pub snapshots: Vec<crate::snapshot::Snapshot>,
+}
+
+impl Qcow2Image {
+    /// The format-specific facts for `info` (the snapshot table is read now).
+    pub fn qcow2_info(&self) -> Result<Qcow2Info> {
+        let h = &self.header;
+        let (snapshots, _) =
+            crate::snapshot::read_table(&self.file, h).map_err(|e| e.with_path(&self.path))?;
+        Ok(Qcow2Info {
+            compat: h.compat_str(),
+            compression_type: h.compression_type.as_str(),
+            lazy_refcounts: h.compatible_features & header::compat::LAZY_REFCOUNTS != 0,
+            refcount_bits: h.refcount_bits(),
+            corrupt: h.incompatible_features & header::incompat::CORRUPT != 0,
+            extended_l2: h.extended_l2(),
+            data_file: h
+                .has_data_file()
+                .then(|| h.extensions.data_file.clone())
+                .flatten(),
+            data_file_raw: h.data_file_raw(),
+            snapshots,
+        })
+    }
+}

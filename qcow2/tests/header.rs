@@ -493,3 +493,53 @@ fn random_corruption_never_panics() {
         let _ = Qcow2Format.check(&target, &options(), RepairMode::None);
     }
 }
+
+#[test]
+fn format_specific_info_matches_qemu() {
+    let s = Scratch::new("specific");
+    let data = s.path("d.raw");
+    for opts in [
+        "compat=0.10".to_string(),
+        "lazy_refcounts=on,refcount_bits=64".to_string(),
+        "extended_l2=on,compression_type=zstd".to_string(),
+        format!("data_file={},data_file_raw=on", data.display()),
+    ] {
+        let img = create(&s, "i.qcow2", &opts, "8M");
+        qemu_io(&img, &["write -P 1 0 64k"]);
+        if !opts.contains("data_file") {
+            // Images with an external data file cannot have internal snapshots.
+            qemu_img(&["snapshot", "-c", "first", img.to_str().expect("u")]);
+            qemu_img(&["snapshot", "-c", "second", img.to_str().expect("u")]);
+        }
+        let json = qemu_img(&["info", "--output=json", img.to_str().expect("u")]);
+        let q: serde_json::Value = serde_json::from_str(&json).expect("json");
+        let d = &q["format-specific"]["data"];
+        let ours = open(&img).qcow2_info().expect("info");
+        assert_eq!(d["compat"].as_str(), Some(ours.compat), "{opts}");
+        if ours.compat == "1.1" {
+            assert_eq!(d["compression-type"].as_str(), Some(ours.compression_type));
+            assert_eq!(d["lazy-refcounts"].as_bool(), Some(ours.lazy_refcounts));
+            assert_eq!(d["extended-l2"].as_bool(), Some(ours.extended_l2));
+            assert_eq!(d["corrupt"].as_bool(), Some(ours.corrupt));
+        }
+        assert_eq!(
+            d["refcount-bits"].as_u64(),
+            Some(u64::from(ours.refcount_bits))
+        );
+        assert_eq!(d["data-file"].as_str(), ours.data_file.as_deref(), "{opts}");
+        if ours.data_file.is_some() {
+            assert_eq!(d["data-file-raw"].as_bool(), Some(ours.data_file_raw));
+        }
+        let none = Vec::new();
+        let snaps = q["snapshots"].as_array().unwrap_or(&none);
+        assert_eq!(snaps.len(), ours.snapshots.len());
+        for (a, b) in snaps.iter().zip(&ours.snapshots) {
+            assert_eq!(a["name"].as_str(), Some(b.name.as_str()));
+            assert_eq!(a["id"].as_str(), Some(b.id.as_str()));
+            assert_eq!(a["date-sec"].as_u64(), Some(u64::from(b.date_sec)));
+            assert_eq!(a["date-nsec"].as_u64(), Some(u64::from(b.date_nsec)));
+            assert_eq!(a["vm-state-size"].as_u64(), Some(b.vm_state_size));
+        }
+        std::fs::remove_file(&img).expect("remove");
+    }
+}
