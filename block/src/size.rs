@@ -68,35 +68,55 @@ pub fn parse_size(text: &str) -> Result<u64> {
 }
 
 /// Formats a byte count as qemu-img does in human output: `64 MiB`, `1.07 MiB`, `512 B`.
+///
+/// qemu switches to the next unit once the value reaches 1000 of the current one and prints
+/// with C's `%0.3g`, so 999.5 KiB prints as `1e+03 KiB` and 1000 KiB as `0.977 MiB`; both
+/// quirks are kept so output matches byte for byte.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    // qemu switches unit once the value reaches 1000 of the current unit (e.g. 1000 KiB
-    // prints as 0.977 MiB), keeping three significant digits.
-    while value >= 1000.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    let text = format!("{value:.*}", significant_decimals(value));
-    let text = if text.contains('.') {
-        text.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        text
-    };
-    format!("{text} {}", UNITS[unit])
+    // floor(log2(bytes * 1024 / 1000)) + 1, as C's frexp() gives it, picks the unit.
+    let scaled = bytes as f64 / (1000.0 / 1024.0);
+    let exponent = frexp_exponent(scaled);
+    let unit = ((exponent - 1) / 10).clamp(0, UNITS.len() as i32 - 1) as usize;
+    let value = bytes as f64 / (1u64 << (unit * 10)) as f64;
+    format!("{} {}", format_g3(value), UNITS[unit])
 }
 
-fn significant_decimals(value: f64) -> usize {
-    if value >= 100.0 {
-        0
-    } else if value >= 10.0 {
-        1
+/// The exponent C's `frexp()` returns for a finite, non-negative `x` (0 for 0).
+fn frexp_exponent(x: f64) -> i32 {
+    if x == 0.0 {
+        return 0;
+    }
+    let biased = ((x.to_bits() >> 52) & 0x7ff) as i32;
+    if biased == 0 {
+        // Subnormal: never reached by byte counts, but keep the arithmetic honest.
+        return frexp_exponent(x * (1u64 << 54) as f64) - 54;
+    }
+    biased - 1022
+}
+
+/// C's `%0.3g` for a non-negative finite value.
+fn format_g3(value: f64) -> String {
+    if value == 0.0 {
+        return "0".into();
+    }
+    // The decimal exponent after rounding to three significant digits decides the style.
+    let sci = format!("{value:.2e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let trim = |t: &str| -> String {
+        if t.contains('.') {
+            t.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            t.to_string()
+        }
+    };
+    if !(-4..3).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", trim(mantissa), exp.abs())
     } else {
-        2
+        let decimals = (2 - exp) as usize;
+        trim(&format!("{value:.decimals$}"))
     }
 }
 
@@ -130,5 +150,13 @@ mod tests {
         assert_eq!(human_size(512), "512 B");
         assert_eq!(human_size(196608), "192 KiB");
         assert_eq!(human_size(1073741824), "1 GiB");
+        // qemu-img 10.0.2's output around the unit switch and for tiny values.
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(1023), "0.999 KiB");
+        assert_eq!(human_size(999), "999 B");
+        assert_eq!(human_size(1023488), "1e+03 KiB");
+        assert_eq!(human_size(1024000), "0.977 MiB");
+        assert_eq!(human_size(1048051712), "1e+03 MiB");
+        assert_eq!(human_size(1245184), "1.19 MiB");
     }
 }
