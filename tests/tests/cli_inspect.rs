@@ -445,3 +445,29 @@ fn every_command_teaches_its_options() {
         assert!(v.stdout.contains("--"), "{cmd} --help lists no options");
     }
 }
+
+#[test]
+fn human_sizes_round_like_qemu_img() {
+    // qemu prints sizes with C's %0.3g after switching units at 1000: "1e+03 KiB",
+    // "0.977 MiB". Sparse files, so they cost nothing.
+    let s = Scratch::new("human-sizes");
+    for size in [
+        512u64,
+        1024,
+        1536,
+        102_400,
+        1_023_488,
+        1_024_000,
+        1_048_064,
+        1_100_288,
+        1_048_051_712,
+        1_073_741_824,
+        1_099_511_627_776,
+    ] {
+        let name = format!("s{size}.raw");
+        fs::File::create(s.path(&name))
+            .and_then(|f| f.set_len(size))
+            .expect("make sparse file");
+        same_output(s.dir(), &["info", "-f", "raw", &name], false);
+    }
+}
