@@ -148,3 +148,15 @@ pub fn is_root() -> bool {
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
 }
+
+/// Flushes `path` to disk, so the file system's allocation (and `st_blocks`) is settled
+/// before two tools are asked about it: ext4 may add an extent-tree block when delayed
+/// allocation is written back, which would otherwise change the answer between runs.
+pub fn settle(path: &Path) {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    file.sync_all()
+        .unwrap_or_else(|e| panic!("sync {}: {e}", path.display()));
+}

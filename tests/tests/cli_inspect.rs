@@ -11,7 +11,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use vdisk_tests::{dropin_link, qemu_img, qemu_io_raw, run_in, size_and_allocation, Run, Scratch};
+use vdisk_tests::{
+    dropin_link, qemu_img, qemu_io_raw, run_in, settle, size_and_allocation, Run, Scratch,
+};
 
 const VDISK: &str = env!("CARGO_BIN_EXE_vdisk-under-test");
 
@@ -90,6 +92,9 @@ fn fixtures(tag: &str) -> Fixtures {
             "write -P 3 2684354560 65536",
         ],
     );
+    for entry in fs::read_dir(s.dir()).expect("list fixtures").flatten() {
+        settle(&entry.path());
+    }
     Fixtures {
         scratch: s,
         names: vec![
@@ -362,6 +367,8 @@ fn same_create(s: &Scratch, args: &[&str], name: &str) {
         "{full:?}: file exists for one tool only"
     );
     if qf.exists() {
+        settle(&qf);
+        settle(&vf);
         assert_eq!(
             size_and_allocation(&vf),
             size_and_allocation(&qf),
