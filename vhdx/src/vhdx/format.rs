@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use vdisk_block::{BlockDev, CreateOptions, Error, Format, OpenOptions, Result};
+use vdisk_block::{
+    BlockDev, CheckReport, CreateOptions, Error, Format, OpenOptions, RepairMode, Result,
+};
 
 use crate::vhdx::create::{self, CreateParams, ParentSpec};
 use crate::vhdx::header::FILE_SIGNATURE;
@@ -83,6 +85,10 @@ impl Format for VhdxFormat {
         }
         options.reject_leftovers("vhdx")?;
         create::create(path, &p)
+    }
+
+    fn check(&self, path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {
+        crate::vhdx::check::check(path, options, repair)
     }
 
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {

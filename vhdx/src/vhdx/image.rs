@@ -53,6 +53,7 @@ pub struct VhdxImage {
     /// The first write of this session already changed the write GUIDs.
     pub(crate) session_started: AtomicBool,
     pub(crate) writable: bool,
+    bat_problems: Vec<(u64, String)>,
     /// Test hook: fail every file write or flush after this many (simulated power cut).
     #[cfg(test)]
     pub(crate) fault: crate::vhdx::write::FaultBudget,
@@ -108,6 +109,21 @@ impl VhdxImage {
     /// Opens `path`. The parent of a differencing image is opened through `options.opener`
     /// within `options.policy`.
     pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
+        Self::open_with(path, options, false)
+    }
+
+    /// Opens for `check`: BAT entries that would make [`VhdxImage::open`] fail are listed
+    /// in [`VhdxImage::bat_problems`] and read as holes instead.
+    pub fn open_for_check(path: &Path, options: &OpenOptions) -> Result<Self> {
+        Self::open_with(path, options, true)
+    }
+
+    /// BAT entries found bad by [`VhdxImage::open_for_check`]: index and why.
+    pub fn bat_problems(&self) -> &[(u64, String)] {
+        &self.bat_problems
+    }
+
+    fn open_with(path: &Path, options: &OpenOptions, tolerant: bool) -> Result<Self> {
         let file = Arc::new(HostFile::open(
             path,
             options.writable,
@@ -139,7 +155,19 @@ impl VhdxImage {
         check_layout(&header, &regions).map_err(|w| corrupt(path, w))?;
         let params = read_metadata(&view, &regions, path)?;
         let bat = read_bat(&view, &regions, &params, path)?;
-        check_bat(&bat, &params, &header, &regions, view.len()).map_err(|w| corrupt(path, w))?;
+        let mut bat = bat;
+        let bat_problems = check_bat(&bat, &params, &header, &regions, view.len());
+        if let Some((_, why)) = bat_problems.first() {
+            if !tolerant {
+                return Err(corrupt(path, why.clone()));
+            }
+            // `check` looks at the rest of the image with the bad entries read as holes.
+            for (index, _) in &bat_problems {
+                if let Some(e) = bat.get_mut(*index as usize) {
+                    *e = 0;
+                }
+            }
+        }
         let parent = match &params.parent_locator {
             Some(locator) => parent::open(path, locator, options)?,
             None => None,
@@ -162,6 +190,7 @@ impl VhdxImage {
             }),
             session_started: AtomicBool::new(false),
             writable: options.writable,
+            bat_problems,
             #[cfg(test)]
             fault: Default::default(),
         };
@@ -187,8 +216,8 @@ impl VhdxImage {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A copy of BAT entry `index`.
-    pub(crate) fn bat_entry(&self, index: u64) -> Result<u64> {
+    /// A copy of BAT entry `index` (raw, as stored).
+    pub fn bat_entry(&self, index: u64) -> Result<u64> {
         let bat = self.bat.read().unwrap_or_else(|e| e.into_inner());
         usize::try_from(index)
             .ok()
@@ -440,74 +469,96 @@ fn check_bat(
     header: &Header,
     regions: &Regions,
     file_len: u64,
-) -> std::result::Result<(), String> {
+) -> Vec<(u64, String)> {
     let ratio = params.chunk_ratio();
     let bs = params.block_size as u64;
+    let mut problems = Vec::new();
     let mut used: Vec<(u64, u64, u64)> = Vec::new();
     for (index, &entry) in bat.iter().enumerate() {
         let index = index as u64;
-        let state = bat::state_bits(entry);
-        let (len, what) = if bat::is_bitmap_index(index, ratio) {
-            match state {
-                0 => continue,
-                bat::SB_PRESENT if params.has_parent => (MIB, "sector bitmap block"),
-                bat::SB_PRESENT => {
-                    return Err(format!(
-                        "BAT entry {index} has a sector bitmap in an image without a parent"
-                    ))
+        match entry_extent(index, entry, params, ratio, bs) {
+            Ok(None) => {}
+            Err(why) => problems.push((index, why)),
+            Ok(Some((len, what))) => {
+                let off = bat::file_offset(entry);
+                let mut fault = None;
+                if off < HEADER_SECTION {
+                    fault = Some(format!(
+                        "BAT entry {index} places a {what} inside the header section"
+                    ));
+                } else if off.checked_add(len).is_none_or(|end| end > file_len) {
+                    fault = Some(format!(
+                        "BAT entry {index} places a {what} at {off}, past the end of the file ({file_len} bytes): the image was probably truncated"
+                    ));
                 }
-                _ => return Err(format!("BAT entry {index} has reserved state {state}")),
-            }
-        } else {
-            let block = index - index / (ratio + 1);
-            match PayloadState::from_bits(state) {
-                None => return Err(format!("BAT entry {index} has reserved state {state}")),
-                Some(s) if !s.has_offset() => continue,
-                Some(_) => {
-                    let start = block * bs;
+                for (name, start, rlen) in [
+                    ("BAT region", regions.bat.offset, regions.bat.length as u64),
                     (
-                        bs.min(params.virtual_size.saturating_sub(start)),
-                        "payload block",
-                    )
+                        "metadata region",
+                        regions.metadata.offset,
+                        regions.metadata.length as u64,
+                    ),
+                    ("log", header.log_offset, header.log_length as u64),
+                ] {
+                    if fault.is_none() && overlaps(off, len, start, rlen) {
+                        fault = Some(format!("BAT entry {index} places a {what} over the {name}"));
+                    }
+                }
+                match fault {
+                    Some(why) => problems.push((index, why)),
+                    None => used.push((off, len, index)),
                 }
             }
-        };
-        let off = bat::file_offset(entry);
-        if off < HEADER_SECTION {
-            return Err(format!(
-                "BAT entry {index} places a {what} inside the header section"
-            ));
         }
-        if off.checked_add(len).is_none_or(|end| end > file_len) {
-            return Err(format!(
-                "BAT entry {index} places a {what} at {off}, past the end of the file ({file_len} bytes): the image was probably truncated"
-            ));
-        }
-        for (name, start, rlen) in [
-            ("BAT region", regions.bat.offset, regions.bat.length as u64),
-            (
-                "metadata region",
-                regions.metadata.offset,
-                regions.metadata.length as u64,
-            ),
-            ("log", header.log_offset, header.log_length as u64),
-        ] {
-            if overlaps(off, len, start, rlen) {
-                return Err(format!("BAT entry {index} places a {what} over the {name}"));
-            }
-        }
-        used.push((off, len, index));
     }
     used.sort_unstable();
     for pair in used.windows(2) {
         if overlaps(pair[0].0, pair[0].1, pair[1].0, pair[1].1) {
-            return Err(format!(
-                "BAT entries {} and {} place blocks over each other",
-                pair[0].2, pair[1].2
+            problems.push((
+                pair[1].2,
+                format!(
+                    "BAT entries {} and {} place blocks over each other",
+                    pair[0].2, pair[1].2
+                ),
             ));
         }
     }
-    Ok(())
+    problems.sort_by_key(|p| p.0);
+    problems.dedup_by_key(|p| p.0);
+    problems
+}
+
+/// The length and kind of the file range BAT entry `index` occupies (`None`: none).
+fn entry_extent(
+    index: u64,
+    entry: u64,
+    params: &DiskParams,
+    ratio: u64,
+    bs: u64,
+) -> std::result::Result<Option<(u64, &'static str)>, String> {
+    let state = bat::state_bits(entry);
+    if bat::is_bitmap_index(index, ratio) {
+        return match state {
+            0 => Ok(None),
+            bat::SB_PRESENT if params.has_parent => Ok(Some((MIB, "sector bitmap block"))),
+            bat::SB_PRESENT => Err(format!(
+                "BAT entry {index} has a sector bitmap in an image without a parent"
+            )),
+            _ => Err(format!("BAT entry {index} has reserved state {state}")),
+        };
+    }
+    let block = index - index / (ratio + 1);
+    match PayloadState::from_bits(state) {
+        None => Err(format!("BAT entry {index} has reserved state {state}")),
+        Some(s) if !s.has_offset() => Ok(None),
+        Some(_) => {
+            let start = block * bs;
+            Ok(Some((
+                bs.min(params.virtual_size.saturating_sub(start)),
+                "payload block",
+            )))
+        }
+    }
 }
 
 impl BlockDev for VhdxImage {

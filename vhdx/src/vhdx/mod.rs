@@ -5,6 +5,7 @@
 //! metadata region, payload blocks and sector-bitmap blocks.
 
 pub mod bat;
+pub mod check;
 #[cfg(test)]
 mod crash_tests;
 pub mod create;

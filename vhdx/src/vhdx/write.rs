@@ -384,3 +384,14 @@ impl Drop for VhdxImage {
         }
     }
 }
+
+impl VhdxImage {
+    /// Resets BAT entries `indexes` to NOT_PRESENT through the log (repair of bad entries).
+    pub(crate) fn reset_entries(&self, indexes: &[u64]) -> Result<()> {
+        self.check_writable("repair")?;
+        self.start_session()?;
+        let changes: Vec<(u64, u64)> = indexes.iter().map(|&i| (i, 0)).collect();
+        let mut w = self.writer();
+        self.commit_bat(&mut w, &changes)
+    }
+}
