@@ -36,6 +36,17 @@ const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Subcluster bitmap with every subcluster reading as zeroes.
 const ALL_ZERO: u64 = 0xffff_ffff << 32;
 
+/// A whole-cluster write mapped to its host cluster, not yet visible in the L2 table.
+struct Mapped {
+    host: u64,
+    at: usize,
+    len: usize,
+    l2: u64,
+    idx: usize,
+    old: Option<Kind>,
+    entry: u64,
+}
+
 /// Header offset of `autoclear_features`.
 const HEADER_AUTOCLEAR: u64 = 88;
 
@@ -438,12 +449,84 @@ impl Qcow2Image {
     pub(crate) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable("write", offset, buf.len() as u64)?;
         let _io = self.io.write();
-        for (pos, n, _) in self.pieces(offset, buf.len() as u64) {
+        // Whole clusters need no copy-on-write reads: they are mapped in one batch, their
+        // data goes out in as few host writes as the mapping allows, and only then do the
+        // L2 entries change (data before the reference).
+        let batchable = !self.decoder.extended_l2 && !self.header.has_data_file();
+        let mut batch: Vec<Mapped> = Vec::new();
+        for (pos, n, whole) in self.pieces(offset, buf.len() as u64) {
             let at = (pos - offset) as usize;
+            if batchable && whole {
+                batch.push(self.map_whole_cluster(pos, at, n)?);
+                continue;
+            }
+            self.commit_batch(buf, &mut batch)?;
             self.write_cluster(&buf[at..at + n as usize], pos)
                 .map_err(|e| e.with_path(self.path()))?;
         }
+        self.commit_batch(buf, &mut batch)?;
         self.after_op()
+    }
+
+    /// Finds (or allocates) the host cluster a whole-cluster write of guest `pos` goes to;
+    /// nothing visible changes until [`Self::commit_batch`].
+    fn map_whole_cluster(&self, pos: u64, at: usize, len: u64) -> Result<Mapped> {
+        let mut meta = self.meta.lock();
+        let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
+        let entry = self.entry_at(&mut meta, l2, idx)?;
+        let kind = self.decoder.classify(entry, 0, 0, pos)?;
+        let (host, old) = match (kind, entry & COPIED != 0) {
+            (Kind::Normal { host }, true) => (host, None),
+            (Kind::ZeroAlloc { host }, true) => (host, None),
+            (old, _) => {
+                let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
+                let host = refs.alloc(self.file())? << self.header.cluster_bits;
+                (host, Some(old))
+            }
+        };
+        Ok(Mapped {
+            host,
+            at,
+            len: len as usize,
+            l2,
+            idx,
+            old,
+            entry,
+        })
+    }
+
+    /// Writes the data of `batch` (merging host-contiguous pieces) and then points the L2
+    /// entries at it.
+    fn commit_batch(&self, buf: &[u8], batch: &mut Vec<Mapped>) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut i = 0;
+        while i < batch.len() {
+            let mut j = i + 1;
+            while j < batch.len()
+                && batch[j].host == batch[j - 1].host + batch[j - 1].len as u64
+                && batch[j].at == batch[j - 1].at + batch[j - 1].len
+            {
+                j += 1;
+            }
+            let end = batch[j - 1].at + batch[j - 1].len;
+            self.file()
+                .write_at(&buf[batch[i].at..end], batch[i].host)?;
+            i = j;
+        }
+        let cs = self.header.cluster_size();
+        let mut meta = self.meta.lock();
+        for m in batch.drain(..) {
+            let value = m.host | COPIED;
+            if value != m.entry {
+                self.set_entry(&mut meta, m.l2, m.idx, value)?;
+            }
+            if let Some(old) = m.old {
+                Self::release(&mut meta, old, cs);
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn write_zeroes_impl(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
