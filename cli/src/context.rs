@@ -229,13 +229,19 @@ fn source_hint(err: &Error) -> Option<String> {
     std::error::Error::source(err).map(|s| s.to_string())
 }
 
+/// The host file an image name refers to: qemu accepts an explicit `file:` protocol prefix.
+pub fn host_path(name: &str) -> &str {
+    name.strip_prefix("file:").unwrap_or(name)
+}
+
 /// How opening the image `name` (as the user spelled it) failed.
 pub fn open_failure(name: &str, err: &Error) -> Failure {
-    let is_dir = Path::new(name).is_dir();
+    let path = host_path(name);
+    let is_dir = Path::new(path).is_dir() && err.kind() != ErrorKind::Unsupported;
     if is_dir {
         return Failure::new(
             format!(
-                "Could not open '{name}': 'file' driver requires '{name}' to be a regular file"
+                "Could not open '{name}': 'file' driver requires '{path}' to be a regular file"
             ),
             format!("cannot open '{name}': it is a directory (name a disk image file)"),
         );
@@ -246,7 +252,7 @@ pub fn open_failure(name: &str, err: &Error) -> Failure {
     ) && err.op() == "open";
     let qemu = if os_level {
         format!(
-            "Could not open '{name}': Could not open '{name}': {}",
+            "Could not open '{name}': Could not open '{path}': {}",
             why(err)
         )
     } else {
@@ -281,7 +287,11 @@ pub fn create_failure(name: &str, format: &str, err: &Error) -> Failure {
     }
     let qemu = match err.op() {
         "create" if std::error::Error::source(err).is_some() && err.path().is_some() => {
-            format!("{name}: Could not create '{name}': {}", why(err))
+            format!(
+                "{name}: Could not create '{}': {}",
+                host_path(name),
+                why(err)
+            )
         }
         "truncate" => format!("{name}: Could not resize file: {}", why(err)),
         _ => format!("{name}: {}", without_hint(err.message())),

@@ -122,6 +122,8 @@ fn missing_files_and_folders() {
         vec!["measure", "-O", "raw", "missing.raw"],
         vec!["check", "missing.raw"],
         vec!["check", "folder"],
+        vec!["info", "file:missing.raw"],
+        vec!["info", "-f", "raw", "file:folder"],
     ] {
         assert_eq!(b.check(&args).code, 1, "{args:?}");
     }
@@ -155,6 +157,11 @@ fn unwritable_targets() {
         1
     );
     assert_eq!(b.check(&["create", "-f", "raw", "folder", "1M"]).code, 1);
+    assert_eq!(
+        b.check(&["create", "-f", "raw", "file:nodir/x.raw", "1M"])
+            .code,
+        1
+    );
     assert_eq!(
         b.check(&["create", "-f", "raw", "/proc/vdisk-no-such.raw", "1M"])
             .code,

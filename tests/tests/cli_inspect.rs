@@ -152,6 +152,13 @@ fn info_matches_qemu_img() {
         );
         same_output(dir, &["info", "--backing-chain", name], false);
     }
+    // qemu's explicit `file:` protocol prefix.
+    same_output(fx.scratch.dir(), &["info", "file:holes.raw"], false);
+    same_output(
+        fx.scratch.dir(),
+        &["map", "--output=json", "file:holes.raw"],
+        true,
+    );
     // A device node is read through qemu's host_device protocol.
     same_output(fx.scratch.dir(), &["info", "-f", "raw", "/dev/null"], false);
     same_output(

@@ -202,7 +202,8 @@ fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
             .options
             .insert(o.key.clone(), o.value.clone());
     }
-    vdisk_blockjobs::registry::create_image(Path::new(name), driver.name(), create_options)
+    let path = Path::new(crate::context::host_path(name));
+    vdisk_blockjobs::registry::create_image(path, driver.name(), create_options)
         .map_err(|e| create_failure(name, driver.name(), &e))
 }
 

@@ -110,7 +110,7 @@ fn collect(top: &Arc<dyn BlockDev>, name: &str, chain: bool) -> Result<Vec<Node>
             )
         })?;
         let shown = if nodes.is_empty() {
-            name.to_string()
+            crate::context::host_path(name).to_string()
         } else {
             info.filename.display().to_string()
         };

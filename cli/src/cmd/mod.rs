@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use vdisk_block::{BlockDev, CacheMode, OpenOptions};
 
-use crate::context::{open_failure, Failure};
+use crate::context::{host_path, open_failure, Failure};
 
 /// How a command wants an image opened.
 #[derive(Debug, Clone, Default)]
@@ -46,7 +46,7 @@ pub fn open(name: &str, spec: &OpenSpec<'_>) -> Result<Arc<dyn BlockDev>, Failur
             )
         })?;
     }
-    vdisk_blockjobs::open_image(Path::new(name), spec.format, &options)
+    vdisk_blockjobs::open_image(Path::new(host_path(name)), spec.format, &options)
         .map_err(|e| open_failure(name, &e))
 }
 
