@@ -32,6 +32,16 @@ fn looks_like_descriptor(header: &[u8]) -> bool {
     false
 }
 
+/// Reads the first bytes of `path` to tell an appliance from a disk.
+fn is_appliance_file(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_end(&mut head))
+        .map_err(|e| vdisk_block::Error::io("open", e).with_path(path))?;
+    Ok(crate::ova::is_appliance(&head))
+}
+
 impl Format for VmdkFormat {
     fn name(&self) -> &'static str {
         "vmdk"
@@ -39,7 +49,7 @@ impl Format for VmdkFormat {
 
     fn probe(&self, header: &[u8], _path: &Path) -> u32 {
         let binary = SparseHeader::has_magic(header) || header.starts_with(b"COWD");
-        if binary || looks_like_descriptor(header) {
+        if binary || looks_like_descriptor(header) || crate::ova::is_appliance(header) {
             100
         } else {
             0
@@ -47,6 +57,16 @@ impl Format for VmdkFormat {
     }
 
     fn open(&self, path: &Path, options: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
+        if is_appliance_file(path)? {
+            // `disk=N` (from 0) picks one disk of a multi-disk appliance.
+            let index = match options.driver_options.get("disk") {
+                None => 0,
+                Some(v) => v.parse().map_err(|_| {
+                    vdisk_block::Error::invalid("open", format!("disk={v}: not a disk number"))
+                })?,
+            };
+            return Ok(Arc::new(crate::ova::open_disk(path, options, index)?));
+        }
         Ok(Arc::new(crate::open::open(path, options)?))
     }
 

@@ -27,10 +27,13 @@ pub mod format;
 pub mod header;
 pub mod image;
 pub mod open;
+pub mod ova;
+pub mod ovf;
 pub mod source;
 pub mod sparse;
 mod sparse_write;
 pub mod stream;
+pub mod tar;
 
 pub use descriptor::{Access, Descriptor, ExtentLine, ExtentType};
 pub use format::VmdkFormat;

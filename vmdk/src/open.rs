@@ -463,3 +463,39 @@ fn open_parent(path: &Path, descriptor: &Descriptor, options: &OpenOptions) -> R
     let dev = opener.open_image(&parent, Some("vmdk"), &parent_options)?;
     Ok((Some(dev), Some(parent)))
 }
+
+/// Opens the monolithic sparse VMDK held in `source` (a member of an archive named `path`)
+/// read-only; such a disk has no other files and no parent.
+pub(crate) fn open_member(path: &Path, source: Arc<Source>) -> Result<VmdkImage> {
+    let header =
+        match classify(&source)? {
+            Kind::Sparse(header) if header.capacity != 0 => header,
+            _ => return Err(Error::unsupported(
+                OP,
+                "only monolithic sparse or streamOptimized VMDKs are read from inside an archive",
+            )
+            .with_path(path)),
+        };
+    let sparse = SparseExtent::open(Arc::clone(&source), header.clone())?;
+    let descriptor = embedded_descriptor(&source, &header)?
+        .unwrap_or_else(|| Descriptor::new("streamOptimized", 0));
+    let extent = Extent {
+        start: 0,
+        len: sparse.capacity_bytes(),
+        kind: ExtentType::Sparse,
+        access: Access::ReadOnly,
+        path: Some(path.to_path_buf()),
+        data: ExtentData::Sparse(Box::new(sparse)),
+    };
+    Ok(VmdkImage {
+        path: path.to_path_buf(),
+        descriptor,
+        size: extent.len,
+        extents: vec![extent],
+        backing: None,
+        parent_path: None,
+        desc_store: None,
+        write_lock: parking_lot::Mutex::new(()),
+        cid_bumped: std::sync::atomic::AtomicBool::new(false),
+    })
+}

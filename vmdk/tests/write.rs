@@ -192,6 +192,11 @@ fn created_layouts_match_qemu_img() {
             ],
         );
         for name in files {
+            // A text descriptor's length depends on the CID: qemu-img writes it without
+            // leading zeroes, VMware (and we) with them.
+            if name == "disk.vmdk" && subformat.ends_with("Flat") {
+                continue;
+            }
             let a = std::fs::metadata(ours.path(name))
                 .unwrap_or_else(|_| panic!("{subformat}: {name}"));
             let b = std::fs::metadata(theirs.path(name)).expect("qemu's file");
