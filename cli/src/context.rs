@@ -297,11 +297,21 @@ pub fn create_failure(name: &str, format: &str, err: &Error) -> Failure {
         _ => format!("{name}: {}", without_hint(err.message())),
     };
     let hint = match err.kind() {
+        _ if Path::new(host_path(name)).is_dir() => " (name a file, not a folder)",
         ErrorKind::NotFound => " (does the folder exist?)",
         ErrorKind::PermissionDenied => " (check the permissions of the file and its folder)",
+        _ if err.op() == "truncate" => " (choose a smaller size)",
         _ => "",
     };
-    Failure::new(qemu, format!("create '{name}': {}{hint}", err.message()))
+    let what = if err.op() == "truncate" {
+        "cannot set the file's length: "
+    } else {
+        ""
+    };
+    Failure::new(
+        qemu,
+        format!("create '{name}': {what}{}{hint}", err.message()),
+    )
 }
 
 /// EFBIG without depending on libc for one constant: Linux's value on every architecture.
