@@ -75,15 +75,26 @@ fn qemu_agrees(path: &Path, dir: &Scratch) {
 #[test]
 fn model_test_on_dynamic_and_fixed_images() {
     let dir = Scratch::new("write-model");
-    for (name, size, opts) in [
-        ("dyn1m.vhdx", 24 * MIB + 512, "block_size=1M"),
-        ("dyn8m.vhdx", 40 * MIB, ""),
+    for (name, size, opts, resizes) in [
+        (
+            "dyn1m.vhdx",
+            24 * MIB + 512,
+            "block_size=1M",
+            vec![30 * MIB + 512, 10 * MIB + 1024, 26 * MIB],
+        ),
+        ("dyn8m.vhdx", 40 * MIB, "", vec![20 * MIB - 4096, 48 * MIB]),
         (
             "fixed.vhdx",
             12 * MIB,
             "subformat=fixed,block_size=1M,block_state_zero=off",
+            vec![16 * MIB],
         ),
-        ("fixedzero.vhdx", 12 * MIB, "subformat=fixed,block_size=2M"),
+        (
+            "fixedzero.vhdx",
+            12 * MIB,
+            "subformat=fixed,block_size=2M",
+            vec![],
+        ),
     ] {
         let path = dir.path(name);
         create(&path, size, opts);
@@ -94,6 +105,7 @@ fn model_test_on_dynamic_and_fixed_images() {
             .max_io(256 * 1024)
             .large_io(3 * MIB)
             .reopen(true)
+            .resize_steps(&resizes)
             .run(|| VhdxFormat.open(&path, &options(true)))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(report.writes > 0 && report.discards > 0);
@@ -235,6 +247,7 @@ fn model_test_on_a_differencing_image() {
         .max_io(200 * 1024)
         .large_io(2 * MIB)
         .initial_zero(false)
+        .resize_steps(&[9 * MIB, 14 * MIB])
         .reopen(true)
         .run(|| VhdxFormat.open(&child, &options(true)))
         .unwrap_or_else(|e| panic!("{e}"));

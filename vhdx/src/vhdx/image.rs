@@ -19,7 +19,7 @@
 //! first.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use vdisk_block::{
@@ -53,6 +53,10 @@ pub struct VhdxImage {
     /// The first write of this session already changed the write GUIDs.
     pub(crate) session_started: AtomicBool,
     pub(crate) writable: bool,
+    /// The guest-visible size (resize changes it; `params` keeps the size at open).
+    pub(crate) size: AtomicU64,
+    /// File offset of the virtual disk size metadata value.
+    pub(crate) size_item: u64,
     bat_problems: Vec<(u64, String)>,
     /// Test hook: fail every file write or flush after this many (simulated power cut).
     #[cfg(test)]
@@ -153,7 +157,7 @@ impl VhdxImage {
             .map_err(|w| corrupt(path, format!("cannot replay the log: {w}")))?;
         let regions = read_regions(&view, path)?;
         check_layout(&header, &regions).map_err(|w| corrupt(path, w))?;
-        let params = read_metadata(&view, &regions, path)?;
+        let (params, size_item) = read_metadata(&view, &regions, path)?;
         let bat = read_bat(&view, &regions, &params, path)?;
         let mut bat = bat;
         let bat_problems = check_bat(&bat, &params, &header, &regions, view.len());
@@ -173,6 +177,7 @@ impl VhdxImage {
             None => None,
         };
         let file_end = allocation_start(&bat, &params, view.len());
+        let virtual_size = params.virtual_size;
         let mut image = VhdxImage {
             path: path.to_path_buf(),
             view,
@@ -190,6 +195,8 @@ impl VhdxImage {
             }),
             session_started: AtomicBool::new(false),
             writable: options.writable,
+            size: AtomicU64::new(virtual_size),
+            size_item,
             bat_problems,
             #[cfg(test)]
             fault: Default::default(),
@@ -250,7 +257,7 @@ impl VhdxImage {
         let bs = self.params.block_size as u64;
         let block = offset / bs;
         let in_block = offset % bs;
-        let block_end = ((block + 1) * bs).min(self.params.virtual_size);
+        let block_end = ((block + 1) * bs).min(self.size());
         let len = max.min(block_end - offset);
         let ratio = self.params.chunk_ratio();
         let entry = self.bat_entry(bat::payload_index(block, ratio))?;
@@ -403,7 +410,9 @@ fn check_layout(header: &Header, r: &Regions) -> std::result::Result<(), String>
     Ok(())
 }
 
-fn read_metadata(view: &Overlaid, regions: &Regions, path: &Path) -> Result<DiskParams> {
+/// The disk parameters, and the file offset of the virtual disk size value (resize rewrites
+/// it).
+fn read_metadata(view: &Overlaid, regions: &Regions, path: &Path) -> Result<(DiskParams, u64)> {
     let region = regions.metadata;
     let mut table = vec![0u8; metadata::TABLE_SIZE];
     view.read_at(&mut table, region.offset)?;
@@ -422,7 +431,12 @@ fn read_metadata(view: &Overlaid, regions: &Regions, path: &Path) -> Result<Disk
     let logical = read_item(metadata::LOGICAL_SECTOR_SIZE)?;
     let physical = read_item(metadata::PHYSICAL_SECTOR_SIZE)?;
     let locator = read_item(metadata::PARENT_LOCATOR)?;
-    metadata::validate(
+    let size_at = entries
+        .iter()
+        .find(|e| e.item == metadata::VIRTUAL_DISK_SIZE && !e.is_user)
+        .map(|e| region.offset + e.offset as u64)
+        .unwrap_or_default();
+    let params = metadata::validate(
         fp.as_deref(),
         size.as_deref(),
         page83.as_deref(),
@@ -430,7 +444,8 @@ fn read_metadata(view: &Overlaid, regions: &Regions, path: &Path) -> Result<Disk
         physical.as_deref(),
         locator.as_deref(),
     )
-    .map_err(|w| corrupt(path, w))
+    .map_err(|w| corrupt(path, w))?;
+    Ok((params, size_at))
 }
 
 fn read_bat(
@@ -563,7 +578,7 @@ fn entry_extent(
 
 impl BlockDev for VhdxImage {
     fn size(&self) -> u64 {
-        self.params.virtual_size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -639,14 +654,8 @@ impl BlockDev for VhdxImage {
         Ok(st)
     }
 
-    fn resize(&self, _new_size: u64, _prealloc: Preallocation) -> Result<()> {
-        if !self.writable {
-            return Err(self.read_only("resize"));
-        }
-        Err(
-            Error::unsupported("resize", "resizing VHDX images is not implemented yet")
-                .with_path(&self.path),
-        )
+    fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        self.resize_impl(new_size, prealloc)
     }
 
     fn info(&self) -> Result<ImageInfo> {

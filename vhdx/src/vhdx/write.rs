@@ -26,9 +26,9 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use vdisk_block::{check_range, Result, ZeroMode};
 #[cfg(test)]
-use vdisk_block::{Error, ErrorKind};
+use vdisk_block::ErrorKind;
+use vdisk_block::{check_range, Error, Preallocation, Result, ZeroMode};
 
 use crate::guid::Guid;
 use crate::vhdx::bat::{self, PayloadState};
@@ -36,6 +36,7 @@ use crate::vhdx::create::random_guid;
 use crate::vhdx::header::{Header, HEADER_OFFSETS};
 use crate::vhdx::image::{Source, VhdxImage, WriterState};
 use crate::vhdx::log::{encode_entry, LogWrite};
+use crate::vhdx::metadata::MAX_VIRTUAL_SIZE;
 
 const SECTOR: u64 = 4096;
 /// Piece size for copying parent data and zeroes.
@@ -136,7 +137,18 @@ impl VhdxImage {
 
     /// Commits BAT `changes` (index, new entry) through the log; see the module docs.
     fn commit_bat(&self, w: &mut WriterState, changes: &[(u64, u64)]) -> Result<()> {
-        if changes.is_empty() {
+        self.commit(w, changes, Vec::new())
+    }
+
+    /// Commits BAT `changes` and whole 4 KiB `sectors` of other metadata (file offset,
+    /// contents) through the log in one step.
+    fn commit(
+        &self,
+        w: &mut WriterState,
+        changes: &[(u64, u64)],
+        sectors: Vec<(u64, Vec<u8>)>,
+    ) -> Result<()> {
+        if changes.is_empty() && sectors.is_empty() {
             return Ok(());
         }
         self.fflush()?;
@@ -145,12 +157,12 @@ impl VhdxImage {
             self.update_header(w, |h| h.log_guid = guid)?;
             w.log_seq = 0;
         }
-        let mut sectors: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut bat_sectors: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         {
             let bat = self.bat.read().unwrap_or_else(|e| e.into_inner());
             for &(index, _) in changes {
                 let sector = index * 8 / SECTOR;
-                sectors.entry(sector).or_insert_with(|| {
+                bat_sectors.entry(sector).or_insert_with(|| {
                     let mut buf = vec![0u8; SECTOR as usize];
                     let first = (sector * SECTOR / 8) as usize;
                     for (i, e) in bat.iter().skip(first).take(SECTOR as usize / 8).enumerate() {
@@ -161,19 +173,24 @@ impl VhdxImage {
             }
         }
         for &(index, entry) in changes {
-            let buf = sectors
+            let buf = bat_sectors
                 .get_mut(&(index * 8 / SECTOR))
                 .ok_or_else(|| self.io_error(0, "BAT sector vanished".into()))?;
             let at = (index * 8 % SECTOR) as usize;
             buf[at..at + 8].copy_from_slice(&entry.to_le_bytes());
         }
         let bat_offset = self.regions.bat.offset;
-        let writes: Vec<LogWrite> = sectors
+        let writes: Vec<LogWrite> = bat_sectors
             .into_iter()
             .map(|(s, data)| LogWrite::Data {
                 offset: bat_offset + s * SECTOR,
                 data,
             })
+            .chain(
+                sectors
+                    .into_iter()
+                    .map(|(offset, data)| LogWrite::Data { offset, data }),
+            )
             .collect();
         let file_len = self.file().len()?;
         // Each entry must fit in the log; a huge zeroing commits in several entries.
@@ -239,7 +256,7 @@ impl VhdxImage {
         }
         let bs = self.params.block_size as u64;
         let start = block * bs;
-        let len = bs.min(self.params.virtual_size - start);
+        let len = bs.min(self.size_bytes().saturating_sub(start));
         let host = if state == PayloadState::PartiallyPresent {
             offset
         } else {
@@ -332,7 +349,7 @@ impl VhdxImage {
         while pos < end {
             let block = pos / bs;
             let start = block * bs;
-            let block_end = (start + bs).min(self.params.virtual_size);
+            let block_end = (start + bs).min(self.size_bytes());
             let n = block_end.min(end) - pos;
             let whole = pos == start && pos + n == block_end;
             let (index, state, host) = self.payload_state(block)?;
@@ -368,7 +385,7 @@ impl VhdxImage {
     }
 
     fn size_bytes(&self) -> u64 {
-        self.params.virtual_size
+        self.size.load(Ordering::Acquire)
     }
 }
 
@@ -393,5 +410,92 @@ impl VhdxImage {
         let changes: Vec<(u64, u64)> = indexes.iter().map(|&i| (i, 0)).collect();
         let mut w = self.writer();
         self.commit_bat(&mut w, &changes)
+    }
+}
+
+impl VhdxImage {
+    /// Grows or shrinks the virtual disk: the size item and the BAT change in one log entry.
+    /// Blocks past a new, smaller end are dropped and the tail of the last block is zeroed, so
+    /// growing again reads zeroes there; whole blocks added to a differencing image are ZERO
+    /// so its parent does not show through. The BAT region is not moved: a size needing
+    /// more entries than it holds is refused.
+    pub(crate) fn resize_impl(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        self.check_writable("resize")?;
+        if !matches!(prealloc, Preallocation::Off | Preallocation::Metadata) {
+            return Err(Error::unsupported(
+                "resize",
+                "VHDX images support only preallocation=off or metadata when resizing",
+            ));
+        }
+        let sector = self.params.logical_sector_size as u64;
+        if !new_size.is_multiple_of(sector) || new_size > MAX_VIRTUAL_SIZE {
+            return Err(Error::invalid(
+                "resize",
+                format!(
+                    "the new size {new_size} must be a multiple of the {sector}-byte sector and at most 64 TiB"
+                ),
+            ));
+        }
+        let mut target = self.params.clone();
+        target.virtual_size = new_size;
+        let entries = target.bat_entries();
+        if entries * 8 > self.regions.bat.length as u64 {
+            return Err(Error::unsupported(
+                "resize",
+                format!(
+                    "a {new_size}-byte disk needs {entries} BAT entries, more than the BAT region holds; convert the image instead"
+                ),
+            )
+            .with_path(&self.path));
+        }
+        self.start_session()?;
+        let mut w = self.writer();
+        let old = self.size_bytes();
+        if new_size == old {
+            return Ok(());
+        }
+        let bs = self.params.block_size as u64;
+        let ratio = self.params.chunk_ratio();
+        let mut changes = Vec::new();
+        if new_size < old {
+            // The block holding the new end keeps its head; its tail must read as zeroes if
+            // the disk grows again.
+            if !new_size.is_multiple_of(bs) {
+                let block = new_size / bs;
+                let (_, state, host) = self.payload_state(block)?;
+                if state.has_offset() {
+                    let tail = bs.min(old - block * bs) - new_size % bs;
+                    self.fzero(host + new_size % bs, tail)?;
+                }
+            }
+            let current = self.bat.read().unwrap_or_else(|e| e.into_inner()).len() as u64;
+            for block in new_size.div_ceil(bs)..old.div_ceil(bs) {
+                changes.push((bat::payload_index(block, ratio), 0));
+            }
+            changes.retain(|(i, _)| *i < current);
+        } else if self.params.has_parent {
+            for block in old.div_ceil(bs)..new_size.div_ceil(bs) {
+                let entry = bat::make_entry(PayloadState::Zero.bits(), 0);
+                changes.push((bat::payload_index(block, ratio), entry));
+            }
+        }
+        let mut size_sector = vec![0u8; SECTOR as usize];
+        let sector_at = self.size_item / SECTOR * SECTOR;
+        self.file().read_at(&mut size_sector, sector_at)?;
+        let at = (self.size_item - sector_at) as usize;
+        size_sector[at..at + 8].copy_from_slice(&new_size.to_le_bytes());
+        {
+            let mut bat = self.bat.write().unwrap_or_else(|e| e.into_inner());
+            if bat.len() < entries as usize {
+                bat.resize(entries as usize, 0);
+            }
+        }
+        self.commit(&mut w, &changes, vec![(sector_at, size_sector)])?;
+        self.bat
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .truncate(entries.max(1) as usize);
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 }
