@@ -40,6 +40,9 @@ pub struct Refcounts {
     free_hint: u64,
     /// One past the highest cluster known to be in use or inside the file.
     end: u64,
+    /// Metadata clusters this module freed itself (an old refcount table), for the owner's
+    /// overlap bookkeeping.
+    pub released: Vec<u64>,
 }
 
 fn corrupt(message: String) -> Error {
@@ -59,6 +62,7 @@ impl Refcounts {
             blocks: HashMap::new(),
             free_hint: 1,
             end: file.len()?.div_ceil(cs),
+            released: Vec::new(),
         })
     }
 
@@ -69,6 +73,11 @@ impl Refcounts {
     /// Refcount entries per block.
     pub fn per_block(&self) -> u64 {
         (8u64 << self.cluster_bits) >> self.order
+    }
+
+    /// The refcount table entries.
+    pub fn table(&self) -> &[u64] {
+        &self.table
     }
 
     /// Current host offset of the refcount table.
@@ -354,6 +363,7 @@ impl Refcounts {
         for c in 0..old_clusters {
             let cluster = (old_offset >> self.cluster_bits) + c;
             self.adjust(file, cluster, false)?;
+            self.released.push(cluster);
         }
         Ok(())
     }

@@ -44,6 +44,8 @@ pub struct Qcow2Image {
     pub(crate) data: DataFile,
     pub(crate) backing: Option<Arc<dyn BlockDev>>,
     pub(crate) writable: bool,
+    /// Set when a write was refused for hitting metadata: no further writes.
+    pub(crate) marked_corrupt: std::sync::atomic::AtomicBool,
     /// The last decompressed cluster, keyed by its host offset: sequential small reads of a
     /// compressed cluster decompress it once.
     pub(crate) last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
@@ -64,6 +66,8 @@ pub(crate) struct Meta {
     pub l2: L2Cache,
     /// Refcounts, loaded only for writable images.
     pub refs: Option<Refcounts>,
+    /// Metadata clusters guest data must never overwrite (writable images only).
+    pub overlap: crate::overlap::Overlap,
     /// Host byte ranges whose clusters lose one reference once the tables that stopped
     /// referencing them are durable.
     pub pending_free: Vec<(u64, u64)>,
@@ -147,10 +151,13 @@ impl Qcow2Image {
             _ => file_len,
         };
         let tables = (L2_CACHE_BYTES >> header.cluster_bits).clamp(2, L2_CACHE_TABLES);
-        let refs = if options.writable {
-            Some(Refcounts::load(&file, &header).map_err(|e| e.with_path(path))?)
+        let (refs, overlap) = if options.writable {
+            let refs = Refcounts::load(&file, &header).map_err(|e| e.with_path(path))?;
+            let overlap = crate::overlap::Overlap::build(&file, &header, &l1, refs.table())
+                .map_err(|e| e.with_path(path))?;
+            (Some(refs), overlap)
         } else {
-            None
+            (None, crate::overlap::Overlap::default())
         };
         Ok(Qcow2Image {
             path: path.to_path_buf(),
@@ -163,10 +170,12 @@ impl Qcow2Image {
                 l2: L2Cache::new(tables as usize),
                 refs,
                 pending_free: Vec::new(),
+                overlap,
             }),
             data,
             backing,
             writable: options.writable,
+            marked_corrupt: std::sync::atomic::AtomicBool::new(false),
             last_compressed: Mutex::new(None),
             data_len: AtomicU64::new(data_len),
             size: AtomicU64::new(header.size),

@@ -27,6 +27,7 @@ pub mod format;
 pub mod header;
 pub mod image;
 pub mod open;
+pub mod overlap;
 pub mod refcount;
 pub mod snapshot;
 mod write;

@@ -97,7 +97,53 @@ impl Qcow2Image {
         if !self.writable {
             return Err(self.read_only_error(op));
         }
+        if self
+            .marked_corrupt
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(Error::corrupt(
+                op,
+                "the image was marked corrupt after a write would have overwritten its metadata",
+            )
+            .with_path(self.path()));
+        }
         check_range(op, self.size(), offset, len)
+    }
+
+    /// Refuses a data write to `[host, host + len)` of the image file that would land on
+    /// metadata, marking the image corrupt (see `overlap.rs`).
+    fn guard(&self, meta: &mut Meta, host: u64, len: u64) -> Result<()> {
+        if self.header.has_data_file() {
+            return Ok(());
+        }
+        if let Some(refs) = meta.refs.as_mut() {
+            for c in std::mem::take(&mut refs.released) {
+                meta.overlap.remove(c);
+            }
+        }
+        let cb = self.header.cluster_bits;
+        let own = meta.refs.as_ref().is_some_and(|r| {
+            let last = (host + len.max(1) - 1) >> cb;
+            (host >> cb..=last).any(|c| r.is_own_metadata(c))
+        });
+        if !own && !meta.overlap.hits(cb, host, len) {
+            return Ok(());
+        }
+        self.marked_corrupt
+            .store(true, std::sync::atomic::Ordering::Release);
+        if self.header.version >= 3 {
+            let features = self.header.incompatible_features | incompat::CORRUPT;
+            self.file().write_at(&features.to_be_bytes(), 72)?;
+            self.file().flush()?;
+        }
+        Err(Error::corrupt(
+            "write",
+            format!(
+                "guest data would overwrite metadata at host offset {host:#x}; the image is now marked corrupt"
+            ),
+        )
+        .with_path(self.path())
+        .at_offset(host))
     }
 
     fn refs_missing(&self) -> Error {
@@ -144,6 +190,7 @@ impl Qcow2Image {
         )?;
         meta.l1[l1_index] = l1_entry;
         meta.l2.insert(new, words, false);
+        meta.overlap.add(new >> cb);
         if old != 0 {
             meta.pending_free.push((old, self.header.cluster_size()));
         }
@@ -235,6 +282,7 @@ impl Qcow2Image {
                 let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
                 refs.alloc(self.file())? << self.header.cluster_bits
             };
+            self.guard(&mut meta, host, valid)?;
             self.data_file()?.write_at(&full[..valid as usize], host)?;
             self.set_entry_bitmap(&mut meta, l2, idx, host | COPIED, ALL_ALLOCATED)?;
             if !data_file {
@@ -267,6 +315,7 @@ impl Qcow2Image {
             let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
             refs.alloc(self.file())? << self.header.cluster_bits
         };
+        self.guard(&mut meta, host + span.0, payload.len() as u64)?;
         self.data_file()?.write_at(payload, host + span.0)?;
         let mask = (((1u64 << (last - first + 1)) - 1) << first) & 0xffff_ffff;
         let new_bitmap = (bitmap | mask) & !(mask << 32);
@@ -323,6 +372,7 @@ impl Qcow2Image {
         let kind = self.decoder.classify(entry, 0, 0, start)?;
         let copied = entry & COPIED != 0;
         if let (Kind::Normal { host }, true) = (kind, copied) {
+            self.guard(&mut meta, host + within as u64, data.len() as u64)?;
             drop(meta);
             return self.data_file()?.write_at(data, host + within as u64);
         }
@@ -341,6 +391,7 @@ impl Qcow2Image {
             b
         };
         if let (Kind::ZeroAlloc { host }, true) = (kind, copied) {
+            self.guard(&mut meta, host, cs)?;
             self.data_file()?.write_at(&full, host)?;
             return self.set_entry(&mut meta, l2, idx, host | COPIED);
         }
@@ -353,6 +404,7 @@ impl Qcow2Image {
         }
         let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
         let host = refs.alloc(self.file())? << self.header.cluster_bits;
+        self.guard(&mut meta, host, cs)?;
         self.file().write_at(&full, host)?;
         self.set_entry(&mut meta, l2, idx, host | COPIED)?;
         Self::release(&mut meta, kind, cs);
@@ -484,6 +536,7 @@ impl Qcow2Image {
                 (host, Some(old))
             }
         };
+        self.guard(&mut meta, host, len)?;
         Ok(Mapped {
             host,
             at,
@@ -718,6 +771,7 @@ impl Qcow2Image {
             self.write_size(new_size, needed_l1, start)?;
             meta.l1 = l1;
             meta.l1_offset = start;
+            meta.overlap.add_range(cb, start, clusters << cb);
             if old_bytes > 0 {
                 meta.pending_free.push((old_offset, old_bytes));
             }
@@ -820,6 +874,7 @@ impl Qcow2Image {
                 refs.adjust(file, cluster, false)?;
                 if refs.get(file, cluster)? == 0 {
                     meta.l2.remove(cluster << cb);
+                    meta.overlap.remove(cluster);
                 }
             }
         }

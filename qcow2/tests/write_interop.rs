@@ -491,3 +491,44 @@ fn resize_grow_and_shrink() {
         .expect_err("snapshots");
     assert_eq!(err.kind(), vdisk_block::ErrorKind::Unsupported);
 }
+
+#[test]
+fn writes_never_overwrite_metadata() {
+    let s = Scratch::new("w-overlap");
+    let img = s.path("o.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        img.to_str().expect("u"),
+        "4M",
+    ]);
+    qemu_io(&img, &["write -P 1 0 64k"]);
+    // Point guest cluster 0 at the L1 table, keeping COPIED: an in-place write would
+    // destroy the L1 table.
+    let mut bytes = std::fs::read(&img).expect("read");
+    let be64 = |b: &[u8], at: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[at..at + 8]);
+        u64::from_be_bytes(a)
+    };
+    let l1 = be64(&bytes, 40) as usize;
+    let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let hostile = (1u64 << 63) | l1 as u64;
+    bytes[l2..l2 + 8].copy_from_slice(&hostile.to_be_bytes());
+    std::fs::write(&img, &bytes).expect("write");
+    let before = std::fs::read(&img).expect("read");
+    let dev = open_rw(&img);
+    let err = dev.write_at(&[0xee; 512], 0).expect_err("overlap");
+    assert_eq!(err.kind(), vdisk_block::ErrorKind::Corrupt, "{err}");
+    let err = dev
+        .write_at(&[0xee; 512], 1 << 20)
+        .expect_err("now corrupt");
+    assert_eq!(err.kind(), vdisk_block::ErrorKind::Corrupt);
+    drop(dev);
+    let after = std::fs::read(&img).expect("read");
+    assert_eq!(&after[l1..l1 + 4096], &before[l1..l1 + 4096], "L1 intact");
+    let json = qemu_img(&["info", "--output=json", img.to_str().expect("u")]);
+    assert!(json.contains("\"corrupt\": true"), "{json}");
+}
