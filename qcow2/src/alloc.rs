@@ -18,6 +18,9 @@ use vdisk_block::{Error, HostFile, Result};
 use crate::header::Header;
 use crate::refcount::{self, REFTABLE_RESERVED};
 
+/// How far past the end of the used area allocation searches for a free cluster.
+const MAX_SCAN_PAST_END: u64 = 1 << 16;
+
 /// Header offset of `refcount_table_offset`.
 const HEADER_REFTABLE_OFFSET: u64 = 48;
 
@@ -204,6 +207,13 @@ impl Refcounts {
         let mut c = self.free_hint.max(1);
         while self.get(file, c)? != 0 {
             c += 1;
+            // Past the end of the file every cluster is free unless the refcounts are
+            // corrupt; do not scan a hostile table's worth of "used" clusters.
+            if c > self.end.saturating_add(MAX_SCAN_PAST_END) {
+                return Err(corrupt(format!(
+                    "no free cluster within {MAX_SCAN_PAST_END} clusters past the end of the image; its refcounts look corrupt"
+                )));
+            }
         }
         self.set(file, c, 1)?;
         self.free_hint = c + 1;

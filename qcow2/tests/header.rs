@@ -543,3 +543,48 @@ fn format_specific_info_matches_qemu() {
         std::fs::remove_file(&img).expect("remove");
     }
 }
+
+#[test]
+fn random_corruption_never_panics_when_writing() {
+    let s = Scratch::new("fuzzw");
+    let img = create(&s, "f.qcow2", "cluster_size=4k", "2M");
+    qemu_io(
+        &img,
+        &["write -P 1 0 300k", "write -z 512k 8k", "write -P 2 1m 4k"],
+    );
+    qemu_img(&["snapshot", "-c", "s", img.to_str().expect("u")]);
+    let good = std::fs::read(&img).expect("read");
+    let mut rng = Lcg(7);
+    let target = s.path("m.qcow2");
+    let rw = vdisk_block::OpenOptions {
+        writable: true,
+        ..options()
+    };
+    for _ in 0..300 {
+        let mut bytes = good.clone();
+        for _ in 0..1 + rng.next() % 6 {
+            let at = (rng.next() as usize) % bytes.len().min(12 * 4096);
+            bytes[at] = rng.next() as u8;
+        }
+        std::fs::write(&target, &bytes).expect("write");
+        if let Ok(dev) = Qcow2Image::open(&target, &rw) {
+            for _ in 0..6 {
+                let off = rng.next() % (2 << 20);
+                let len = (1 + rng.next() % 20_000).min((2 << 20) - off);
+                let _ = match rng.next() % 4 {
+                    0 => dev.write_zeroes(off, len, vdisk_block::ZeroMode::MayUnmap),
+                    1 => dev.discard(off, len),
+                    _ => dev.write_at(&vec![0x5a; len as usize], off),
+                };
+            }
+            let _ = dev.flush();
+            let _ = dev.resize(3 << 20, vdisk_block::Preallocation::Off);
+        }
+    }
+}
+
+#[test]
+fn images_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Qcow2Image>();
+}
