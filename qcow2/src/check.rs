@@ -24,6 +24,10 @@ use crate::snapshot;
 /// than allocating without bound.
 pub const MAX_TRACKED_CLUSTERS: u64 = 1 << 25;
 
+/// Bound on one bitmap table (QEMU allows 2^27 entries; 64 MiB covers far more than any
+/// image of the allowed sizes needs).
+const MAX_BITMAP_TABLE_BYTES: u64 = 64 << 20;
+
 const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
@@ -277,7 +281,11 @@ impl Counter<'_> {
             let name_size = usize::from(u16::from_be_bytes([e[18], e[19]]));
             let extra = be32(20) as usize;
             self.inc(table_offset, table_size * 8);
-            if table_offset & (self.cs() - 1) == 0
+            if table_size * 8 > MAX_BITMAP_TABLE_BYTES {
+                self.error(format!(
+                    "ERROR bitmap table of {table_size} entries is too large"
+                ));
+            } else if table_offset & (self.cs() - 1) == 0
                 && self.table_in_file("bitmap table", table_offset, table_size * 8)
             {
                 for entry in read_u64s(self.file, table_offset, table_size)? {

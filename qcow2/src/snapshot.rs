@@ -13,6 +13,10 @@ pub const MAX_TABLE_BYTES: u64 = 64 << 20;
 /// QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA.
 pub const MAX_EXTRA_DATA: u32 = 1024;
 
+/// Bound on the L1 tables of all snapshots together, so a hostile table of 65536
+/// snapshots with maximal L1 tables cannot make `check` or a writable open read terabytes.
+pub const MAX_TOTAL_L1_BYTES: u64 = 512 << 20;
+
 /// One internal snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -124,6 +128,12 @@ pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u6
             disk_size,
         });
         pos += (40 + extra + id_len + name_len + 7) & !7;
+    }
+    let total: u64 = out.iter().map(|sn| u64::from(sn.l1_size) * 8).sum();
+    if total > MAX_TOTAL_L1_BYTES {
+        return Err(corrupt(format!(
+            "the snapshots' L1 tables take {total} bytes together (at most {MAX_TOTAL_L1_BYTES})"
+        )));
     }
     Ok((out, pos as u64))
 }
