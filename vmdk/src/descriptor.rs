@@ -211,7 +211,8 @@ impl Descriptor {
         let mut other = Vec::new();
         let mut extents = Vec::new();
         let mut ddb = Vec::new();
-        for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let text = decode(bytes)?;
+        for (index, raw) in text.split('\n').enumerate() {
             let line_no = index + 1;
             if raw.len() > MAX_LINE_BYTES {
                 return Err(Error::corrupt(
@@ -222,15 +223,7 @@ impl Descriptor {
                     ),
                 ));
             }
-            // Descriptors are UTF-8 or a Windows code page; names outside ASCII are kept as
-            // UTF-8 where valid and refused otherwise rather than guessed at.
-            let text = std::str::from_utf8(raw).map_err(|_| {
-                Error::corrupt(
-                    OP,
-                    format!("line {line_no} is not valid UTF-8 text (a binary file?)"),
-                )
-            })?;
-            let line = text.trim();
+            let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
@@ -306,6 +299,29 @@ impl Descriptor {
             .try_fold(0u64, |sum, e| sum.checked_add(e.sectors))
     }
 
+    /// The descriptor as the bytes to store: Windows-1252 when its `encoding` says so and
+    /// every character has a byte there, UTF-8 otherwise (the `encoding` key then says UTF-8).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let cp1252 = self
+            .other("encoding")
+            .is_some_and(|e| e.eq_ignore_ascii_case("windows-1252"));
+        if cp1252 {
+            let text = self.to_text();
+            let encoded: Option<Vec<u8>> = text.chars().map(encode_cp1252).collect();
+            if let Some(bytes) = encoded {
+                return bytes;
+            }
+            let mut utf8 = self.clone();
+            for (k, v) in &mut utf8.other {
+                if k == "encoding" {
+                    *v = "UTF-8".into();
+                }
+            }
+            return utf8.to_text().into_bytes();
+        }
+        self.to_text().into_bytes()
+    }
+
     /// The descriptor as text, laid out as VMware and qemu write it.
     pub fn to_text(&self) -> String {
         let mut out = String::from("# Disk DescriptorFile\n");
@@ -332,6 +348,54 @@ impl Descriptor {
             out.push_str(&format!("{key} = \"{value}\"\n"));
         }
         out
+    }
+}
+
+/// Characters of Windows code page 1252 for bytes 0x80..=0x9f (the rest is Latin-1); the
+/// five bytes the code page leaves undefined map to the C1 control of the same number.
+const CP1252_HIGH: [char; 32] = [
+    '\u{20ac}', '\u{81}', '\u{201a}', '\u{192}', '\u{201e}', '\u{2026}', '\u{2020}', '\u{2021}',
+    '\u{2c6}', '\u{2030}', '\u{160}', '\u{2039}', '\u{152}', '\u{8d}', '\u{17d}', '\u{8f}',
+    '\u{90}', '\u{2018}', '\u{2019}', '\u{201c}', '\u{201d}', '\u{2022}', '\u{2013}', '\u{2014}',
+    '\u{2dc}', '\u{2122}', '\u{161}', '\u{203a}', '\u{153}', '\u{9d}', '\u{17e}', '\u{178}',
+];
+
+/// The descriptor as text. UTF-8 is taken as it is; anything else is read as Windows-1252,
+/// the code page VMware writes on Windows hosts (`encoding="windows-1252"`), so a file name
+/// with accents names the same file it names on the host it was copied from. Bytes no text
+/// holds (controls other than tab and line ends) mean this is not a descriptor at all.
+fn decode(bytes: &[u8]) -> Result<std::borrow::Cow<'_, str>> {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return Ok(std::borrow::Cow::Borrowed(text));
+    }
+    if let Some(at) = bytes
+        .iter()
+        .position(|&b| b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n'))
+    {
+        return Err(Error::corrupt(
+            OP,
+            format!("byte {at} is a control character: this is not a text descriptor"),
+        ));
+    }
+    Ok(std::borrow::Cow::Owned(
+        bytes
+            .iter()
+            .map(|&b| match b {
+                0x80..=0x9f => CP1252_HIGH[usize::from(b - 0x80)],
+                _ => char::from(b),
+            })
+            .collect(),
+    ))
+}
+
+/// The Windows-1252 byte of `c`, if the code page has one.
+fn encode_cp1252(c: char) -> Option<u8> {
+    match u32::from(c) {
+        v @ (0..=0x7f | 0xa0..=0xff) => u8::try_from(v).ok(),
+        _ => CP1252_HIGH
+            .iter()
+            .position(|&h| h == c)
+            .and_then(|i| u8::try_from(0x80 + i).ok()),
     }
 }
 
@@ -626,8 +690,30 @@ parentCID=ffffffff\ncreateType=\"vmfs\"\n\n# Extent description\nRW 4096 VMFS \"
         assert!(err_of("version=1\ncreateType=\"vmfs\"\n\u{1}\u{2}\u{ff}")
             .message()
             .contains("access mode"));
-        let binary = b"version=1\ncreateType=\"vmfs\"\n\xff\xfe\n";
+        let binary = b"version=1\ncreateType=\"vmfs\"\n\xff\x01\n";
         assert!(Descriptor::parse(binary).is_err());
+    }
+
+    #[test]
+    fn windows_1252_names_become_unicode() {
+        let mut bytes = format!("{HEAD}encoding=\"windows-1252\"\nRW 10 FLAT \"Fran").into_bytes();
+        bytes.extend_from_slice(b"\xe7ais \x80.vmdk\" 0\n");
+        let d = Descriptor::parse(&bytes).expect("parse");
+        assert_eq!(d.extents[0].file.as_deref(), Some("Français €.vmdk"));
+        // Written back in the code page it came in, byte for byte where it was.
+        let again = d.to_bytes();
+        assert!(again.windows(7).any(|w| w == b"Fran\xe7ai"));
+        assert_eq!(Descriptor::parse(&again).expect("reparse"), d);
+        let mut wide = d.clone();
+        wide.extents[0].file = Some("日本.vmdk".into());
+        let utf8 = wide.to_bytes();
+        let back = Descriptor::parse(&utf8).expect("reparse");
+        assert_eq!(back.other("encoding"), Some("UTF-8"));
+        assert_eq!(back.extents[0].file.as_deref(), Some("日本.vmdk"));
+        // UTF-8 stays UTF-8.
+        let d = Descriptor::parse(format!("{HEAD}RW 10 FLAT \"Français.vmdk\" 0\n").as_bytes())
+            .expect("parse");
+        assert_eq!(d.extents[0].file.as_deref(), Some("Français.vmdk"));
     }
 
     #[test]

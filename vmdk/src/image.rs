@@ -54,7 +54,7 @@ pub(crate) enum DescriptorStore {
 impl DescriptorStore {
     /// Replaces the stored descriptor with `descriptor`.
     pub(crate) fn store(&self, descriptor: &Descriptor) -> Result<()> {
-        let text = descriptor.to_text();
+        let text = descriptor.to_bytes();
         match self {
             DescriptorStore::Embedded {
                 file,
@@ -71,13 +71,13 @@ impl DescriptorStore {
                     )
                     .with_path(file.path()));
                 }
-                let mut padded = text.into_bytes();
+                let mut padded = text;
                 padded.resize(*capacity as usize, 0);
                 file.write_at(&padded, *offset)?;
                 file.flush()
             }
             DescriptorStore::Text(file) => {
-                file.write_at(text.as_bytes(), 0)?;
+                file.write_at(&text, 0)?;
                 file.set_len(text.len() as u64)?;
                 file.flush()
             }
