@@ -62,6 +62,10 @@ pub(crate) struct Meta {
     pub l1: Vec<u64>,
     /// Host offset of the active L1 table (changes when resize grows it).
     pub l1_offset: u64,
+    /// Host offset of the snapshot table (changes when snapshots are made or deleted).
+    pub snapshots_offset: u64,
+    /// Number of internal snapshots.
+    pub nb_snapshots: u32,
     /// Cached L2 tables.
     pub l2: L2Cache,
     /// Refcounts, loaded only for writable images.
@@ -167,6 +171,8 @@ impl Qcow2Image {
             meta: Mutex::new(Meta {
                 l1,
                 l1_offset: header.l1_table_offset,
+                snapshots_offset: header.snapshots_offset,
+                nb_snapshots: header.nb_snapshots,
                 l2: L2Cache::new(tables as usize),
                 refs,
                 pending_free: Vec::new(),
@@ -733,9 +739,25 @@ pub struct Qcow2Info {
 }
 
 impl Qcow2Image {
+    /// The header as it stands now (size, L1 and snapshot fields change while open).
+    pub fn current_header(&self) -> Header {
+        self.header_with(&self.meta.lock())
+    }
+
+    /// [`Self::current_header`] with the metadata lock already held.
+    pub(crate) fn header_with(&self, meta: &Meta) -> Header {
+        let mut h = self.header.clone();
+        h.size = self.size();
+        h.l1_size = meta.l1.len() as u32;
+        h.l1_table_offset = meta.l1_offset;
+        h.snapshots_offset = meta.snapshots_offset;
+        h.nb_snapshots = meta.nb_snapshots;
+        h
+    }
+
     /// The format-specific facts for `info` (the snapshot table is read now).
     pub fn qcow2_info(&self) -> Result<Qcow2Info> {
-        let h = &self.header;
+        let h = &self.current_header();
         let (snapshots, _) =
             crate::snapshot::read_table(&self.file, h).map_err(|e| e.with_path(&self.path))?;
         Ok(Qcow2Info {

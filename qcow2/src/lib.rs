@@ -30,6 +30,7 @@ pub mod open;
 pub mod overlap;
 pub mod refcount;
 pub mod snapshot;
+mod snapshot_write;
 mod write;
 
 pub use format::Qcow2Format;

@@ -38,6 +38,9 @@ pub struct Snapshot {
     pub vm_state_size: u64,
     /// Virtual disk size when taken, if recorded.
     pub disk_size: Option<u64>,
+    /// The entry as stored, padding included, so a rewrite of the table keeps fields this
+    /// driver does not interpret.
+    pub raw: Vec<u8>,
 }
 
 fn corrupt(message: String) -> Error {
@@ -126,6 +129,12 @@ pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u6
             vm_clock_nsec: be64(e, 24),
             vm_state_size,
             disk_size,
+            raw: {
+                let end = (pos + ((40 + extra + id_len + name_len + 7) & !7)).min(buf.len());
+                let mut raw = buf[pos..end].to_vec();
+                raw.resize((40 + extra + id_len + name_len + 7) & !7, 0);
+                raw
+            },
         });
         pos += (40 + extra + id_len + name_len + 7) & !7;
     }
@@ -136,4 +145,33 @@ pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u6
         )));
     }
     Ok((out, pos as u64))
+}
+
+/// Encodes a new snapshot table entry the way QEMU writes one (24 bytes of extra data:
+/// the 64-bit VM state size, the disk size and the instruction count, -1 for none).
+pub fn encode_entry(
+    l1_table_offset: u64,
+    l1_size: u32,
+    id: &str,
+    name: &str,
+    date: (u32, u32),
+    disk_size: u64,
+) -> Vec<u8> {
+    let mut e = Vec::with_capacity(64 + id.len() + name.len());
+    e.extend_from_slice(&l1_table_offset.to_be_bytes());
+    e.extend_from_slice(&l1_size.to_be_bytes());
+    e.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    e.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    e.extend_from_slice(&date.0.to_be_bytes());
+    e.extend_from_slice(&date.1.to_be_bytes());
+    e.extend_from_slice(&0u64.to_be_bytes()); // guest clock
+    e.extend_from_slice(&0u32.to_be_bytes()); // VM state size (32-bit)
+    e.extend_from_slice(&24u32.to_be_bytes()); // extra data size
+    e.extend_from_slice(&0u64.to_be_bytes()); // VM state size (64-bit)
+    e.extend_from_slice(&disk_size.to_be_bytes());
+    e.extend_from_slice(&u64::MAX.to_be_bytes()); // icount: none
+    e.extend_from_slice(id.as_bytes());
+    e.extend_from_slice(name.as_bytes());
+    e.resize(e.len().next_multiple_of(8), 0);
+    e
 }

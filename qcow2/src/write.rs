@@ -681,7 +681,7 @@ impl Qcow2Image {
         if new_size == old_size {
             return Ok(());
         }
-        if self.header.nb_snapshots > 0 {
+        if self.meta.lock().nb_snapshots > 0 {
             return Err(
                 Error::unsupported("resize", "Can't resize an image which has snapshots")
                     .with_path(self.path()),

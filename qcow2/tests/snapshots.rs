@@ -1,0 +1,135 @@
+//! Internal snapshots made and deleted by our driver: qemu-img lists them, reads each one
+//! back exactly, finds the image clean, and can delete them itself (and we delete its own).
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use vdisk_block::{BlockDev, OpenOptions, ZeroMode};
+use vdisk_qcow2::Qcow2Image;
+
+fn open_rw(path: &Path) -> Qcow2Image {
+    Qcow2Image::open(
+        path,
+        &OpenOptions {
+            writable: true,
+            ..options()
+        },
+    )
+    .unwrap_or_else(|e| panic!("open rw {}: {e}", path.display()))
+}
+
+fn check_clean(image: &Path) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", image.to_str().expect("utf-8")])
+        .output()
+        .expect("qemu-img check");
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn snapshot_contents(image: &Path, name: &str, s: &Scratch) -> Vec<u8> {
+    let raw = s.path("snap.raw");
+    qemu_img(&[
+        "convert",
+        "-l",
+        &format!("snapshot.name={name}"),
+        "-O",
+        "raw",
+        image.to_str().expect("utf-8"),
+        raw.to_str().expect("utf-8"),
+    ]);
+    let bytes = std::fs::read(&raw).expect("read");
+    let _ = std::fs::remove_file(&raw);
+    bytes
+}
+
+fn scenario(name: &str, opts: &str) {
+    let s = Scratch::new(name);
+    let img = s.path("s.qcow2");
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([img.to_str().expect("u"), "6M"]);
+    qemu_img(&args);
+    qemu_io(&img, &["write -P 0x11 0 2m", "write -P 0x12 4m 100k"]);
+    let v0 = qemu_contents(&img, &s);
+    {
+        let dev = open_rw(&img);
+        dev.snapshot_create("first").expect("snapshot first");
+        dev.write_at(&[0x21; 5000], 1000).expect("write");
+        dev.write_zeroes(1 << 20, 1 << 20, ZeroMode::MayUnmap)
+            .expect("zeroes");
+        dev.snapshot_create("second").expect("snapshot second");
+        assert!(dev.snapshot_create("second").is_err(), "duplicate name");
+        dev.write_at(&[0x31; 70_000], 4 << 20).expect("write");
+        dev.discard(0, 1 << 20).expect("discard");
+        dev.flush().expect("flush");
+    }
+    check_clean(&img);
+    let mut v1 = v0.clone();
+    v1[1000..6000].fill(0x21);
+    v1[1 << 20..2 << 20].fill(0);
+    let mut v2 = v1.clone();
+    v2[4 << 20..(4 << 20) + 70_000].fill(0x31);
+    let active = qemu_contents(&img, &s);
+    for i in 0..1 << 20 {
+        assert!(active[i] == 0 || active[i] == v2[i], "discarded byte {i}");
+    }
+    v2[..1 << 20].copy_from_slice(&active[..1 << 20]);
+    assert_same(&active, &v2, "active layer");
+    assert_same(&snapshot_contents(&img, "first", &s), &v0, "snapshot first");
+    assert_same(
+        &snapshot_contents(&img, "second", &s),
+        &v1,
+        "snapshot second",
+    );
+    let list = qemu_img(&["snapshot", "-l", img.to_str().expect("u")]);
+    assert!(list.contains("first") && list.contains("second"), "{list}");
+
+    // We delete one, qemu-img deletes the other.
+    open_rw(&img)
+        .snapshot_delete("first")
+        .expect("delete first");
+    check_clean(&img);
+    assert_same(
+        &snapshot_contents(&img, "second", &s),
+        &v1,
+        "second after delete",
+    );
+    assert_same(&qemu_contents(&img, &s), &v2, "active after delete");
+    qemu_img(&["snapshot", "-d", "second", img.to_str().expect("u")]);
+    check_clean(&img);
+    assert!(open(&img).snapshots().expect("list").is_empty());
+
+    // And a snapshot qemu-img made, deleted by us; writes are in place again afterwards.
+    qemu_img(&["snapshot", "-c", "q", img.to_str().expect("u")]);
+    {
+        let dev = open_rw(&img);
+        assert!(dev.snapshot_delete("nope").is_err());
+        dev.snapshot_delete("q").expect("delete qemu's snapshot");
+        dev.write_at(&[0x41; 512], 0).expect("write");
+        dev.flush().expect("flush");
+    }
+    check_clean(&img);
+    v2[..512].fill(0x41);
+    assert_same(
+        &qemu_contents(&img, &s),
+        &v2,
+        "after deleting qemu's snapshot",
+    );
+}
+
+#[test]
+fn create_and_delete() {
+    scenario("snap-default", "");
+    scenario("snap-v2", "compat=0.10,cluster_size=4k");
+    scenario("snap-ext", "extended_l2=on,refcount_bits=2");
+}
