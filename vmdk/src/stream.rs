@@ -17,6 +17,7 @@
 //! end-of-stream marker after the last grain, so the file is a complete stream after each
 //! flush, and the next grain overwrites that block and a later flush writes it again.
 //! Compression of whole grains runs outside the lock, so concurrent writers use the cores.
+//! A grain that is all zeroes is not stored: unwritten grains read as zeroes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -309,7 +310,10 @@ impl StreamWriter {
                 }
                 state.pending.contains_key(&grain)
             };
-            if whole && !pending_or_written {
+            if whole && !pending_or_written && piece.iter().all(|&b| b == 0) {
+                // A grain of zeroes reads the same unwritten (a stream has no parent), and
+                // leaving it out keeps the stream small.
+            } else if whole && !pending_or_written {
                 // The expensive part runs without the lock.
                 let compressed = deflate(piece)?;
                 let mut state = self.state.lock();
@@ -348,8 +352,10 @@ impl StreamWriter {
         }
         if entry.covered.iter().all(|&c| c) {
             if let Some(done) = state.pending.remove(&grain) {
-                let compressed = deflate(&done.data)?;
-                self.append(&mut state, grain, &compressed)?;
+                if done.data.iter().any(|&b| b != 0) {
+                    let compressed = deflate(&done.data)?;
+                    self.append(&mut state, grain, &compressed)?;
+                }
             }
         } else if state.pending.len() > MAX_PENDING {
             if let Some((&oldest, _)) = state.pending.iter().next() {
@@ -437,18 +443,36 @@ impl StreamWriter {
         Ok(())
     }
 
-    /// The state of the grain at `offset` (one grain at most).
+    /// The state of the run of like grains at `offset`, at most `len` bytes.
     pub fn status(&self, offset: u64, len: u64, mut st: BlockStatus) -> BlockStatus {
         let grain_bytes = self.grain_bytes();
-        let grain = offset / grain_bytes;
-        st.len = len.min(grain_bytes - offset % grain_bytes);
-        match self.grain_state(grain) {
-            (Some(_), _) => st.data = true,
-            (None, 0) => {
+        // 0: in memory, 1: unwritten, 2: compressed in the file.
+        let class = |grain: u64| {
+            let state = self.state.lock();
+            if state.pending.contains_key(&grain) {
+                0
+            } else if Self::entry(&state, &self.header, grain) == 0 {
+                1
+            } else {
+                2
+            }
+        };
+        let first = offset / grain_bytes;
+        let kind = class(first);
+        let mut run = (grain_bytes - offset % grain_bytes).min(len);
+        let mut next = first + 1;
+        while run < len && class(next) == kind {
+            run = (run + grain_bytes).min(len);
+            next += 1;
+        }
+        st.len = run;
+        match kind {
+            0 => st.data = true,
+            1 => {
                 st.allocated = false;
                 st.zero = true;
             }
-            (None, _) => {
+            _ => {
                 st.data = true;
                 st.compressed = true;
             }

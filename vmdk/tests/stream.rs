@@ -266,3 +266,21 @@ fn qemu_streams_cannot_be_appended_to() {
         .expect_err("qemu layout");
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
 }
+
+#[test]
+fn grains_of_zeroes_are_not_stored() {
+    let scratch = Scratch::new("stream-zero");
+    let path = scratch.path("s.vmdk");
+    create(&path, 4 << 20);
+    let dev = open(&path, true);
+    dev.write_at(&vec![0u8; 2 << 20], 0).expect("zeroes");
+    dev.write_at(&vec![9u8; 65536], 2 << 20).expect("data");
+    dev.flush().expect("flush");
+    let st = dev.block_status(0, 4 << 20).expect("status");
+    assert!(!st.allocated && st.len == 2 << 20, "{st:?}");
+    drop(dev);
+    check_layout(&path);
+    let mut model = vec![0u8; 4 << 20];
+    model[2 << 20..(2 << 20) + 65536].fill(9);
+    agrees(&path, &model, &scratch);
+}
