@@ -274,6 +274,110 @@ impl Qcow2Image {
         self.file().flush()
     }
 
+    /// Reverts the active layer to the snapshot whose id or name is `which` (the snapshot
+    /// stays). The snapshot's tree gains the active layer's reference before the L1 table
+    /// switches to it; the old active tree loses it afterwards.
+    pub fn snapshot_apply(&self, which: &str) -> Result<()> {
+        self.snapshot_preconditions("apply snapshot")?;
+        let existing = self.snapshots()?;
+        let snap = self
+            .find_snapshot(&existing, which, "apply snapshot")?
+            .clone();
+        let _io = self.io.write();
+        let mut meta = self.meta.lock();
+        self.writeback(&mut meta)?;
+        let cs = self.header.cluster_size();
+        let cb = self.header.cluster_bits;
+        let snap_l1 = self.read_l1_table(snap.l1_table_offset, snap.l1_size)?;
+        let new_size = snap.disk_size.unwrap_or(self.size());
+        if new_size.div_ceil(1u64 << self.header.l1_entry_shift()) > snap_l1.len() as u64 {
+            return Err(Error::corrupt(
+                "apply snapshot",
+                "the snapshot's L1 table is too small for its disk size",
+            ));
+        }
+        self.raise_tree(&mut meta, &snap_l1)?;
+        self.writeback(&mut meta)?;
+        self.file().flush()?;
+        let old_active = meta.l1.clone();
+        let mut new_l1: Vec<u64> = snap_l1.iter().map(|e| e & !COPIED).collect();
+        if new_l1.len() > meta.l1.len() {
+            let n = (new_l1.len() as u64 * 8).div_ceil(cs);
+            let refs = meta
+                .refs
+                .as_mut()
+                .ok_or_else(|| self.read_only_error("snapshot"))?;
+            let at = refs.alloc_contiguous(self.file(), n)? << cb;
+            refs.write_dirty(self.file())?;
+            self.file().write_at(&table_bytes(&new_l1), at)?;
+            self.file().flush()?;
+            self.write_header_size(new_size, new_l1.len() as u64, at)?;
+            let old_l1 = (meta.l1_offset, meta.l1.len() as u64 * 8);
+            meta.pending_free.push(old_l1);
+            meta.overlap.add_range(cb, at, new_l1.len() as u64 * 8);
+            meta.l1_offset = at;
+        } else {
+            new_l1.resize(meta.l1.len(), 0);
+            self.file()
+                .write_at(&table_bytes(&new_l1), meta.l1_offset)?;
+            self.file().flush()?;
+            self.write_header_size(new_size, new_l1.len() as u64, meta.l1_offset)?;
+        }
+        for &e in &new_l1 {
+            meta.overlap.add_range(cb, e & OFFSET_MASK, 1);
+        }
+        meta.l1 = new_l1;
+        self.set_size(new_size);
+        let tree = self.tree_clusters(&mut meta, &old_active)?;
+        meta.pending_free.extend(tree);
+        self.writeback(&mut meta)?;
+        self.refresh_copied(&mut meta)?;
+        self.writeback(&mut meta)?;
+        *self.last_compressed.lock() = None;
+        self.file().flush()
+    }
+
+    fn find_snapshot<'a>(
+        &self,
+        existing: &'a [Snapshot],
+        which: &str,
+        op: &'static str,
+    ) -> Result<&'a Snapshot> {
+        existing
+            .iter()
+            .find(|s| s.id == which)
+            .or_else(|| existing.iter().find(|s| s.name == which))
+            .ok_or_else(|| {
+                Error::new(
+                    vdisk_block::ErrorKind::NotFound,
+                    op,
+                    format!("Can't find the snapshot '{which}'"),
+                )
+            })
+    }
+
+    fn read_l1_table(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
+        let bytes = u64::from(entries) * 8;
+        if bytes > crate::header::MAX_L1_BYTES
+            || offset.saturating_add(bytes) > self.file().len()?
+        {
+            return Err(Error::corrupt(
+                "read snapshot",
+                format!("the snapshot L1 table at {offset:#x} ({bytes} bytes) is invalid"),
+            ));
+        }
+        let mut raw = vec![0u8; bytes as usize];
+        self.file().read_at(&mut raw, offset)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_be_bytes(a)
+            })
+            .collect())
+    }
+
     /// Deletes the snapshot whose id or name is `which` (ids are tried first, as QEMU does).
     pub fn snapshot_delete(&self, which: &str) -> Result<()> {
         self.snapshot_preconditions("delete snapshot")?;

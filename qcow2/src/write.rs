@@ -811,6 +811,16 @@ impl Qcow2Image {
         self.file().flush()
     }
 
+    /// Records a new guest size.
+    pub(crate) fn set_size(&self, size: u64) {
+        self.size.store(size, std::sync::atomic::Ordering::Release);
+    }
+
+    /// [`Self::write_size`] for other modules.
+    pub(crate) fn write_header_size(&self, size: u64, l1_size: u64, l1_offset: u64) -> Result<()> {
+        self.write_size(size, l1_size, l1_offset)
+    }
+
     /// Writes the size, L1 size and L1 offset header fields (bytes 24..48) in one write.
     fn write_size(&self, size: u64, l1_size: u64, l1_offset: u64) -> Result<()> {
         let mut raw = [0u8; 24];

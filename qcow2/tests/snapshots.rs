@@ -133,3 +133,44 @@ fn create_and_delete() {
     scenario("snap-v2", "compat=0.10,cluster_size=4k");
     scenario("snap-ext", "extended_l2=on,refcount_bits=2");
 }
+
+#[test]
+fn apply_reverts_to_a_snapshot() {
+    for opts in ["", "cluster_size=512", "extended_l2=on"] {
+        let s = Scratch::new("snap-apply");
+        let img = s.path("a.qcow2");
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([img.to_str().expect("u"), "4M"]);
+        qemu_img(&args);
+        qemu_io(&img, &["write -P 0x51 0 1m"]);
+        let v0 = qemu_contents(&img, &s);
+        // A snapshot made by qemu-img, applied by us.
+        qemu_img(&["snapshot", "-c", "q", img.to_str().expect("u")]);
+        qemu_io(&img, &["write -P 0x52 512k 1m", "write -z 0 4k"]);
+        {
+            let dev = open_rw(&img);
+            dev.snapshot_apply("q").expect("apply");
+            let mut buf = vec![0u8; 4 << 20];
+            dev.read_at(&mut buf, 0).expect("read");
+            assert_same(&buf, &v0, "reverted (our view)");
+            // Writes after the revert must not touch the snapshot.
+            dev.write_at(&[0x53; 3000], 100).expect("write");
+            dev.snapshot_create("ours").expect("create");
+            dev.write_at(&[0x54; 70_000], 2 << 20).expect("write");
+            dev.flush().expect("flush");
+        }
+        check_clean(&img);
+        assert_same(&snapshot_contents(&img, "q", &s), &v0, "snapshot q intact");
+        let mut v1 = v0.clone();
+        v1[100..3100].fill(0x53);
+        assert_same(&snapshot_contents(&img, "ours", &s), &v1, "snapshot ours");
+        // Our snapshot, applied by qemu-img.
+        qemu_img(&["snapshot", "-a", "ours", img.to_str().expect("u")]);
+        check_clean(&img);
+        assert_same(&qemu_contents(&img, &s), &v1, "qemu applied ours");
+        assert_same(&read_all(&open(&img)), &v1, "we read qemu's revert");
+    }
+}
