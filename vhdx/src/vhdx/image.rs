@@ -71,6 +71,8 @@ pub(crate) struct WriterState {
     pub(crate) slot: usize,
     pub(crate) file_end: u64,
     pub(crate) log_seq: u64,
+    /// BAT sectors changed in memory since the last commit.
+    pub(crate) dirty: std::collections::BTreeSet<u64>,
 }
 
 impl std::fmt::Debug for VhdxImage {
@@ -192,6 +194,7 @@ impl VhdxImage {
                 slot,
                 file_end,
                 log_seq: 0,
+                dirty: Default::default(),
             }),
             session_started: AtomicBool::new(false),
             writable: options.writable,

@@ -8,9 +8,12 @@
 //!    (the guest's, plus zeroes or the parent's for the rest of the block) are written and
 //!    flushed before any BAT entry points at it. A crash before the BAT update leaks the
 //!    space and loses nothing that was acknowledged.
-//! 3. **Metadata through the log.** Every BAT change is written as one log entry (the new
-//!    4 KiB BAT sectors), flushed, then written in place and flushed again, before the next
-//!    entry may overwrite the log. Each entry is alone in its sequence (tail = itself) at
+//! 3. **Metadata through the log.** BAT changes are staged in memory (readers see them at
+//!    once) and made durable at the next flush (or resize/repair): the data is flushed, the
+//!    changed 4 KiB BAT sectors are written as one log entry, flushed, then written in place
+//!    and flushed again, before the next entry may overwrite the log. Only flushed writes
+//!    are promised to survive a crash, so staging loses nothing that was promised, and a
+//!    whole convert costs one commit instead of three flushes per block. Each entry is alone in its sequence (tail = itself) at
 //!    the start of the log, so after a crash the newest entry is the active sequence and a
 //!    torn entry fails its checksum and is ignored. The header's LogGuid is set before the
 //!    first entry and cleared on flush once everything is applied, so a cleanly flushed
@@ -23,7 +26,6 @@
 //! Zeroing whole blocks switches them to the ZERO state (hiding the parent of a differencing
 //! image); a fixed image (LeaveBlockAllocated) keeps its blocks and zeroes them in place.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 #[cfg(test)]
@@ -135,65 +137,60 @@ impl VhdxImage {
         Ok(())
     }
 
-    /// Commits BAT `changes` (index, new entry) through the log; see the module docs.
-    fn commit_bat(&self, w: &mut WriterState, changes: &[(u64, u64)]) -> Result<()> {
-        self.commit(w, changes, Vec::new())
+    /// Applies BAT `changes` (index, new entry) in memory and marks their sectors for the
+    /// next commit. Readers see the change at once; it becomes durable at the next flush.
+    fn stage(&self, w: &mut WriterState, changes: &[(u64, u64)]) {
+        let mut bat = self.bat.write().unwrap_or_else(|e| e.into_inner());
+        for &(index, entry) in changes {
+            if let Some(slot) = bat.get_mut(index as usize) {
+                *slot = entry;
+                w.dirty.insert(index * 8 / SECTOR);
+            }
+        }
     }
 
-    /// Commits BAT `changes` and whole 4 KiB `sectors` of other metadata (file offset,
-    /// contents) through the log in one step.
-    fn commit(
-        &self,
-        w: &mut WriterState,
-        changes: &[(u64, u64)],
-        sectors: Vec<(u64, Vec<u8>)>,
-    ) -> Result<()> {
-        if changes.is_empty() && sectors.is_empty() {
+    /// Stages BAT `changes` and commits at once (repairs, which must be durable).
+    fn commit_bat(&self, w: &mut WriterState, changes: &[(u64, u64)]) -> Result<()> {
+        self.stage(w, changes);
+        self.commit(w, Vec::new())
+    }
+
+    /// Makes every staged BAT sector, plus whole 4 KiB `sectors` of other metadata (file
+    /// offset, contents), durable through the log; see the module docs.
+    fn commit(&self, w: &mut WriterState, sectors: Vec<(u64, Vec<u8>)>) -> Result<()> {
+        if w.dirty.is_empty() && sectors.is_empty() {
             return Ok(());
         }
+        // Every block a staged entry points at holds its data before the entry is logged.
         self.fflush()?;
         if w.header.log_guid.is_zero() {
             let guid = random_guid()?;
             self.update_header(w, |h| h.log_guid = guid)?;
             w.log_seq = 0;
         }
-        let mut bat_sectors: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let bat_offset = self.regions.bat.offset;
+        let mut writes: Vec<LogWrite> = Vec::with_capacity(w.dirty.len() + sectors.len());
         {
             let bat = self.bat.read().unwrap_or_else(|e| e.into_inner());
-            for &(index, _) in changes {
-                let sector = index * 8 / SECTOR;
-                bat_sectors.entry(sector).or_insert_with(|| {
-                    let mut buf = vec![0u8; SECTOR as usize];
-                    let first = (sector * SECTOR / 8) as usize;
-                    for (i, e) in bat.iter().skip(first).take(SECTOR as usize / 8).enumerate() {
-                        buf[i * 8..i * 8 + 8].copy_from_slice(&e.to_le_bytes());
-                    }
-                    buf
+            for &sector in &w.dirty {
+                let mut buf = vec![0u8; SECTOR as usize];
+                let first = (sector * SECTOR / 8) as usize;
+                for (i, e) in bat.iter().skip(first).take(SECTOR as usize / 8).enumerate() {
+                    buf[i * 8..i * 8 + 8].copy_from_slice(&e.to_le_bytes());
+                }
+                writes.push(LogWrite::Data {
+                    offset: bat_offset + sector * SECTOR,
+                    data: buf,
                 });
             }
         }
-        for &(index, entry) in changes {
-            let buf = bat_sectors
-                .get_mut(&(index * 8 / SECTOR))
-                .ok_or_else(|| self.io_error(0, "BAT sector vanished".into()))?;
-            let at = (index * 8 % SECTOR) as usize;
-            buf[at..at + 8].copy_from_slice(&entry.to_le_bytes());
-        }
-        let bat_offset = self.regions.bat.offset;
-        let writes: Vec<LogWrite> = bat_sectors
-            .into_iter()
-            .map(|(s, data)| LogWrite::Data {
-                offset: bat_offset + s * SECTOR,
-                data,
-            })
-            .chain(
-                sectors
-                    .into_iter()
-                    .map(|(offset, data)| LogWrite::Data { offset, data }),
-            )
-            .collect();
+        writes.extend(
+            sectors
+                .into_iter()
+                .map(|(offset, data)| LogWrite::Data { offset, data }),
+        );
         let file_len = self.file().len()?;
-        // Each entry must fit in the log; a huge zeroing commits in several entries.
+        // Each entry must fit in the log; a huge change commits in several entries.
         // n data sectors need n + ceil((64 + 32 n) / 4096) sectors of log.
         let log_sectors = w.header.log_length as u64 / SECTOR;
         let per_entry = log_sectors.saturating_sub(2 + log_sectors / 128).max(1) as usize;
@@ -209,30 +206,23 @@ impl VhdxImage {
             }
             self.fflush()?;
         }
-        let mut bat = self.bat.write().unwrap_or_else(|e| e.into_inner());
-        for &(index, entry) in changes {
-            if let Some(slot) = bat.get_mut(index as usize) {
-                *slot = entry;
-            }
-        }
+        w.dirty.clear();
         Ok(())
     }
 
-    /// Clears the LogGuid once everything is applied (flush and close).
-    fn retire_log(&self) -> Result<()> {
-        let mut w = self.writer();
-        if !w.header.log_guid.is_zero() {
-            self.update_header(&mut w, |h| h.log_guid = Guid::ZERO)?;
-        }
-        Ok(())
-    }
-
+    /// Commits what is staged, then clears the LogGuid: everything is applied, so a
+    /// flushed image has nothing to replay (and qemu opens it read-only).
     pub(crate) fn flush_impl(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
+        let mut w = self.writer();
+        self.commit(&mut w, Vec::new())?;
         self.fflush()?;
-        self.retire_log()
+        if !w.header.log_guid.is_zero() {
+            self.update_header(&mut w, |h| h.log_guid = Guid::ZERO)?;
+        }
+        Ok(())
     }
 
     fn payload_state(&self, block: u64) -> Result<(u64, PayloadState, u64)> {
@@ -286,13 +276,13 @@ impl VhdxImage {
             }
             pos += n;
         }
-        self.commit_bat(
+        self.stage(
             w,
             &[(
                 index,
                 bat::make_entry(PayloadState::FullyPresent.bits(), host),
             )],
-        )?;
+        );
         Ok(host)
     }
 
@@ -375,11 +365,10 @@ impl VhdxImage {
             pos += n;
         }
         if !to_zero_state.is_empty() {
-            // Data written to these blocks before must not resurface if the file space is
-            // ever reused: the space is simply never handed out again.
-            self.fflush()?;
+            // The blocks' old file space is never handed out again, so their old data cannot
+            // resurface through a later allocation.
             let mut w = self.writer();
-            self.commit_bat(&mut w, &to_zero_state)?;
+            self.stage(&mut w, &to_zero_state);
         }
         Ok(())
     }
@@ -490,7 +479,8 @@ impl VhdxImage {
                 bat.resize(entries as usize, 0);
             }
         }
-        self.commit(&mut w, &changes, vec![(sector_at, size_sector)])?;
+        self.stage(&mut w, &changes);
+        self.commit(&mut w, vec![(sector_at, size_sector)])?;
         self.bat
             .write()
             .unwrap_or_else(|e| e.into_inner())
