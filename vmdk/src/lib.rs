@@ -21,6 +21,7 @@
 pub mod check;
 pub mod create;
 pub mod descriptor;
+pub mod details;
 pub mod esx;
 pub mod extent;
 pub mod format;

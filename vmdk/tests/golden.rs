@@ -122,3 +122,59 @@ fn esxi_sesparse_extent_reads_as_qemu_reads_it() {
     assert_eq!(sha256_of(dev.as_ref()), common::sha256_file(&raw));
     drop(extent);
 }
+
+/// `VmdkImage::details` gives what `qemu-img info` printed for each fixture.
+#[test]
+fn details_match_qemu_img_info() {
+    let Some(dir) = fixtures_dir() else { return };
+    let mut checked = 0;
+    for (key, entry) in manifest(&dir) {
+        if !key.starts_with("vmdk/") || entry["raw"].is_null() {
+            continue;
+        }
+        let scratch = Scratch::new("details");
+        let main = lay_out(&dir, &entry, &scratch.0);
+        let image = vdisk_vmdk::open::open(&main, &OpenOptions::read_only()).expect("open");
+        let got = image.details();
+        let want = &entry["info"]["format-specific"]["data"];
+        assert_eq!(Some(u64::from(got.cid)), want["cid"].as_u64(), "{key}: cid");
+        assert_eq!(
+            Some(u64::from(got.parent_cid)),
+            want["parent-cid"].as_u64(),
+            "{key}"
+        );
+        assert_eq!(
+            Some(got.create_type.as_str()),
+            want["create-type"].as_str(),
+            "{key}"
+        );
+        let extents = want["extents"].as_array().expect("extents");
+        assert_eq!(got.extents.len(), extents.len(), "{key}: extents");
+        for (g, w) in got.extents.iter().zip(extents) {
+            let name = g
+                .filename
+                .as_ref()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned());
+            assert_eq!(name.as_deref(), w["filename"].as_str(), "{key}: filename");
+            assert_eq!(
+                Some(g.format.as_str()),
+                w["format"].as_str(),
+                "{key}: format"
+            );
+            assert_eq!(
+                Some(g.virtual_size),
+                w["virtual-size"].as_u64(),
+                "{key}: size"
+            );
+            assert_eq!(g.cluster_size, w["cluster-size"].as_u64(), "{key}: cluster");
+            assert_eq!(
+                g.compressed,
+                w["compressed"].as_bool().unwrap_or(false),
+                "{key}"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 9);
+}

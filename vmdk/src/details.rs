@@ -1,0 +1,83 @@
+//! The VMDK facts `qemu-img info` prints under `format-specific` (`cid`, `parent-cid`,
+//! `create-type`, and per extent its file, format, size, grain size and compression), for
+//! front ends that print them.
+
+use std::path::PathBuf;
+
+use crate::descriptor::ExtentType;
+use crate::extent::ExtentData;
+use crate::image::VmdkImage;
+
+/// One extent as `qemu-img info` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentDetails {
+    /// The extent's file (`None` for ZERO and NOACCESS extents, which qemu does not list).
+    pub filename: Option<PathBuf>,
+    /// `""` for a sparse file opened directly, else the descriptor's type (`FLAT`, `SPARSE`,
+    /// `VMFS`, ...).
+    pub format: String,
+    /// Bytes the extent covers.
+    pub virtual_size: u64,
+    /// Grain size of sparse extents.
+    pub cluster_size: Option<u64>,
+    /// Grains are compressed.
+    pub compressed: bool,
+}
+
+/// The `format-specific` data of a VMDK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmdkDetails {
+    /// `CID`.
+    pub cid: u32,
+    /// `parentCID`.
+    pub parent_cid: u32,
+    /// `createType`.
+    pub create_type: String,
+    /// The extents in guest order.
+    pub extents: Vec<ExtentDetails>,
+}
+
+impl VmdkImage {
+    /// The facts `qemu-img info` prints for this image.
+    pub fn details(&self) -> VmdkDetails {
+        let direct =
+            self.extents.len() == 1 && self.extents[0].path.as_deref() == Some(self.path.as_path());
+        let extents = self
+            .extents
+            .iter()
+            .filter(|e| !matches!(e.data, ExtentData::Zero | ExtentData::NoAccess))
+            .map(|e| {
+                let (cluster_size, compressed, virtual_size) = match &e.data {
+                    ExtentData::Sparse(s) => (
+                        Some(s.grain_bytes()),
+                        s.header().compressed(),
+                        s.capacity_bytes(),
+                    ),
+                    ExtentData::Stream(s) => (
+                        Some(s.reader().grain_bytes()),
+                        true,
+                        s.reader().capacity_bytes(),
+                    ),
+                    _ => (None, false, e.len),
+                };
+                ExtentDetails {
+                    filename: e.path.clone(),
+                    format: if direct && e.kind == ExtentType::Sparse {
+                        String::new()
+                    } else {
+                        e.kind.as_str().to_string()
+                    },
+                    virtual_size,
+                    cluster_size,
+                    compressed,
+                }
+            })
+            .collect();
+        VmdkDetails {
+            cid: self.descriptor.cid,
+            parent_cid: self.descriptor.parent_cid,
+            create_type: self.descriptor.create_type.clone(),
+            extents,
+        }
+    }
+}
