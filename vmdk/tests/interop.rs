@@ -393,3 +393,50 @@ fn hand_built_vmfs_sparse_reads_as_qemu_reads_it() {
     let direct = open(&scratch.path("delta.vmdk"));
     assert_eq!(read_all(direct.as_ref()), want);
 }
+
+/// An ESXi snapshot: a vmfs base (descriptor + flat file) and a vmfsSparse delta naming it
+/// with parentFileNameHint; grains the delta lacks come from the base, as qemu-img reads it.
+#[test]
+fn esxi_snapshot_chain_reads_as_qemu_reads_it() {
+    let scratch = Scratch::new("esx-chain");
+    let sectors = 65536u32;
+    let flat: Vec<u8> = (0..sectors as usize * 512)
+        .map(|i| (i / 4096 % 200) as u8 + 1)
+        .collect();
+    std::fs::write(scratch.path("base-flat.vmdk"), &flat).expect("flat");
+    std::fs::write(
+        scratch.path("base.vmdk"),
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=0172e8a4\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\n\
+# Extent description\nRW {sectors} VMFS \"base-flat.vmdk\"\n\n#DDB\nddb.adapterType = \"lsilogic\"\n"
+        ),
+    )
+    .expect("base descriptor");
+    // The delta: grains of 8 sectors, one table in use, two grains written.
+    let mut delta = vec![0u8; 60 * 512];
+    let header: [u32; 10] = [1, 3, sectors, 8, 1, 2, 60, 65, 16, 63];
+    delta[..4].copy_from_slice(b"COWD");
+    for (i, v) in header.iter().enumerate() {
+        delta[4 + 4 * i..8 + 4 * i].copy_from_slice(&v.to_le_bytes());
+    }
+    delta[512..516].copy_from_slice(&2u32.to_le_bytes());
+    for (grain, sector) in [(1usize, 42u32), (7, 50)] {
+        delta[1024 + grain * 4..1028 + grain * 4].copy_from_slice(&sector.to_le_bytes());
+        delta[sector as usize * 512..sector as usize * 512 + 4096].fill(0xd0 + grain as u8);
+    }
+    std::fs::write(scratch.path("snap-delta.vmdk"), &delta).expect("delta");
+    let image = scratch.path("snap.vmdk");
+    std::fs::write(
+        &image,
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=0172e8a4\ncreateType=\"vmfsSparse\"\n\
+parentFileNameHint=\"base.vmdk\"\n\n# Extent description\nRW {sectors} VMFSSPARSE \"snap-delta.vmdk\"\n\n#DDB\n"
+        ),
+    )
+    .expect("delta descriptor");
+    let want = qemu_raw(&image, &scratch);
+    assert_eq!(want[4096], 0xd1, "qemu reads the delta's grain");
+    assert_eq!(want[0], 1, "qemu reads the base beneath");
+    let dev = VmdkFormat.open(&image, &with_opener()).expect("open chain");
+    assert!(read_all(dev.as_ref()) == want);
+}
