@@ -7,7 +7,7 @@
 
 use std::io::Read;
 
-use flate2::{Decompress, FlushDecompress, Status};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use vdisk_block::{Error, ErrorKind, Result};
 
 use crate::header::CompressionType;
@@ -67,9 +67,55 @@ fn unzstd(input: &[u8], out: &mut [u8], guest: u64) -> Result<()> {
     Ok(())
 }
 
+/// Compresses one cluster; `None` when the result would not be smaller than `limit` bytes
+/// (the cluster is then better stored plainly, as QEMU does).
+pub fn compress(kind: CompressionType, input: &[u8], limit: usize) -> Option<Vec<u8>> {
+    let out = match kind {
+        CompressionType::Deflate => {
+            // Raw deflate, no zlib header, as QEMU writes it.
+            let mut c = Compress::new(Compression::default(), false);
+            let mut out = vec![0u8; limit];
+            match c.compress(input, &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => {
+                    out.truncate(c.total_out() as usize);
+                    out
+                }
+                _ => return None,
+            }
+        }
+        CompressionType::Zstd => {
+            ruzstd::encoding::compress_to_vec(input, ruzstd::encoding::CompressionLevel::Fastest)
+        }
+    };
+    (out.len() < limit).then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_trip() {
+        let cluster: Vec<u8> = (0..65536u32).map(|i| (i / 300) as u8).collect();
+        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+            let packed = compress(kind, &cluster, 65536).expect("compressible");
+            let mut padded = packed.clone();
+            padded.extend_from_slice(&[0xaa; 700]);
+            let mut out = vec![0u8; 65536];
+            decompress(kind, &padded, &mut out, 0).expect("decompress");
+            assert_eq!(out, cluster);
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        assert!(compress(CompressionType::Deflate, &noise, 4096).is_none());
+    }
 
     #[test]
     fn garbage_is_an_error() {

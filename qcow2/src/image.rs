@@ -72,6 +72,9 @@ pub(crate) struct Meta {
     pub refs: Option<Refcounts>,
     /// Metadata clusters guest data must never overwrite (writable images only).
     pub overlap: crate::overlap::Overlap,
+    /// Next free byte of the host cluster compressed clusters are being packed into (0:
+    /// none).
+    pub compress_cursor: u64,
     /// Host byte ranges whose clusters lose one reference once the tables that stopped
     /// referencing them are durable.
     pub pending_free: Vec<(u64, u64)>,
@@ -177,6 +180,7 @@ impl Qcow2Image {
                 refs,
                 pending_free: Vec::new(),
                 overlap,
+                compress_cursor: 0,
             }),
             data,
             backing,

@@ -613,6 +613,73 @@ impl Qcow2Image {
         self.after_op()
     }
 
+    /// Writes one whole guest cluster compressed (what `convert -c` does), with the image's
+    /// compression type. `buf` must cover exactly the cluster at `offset` (less at the end
+    /// of the disk). Data that does not compress is written plainly instead. Compressed
+    /// clusters are packed back to back into shared host clusters; each host cluster's
+    /// refcount counts the compressed clusters in it.
+    pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable("write compressed", offset, buf.len() as u64)?;
+        let cs = self.header.cluster_size();
+        let cb = self.header.cluster_bits;
+        if offset & (cs - 1) != 0 || buf.len() as u64 != cs.min(self.size() - offset) {
+            return Err(Error::invalid(
+                "write compressed",
+                "a compressed write must cover exactly one whole cluster",
+            )
+            .at_offset(offset));
+        }
+        if self.header.has_data_file() {
+            return Err(Error::unsupported(
+                "write compressed",
+                "images with an external data file cannot hold compressed clusters",
+            ));
+        }
+        let mut cluster = buf.to_vec();
+        cluster.resize(cs as usize, 0);
+        let Some(packed) =
+            crate::compress::compress(self.header.compression_type, &cluster, cs as usize)
+        else {
+            return self.write_impl(buf, offset);
+        };
+        let _io = self.io.write();
+        let mut meta = self.meta.lock();
+        let (l2, idx) = self.ensure_l2(&mut meta, offset)?;
+        let (entry, _) = self.entry_bitmap_at(&mut meta, l2, idx)?;
+        let old = if entry & COMPRESSED != 0 {
+            self.decoder.classify(entry, 0, 0, offset)?
+        } else if entry & OFFSET_MASK != 0 {
+            Kind::Normal {
+                host: entry & OFFSET_MASK,
+            }
+        } else {
+            Kind::Unallocated
+        };
+        let len = packed.len() as u64;
+        let cursor = meta.compress_cursor;
+        let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
+        let max = crate::refcount::max_refcount(self.header.refcount_order);
+        let shared = cursor != 0
+            && cursor & (cs - 1) != 0
+            && (cursor & (cs - 1)) + len <= cs
+            && refs.get(self.file(), cursor >> cb)? < max;
+        let place = if shared {
+            refs.adjust(self.file(), cursor >> cb, true)?;
+            cursor
+        } else {
+            refs.alloc(self.file())? << cb
+        };
+        meta.compress_cursor = place + len;
+        self.guard(&mut meta, place, len)?;
+        self.file().write_at(&packed, place)?;
+        let sectors = ((place & 511) + len).div_ceil(512);
+        let value = place | ((sectors - 1) << (70 - cb)) | COMPRESSED;
+        self.set_entry_bitmap(&mut meta, l2, idx, value, 0)?;
+        Self::release(&mut meta, old, cs);
+        drop(meta);
+        self.after_op()
+    }
+
     /// Allocates a host cluster for every unallocated guest cluster (QEMU's
     /// `preallocation=metadata`), then reserves (`falloc`) or writes (`full`) their space.
     pub(crate) fn preallocate(&self, mode: Preallocation) -> Result<()> {
@@ -885,6 +952,9 @@ impl Qcow2Image {
                 if refs.get(file, cluster)? == 0 {
                     meta.l2.remove(cluster << cb);
                     meta.overlap.remove(cluster);
+                    if meta.compress_cursor >> cb == cluster {
+                        meta.compress_cursor = 0;
+                    }
                 }
             }
         }

@@ -532,3 +532,69 @@ fn writes_never_overwrite_metadata() {
     let json = qemu_img(&["info", "--output=json", img.to_str().expect("u")]);
     assert!(json.contains("\"corrupt\": true"), "{json}");
 }
+
+#[test]
+fn compressed_writes() {
+    for opts in [
+        "",
+        "compression_type=zstd",
+        "cluster_size=4k,refcount_bits=2",
+        "extended_l2=on",
+    ] {
+        let s = Scratch::new("w-compressed");
+        let img = s.path("c.qcow2");
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([img.to_str().expect("u"), "3000000"]);
+        qemu_img(&args);
+        let dev = open_rw(&img);
+        let cs = dev.header().cluster_size() as usize;
+        let size = dev.size() as usize;
+        let mut expect = vec![0u8; size];
+        let mut x = 88172645463325252u64;
+        let mut at = 0;
+        let mut i = 0;
+        while at < size {
+            let n = cs.min(size - at);
+            let chunk = &mut expect[at..at + n];
+            match i % 4 {
+                // Compressible text-like data, noise (stored plainly), zeroes, a pattern.
+                0 => chunk
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = b"qcow2 "[j % 6]),
+                1 => chunk.iter_mut().for_each(|b| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = (x >> 32) as u8;
+                }),
+                2 => {}
+                _ => chunk
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = (j / 7) as u8),
+            }
+            dev.write_compressed(&expect[at..at + n], at as u64)
+                .expect("compressed write");
+            at += n;
+            i += 1;
+        }
+        // Overwrite some compressed clusters (copy-on-write out of shared host clusters).
+        dev.write_at(&[0xcc; 1000], cs as u64 * 3 + 10)
+            .expect("write over compressed");
+        expect[cs * 3 + 10..cs * 3 + 1010].fill(0xcc);
+        dev.write_zeroes(0, cs as u64, ZeroMode::MayUnmap)
+            .expect("zero");
+        expect[..cs].fill(0);
+        dev.flush().expect("flush");
+        drop(dev);
+        qemu_check_clean(&img);
+        assert_same(&qemu_contents(&img, &s), &expect, opts);
+        assert_same(&read_all(&open(&img)), &expect, opts);
+        let json = qemu_img(&["check", "--output=json", img.to_str().expect("u")]);
+        assert!(json.contains("compressed-clusters"), "{opts}: {json}");
+    }
+}
