@@ -55,11 +55,30 @@ fn crash_run(name: &str, setup: &[&str], opts: &str, snapshot: bool) {
     )
     .expect("open rw");
     let mut rng = Rng::new(name.len() as u64);
-    for step in 0..60 {
+    for step in 0..80 {
         let cs = 64 << 10;
         let off = rng.below(size - 1);
         let len = (1 + rng.below(3 * cs)).min(size - off);
-        match rng.below(10) {
+        match rng.below(12) {
+            10 => {
+                let snaps = dev.snapshots().expect("list");
+                if snaps.len() < 3 {
+                    dev.snapshot_create(&format!("s{step}")).expect("snapshot");
+                } else {
+                    dev.snapshot_delete(&snaps[0].id).expect("delete snapshot");
+                }
+            }
+            11 => {
+                let cs = dev.header().cluster_size();
+                let start = off / cs * cs;
+                let n = cs.min(size - start);
+                let mut buf = vec![0u8; n as usize];
+                for (i, b) in buf.iter_mut().enumerate() {
+                    *b = (i / 9) as u8 ^ (step as u8);
+                }
+                dev.write_compressed(&buf, start).expect("compressed");
+                model.write_at(&buf, start).expect("model");
+            }
             0..=4 => {
                 let mut buf = vec![0u8; len as usize];
                 rng.fill(&mut buf);
