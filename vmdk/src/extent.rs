@@ -199,8 +199,22 @@ impl Extent {
                 if host >= file_len {
                     st.zero = true;
                 } else {
-                    st.len = len.min(file_len - host);
-                    st.data = true;
+                    let end = host + len.min(file_len - host);
+                    // Holes in a flat file read as zeroes: say so, as qemu does through its
+                    // file layer, so a copy can skip them.
+                    let (data, run_end) = match file.next_data(host) {
+                        Err(e) if e.kind() == ErrorKind::Unsupported => (true, end),
+                        Err(e) => return Err(e),
+                        Ok(None) => (false, end),
+                        Ok(Some(d)) if d > host => (false, d.min(end)),
+                        Ok(Some(_)) => {
+                            let hole = file.next_hole(host)?.unwrap_or(end);
+                            (true, hole.clamp(host + 1, end))
+                        }
+                    };
+                    st.len = run_end - host;
+                    st.data = data;
+                    st.zero = !data;
                     st.host = Some(HostLocation {
                         file: file.path().to_path_buf(),
                         offset: host,
