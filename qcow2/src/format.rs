@@ -1,4 +1,4 @@
-//! The qcow2 [`Format`]: probe, open, create and check.
+//! The qcow2 [`Format`]: probe, open, create, check and amend.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,5 +39,9 @@ impl Format for Qcow2Format {
 
     fn check(&self, path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {
         crate::check::check(path, options, repair)
+    }
+
+    fn amend(&self, path: &Path, options: CreateOptions) -> Result<()> {
+        crate::amend::amend(path, options)
     }
 }

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alloc;
+pub mod amend;
 pub mod cache;
 pub mod check;
 pub mod compress;

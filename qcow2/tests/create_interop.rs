@@ -205,3 +205,94 @@ fn created_images_take_writes() {
         assert_same(&read_all(&open(&img)), &qemu_contents(&img, &s), opts);
     }
 }
+
+fn amend(path: &Path, opts: &str) -> vdisk_block::Result<()> {
+    Qcow2Format.amend(
+        path,
+        CreateOptions {
+            size: 0,
+            options: CreateOptions::parse_options(opts).expect("options"),
+        },
+    )
+}
+
+#[test]
+fn amend_header_options() {
+    let s = Scratch::new("amend");
+    let base = s.path("base.qcow2");
+    let other = s.path("other.raw");
+    let img = s.path("img.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().expect("u"),
+        "4M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "raw",
+        other.to_str().expect("u"),
+        "4M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        img.to_str().expect("u"),
+        "4M",
+    ]);
+    qemu_io(&img, &["write -P 9 0 64k"]);
+    let before = qemu_contents(&img, &s);
+    // rebase -u: point at another backing file of another format.
+    amend(&img, "backing_file=other.raw,backing_fmt=raw").expect("rebase");
+    let info = qemu_img(&["info", "--output=json", img.to_str().expect("u")]);
+    assert!(
+        info.contains("\"backing-filename\": \"other.raw\""),
+        "{info}"
+    );
+    assert!(
+        info.contains("\"backing-filename-format\": \"raw\""),
+        "{info}"
+    );
+    // Upgrade to 1.1, then lazy refcounts on.
+    amend(&img, "compat=1.1").expect("upgrade");
+    amend(&img, "lazy_refcounts=on").expect("lazy");
+    let info = qemu_img(&["info", "--output=json", img.to_str().expect("u")]);
+    assert!(
+        info.contains("\"compat\": \"1.1\"") && info.contains("\"lazy-refcounts\": true"),
+        "{info}"
+    );
+    check_clean(&img);
+    assert_eq!(
+        qemu_contents(&img, &s),
+        before,
+        "data unchanged (both backings are zero)"
+    );
+    // Unchanged values are accepted, changes that need a rewrite are refused.
+    amend(&img, "cluster_size=64k,refcount_bits=16").expect("same values");
+    for opts in [
+        "cluster_size=4k",
+        "refcount_bits=8",
+        "compat=0.10",
+        "extended_l2=on",
+        "bogus=1",
+    ] {
+        assert!(amend(&img, opts).is_err(), "{opts}");
+    }
+    // Dropping the backing file.
+    amend(&img, "backing_file=").expect("drop backing");
+    let info = qemu_img(&["info", "--output=json", img.to_str().expect("u")]);
+    assert!(!info.contains("backing-filename"), "{info}");
+    check_clean(&img);
+}
