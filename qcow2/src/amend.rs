@@ -29,27 +29,26 @@ pub fn amend(path: &Path, mut options: CreateOptions) -> Result<()> {
         .with_path(path));
     }
     let mut h = old.clone();
-    match options.take("compat").as_deref() {
-        None => {}
-        Some("1.1") | Some("v3") => {
-            if h.version == 2 {
-                h.version = 3;
-                h.header_length = V3_HEADER_LEN;
-                h.refcount_order = 4;
-                h.extensions.feature_names = default_feature_names();
-            }
-        }
-        Some("0.10") | Some("v2") => {
-            if h.version != 2 {
-                return Err(unsupported("the compatibility level to 0.10 (downgrade)"));
-            }
-        }
+    let compat_level = options.take("compat");
+    match compat_level.as_deref() {
+        None | Some("1.1") | Some("v3") | Some("0.10") | Some("v2") => {}
         Some(other) => {
             return Err(Error::invalid(
                 "amend",
                 format!("Invalid compatibility level: '{other}'"),
             ))
         }
+    }
+    let upgrade = matches!(compat_level.as_deref(), Some("1.1") | Some("v3"));
+    let downgrade = matches!(compat_level.as_deref(), Some("0.10") | Some("v2"));
+    if upgrade && h.version == 2 {
+        h.version = 3;
+        h.header_length = V3_HEADER_LEN;
+        h.refcount_order = 4;
+        h.extensions.feature_names = default_feature_names();
+    }
+    if downgrade && h.version != 2 {
+        return Err(unsupported("the compatibility level to 0.10 (downgrade)"));
     }
     if let Some(lazy) = options.take_bool("lazy_refcounts")? {
         if lazy && h.version < 3 {
