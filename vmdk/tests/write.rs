@@ -94,6 +94,35 @@ fn agrees_with_qemu(path: &Path, scratch: &Scratch) {
     );
 }
 
+/// The first 64 KiB of a VMDK with its CID line removed from the descriptor, which is cut
+/// at its first NUL (qemu-img writes the CID without leading zeroes, VMware and we with
+/// them, so the text's length differs by chance).
+fn without_cid(bytes: &[u8]) -> Vec<u8> {
+    let head = &bytes[..bytes.len().min(64 << 10)];
+    let is_sparse = head.starts_with(b"KDMV");
+    let (before, text, after) = if is_sparse {
+        let end = head[512..]
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(head.len(), |p| p + 512);
+        (
+            &head[..512],
+            &head[512..end],
+            &head[(21 * 512).min(head.len())..],
+        )
+    } else {
+        (&head[..0], head, &head[head.len()..])
+    };
+    let text: Vec<&[u8]> = text
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.starts_with(b"CID="))
+        .collect();
+    let mut out = before.to_vec();
+    out.extend(text.join(&b'\n'));
+    out.extend_from_slice(after);
+    out
+}
+
 fn model_then_qemu(subformat: &str, extra: &str, size: u64) {
     let scratch = Scratch::new(&format!("write-{subformat}"));
     let path = scratch.path("disk.vmdk");
@@ -202,18 +231,10 @@ fn created_layouts_match_qemu_img() {
             let b = std::fs::metadata(theirs.path(name)).expect("qemu's file");
             assert_eq!(a.len(), b.len(), "{subformat}: {name} length");
         }
-        // Same header and descriptor apart from the random CID.
-        let strip = |p: &Path| -> Vec<u8> {
-            let bytes = std::fs::read(p).expect("read");
-            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(64 << 10)]).into_owned();
-            text.lines()
-                .filter(|l| !l.starts_with("CID="))
-                .collect::<Vec<_>>()
-                .join("\n")
-                .into_bytes()
-        };
+        // Same header, descriptor and tables apart from the random CID.
         assert!(
-            strip(&ours.path("disk.vmdk")) == strip(&theirs.path("disk.vmdk")),
+            without_cid(&std::fs::read(ours.path("disk.vmdk")).expect("ours"))
+                == without_cid(&std::fs::read(theirs.path("disk.vmdk")).expect("theirs")),
             "{subformat}: the first 64 KiB differ from qemu-img's beyond the CID"
         );
         // Multi-GiB disks: check only (a whole compare would cost seconds for nothing).
@@ -363,5 +384,47 @@ fn writes_across_split_extents_land_where_qemu_reads_them() {
         want[50_000..60_000].fill(0);
         assert_eq!(got.len(), want.len(), "{subformat}: parsed qemu-io output");
         assert!(got == want, "{subformat}: qemu-io reads other bytes");
+    }
+}
+
+#[test]
+fn creation_options_lay_out_as_qemu_img_lays_them_out() {
+    for options in [
+        "adapter_type=legacyESX",
+        "adapter_type=buslogic,toolsversion=123,hwversion=21",
+        "compat6=on",
+        "zeroed_grain=on,adapter_type=lsilogic",
+        "subformat=twoGbMaxExtentSparse,zeroed_grain=on",
+    ] {
+        let ours = Scratch::new("opt-ours");
+        let theirs = Scratch::new("opt-theirs");
+        create(&ours.path("disk.vmdk"), 300 << 20, options);
+        qemu(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-o",
+                options,
+                theirs.path("disk.vmdk").to_str().expect("utf8"),
+                "300M",
+            ],
+        );
+        let files = if options.contains("twoGb") {
+            vec!["disk.vmdk", "disk-s001.vmdk"]
+        } else {
+            vec!["disk.vmdk"]
+        };
+        for name in files {
+            let a = std::fs::read(ours.path(name)).expect("ours");
+            let b = std::fs::read(theirs.path(name)).expect("theirs");
+            assert!(
+                without_cid(&a) == without_cid(&b),
+                "{options}: {name} differs from qemu-img's"
+            );
+        }
+        qemu_check(&ours.path("disk.vmdk"));
     }
 }
