@@ -740,6 +740,8 @@ pub struct Qcow2Info {
     pub data_file_raw: bool,
     /// Internal snapshots.
     pub snapshots: Vec<crate::snapshot::Snapshot>,
+    /// Persistent dirty bitmaps.
+    pub bitmaps: Vec<crate::bitmap::Bitmap>,
 }
 
 impl Qcow2Image {
@@ -777,6 +779,8 @@ impl Qcow2Image {
                 .flatten(),
             data_file_raw: h.data_file_raw(),
             snapshots,
+            bitmaps: crate::bitmap::read_directory(&self.file, h)
+                .map_err(|e| e.with_path(&self.path))?,
         })
     }
 }

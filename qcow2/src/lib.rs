@@ -19,6 +19,7 @@
 
 pub mod alloc;
 pub mod amend;
+pub mod bitmap;
 pub mod cache;
 pub mod check;
 pub mod compress;

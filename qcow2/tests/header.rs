@@ -588,3 +588,31 @@ fn images_are_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Qcow2Image>();
 }
+
+#[test]
+fn bitmaps_are_listed_like_qemu() {
+    let s = Scratch::new("bitmaps");
+    let img = create(&s, "b.qcow2", "", "10M");
+    let p = img.to_str().expect("u");
+    qemu_img(&["bitmap", "--add", p, "first"]);
+    qemu_img(&["bitmap", "--add", "-g", "128k", p, "second"]);
+    qemu_img(&["bitmap", "--disable", p, "second"]);
+    let json = qemu_img(&["info", "--output=json", p]);
+    let q: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let theirs = q["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .expect("bitmaps");
+    let ours = open(&img).qcow2_info().expect("info").bitmaps;
+    assert_eq!(ours.len(), theirs.len());
+    for (a, b) in theirs.iter().zip(&ours) {
+        assert_eq!(a["name"].as_str(), Some(b.name.as_str()));
+        assert_eq!(a["granularity"].as_u64(), Some(b.granularity));
+        let flags: Vec<&str> = a["flags"]
+            .as_array()
+            .expect("flags")
+            .iter()
+            .filter_map(|f| f.as_str())
+            .collect();
+        assert_eq!(flags, b.flag_names(), "{}", b.name);
+    }
+}
