@@ -360,13 +360,25 @@ const CP1252_HIGH: [char; 32] = [
     '\u{2dc}', '\u{2122}', '\u{161}', '\u{203a}', '\u{153}', '\u{9d}', '\u{17e}', '\u{178}',
 ];
 
-/// The descriptor as text. UTF-8 is taken as it is; anything else is read as Windows-1252,
-/// the code page VMware writes on Windows hosts (`encoding="windows-1252"`), so a file name
-/// with accents names the same file it names on the host it was copied from. Bytes no text
+/// The descriptor as text: Windows-1252 when it says `encoding="windows-1252"` (what VMware
+/// writes on Windows hosts) or is not UTF-8, UTF-8 otherwise, so a file name with accents
+/// names the same file it names on the host it was copied from. Bytes no text
 /// holds (controls other than tab and line ends) mean this is not a descriptor at all.
 fn decode(bytes: &[u8]) -> Result<std::borrow::Cow<'_, str>> {
-    if let Ok(text) = std::str::from_utf8(bytes) {
-        return Ok(std::borrow::Cow::Borrowed(text));
+    // The declaration wins: Windows-1252 bytes can happen to form valid UTF-8.
+    let declared_cp1252 = bytes.split(|&b| b == b'\n').any(|line| {
+        let line = line.trim_ascii();
+        line.starts_with(b"encoding")
+            && line.len() < 64
+            && line
+                .to_ascii_lowercase()
+                .windows(12)
+                .any(|w| w == b"windows-1252")
+    });
+    if !declared_cp1252 {
+        if let Ok(text) = std::str::from_utf8(bytes) {
+            return Ok(std::borrow::Cow::Borrowed(text));
+        }
     }
     if let Some(at) = bytes
         .iter()

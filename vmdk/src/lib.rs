@@ -25,6 +25,7 @@ pub mod details;
 pub mod esx;
 pub mod extent;
 pub mod format;
+pub mod fuzzing;
 pub mod header;
 pub mod image;
 pub mod open;

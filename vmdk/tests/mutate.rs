@@ -178,8 +178,11 @@ createType=\"monolithicFlat\"\n\n# Extent description\nRW 8 FLAT \"a.raw\" 0\nRW
 RDONLY 4 FLAT \"a.raw\" 8\n\n#DDB\nddb.adapterType = \"ide\"\n";
     let mut rng = Rng::new(77);
     let path = scratch.path("d.vmdk");
-    for _ in 0..400 {
+    for round in 0..2000 {
         let mut bytes = text.as_bytes().to_vec();
+        if round % 2 == 1 {
+            bytes.splice(0..0, b"encoding=\"windows-1252\"\n".iter().copied());
+        }
         for _ in 0..1 + rng.below(3) {
             let at = rng.below(bytes.len() as u64) as usize;
             match rng.below(3) {
@@ -187,10 +190,12 @@ RDONLY 4 FLAT \"a.raw\" 8\n\n#DDB\nddb.adapterType = \"ide\"\n";
                 1 => {
                     bytes.remove(at);
                 }
-                _ => bytes.insert(at, b"0123456789\"= \n-"[rng.below(15) as usize]),
+                _ => bytes.insert(at, b"0123456789\"= \n-\xc3\xa9\x80"[rng.below(18) as usize]),
             }
         }
         std::fs::write(&path, &bytes).expect("write");
         exercise(&path);
+        // A descriptor that parses writes back to one that parses to the same extents.
+        vdisk_vmdk::fuzzing::descriptor(&bytes);
     }
 }
