@@ -470,6 +470,10 @@ fn error_cases_match_qemu_img() {
     );
     stderr_has(&ours, "-o has no effect when skipping image creation");
     both_fail(&dropin, &["-o", "foo=bar", s(&input), s(&out)], true);
+    // -n with a target that does not exist, and a folder given as the source.
+    let ours = both_fail(&dropin, &["-n", s(&input), s(&missing)], true);
+    stderr_has(&ours, "missing.raw");
+    both_fail(&dropin, &[s(&dir.0), s(&out)], true);
 }
 
 #[test]
