@@ -413,6 +413,16 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
         file.flush()?;
     }
     drop(file);
+    if repair == RepairMode::All {
+        // With the refcounts right, the COPIED flags can be set from them.
+        let rw = OpenOptions {
+            writable: true,
+            no_backing: true,
+            policy: vdisk_block::FollowPolicy::Nothing,
+            ..options.clone()
+        };
+        crate::image::Qcow2Image::open(path, &rw)?.repair_copied()?;
+    }
     let file = HostFile::open(path, false, options.cache, options.engine)?;
     let (mut after, _) = count(path, &file)?;
     after.leaks_fixed = before.leaks.saturating_sub(after.leaks);

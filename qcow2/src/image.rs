@@ -104,10 +104,11 @@ fn read_be_u64s(bytes: &[u8]) -> Vec<u64> {
 impl Qcow2Image {
     /// Opens `path`. Backing and data files are opened only as `options.policy` allows.
     pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
-        let _chain = ChainGuard::enter(path)?;
+        // Before the chain guard: the rebuild opens this same image itself.
         if options.writable {
             rebuild_if_dirty(path, options)?;
         }
+        let _chain = ChainGuard::enter(path)?;
         let file = HostFile::open(path, options.writable, options.cache, options.engine)?;
         let file_len = file.len()?;
         let mut header = read_header(&file, file_len).map_err(|e| e.with_path(path))?;

@@ -12,9 +12,11 @@
 //!
 //! Status: reads (block status, backing chains, external data files, zlib/zstd compressed
 //! clusters, extended L2), writes (allocation, copy-on-write, zero clusters, discard,
-//! refcount growth) on images without extended L2 / data file / encryption, `create` with
-//! qemu-img's options, and a report-only `check`. Resize, snapshots, bitmaps, encryption,
-//! compressed writes and repair are not implemented yet; they fail with a clear error.
+//! compressed clusters, refcount table growth, overlap checks), resize, internal snapshots
+//! (create, delete, apply, list), `create` and `amend` with qemu-img's options, `check`
+//! with refcount repair, and listing of persistent bitmaps. Not implemented yet: encryption
+//! (encrypted images open for `info` only), bitmap contents, rebuilding broken refcount
+//! structures, and changing options that need clusters rewritten; those fail clearly.
 #![forbid(unsafe_code)]
 
 pub mod alloc;

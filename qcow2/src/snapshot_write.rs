@@ -139,7 +139,9 @@ impl Qcow2Image {
             for idx in 0..self.header.l2_entries() as usize {
                 let entry = words[idx * width];
                 let host = entry & OFFSET_MASK;
-                if entry & COMPRESSED != 0 || host == 0 {
+                // Data clusters of an external data file carry no refcount and are always
+                // COPIED.
+                if entry & COMPRESSED != 0 || host == 0 || self.header.has_data_file() {
                     continue;
                 }
                 let refs = meta
@@ -165,6 +167,19 @@ impl Qcow2Image {
                 .write_at(&table_bytes(&meta.l1), meta.l1_offset)?;
         }
         Ok(())
+    }
+
+    /// Rewrites the COPIED flags of the active tables from the refcounts (repair).
+    pub(crate) fn repair_copied(&self) -> Result<()> {
+        if !self.is_writable_image() {
+            return Err(self.read_only_error("repair"));
+        }
+        let _io = self.io.write();
+        let mut meta = self.meta.lock();
+        self.writeback(&mut meta)?;
+        self.refresh_copied(&mut meta)?;
+        self.writeback(&mut meta)?;
+        self.file().flush()
     }
 
     /// Writes a new snapshot table holding `entries` and points the header at it; the old

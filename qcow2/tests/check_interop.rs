@@ -288,3 +288,23 @@ fn dirty_lazy_refcount_image_is_rebuilt_on_read_write_open() {
     expect[1 << 20..(1 << 20) + 65536].fill(2);
     assert_same(&qemu_contents(&img, &s), &expect, "data kept");
 }
+
+#[test]
+fn repair_fixes_copied_flags() {
+    let s = Scratch::new("copied");
+    let img = make(&s, "");
+    let contents = qemu_contents(&img, &s);
+    // Clear COPIED on the first L2 entry (refcount 1): a corruption for qemu-img check.
+    let l1 = be64_at(&img, 40);
+    let l2 = be64_at(&img, l1) & 0x00ff_ffff_ffff_fe00;
+    let entry = be64_at(&img, l2);
+    assert!(entry & (1 << 63) != 0);
+    poke(&img, l2, &(entry & !(1 << 63)).to_be_bytes());
+    let r = assert_agrees(&img);
+    assert_eq!(r.corruptions, 1);
+    let r = repair(&img, RepairMode::All);
+    assert_eq!((r.corruptions, r.corruptions_fixed), (0, 1), "{r:?}");
+    let r = assert_agrees(&img);
+    assert_eq!((r.leaks, r.corruptions), (0, 0));
+    assert_eq!(qemu_contents(&img, &s), contents);
+}
