@@ -158,7 +158,15 @@ impl Qcow2Image {
             DataFile::External(f) => f.len()?,
             _ => file_len,
         };
-        let tables = (L2_CACHE_BYTES >> header.cluster_bits).clamp(2, L2_CACHE_TABLES);
+        let cache_bytes = match options
+            .driver_options
+            .get("l2-cache-size")
+            .or_else(|| options.driver_options.get("cache-size"))
+        {
+            Some(text) => vdisk_block::size::parse_size(text).map_err(|e| e.with_path(path))?,
+            None => L2_CACHE_BYTES,
+        };
+        let tables = (cache_bytes >> header.cluster_bits).clamp(2, L2_CACHE_TABLES);
         let (refs, overlap) = if options.writable {
             let refs = Refcounts::load(&file, &header).map_err(|e| e.with_path(path))?;
             let overlap = crate::overlap::Overlap::build(&file, &header, &l1, refs.table())

@@ -598,3 +598,52 @@ fn compressed_writes() {
         assert!(json.contains("compressed-clusters"), "{opts}: {json}");
     }
 }
+
+#[test]
+fn many_threads_with_a_tiny_l2_cache() {
+    // Two cached tables force evictions and write-backs in the middle of copy-on-write,
+    // with four threads at once, over a backing file and with extended L2 entries.
+    for opts in ["cluster_size=4k", "extended_l2=on,cluster_size=16k"] {
+        let s = Scratch::new("w-threads");
+        let base = s.path("base.qcow2");
+        let img = s.path("img.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            base.to_str().expect("u"),
+            "8M",
+        ]);
+        qemu_io(&base, &["write -P 0x3c 0 8m"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            img.to_str().expect("u"),
+            "8M",
+        ]);
+        let mut o = OpenOptions {
+            writable: true,
+            ..options()
+        };
+        o.driver_options.insert("l2-cache-size".into(), "8k".into());
+        ModelTest::new(8 << 20)
+            .threads(4)
+            .ops(300)
+            .initial_zero(false)
+            .reopen(true)
+            .run(|| Ok(Arc::new(Qcow2Image::open(&img, &o)?) as Arc<dyn BlockDev>))
+            .unwrap_or_else(|e| panic!("{opts}: {e}"));
+        qemu_check_clean(&img);
+        qemu_check_clean(&base);
+        assert_same(&read_all(&open(&img)), &qemu_contents(&img, &s), opts);
+    }
+}
