@@ -146,6 +146,21 @@ impl Qcow2Image {
         .at_offset(host))
     }
 
+    /// A partial write over a range that falls through must copy the backing file's data;
+    /// when the image has a backing file that was not opened, refuse rather than copy
+    /// zeroes over it.
+    fn need_backing_for_cow(&self, pos: u64) -> Result<()> {
+        if self.header.backing_file.is_some() && self.backing.is_none() {
+            return Err(Error::unsupported(
+                "write",
+                "a partial-cluster write here needs the backing file's data, but the backing file was not opened",
+            )
+            .with_path(self.path())
+            .at_offset(pos));
+        }
+        Ok(())
+    }
+
     fn refs_missing(&self) -> Error {
         Error::new(
             ErrorKind::ReadOnly,
@@ -301,6 +316,7 @@ impl Qcow2Image {
         } else {
             owned = vec![0u8; (span.1 - span.0) as usize];
             drop(meta);
+            self.need_backing_for_cow(pos)?;
             self.read_locked(&mut owned, start + span.0)?;
             meta = self.meta.lock();
             let at = (within - span.0) as usize;
@@ -384,6 +400,9 @@ impl Qcow2Image {
             let valid = (self.size() - start).min(cs) as usize;
             if !matches!(kind, Kind::ZeroPlain | Kind::ZeroAlloc { .. }) {
                 drop(meta);
+                if kind.falls_through() {
+                    self.need_backing_for_cow(pos)?;
+                }
                 self.read_locked(&mut b[..valid], start)?;
                 meta = self.meta.lock();
             }

@@ -647,3 +647,48 @@ fn many_threads_with_a_tiny_l2_cache() {
         assert_same(&read_all(&open(&img)), &qemu_contents(&img, &s), opts);
     }
 }
+
+#[test]
+fn partial_writes_without_the_backing_file_are_refused() {
+    let s = Scratch::new("w-nobacking");
+    let base = s.path("base.qcow2");
+    let top = s.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().expect("u"),
+        "1M",
+    ]);
+    qemu_io(&base, &["write -P 7 0 1m"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().expect("u"),
+        "1M",
+    ]);
+    let o = OpenOptions {
+        writable: true,
+        no_backing: true,
+        ..options()
+    };
+    let dev = Qcow2Image::open(&top, &o).expect("open without backing");
+    let err = dev
+        .write_at(&[1; 100], 10)
+        .expect_err("needs the backing data");
+    assert_eq!(err.kind(), vdisk_block::ErrorKind::Unsupported);
+    dev.write_at(&[2; 65536], 65536)
+        .expect("whole clusters need no copy");
+    drop(dev);
+    let mut expect = vec![7u8; 1 << 20];
+    expect[65536..131072].fill(2);
+    assert_same(&qemu_contents(&top, &s), &expect, "backing data kept");
+    qemu_check_clean(&top);
+}
