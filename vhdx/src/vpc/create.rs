@@ -16,7 +16,8 @@ use vdisk_block::{CacheMode, EngineChoice, Error, HostFile, Result};
 use crate::vhdx::create::random_guid;
 use crate::vpc::dynamic::HEADER_SIZE;
 use crate::vpc::footer::{
-    checksum, FOOTER_SIZE, MAX_GEOMETRY_SECTORS, MAX_SECTORS, TYPE_DYNAMIC, TYPE_FIXED,
+    checksum, Footer, FOOTER_SIZE, MAX_GEOMETRY_SECTORS, MAX_SECTORS, TYPE_DIFFERENCING,
+    TYPE_DYNAMIC, TYPE_FIXED,
 };
 
 /// Block size of dynamic images qemu writes (the VHD default).
@@ -53,8 +54,17 @@ pub fn geometry(sectors: u64) -> Geometry {
     ((cth / heads) as u16, heads as u8, spt as u8)
 }
 
+/// The parent of a differencing image being created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VpcParent {
+    /// The parent as the user named it (relative names are relative to the child's folder).
+    pub name: String,
+    /// The parent's footer: the child takes its size, geometry, creator and identity.
+    pub footer: Footer,
+}
+
 /// What to create.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VpcParams {
     /// Requested size in bytes.
     pub size: u64,
@@ -62,6 +72,8 @@ pub struct VpcParams {
     pub fixed: bool,
     /// Keep the size exactly (`None`: qemu's rule, except the Azure rule for fixed images).
     pub force_size: Option<bool>,
+    /// Make a differencing image of this parent.
+    pub parent: Option<VpcParent>,
 }
 
 /// Cylinders, heads and sectors per track.
@@ -141,7 +153,18 @@ pub fn encode_footer(
 
 /// Creates the image at `path`.
 pub fn create(path: &Path, p: &VpcParams) -> Result<()> {
-    let (size, geo, creator) = plan(p)?;
+    let (size, geo, creator) = match &p.parent {
+        // The child reads with its parent's size rule, so it takes the parent's fields.
+        Some(parent) => {
+            let f = &parent.footer;
+            (
+                f.current_size,
+                (f.cylinders, f.heads, f.sectors_per_track),
+                f.creator_app,
+            )
+        }
+        None => plan(p)?,
+    };
     let id = random_guid()?.0;
     let file = HostFile::create(path, CacheMode::Writeback, EngineChoice::Sync)?;
     if p.fixed {
@@ -152,7 +175,12 @@ pub fn create(path: &Path, p: &VpcParams) -> Result<()> {
         )?;
         return file.flush();
     }
-    let footer = encode_footer(size, geo, creator, TYPE_DYNAMIC, FOOTER_SIZE as u64, id);
+    let disk_type = if p.parent.is_some() {
+        TYPE_DIFFERENCING
+    } else {
+        TYPE_DYNAMIC
+    };
+    let footer = encode_footer(size, geo, creator, disk_type, FOOTER_SIZE as u64, id);
     let entries = size.div_ceil(BLOCK_SIZE as u64);
     let table_offset = (FOOTER_SIZE + HEADER_SIZE) as u64;
     let mut header = vec![0u8; HEADER_SIZE];
@@ -162,13 +190,45 @@ pub fn create(path: &Path, p: &VpcParams) -> Result<()> {
     header[24..28].copy_from_slice(&0x0001_0000u32.to_be_bytes());
     header[28..32].copy_from_slice(&(entries as u32).to_be_bytes());
     header[32..36].copy_from_slice(&BLOCK_SIZE.to_be_bytes());
+    let bat = vec![0xffu8; (entries as usize * 4).next_multiple_of(512)];
+    let mut end = table_offset + bat.len() as u64;
+    let mut locator = Vec::new();
+    if let Some(parent) = &p.parent {
+        header[40..56].copy_from_slice(&parent.footer.unique_id.0);
+        header[56..60].copy_from_slice(&parent.footer.timestamp.to_be_bytes());
+        let name = Path::new(&parent.name)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for (i, unit) in name.encode_utf16().take(256).enumerate() {
+            header[64 + i * 2..66 + i * 2].copy_from_slice(&unit.to_be_bytes());
+        }
+        // One W2ru locator: the parent's path relative to the child, Windows style.
+        let windows = parent.name.replace('/', "\\");
+        let relative = if windows.starts_with(".\\") || windows.starts_with("..\\") {
+            windows
+        } else {
+            format!(".\\{windows}")
+        };
+        locator = relative
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect::<Vec<u8>>();
+        let space = locator.len().next_multiple_of(512) as u64;
+        header[576..580].copy_from_slice(b"W2ru");
+        header[580..584].copy_from_slice(&((space / 512) as u32).to_be_bytes());
+        header[584..588].copy_from_slice(&(locator.len() as u32).to_be_bytes());
+        header[592..600].copy_from_slice(&end.to_be_bytes());
+        locator.resize(space as usize, 0);
+        end += space;
+    }
     let sum = checksum(&header, 36);
     header[36..40].copy_from_slice(&sum.to_be_bytes());
-    let bat = vec![0xffu8; (entries as usize * 4).next_multiple_of(512)];
     file.write_at(&footer, 0)?;
     file.write_at(&header, FOOTER_SIZE as u64)?;
     file.write_at(&bat, table_offset)?;
-    file.write_at(&footer, table_offset + bat.len() as u64)?;
+    file.write_at(&locator, table_offset + bat.len() as u64)?;
+    file.write_at(&footer, end)?;
     file.flush()
 }
 
@@ -185,6 +245,7 @@ mod tests {
             size: 10 << 20,
             fixed: false,
             force_size: None,
+            parent: None,
         })
         .expect("plan");
         assert_eq!(creator, *b"qemu");
@@ -198,11 +259,12 @@ mod tests {
             size: 30 << 20,
             fixed: true,
             force_size: None,
+            parent: None,
         };
         assert_eq!(plan(&p).expect("plan").0, 30 << 20);
         let chs = VpcParams {
             force_size: Some(false),
-            ..p
+            ..p.clone()
         };
         assert_ne!(plan(&chs).expect("plan").0, 30 << 20);
     }

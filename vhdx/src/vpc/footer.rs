@@ -47,6 +47,8 @@ pub struct Footer {
     pub disk_type: u32,
     /// Identity of the image (a child's dynamic header names its parent's).
     pub unique_id: Guid,
+    /// Seconds since 2000-01-01 UTC when the image was created (children record it).
+    pub timestamp: u32,
 }
 
 impl Footer {
@@ -74,6 +76,7 @@ impl Footer {
             sectors_per_track: buf[59],
             disk_type: be32(buf, 60),
             unique_id: Guid::from_slice(&buf[68..84]),
+            timestamp: be32(buf, 24),
         })
     }
 
@@ -142,6 +145,7 @@ mod tests {
             sectors_per_track: 17,
             disk_type: TYPE_FIXED,
             unique_id: Guid::ZERO,
+            timestamp: 0,
         };
         assert_eq!(f.virtual_size(None), Ok(304 * 4 * 17 * 512));
         assert_eq!(f.virtual_size(Some(false)), Ok(10 << 20));

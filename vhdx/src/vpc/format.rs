@@ -3,9 +3,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use vdisk_block::{BlockDev, CreateOptions, Error, Format, OpenOptions, Result};
+use vdisk_block::{
+    BlockDev, CacheMode, CreateOptions, EngineChoice, Error, Format, HostFile, OpenOptions, Result,
+};
 
-use crate::vpc::create::{self, VpcParams};
+use crate::vpc::create::{self, VpcParams, VpcParent};
 use crate::vpc::footer::Footer;
 use crate::vpc::image::VpcImage;
 
@@ -44,6 +46,45 @@ impl Format for VpcFormat {
             }
         };
         let force_size = options.take_bool("force_size")?;
+        let backing_fmt = options.take("backing_fmt");
+        let parent = match options.take("backing_file") {
+            None => None,
+            Some(name) => {
+                if backing_fmt.as_deref().is_some_and(|f| f != "vpc") {
+                    return Err(Error::invalid(
+                        "create",
+                        "a VHD can only have a VHD parent (backing_fmt=vpc)",
+                    ));
+                }
+                if fixed {
+                    return Err(Error::invalid(
+                        "create",
+                        "a differencing VHD cannot be fixed",
+                    ));
+                }
+                let file = crate::vhdx::create::parent_path(path, &name);
+                let host = HostFile::open(&file, false, CacheMode::Writeback, EngineChoice::Sync)?;
+                let footer = crate::vpc::image::read_footer(&host, &file)?;
+                let parent_size = VpcImage::open(
+                    &file,
+                    &OpenOptions {
+                        no_backing: true,
+                        ..OpenOptions::read_only()
+                    },
+                )?
+                .size();
+                if options.size != 0 && options.size != parent_size {
+                    return Err(Error::invalid(
+                        "create",
+                        format!(
+                            "a differencing VHD has its parent's size ({parent_size} bytes), not {}",
+                            options.size
+                        ),
+                    ));
+                }
+                Some(VpcParent { name, footer })
+            }
+        };
         options.reject_leftovers("vpc")?;
         create::create(
             path,
@@ -51,6 +92,7 @@ impl Format for VpcFormat {
                 size: options.size,
                 fixed,
                 force_size,
+                parent,
             },
         )
     }
@@ -62,6 +104,8 @@ impl Format for VpcFormat {
                 "subformat",
                 "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed}",
             ),
+            ("backing_file", "Parent image of a differencing VHD"),
+            ("backing_fmt", "Format of the parent (vpc only)"),
             (
                 "force_size",
                 "Keep the exact size instead of rounding to a CHS geometry (default: on for fixed images of whole MiB, so Azure accepts them; off otherwise)",

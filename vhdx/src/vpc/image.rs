@@ -5,8 +5,7 @@
 //! differencing images, which qemu does not support: a sector whose bitmap bit (most
 //! significant bit first) is clear, or whose block is unallocated, comes from the parent.
 //!
-//! Fixed and dynamic images are writable (see [`crate::vpc::write`]); a writable open of a
-//! differencing image is refused for now.
+//! Every kind is writable (see [`crate::vpc::write`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -35,18 +34,19 @@ pub struct VpcImage {
     footer: Footer,
     pub(crate) size: u64,
     pub(crate) dynamic: Option<Dynamic>,
-    parent: Option<Arc<dyn BlockDev>>,
+    pub(crate) parent: Option<Arc<dyn BlockDev>>,
     parent_path: Option<String>,
     pub(crate) writable: bool,
-    /// Serialises block allocation (the footer moves with every new block).
-    pub(crate) alloc: Mutex<()>,
+    /// Serialises block allocation (the footer moves with every new block); holds the
+    /// blocks of a differencing image already completed from the parent.
+    pub(crate) alloc: Mutex<std::collections::HashSet<u64>>,
 }
 
 pub(crate) struct Dynamic {
     pub(crate) header: DynamicHeader,
     /// Readers copy an entry out and drop the lock before any I/O.
     pub(crate) bat: RwLock<Vec<u32>>,
-    differencing: bool,
+    pub(crate) differencing: bool,
 }
 
 impl std::fmt::Debug for VpcImage {
@@ -72,7 +72,7 @@ fn corrupt(path: &Path, why: impl Into<String>) -> Error {
 
 /// Reads the footer the way qemu does: the copy at offset 0 when there is one, else the
 /// last 512 bytes.
-fn read_footer(file: &HostFile, path: &Path) -> Result<Footer> {
+pub(crate) fn read_footer(file: &HostFile, path: &Path) -> Result<Footer> {
     let len = file.len()?;
     if len < FOOTER_SIZE as u64 {
         return Err(corrupt(path, "the file is too short for a VHD footer"));
@@ -123,7 +123,7 @@ impl VpcImage {
             parent: None,
             parent_path: None,
             writable: options.writable,
-            alloc: Mutex::new(()),
+            alloc: Mutex::new(Default::default()),
         };
         match footer.disk_type {
             TYPE_FIXED => {
@@ -137,13 +137,6 @@ impl VpcImage {
             TYPE_DYNAMIC | TYPE_DIFFERENCING => {
                 image.dynamic = Some(image.read_dynamic(file_len)?);
                 if footer.disk_type == TYPE_DIFFERENCING {
-                    if options.writable {
-                        return Err(Error::unsupported(
-                            "open",
-                            "writing differencing VHD images is not implemented yet",
-                        )
-                        .with_path(path));
-                    }
                     image.open_parent(options)?;
                 }
             }

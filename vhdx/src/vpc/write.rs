@@ -6,6 +6,10 @@
 //! are written and flushed before the BAT entry that points at the block (VHD has no log:
 //! a crash before the BAT update only leaks the block, and the footer copy at offset 0
 //! keeps the image readable even while the end footer is being moved).
+//!
+//! A differencing image copies the parent's bytes into a block before its first write
+//! changes it (all of a new block; the missing sectors of a block Windows left partial),
+//! then sets its bitmap to all ones, so the bitmap is only ever written whole and once.
 
 use vdisk_block::{check_range, Result};
 
@@ -29,17 +33,25 @@ impl VpcImage {
             .unwrap_or(UNALLOCATED)
     }
 
-    /// The host offset of `block`'s data, allocating the block when needed.
+    /// The host offset of `block`'s data, allocating the block when needed. In a
+    /// differencing image the block is first made complete: every sector the parent
+    /// supplied is copied in and the bitmap set to all ones, so later writes of any size
+    /// need no bitmap updates.
     fn block_for_write(&self, d: &Dynamic, block: u64) -> Result<u64> {
         let bitmap = d.header.bitmap_size();
         let entry = Self::entry(d, block);
-        if entry != UNALLOCATED {
+        if entry != UNALLOCATED && !d.differencing {
             return Ok(entry as u64 * 512 + bitmap);
         }
-        let _guard = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        let mut complete = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
         let entry = Self::entry(d, block);
         if entry != UNALLOCATED {
-            return Ok(entry as u64 * 512 + bitmap);
+            let base = entry as u64 * 512;
+            if d.differencing && !complete.contains(&block) {
+                self.complete_from_parent(d, block, base)?;
+                complete.insert(block);
+            }
+            return Ok(base + bitmap);
         }
         let bs = d.header.block_size as u64;
         let base = self
@@ -55,6 +67,10 @@ impl VpcImage {
         self.file.read_at(&mut footer, 0)?;
         self.file.write_at(&vec![0xffu8; bitmap as usize], base)?;
         self.file.set_len(base + bitmap + bs)?;
+        if d.differencing {
+            self.copy_parent(block, base + bitmap, None)?;
+            complete.insert(block);
+        }
         self.file.write_at(&footer, base + bitmap + bs)?;
         self.file.flush()?;
         self.file
@@ -65,6 +81,61 @@ impl VpcImage {
             *slot = sector;
         }
         Ok(base + bitmap)
+    }
+
+    /// Copies the parent's bytes of `block` to `data` (the block's data area), only for the
+    /// sectors whose bit in `bitmap` is clear when a bitmap is given.
+    fn copy_parent(&self, block: u64, data: u64, bitmap: Option<&[u8]>) -> Result<()> {
+        let Some(dynamic) = &self.dynamic else {
+            return Ok(());
+        };
+        let bs = dynamic.header.block_size as u64;
+        let start = block * bs;
+        let len = bs.min(self.size.saturating_sub(start));
+        let sectors = len.div_ceil(512);
+        let needed = |s: u64| bitmap.is_none_or(|b| b[(s / 8) as usize] & (0x80 >> (s % 8)) == 0);
+        let mut buf = Vec::new();
+        let mut s = 0;
+        while s < sectors {
+            if !needed(s) {
+                s += 1;
+                continue;
+            }
+            // A run of sectors to copy, at most 1 MiB at a time.
+            let first = s;
+            while s < sectors && needed(s) && s - first < 2048 {
+                s += 1;
+            }
+            let at = first * 512;
+            let n = (s * 512).min(len) - at;
+            buf.resize(n as usize, 0);
+            match &self.parent {
+                Some(p) => {
+                    let inside = p.size().saturating_sub(start + at).min(n) as usize;
+                    p.read_at(&mut buf[..inside], start + at)?;
+                    buf[inside..].fill(0);
+                }
+                None => buf.fill(0),
+            }
+            self.file.write_at(&buf, data + at)?;
+        }
+        Ok(())
+    }
+
+    /// Fills the sectors of an allocated differencing block that still fall through to the
+    /// parent, then marks every sector present (data flushed before the bitmap).
+    fn complete_from_parent(&self, d: &Dynamic, block: u64, base: u64) -> Result<()> {
+        let bitmap_len = d.header.bitmap_size();
+        let mut bitmap = vec![0u8; bitmap_len as usize];
+        self.file.read_at(&mut bitmap, base)?;
+        if bitmap.iter().all(|&b| b == 0xff) {
+            return Ok(());
+        }
+        self.copy_parent(block, base + bitmap_len, Some(&bitmap))?;
+        self.file.flush()?;
+        self.file
+            .write_at(&vec![0xffu8; bitmap_len as usize], base)?;
+        self.file.flush()
     }
 
     pub(crate) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -103,6 +174,13 @@ impl VpcImage {
         while pos < offset + len {
             let in_block = pos % bs;
             let n = (bs - in_block).min(offset + len - pos);
+            if d.differencing {
+                // Zeroes must hide the parent: the block is allocated and completed first.
+                let host = self.block_for_write(d, pos / bs)?;
+                self.file.write_zero_bytes(host + in_block, n)?;
+                pos += n;
+                continue;
+            }
             let entry = Self::entry(d, pos / bs);
             if entry != UNALLOCATED {
                 let host = entry as u64 * 512 + d.header.bitmap_size();
