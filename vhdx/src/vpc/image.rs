@@ -36,6 +36,8 @@ pub struct VpcImage {
     pub(crate) dynamic: Option<Dynamic>,
     pub(crate) parent: Option<Arc<dyn BlockDev>>,
     parent_path: Option<String>,
+    /// Where the parent was found (or would be looked for first).
+    parent_file: Option<PathBuf>,
     pub(crate) writable: bool,
     /// Serialises block allocation (the footer moves with every new block); holds the
     /// blocks of a differencing image already completed from the parent.
@@ -122,6 +124,7 @@ impl VpcImage {
             dynamic: None,
             parent: None,
             parent_path: None,
+            parent_file: None,
             writable: options.writable,
             alloc: Mutex::new(Default::default()),
         };
@@ -257,9 +260,6 @@ impl VpcImage {
     fn open_parent(&mut self, options: &OpenOptions) -> Result<()> {
         let locators = self.parent_locators()?;
         self.parent_path = locators.first().map(|(_, p)| p.clone());
-        if options.no_backing {
-            return Ok(());
-        }
         let dir = self
             .path
             .parent()
@@ -280,6 +280,14 @@ impl VpcImage {
             }
         }
         candidates.dedup();
+        self.parent_file = candidates
+            .iter()
+            .find(|p| p.is_file())
+            .or(candidates.first())
+            .cloned();
+        if options.no_backing {
+            return Ok(());
+        }
         let Some(found) = candidates.iter().find(|p| p.is_file()).cloned() else {
             let stored = locators
                 .iter()
@@ -535,6 +543,7 @@ impl BlockDev for VpcImage {
             file_length: Some(self.file.len()?),
             cluster_size: self.block_size().map(u64::from),
             backing_filename: self.parent_path.clone(),
+            full_backing_filename: self.parent_file.clone(),
             ..ImageInfo::default()
         })
     }
