@@ -291,14 +291,17 @@ impl SparseExtent {
         let Some(at) = self.table_offset(gd_index, entry)? else {
             return Ok(None);
         };
-        if let Some(gt) = self.gt_cache.lock().get(&at) {
+        // The lock is held across the load: a writer updates a cached table after writing
+        // the entry to the file, under this lock, so a table read from the file can never
+        // land in the cache after (and without) a concurrent writer's change.
+        let mut cache = self.gt_cache.lock();
+        if let Some(gt) = cache.get(&at) {
             return Ok(Some(Arc::clone(gt)));
         }
         let width = self.layout.entry_bytes();
         let mut raw = vec![0u8; (u64::from(self.header.gtes_per_gt) * width) as usize];
         self.file.read_at(&mut raw, at)?;
         let gt = Arc::new(decode_entries(&raw, width));
-        let mut cache = self.gt_cache.lock();
         if cache.len() >= GT_CACHE_ENTRIES {
             cache.clear();
         }
