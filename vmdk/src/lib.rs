@@ -12,10 +12,14 @@
 //! [`VmdkImage`] that serves reads from many threads (grain tables cached behind a lock,
 //! data read without one).
 //!
-//! Creating and writing: [`create`] (monolithic and split, sparse and flat) and [`stream`]
-//! (streamOptimized in VMware's layout, append-only).
+//! Creating and writing: [`create`] (monolithic and split, sparse and flat, qemu-img's
+//! options and byte layout) and [`stream`] (streamOptimized in VMware's layout, append-only).
+//! Appliances: [`ova`] reads the disks of an `.ova` in place and those beside an `.ovf`.
+//! [`check`] finds grain pointers outside their files; [`details`] gives what `qemu-img
+//! info` prints under `format-specific`; [`fuzzing`] holds entry points for fuzz targets.
 //!
-//! Not yet here (issue 5): `check`, resize, OVA/OVF input, the vdisk CLI wiring.
+//! Not here yet (issue 5): resize (qemu-img cannot resize VMDK either), writing vmfsSparse /
+//! seSparse deltas, gzip-compressed OVF file references.
 #![forbid(unsafe_code)]
 
 pub mod check;
