@@ -307,7 +307,7 @@ impl BlockDev for VmdkImage {
             return Err(self.read_only("resize"));
         }
         Err(
-            Error::unsupported("resize", "resizing VMDK images is not supported")
+            Error::unsupported("resize", "Image format driver does not support resize")
                 .with_path(&self.path),
         )
     }
