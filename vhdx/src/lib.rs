@@ -11,6 +11,7 @@
 
 mod bytes;
 pub mod crc32c;
+pub mod fuzzing;
 pub mod guid;
 pub mod overlay;
 pub mod vhdx;
