@@ -225,6 +225,9 @@ fn sparse_size_options_match_qemu_img() {
     mixed_image(&input, 16 * MIB, 11);
     both_agree(&dir, &input, &["-S", "64k"], "s64k");
     both_agree(&dir, &input, &["-S", "512"], "s512");
+    // Not a power of two, and larger than the 2 MiB copy chunk.
+    both_agree(&dir, &input, &["-S", "12k"], "s12k");
+    both_agree(&dir, &input, &["-S", "4M"], "s4m");
     both_agree(&dir, &input, &["-S", "0"], "s0");
     // -S 0: every block of the target is allocated.
     let full = dir.path("vdisk-s0.raw");

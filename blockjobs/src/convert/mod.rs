@@ -54,7 +54,8 @@ pub struct ConvertOptions {
     pub out_of_order: bool,
     /// The target already reads as zeroes everywhere, so zero ranges need no write.
     pub target_is_zero: bool,
-    /// Bytes per data chunk; rounded up to the zero-detection granularity.
+    /// Bytes per data chunk, rounded up to a power of two; also the largest zero run that
+    /// zero detection needs to see to make a hole.
     pub chunk_size: usize,
 }
 
@@ -166,11 +167,11 @@ pub fn convert(
     if options.min_sparse != 0 {
         ConvertOptions::check_min_sparse(options.min_sparse)?;
     }
-    let granularity = granularity(options.min_sparse, target.request_alignment());
-    let chunk_size = options
-        .chunk_size
-        .max(granularity)
-        .next_multiple_of(granularity);
+    // A chunk is the largest unit zero detection sees, as qemu-img's buffer is; -S above the
+    // chunk size does not grow it (that would allocate far more than qemu-img does).
+    let target_alignment = target.request_alignment().max(1) as usize;
+    let chunk_size = options.chunk_size.max(target_alignment).next_power_of_two();
+    let granularity = granularity(options.min_sparse, target_alignment as u64);
     let workers = options.parallel.clamp(1, MAX_PARALLEL);
     let job = Job {
         sources,
@@ -203,8 +204,8 @@ pub fn convert(
     })
 }
 
-/// The block size zero detection works in: the largest power of two not above `-S`, but
-/// never below what the target needs to avoid read-modify-write.
+/// The alignment zero detection keeps holes to, as qemu-img computes it: the largest power of
+/// two not above `-S`, but never below what the target needs to avoid read-modify-write.
 fn granularity(min_sparse: u64, target_alignment: u64) -> usize {
     let sparse = if min_sparse == 0 {
         512

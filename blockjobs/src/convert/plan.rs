@@ -2,8 +2,10 @@
 //!
 //! The map is read lazily, one `block_status` call per extent (never per chunk), under the
 //! planner's lock, so workers see it streamed just ahead of where they copy. Data extents are
-//! cut at multiples of the chunk size in target space (aligned requests for `O_DIRECT`);
-//! zero extents are handed out whole, up to [`MAX_ZERO_CHUNK`], since they cost no buffer.
+//! cut into chunks of the chunk size counted from the extent's start, as qemu-img cuts them
+//! (zero detection looks at one chunk at a time, so the cuts decide where large `-S` values
+//! find holes); zero extents are handed out whole, up to [`MAX_ZERO_CHUNK`], since they cost
+//! no buffer.
 //!
 //! Each source counts as its size rounded up to whole 512-byte sectors, the bytes past its
 //! end reading as zeroes: qemu-img sees a raw file of 1000 bytes as a 1024-byte disk, so
@@ -105,9 +107,7 @@ impl<'a> Planner<'a> {
             let dst_offset = self.dst_base + self.offset;
             let mut len = ext_end - self.offset;
             match kind {
-                ChunkKind::Data => {
-                    len = len.min(self.chunk_size - dst_offset % self.chunk_size);
-                }
+                ChunkKind::Data => len = len.min(self.chunk_size),
                 ChunkKind::Zero => len = len.min(MAX_ZERO_CHUNK),
             }
             let chunk = Chunk {

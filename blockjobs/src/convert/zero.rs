@@ -1,11 +1,14 @@
 //! Finding zero runs in data read from the source, so they become holes in the target.
 //!
-//! The buffer is cut into blocks whose edges sit at absolute multiples of the granularity
-//! (so a hole never splits a target block and forces a read-modify-write). A run of zero
-//! blocks becomes a hole when it is at least `min_sparse` bytes long, or when it starts the
-//! buffer (qemu-img does the same: a leading zero run is never written, whatever its length).
-//! Shorter zero runs inside data are written with the data around them, which keeps writes
-//! large.
+//! The rules are qemu-img's (`is_allocated_sectors` / `is_allocated_sectors_min` in its
+//! convert), so a target gets the same holes, and the same allocated size, as qemu-img makes:
+//! - the buffer is looked at in 512-byte sectors;
+//! - where data and zeroes meet off an `alignment` edge (a power of two: `-S` rounded down,
+//!   or the target's own alignment if larger), a data run is stretched to the next edge and a
+//!   zero run is cut back to the previous one, so no hole splits a target block; a zero run
+//!   too short to reach back to an edge counts as data;
+//! - once data has started, zero runs shorter than `min_sparse` stay inside the data, which
+//!   keeps writes large; a zero run that opens or ends the buffer is always a hole.
 
 /// True when every byte of `block` is zero.
 ///
@@ -34,102 +37,166 @@ pub struct Run {
     pub data: bool,
 }
 
-/// Cuts `buf`, which lives at absolute offset `base`, into alternating data and zero runs.
+/// qemu's sector: the unit zero detection looks at.
+const SECTOR: usize = 512;
+
+/// The sectors of one buffer and where they sit on the device.
+struct Sectors<'a> {
+    buf: &'a [u8],
+    /// Device sector number of the buffer's first sector.
+    first: u64,
+    /// Alignment in sectors (a power of two).
+    align: u64,
+}
+
+impl Sectors<'_> {
+    fn count(&self) -> usize {
+        self.buf.len().div_ceil(SECTOR)
+    }
+
+    /// The bytes of sector `i` (the last one may be short: the end of a source).
+    fn zero(&self, i: usize) -> bool {
+        let start = i * SECTOR;
+        is_zero(&self.buf[start..(start + SECTOR).min(self.buf.len())])
+    }
+
+    /// Classifies the run of sectors starting at `s` (of `n` left): returns whether it is
+    /// data and how many sectors it covers, after alignment.
+    fn run_at(&self, s: usize, n: usize) -> (bool, usize) {
+        if n == 0 {
+            return (false, 0);
+        }
+        let mut zero = self.zero(s);
+        let mut i = 1;
+        while i < n && self.zero(s + i) == zero {
+            i += 1;
+        }
+        if i == n {
+            return (!zero, n);
+        }
+        let tail = ((self.first + (s + i) as u64) & (self.align - 1)) as usize;
+        if tail != 0 {
+            if zero && i <= tail {
+                // The zero run does not reach back to an edge: data follows within this
+                // block, which must be written whole anyway.
+                zero = false;
+            }
+            if zero {
+                i -= tail;
+            } else {
+                i = (i + (self.align as usize - tail)).min(n);
+            }
+        }
+        (!zero, i)
+    }
+
+    /// Like [`Sectors::run_at`], but a data run swallows zero runs shorter than `min`
+    /// sectors that have data after them.
+    fn run_min_at(&self, s: usize, n: usize, min: usize) -> (bool, usize) {
+        let min = min.min(n);
+        let (data, first) = self.run_at(s, n);
+        if !data {
+            return (false, first);
+        }
+        let mut used = first;
+        let mut checked = first;
+        while checked < n {
+            let (more_data, len) = self.run_at(s + checked, n - checked);
+            checked += len;
+            if more_data {
+                used = checked;
+            } else if len >= min {
+                break;
+            }
+        }
+        (true, used)
+    }
+}
+
+/// Cuts `buf`, which lives at device offset `base` (a multiple of 512), into data and zero
+/// runs as qemu-img would, and hands them to `emit` in order with neighbours of the same
+/// kind merged.
 ///
-/// `granularity` is a power of two; `min_sparse` is the shortest zero run (in bytes) that is
-/// worth a hole, capped at the buffer length. `emit` sees the runs in order; the first error
-/// it returns stops the walk.
+/// `alignment` is a power of two (bytes, at least 512); `min_sparse` is `-S` in bytes (0
+/// means no zero detection: the whole buffer is one data run). The first error `emit`
+/// returns stops the walk.
 pub fn for_each_run<E>(
     buf: &[u8],
     base: u64,
-    granularity: usize,
+    alignment: usize,
     min_sparse: usize,
     mut emit: impl FnMut(Run) -> Result<(), E>,
 ) -> Result<(), E> {
-    let g = granularity.max(1) as u64;
-    let min = min_sparse.clamp(1, buf.len().max(1));
-    // The pending data run (start, end) and the zero run currently being measured.
-    let mut data: Option<(usize, usize)> = None;
-    let mut zero: Option<(usize, usize)> = None;
-    let mut pos = 0usize;
-    while pos < buf.len() {
-        let abs = base + pos as u64;
-        let to_edge = (g - abs % g) as usize;
-        let end = (pos + to_edge).min(buf.len());
-        if is_zero(&buf[pos..end]) {
-            zero = Some(match zero {
-                Some((s, _)) => (s, end),
-                None => (pos, end),
-            });
-        } else {
-            if let Some((zs, ze)) = zero.take() {
-                // A short zero run inside data is written with it; a long one (or one that
-                // opens the buffer) is a hole.
-                let hole = ze - zs >= min || data.is_none();
-                if hole {
-                    if let Some((ds, de)) = data.take() {
-                        emit(Run {
-                            start: ds,
-                            len: de - ds,
-                            data: true,
-                        })?;
-                    }
-                    emit(Run {
-                        start: zs,
-                        len: ze - zs,
-                        data: false,
-                    })?;
-                } else if let Some(d) = data.as_mut() {
-                    d.1 = ze;
-                }
-            }
-            data = Some(match data {
-                Some((s, _)) => (s, end),
-                None => (pos, end),
-            });
-        }
-        pos = end;
+    if buf.is_empty() {
+        return Ok(());
     }
-    // A zero run that ends the buffer becomes a hole only when long enough (or when the
-    // whole buffer is zero); otherwise it stays with the data before it.
-    match (data, zero) {
-        (Some((ds, _)), Some((zs, ze))) if ze - zs < min => emit(Run {
-            start: ds,
-            len: ze - ds,
+    if min_sparse == 0 {
+        return emit(Run {
+            start: 0,
+            len: buf.len(),
             data: true,
-        })?,
-        (d, z) => {
-            if let Some((ds, de)) = d {
-                emit(Run {
-                    start: ds,
-                    len: de - ds,
-                    data: true,
-                })?;
-            }
-            if let Some((zs, ze)) = z {
-                emit(Run {
-                    start: zs,
-                    len: ze - zs,
-                    data: false,
-                })?;
+        });
+    }
+    let sectors = Sectors {
+        buf,
+        first: base / SECTOR as u64,
+        align: (alignment / SECTOR).max(1).next_power_of_two() as u64,
+    };
+    let min = (min_sparse / SECTOR).max(1);
+    let total = sectors.count();
+    let mut pending: Option<Run> = None;
+    let mut s = 0;
+    while s < total {
+        let (data, len) = sectors.run_min_at(s, total - s, min);
+        let start = s * SECTOR;
+        let end = ((s + len) * SECTOR).min(buf.len());
+        s += len;
+        match pending.as_mut() {
+            Some(run) if run.data == data => run.len = end - run.start,
+            _ => {
+                if let Some(run) = pending.take() {
+                    emit(run)?;
+                }
+                pending = Some(Run {
+                    start,
+                    len: end - start,
+                    data,
+                });
             }
         }
     }
-    Ok(())
+    match pending {
+        Some(run) => emit(run),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn runs(buf: &[u8], base: u64, g: usize, min: usize) -> Vec<(usize, usize, bool)> {
+    fn runs(buf: &[u8], base: u64, align: usize, min: usize) -> Vec<(usize, usize, bool)> {
         let mut out = Vec::new();
-        for_each_run::<()>(buf, base, g, min, |r| {
+        for_each_run::<()>(buf, base, align, min, |r| {
             out.push((r.start, r.len, r.data));
             Ok(())
         })
         .expect("no error");
         out
+    }
+
+    /// Every run is covered once, in order, and every zero run really is zero.
+    fn check_cover(buf: &[u8], r: &[(usize, usize, bool)]) {
+        let mut at = 0;
+        for &(start, len, data) in r {
+            assert_eq!(start, at);
+            assert!(len > 0);
+            if !data {
+                assert!(is_zero(&buf[start..start + len]));
+            }
+            at += len;
+        }
+        assert_eq!(at, buf.len());
     }
 
     #[test]
@@ -145,18 +212,20 @@ mod tests {
     }
 
     #[test]
-    fn runs_cover_the_buffer_and_alternate() {
+    fn aligned_zero_blocks_become_holes() {
         let mut b = vec![0u8; 16 * 4096];
-        // data, 1 zero block, data, 3 zero blocks, data, zero tail
         for blk in [1usize, 3, 7, 8, 12] {
             b[blk * 4096 + 7] = 9;
         }
-        let r = runs(&b, 0, 4096, 8192);
+        let r = runs(&b, 0, 4096, 4096);
+        check_cover(&b, &r);
         assert_eq!(
             r,
             vec![
                 (0, 4096, false),
-                (4096, 3 * 4096, true),
+                (4096, 4096, true),
+                (2 * 4096, 4096, false),
+                (3 * 4096, 4096, true),
                 (4 * 4096, 3 * 4096, false),
                 (7 * 4096, 2 * 4096, true),
                 (9 * 4096, 3 * 4096, false),
@@ -164,27 +233,67 @@ mod tests {
                 (13 * 4096, 3 * 4096, false),
             ]
         );
-        let total: usize = r.iter().map(|x| x.1).sum();
-        assert_eq!(total, b.len());
+        // With -S 8k holes keep to 8 KiB edges: the leading zero block shares an 8 KiB
+        // block with data, so it is written, and the lone zero block between data too.
+        let r = runs(&b, 0, 8192, 8192);
+        check_cover(&b, &r);
+        assert_eq!(r[0], (0, 4 * 4096, true), "{r:?}");
     }
 
     #[test]
-    fn blocks_follow_absolute_alignment() {
+    fn partial_blocks_are_written_whole() {
+        // Data in the second half of the first 4 KiB block and the first half of the second.
         let mut b = vec![0u8; 3 * 4096];
-        b[100] = 1;
-        // Buffer starts 1024 bytes before a 4 KiB edge: the first block is 1024 bytes.
+        b[3000] = 1;
+        b[4100] = 1;
+        let r = runs(&b, 0, 4096, 4096);
+        check_cover(&b, &r);
+        assert_eq!(r, vec![(0, 2 * 4096, true), (2 * 4096, 4096, false)]);
+        // The same bytes starting 1024 bytes before a 4 KiB edge: edges are absolute, so the
+        // zeroes up to that edge are a hole of their own.
         let r = runs(&b, 3072, 4096, 4096);
-        assert_eq!(r, vec![(0, 1024, true), (1024, 3 * 4096 - 1024, false)]);
+        check_cover(&b, &r);
+        assert_eq!(r[0], (0, 1024, false), "{r:?}");
     }
 
     #[test]
-    fn short_trailing_zero_run_stays_with_data() {
-        let mut b = vec![0u8; 2 * 4096];
+    fn short_and_unaligned_tails() {
+        let mut b = vec![0u8; 4096 + 700];
         b[0] = 1;
-        assert_eq!(runs(&b, 0, 4096, 8192), vec![(0, 8192, true)]);
-        assert_eq!(
-            runs(&b, 0, 4096, 4096),
-            vec![(0, 4096, true), (4096, 4096, false)]
-        );
+        let r = runs(&b, 0, 4096, 4096);
+        check_cover(&b, &r);
+        assert_eq!(r, vec![(0, 4096, true), (4096, 700, false)]);
+        b[4096 + 699] = 1;
+        let r = runs(&b, 0, 4096, 4096);
+        check_cover(&b, &r);
+        assert_eq!(r, vec![(0, 4096 + 700, true)]);
+    }
+
+    #[test]
+    fn no_detection_with_s0() {
+        let b = vec![0u8; 8192];
+        assert_eq!(runs(&b, 0, 512, 0), vec![(0, 8192, true)]);
+    }
+
+    #[test]
+    fn pseudo_random_buffers_are_covered_exactly() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..200 {
+            let len = 512 + (round * 977) % 40000;
+            let mut b = vec![0u8; len];
+            for byte in b.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Mostly zero, with sparse data, in long stretches.
+                if (x >> 40) % 4096 < 3 {
+                    *byte = 1;
+                }
+            }
+            for (align, min) in [(512, 512), (4096, 4096), (65536, 65536), (4096, 12288)] {
+                let r = runs(&b, ((round % 7) * 512) as u64, align, min);
+                check_cover(&b, &r);
+            }
+        }
     }
 }
