@@ -222,6 +222,11 @@ fn parse_entry(log: &[u8], index: usize, guid: Guid) -> Option<Entry> {
         return None;
     }
     let desc_sectors = (64 + count * 32).div_ceil(SECTOR);
+    // qemu's rule (count * 32 <= length) still lets the descriptors run past the entry by
+    // the 64-byte header: the descriptor sectors themselves must fit.
+    if desc_sectors * SECTOR > length as usize {
+        return None;
+    }
     let entry = circular(log, index, length as usize);
     if le32(&entry, 4) != crc32c_skipping(&entry, 4) {
         return None;
@@ -421,6 +426,16 @@ mod tests {
         assert!(
             parse_entry(&log, 0, G).is_none(),
             "descriptors past the entry"
+        );
+        // 128 descriptors are exactly 4096 bytes, but with the header they need two sectors.
+        let mut e = encode_entry(G, 1, 0, 0, 0, &[]);
+        put_le32(&mut e, 24, 128);
+        let crc = crc32c_skipping(&e, 4);
+        put_le32(&mut e, 4, crc);
+        place(&mut log, 0, &e);
+        assert!(
+            parse_entry(&log, 0, G).is_none(),
+            "descriptors overrun the header"
         );
         let e = encode_entry(G, 0, 0, 0, 0, &[]);
         place(&mut log, 0, &e);
