@@ -421,6 +421,9 @@ impl SparseExtent {
                 }
                 self.file.read_at(buf, host)
             }
+            Grain::Compressed(at) if within == 0 && buf.len() as u64 == grain_bytes => {
+                self.inflate_whole(grain, at, buf)
+            }
             Grain::Compressed(at) => {
                 let data = self.inflated(grain, at)?;
                 let start = within as usize;
@@ -511,53 +514,97 @@ impl SparseExtent {
                 return Ok(Arc::clone(data));
             }
         }
-        let grain_bytes = self.grain_bytes();
-        // A deflate stream of incompressible data is a little larger than its input; qemu
-        // reads two grains' worth, which bounds the compressed size the same way.
-        let max_compressed = 2 * grain_bytes;
-        let (data_at, data_len) = if self.header.markers() {
-            let mut raw = [0u8; 12];
-            if at + 12 > self.file_len() {
-                return Err(corrupt(
+        let input = self.compressed_stream(grain, at)?;
+        let data = Arc::new(
+            inflate_grain(&input, self.grain_bytes() as usize).map_err(|why| {
+                corrupt(
                     &self.file,
-                    format!("the grain marker of grain {grain} at byte {at} is past the end of the file"),
-                ));
-            }
-            self.file.read_at(&mut raw, at)?;
-            let lba = u64::from_le_bytes([
-                raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
-            ]);
-            let size = u64::from(u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]));
-            if size == 0 || size > max_compressed || at + 12 + size > self.file_len() {
-                return Err(corrupt(
-                    &self.file,
-                    format!(
-                        "the grain marker of grain {grain} at byte {at} gives a compressed size of {size} bytes, which the file cannot hold"
-                    ),
-                ));
-            }
-            if lba != grain * self.header.grain_sectors {
-                return Err(corrupt(
-                    &self.file,
-                    format!(
-                        "the grain marker at byte {at} is for sector {lba}, but the grain table places it at grain {grain}"
-                    ),
-                ));
-            }
-            (at + 12, size)
-        } else {
-            (at, max_compressed.min(self.file_len() - at))
-        };
-        let mut input = vec![0u8; data_len as usize];
-        self.file.read_at(&mut input, data_at)?;
-        let data = Arc::new(inflate_grain(&input, grain_bytes as usize).map_err(|why| {
+                    format!("compressed grain {grain} at byte {at}: {why}"),
+                )
+            })?,
+        );
+        *self.last_grain.lock() = Some((at, Arc::clone(&data)));
+        Ok(data)
+    }
+
+    /// Inflates the whole grain at `at` straight into `out` (one grain long), skipping the
+    /// one-grain cache that partial reads need.
+    fn inflate_whole(&self, grain: u64, at: u64, out: &mut [u8]) -> Result<()> {
+        let input = self.compressed_stream(grain, at)?;
+        let produced = inflate_into(&input, out).map_err(|why| {
             corrupt(
                 &self.file,
                 format!("compressed grain {grain} at byte {at}: {why}"),
             )
-        })?);
-        *self.last_grain.lock() = Some((at, Arc::clone(&data)));
-        Ok(data)
+        })?;
+        if produced != out.len() {
+            return Err(corrupt(
+                &self.file,
+                format!(
+                    "compressed grain {grain} inflates to {produced} bytes, fewer than the {} needed",
+                    out.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The zlib stream of compressed grain `grain` at `at`: behind its marker when the extent
+    /// has markers (one read when it is small, as most are), else up to two grains' worth.
+    fn compressed_stream(&self, grain: u64, at: u64) -> Result<Vec<u8>> {
+        /// Bytes read with the marker: most compressed grains fit.
+        const FIRST_READ: u64 = 32 << 10;
+        let file_len = self.file_len();
+        // A deflate stream of incompressible data is a little larger than its input; qemu
+        // reads two grains' worth, which bounds the compressed size the same way.
+        let max_compressed = 2 * self.grain_bytes();
+        if !self.header.markers() {
+            let mut input = vec![0u8; max_compressed.min(file_len.saturating_sub(at)) as usize];
+            self.file.read_at(&mut input, at)?;
+            return Ok(input);
+        }
+        if at + 12 > file_len {
+            return Err(corrupt(
+                &self.file,
+                format!(
+                    "the grain marker of grain {grain} at byte {at} is past the end of the file"
+                ),
+            ));
+        }
+        let first = (file_len - at).min(FIRST_READ) as usize;
+        let mut buf = vec![0u8; first];
+        self.file.read_at(&mut buf, at)?;
+        let lba = u64::from_le_bytes([
+            buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7],
+        ]);
+        let size = u64::from(u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]));
+        if size == 0 || size > max_compressed || at + 12 + size > file_len {
+            return Err(corrupt(
+                &self.file,
+                format!(
+                    "the grain marker of grain {grain} at byte {at} gives a compressed size of {size} bytes, which the file cannot hold"
+                ),
+            ));
+        }
+        if lba != grain * self.header.grain_sectors {
+            return Err(corrupt(
+                &self.file,
+                format!(
+                    "the grain marker at byte {at} is for sector {lba}, but the grain table places it at grain {grain}"
+                ),
+            ));
+        }
+        let size = size as usize;
+        if 12 + size <= first {
+            buf.copy_within(12..12 + size, 0);
+            buf.truncate(size);
+        } else {
+            buf.copy_within(12.., 0);
+            let have = first - 12;
+            buf.resize(size, 0);
+            self.file.read_at(&mut buf[have..], at + first as u64)?;
+        }
+        Ok(buf)
     }
 
     /// The length of the extent's file (including what a writer allocated since open).
@@ -568,23 +615,40 @@ impl SparseExtent {
 
 /// Inflates one zlib stream that must end within `limit` bytes of output.
 pub fn inflate_grain(input: &[u8], limit: usize) -> std::result::Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(limit + 1);
+    let mut out = vec![0u8; limit];
+    let produced = inflate_into(input, &mut out)?;
+    out.truncate(produced);
+    Ok(out)
+}
+
+/// Inflates one zlib stream into `out`, which it must not overflow; returns the bytes made.
+pub fn inflate_into(input: &[u8], out: &mut [u8]) -> std::result::Result<usize, String> {
     let mut z = Decompress::new(true);
-    // One extra byte of room tells a stream that ends exactly at `limit` from one that would
-    // run past it.
-    out.resize(limit + 1, 0);
-    let status = z
-        .decompress(input, &mut out, FlushDecompress::Finish)
-        .map_err(|e| format!("the deflate stream is damaged ({e})"))?;
+    let damaged = |e: flate2::DecompressError| format!("the deflate stream is damaged ({e})");
+    // `None`, not `Finish`: a stream that does not fit is then reported as such rather than
+    // as an error, and the probe below can tell "ends here" from "goes on".
+    let mut status = z
+        .decompress(input, out, FlushDecompress::None)
+        .map_err(damaged)?;
     let produced = z.total_out() as usize;
-    if produced > limit {
-        return Err(format!("it inflates to more than a grain ({limit} bytes)"));
+    if status != Status::StreamEnd && produced == out.len() {
+        // The output is full: the stream must end here, with nothing more to give.
+        let used = z.total_in() as usize;
+        let mut probe = [0u8; 1];
+        status = z
+            .decompress(&input[used..], &mut probe, FlushDecompress::None)
+            .map_err(damaged)?;
+        if z.total_out() as usize > produced {
+            return Err(format!(
+                "it inflates to more than a grain ({} bytes)",
+                out.len()
+            ));
+        }
     }
     if status != Status::StreamEnd {
         return Err("the deflate stream is truncated".to_string());
     }
-    out.truncate(produced);
-    Ok(out)
+    Ok(produced)
 }
 
 /// Reads and checks the footer of a stream whose header says the grain directory is at the
@@ -636,9 +700,8 @@ mod tests {
         let data = vec![7u8; 4096];
         let z = zlib(&data);
         assert_eq!(inflate_grain(&z, 4096).expect("inflate"), data);
-        assert!(inflate_grain(&z, 4095)
-            .expect_err("too big")
-            .contains("more than a grain"));
+        let err = inflate_grain(&z, 4095).expect_err("too big");
+        assert!(err.contains("more than a grain"), "{err}");
         assert!(inflate_grain(&z[..z.len() / 2], 4096)
             .expect_err("cut")
             .contains("truncated"));
