@@ -1,12 +1,17 @@
 //! The VHDX and VHD format drivers of vdisk.
 //!
-//! - [`VhdxFormat`] / [`VhdxImage`]: Hyper-V's VHDX (fixed, dynamic, differencing), with the
-//!   log replayed in memory on open so read-only opens see the replayed image without
-//!   writing the file.
+//! - [`VhdxFormat`] / [`VhdxImage`]: Hyper-V's VHDX (fixed, dynamic, differencing chains):
+//!   open (the log replayed in memory, so read-only opens see the replayed image without
+//!   writing the file), create, write with write-ahead logging of every BAT and metadata
+//!   change, resize, check and repair.
 //! - [`VpcFormat`] / [`VpcImage`]: the legacy VHD (qemu's `vpc`), fixed, dynamic and
-//!   differencing, with qemu's rules for the disk size (CHS geometry or current size).
+//!   differencing, with qemu's rules for the disk size (CHS geometry or current size):
+//!   open, create, write.
 //!
-//! Both are read-only for now (issue 6 tracks create, writes with the log, resize, check).
+//! Layout: [`vhdx`] and [`vpc`] hold one module per on-disk structure (parse and encode)
+//! plus `image` (open and read), `write`, `create` and `format` (the [`vdisk_block::Format`]
+//! driver); [`overlay`] is the replayed view of a file; [`fuzzing`] holds the entry points
+//! of fuzz targets.
 #![forbid(unsafe_code)]
 
 mod bytes;

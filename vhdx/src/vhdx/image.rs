@@ -37,7 +37,7 @@ use crate::vhdx::region::{self, overlaps, Regions, REGION_TABLE_OFFSETS, REGION_
 
 const MIB: u64 = 1024 * 1024;
 
-/// An opened VHDX image (read-only for now).
+/// An opened VHDX image, shared by many threads.
 pub struct VhdxImage {
     pub(crate) path: PathBuf,
     pub(crate) view: Overlaid,

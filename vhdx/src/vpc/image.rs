@@ -27,7 +27,7 @@ const MAX_LOCATOR_LEN: u32 = 64 * 1024;
 const CHAIN_OPTION: &str = "x-vpc-chain";
 const MAX_DEPTH: usize = 64;
 
-/// An opened VHD image (read-only for now).
+/// An opened VHD image, shared by many threads.
 pub struct VpcImage {
     pub(crate) path: PathBuf,
     pub(crate) file: Arc<HostFile>,
