@@ -1,6 +1,6 @@
 //! Finding, vetting and opening the parent of a differencing VHDX.
 //!
-//! The parent is opened only through the caller's [`vdisk_block::ImageOpener`] and only where
+//! The parent is opened only through the caller's [`vdisk_block::format::ImageOpener`] and only where
 //! the caller's [`vdisk_block::FollowPolicy`] allows. Before opening it, its current header
 //! is read to check the parent linkage: a child made against another version of its parent
 //! would read garbage. Chains are bounded and loops refused by carrying the chain so far in
