@@ -1,7 +1,8 @@
 //! Crash tests of the VHDX write path: the stream of file writes and flushes is cut after
 //! every one of its operations in turn (a simulated power cut: what was written before the
-//! cut is in the file, nothing after it), then the image is opened read-only (replaying its
-//! log in memory) and, when qemu-img is present, repaired and read by qemu-img too.
+//! cut is in the file, nothing after it; and again with the interrupted write torn, half of
+//! its sectors written), then the image is opened read-only (replaying its log in memory)
+//! and, when qemu-img is present, repaired and read by qemu-img too.
 //!
 //! Required after every cut: the image opens; every write acknowledged before the last
 //! successful flush reads back; every other range reads as either its old or its new
@@ -99,8 +100,9 @@ fn rw() -> OpenOptions {
 /// Runs the workload with `budget` file operations allowed (`-1`: all). Returns how many
 /// steps completed, how many of them were covered by a successful flush, and the number of
 /// file operations used.
-fn run(path: &Path, budget: i64) -> (usize, usize, i64) {
+fn run(path: &Path, budget: i64, torn: bool) -> (usize, usize, i64) {
     let img = VhdxImage::open(path, &rw()).expect("open writable");
+    img.fault.1.store(torn, Ordering::SeqCst);
     const LARGE: i64 = 1 << 40;
     img.fault
         .0
@@ -163,18 +165,19 @@ fn every_cut_of_the_write_stream_leaves_a_consistent_image() {
     prepare(&pristine);
     let probe = dir.join("probe.vhdx");
     std::fs::copy(&pristine, &probe).expect("copy");
-    let (all, _, total) = run(&probe, -1);
+    let (all, _, total) = run(&probe, -1, false);
     assert_eq!(all, workload().len());
     assert!(total > 20, "the workload made only {total} file operations");
     eprintln!("the workload makes {total} file writes and flushes; cutting after each");
     let qemu = have_qemu();
     let steps = workload();
-    for cut in 0..=total {
+    // Every cut twice: the interrupted write lost whole, and torn in half.
+    for (cut, torn) in (0..=total).flat_map(|c| [(c, false), (c, true)]) {
         let image = dir.join("cut.vhdx");
         std::fs::copy(&pristine, &image).expect("copy");
-        let (done, flushed, _) = run(&image, cut);
+        let (done, flushed, _) = run(&image, cut, torn);
         let img = VhdxImage::open(&image, &OpenOptions::read_only())
-            .unwrap_or_else(|e| panic!("cut {cut}: the image does not open: {e}"));
+            .unwrap_or_else(|e| panic!("cut {cut} (torn {torn}): the image does not open: {e}"));
         let mut got = vec![0u8; SIZE as usize];
         img.read_at(&mut got, 0).expect("read");
         let mut old = base_contents();
@@ -187,13 +190,13 @@ fn every_cut_of_the_write_stream_leaves_a_consistent_image() {
             if i < flushed {
                 assert!(
                     region.iter().all(|&b| b == new),
-                    "cut {cut}: step {i} was flushed but is not fully there"
+                    "cut {cut} (torn {torn}): step {i} was flushed but is not fully there"
                 );
             } else {
                 let before = &old[at..at + len];
                 assert!(
                     region.iter().zip(before).all(|(&g, &o)| g == new || g == o),
-                    "cut {cut}: step {i} ({} done) left bytes that are neither old nor new",
+                    "cut {cut} (torn {torn}): step {i} ({} done) left bytes that are neither old nor new",
                     done
                 );
             }
@@ -215,12 +218,12 @@ fn every_cut_of_the_write_stream_leaves_a_consistent_image() {
                 .expect("qemu-img");
             assert!(
                 out.status.success(),
-                "cut {cut}: qemu-img cannot read the image: {}",
+                "cut {cut} (torn {torn}): qemu-img cannot read the image: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
             assert!(
                 std::fs::read(&raw).expect("raw") == got,
-                "cut {cut}: qemu-img reads other contents than we do"
+                "cut {cut} (torn {torn}): qemu-img reads other contents than we do"
             );
         }
     }

@@ -47,12 +47,19 @@ const COPY_CHUNK: u64 = 1 << 20;
 /// Test hook: how many more file writes and flushes may succeed (`-1`: no limit).
 #[cfg(test)]
 #[derive(Debug)]
-pub(crate) struct FaultBudget(pub(crate) std::sync::atomic::AtomicI64);
+pub(crate) struct FaultBudget(
+    pub(crate) std::sync::atomic::AtomicI64,
+    /// The write the power cut interrupts lands half (whole 512-byte sectors): a torn write.
+    pub(crate) std::sync::atomic::AtomicBool,
+);
 
 #[cfg(test)]
 impl Default for FaultBudget {
     fn default() -> Self {
-        FaultBudget(std::sync::atomic::AtomicI64::new(-1))
+        FaultBudget(
+            std::sync::atomic::AtomicI64::new(-1),
+            std::sync::atomic::AtomicBool::new(false),
+        )
     }
 }
 
@@ -73,6 +80,11 @@ impl VhdxImage {
     }
 
     fn fwrite(&self, buf: &[u8], offset: u64) -> Result<()> {
+        #[cfg(test)]
+        if self.fault.0.load(Ordering::SeqCst) == 0 && self.fault.1.swap(false, Ordering::SeqCst) {
+            let half = (buf.len() / 2) / 512 * 512;
+            let _ = self.file().write_at(&buf[..half], offset);
+        }
         self.io_allowed()?;
         self.file().write_at(buf, offset)
     }
