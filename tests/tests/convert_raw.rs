@@ -473,6 +473,11 @@ fn error_cases_match_qemu_img() {
     );
     stderr_has(&ours, "-o has no effect when skipping image creation");
     both_fail(&dropin, &["-o", "foo=bar", s(&input), s(&out)], true);
+    both_fail(
+        &dropin,
+        &["-o", "preallocation=metadata", s(&input), s(&out)],
+        true,
+    );
     // -n with a target that does not exist, and a folder given as the source.
     let ours = both_fail(&dropin, &["-n", s(&input), s(&missing)], true);
     stderr_has(&ours, "missing.raw");

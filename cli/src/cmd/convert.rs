@@ -230,8 +230,8 @@ fn convert_cmd(args: &ConvertArgs) -> Result<(), Failure> {
 fn convert_create_failure(path: &Path, format: &str, err: &Error) -> Failure {
     let name = path.to_string_lossy();
     let mut failure = create_failure(&name, format, err);
-    if err.kind() == ErrorKind::InvalidInput {
-        // Bad -o options: qemu-img prints the option error alone.
+    if err.kind() == ErrorKind::InvalidInput && err.message().starts_with("Invalid parameter") {
+        // An unknown -o option: qemu-img rejects it before creating, and says only that.
         failure.qemu = err.message().to_string();
     } else if let Some(rest) = failure.qemu.strip_prefix(&format!("{name}: ")) {
         failure.qemu = format!("{name}: error while converting {format}: {rest}");
