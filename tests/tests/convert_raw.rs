@@ -482,6 +482,16 @@ fn error_cases_match_qemu_img() {
     let ours = both_fail(&dropin, &["-n", s(&input), s(&missing)], true);
     stderr_has(&ours, "missing.raw");
     both_fail(&dropin, &[s(&dir.0), s(&out)], true);
+
+    // The target is one of the sources: refused, and the source is left intact.
+    let before = fs::read(&input).expect("read input");
+    let alias = dir.path("alias.raw");
+    fs::hard_link(&input, &alias).expect("hard link");
+    both_fail(&dropin, &[s(&input), s(&input)], true);
+    both_fail(&dropin, &["-n", s(&input), s(&alias)], true);
+    let ours = both_fail(&dropin, &[s(&small), s(&input), s(&alias)], false);
+    stderr_has(&ours, "onto itself");
+    assert_eq!(fs::read(&input).expect("read input"), before);
 }
 
 #[test]

@@ -192,6 +192,19 @@ fn convert_cmd(args: &ConvertArgs) -> Result<(), Failure> {
     let total = convert::total_size(&sources).map_err(|e| Failure::same(e.message()))?;
 
     let target_path = settings.target.clone();
+    // Without this, creating the target would truncate a source before it is read.
+    if let Some(source) = settings
+        .sources
+        .iter()
+        .find(|source| same_file(source, &target_path))
+    {
+        return Err(self_overwrite_failure(
+            source,
+            &target_path,
+            driver.name(),
+            args.no_create,
+        ));
+    }
     if !args.no_create {
         let mut options = CreateOptions {
             size: total,
@@ -237,6 +250,34 @@ fn convert_create_failure(path: &Path, format: &str, err: &Error) -> Failure {
         failure.qemu = format!("{name}: error while converting {format}: {rest}");
     }
     failure
+}
+
+/// True when both names lead to one existing file (hard links and symlinks included).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// qemu-img refuses this through its image lock (the source holds it); we say why.
+fn self_overwrite_failure(source: &Path, target: &Path, format: &str, no_create: bool) -> Failure {
+    let t = target.to_string_lossy();
+    let lock = format!("Failed to get \"write\" lock\nIs another process using the image [{t}]?");
+    let qemu = if no_create {
+        format!("Could not open '{t}': {lock}")
+    } else {
+        format!("{t}: error while converting {format}: {lock}")
+    };
+    Failure::new(
+        qemu,
+        format!(
+            "convert: the target '{t}' is the source '{}': converting an image onto itself \
+             would destroy it (write to another file)",
+            source.display()
+        ),
+    )
 }
 
 fn copy_failure(err: &Error) -> Failure {
