@@ -260,7 +260,12 @@ fn vhdx_hostile_logs_are_refused_or_ignored() {
 }
 
 /// Random byte damage in the metadata-bearing part of an image never panics.
+/// `VHDX_FUZZ_ROUNDS` raises the number of rounds for a longer local run.
 fn fuzz(format: &dyn Format, good: &Path, dir: &Scratch, span: u64, rounds: u64) {
+    let rounds = std::env::var("VHDX_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(rounds);
     let len = std::fs::metadata(good).expect("stat").len();
     let mut rng = Rng::new(0x5eed);
     for _ in 0..rounds {
@@ -291,4 +296,69 @@ fn vhd_random_damage_never_panics() {
     // The footer copy, dynamic header and BAT sit in the first few KiB; checksums make
     // most damage a clean refusal, so also damage past them (BAT, bitmaps, data).
     fuzz(&VpcFormat, &good, &dir, 8192, 300);
+}
+
+/// Damage aimed at the unchecksummed VHDX structures (metadata table and items, BAT).
+#[test]
+fn vhdx_metadata_and_bat_damage_never_panics() {
+    let dir = Scratch::new("fuzz-vhdx-meta");
+    let good = sample(&dir);
+    let regions = *VhdxImage::open(&good, &OpenOptions::read_only())
+        .expect("open")
+        .regions();
+    let rounds = std::env::var("VHDX_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(300u64);
+    let mut rng = Rng::new(0xbad);
+    for _ in 0..rounds {
+        let p = copy_of(&good, &dir, "fuzz.vhdx");
+        for _ in 0..1 + rng.below(6) {
+            let at = match rng.below(3) {
+                0 => regions.metadata.offset + rng.below(32 + 6 * 32),
+                1 => regions.metadata.offset + 65536 + rng.below(64),
+                _ => regions.bat.offset + rng.below(80),
+            };
+            poke(&p, &[rng.next_u64() as u8], at);
+        }
+        vdisk_vhdx::fuzzing::exercise(&VhdxFormat, &p);
+    }
+}
+
+/// Damage to VHD headers with the checksums made right again, so parsing goes deeper.
+#[test]
+fn vhd_damage_with_fixed_checksums_never_panics() {
+    let dir = Scratch::new("fuzz-vhd-sum");
+    let Some(fixtures) = common::fixtures() else {
+        return;
+    };
+    let good = fixtures.join("vhd/qemu-ext2-dynamic--ext2.vhd");
+    let len = std::fs::metadata(&good).expect("stat").len();
+    let rounds = std::env::var("VHDX_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(300u64);
+    let mut rng = Rng::new(0xfeed);
+    let fix = |p: &Path, at: u64, size: usize, field: usize| {
+        let mut buf = peek(p, size, at);
+        buf[field..field + 4].fill(0);
+        let sum = !buf.iter().fold(0u32, |s, b| s.wrapping_add(*b as u32));
+        poke(p, &sum.to_be_bytes(), at + field as u64);
+    };
+    for _ in 0..rounds {
+        let p = copy_of(&good, &dir, "fuzz.vhd");
+        for _ in 0..1 + rng.below(6) {
+            let at = match rng.below(3) {
+                0 => rng.below(512),
+                1 => 512 + rng.below(1024),
+                _ => 1536 + rng.below(64),
+            };
+            poke(&p, &[rng.next_u64() as u8], at);
+        }
+        fix(&p, 0, 512, 64);
+        fix(&p, 512, 1024, 36);
+        let footer = peek(&p, 512, 0);
+        poke(&p, &footer, len - 512);
+        vdisk_vhdx::fuzzing::exercise(&VpcFormat, &p);
+    }
 }
