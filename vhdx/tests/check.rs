@@ -71,8 +71,8 @@ fn a_clean_image_checks_clean() {
     sample(&p);
     let r = check(&p, RepairMode::None);
     assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "{r:?}");
-    assert_eq!(r.total_clusters, Some(8));
-    assert_eq!(r.allocated_clusters, Some(2));
+    // Like qemu-img, no cluster statistics for VHDX.
+    assert_eq!((r.total_clusters, r.image_end_offset), (None, None));
 }
 
 #[test]
