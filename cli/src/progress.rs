@@ -54,12 +54,20 @@ impl ProgressReporter {
         reporter
     }
 
-    /// Ends the display: the bar is cleared, plain output gets its final 100% line.
-    pub fn finish(&self) {
+    /// Ends the display: the bar is cleared, plain output gets its final 100% line. After a
+    /// failure (`completed` false) the bar stops where it was and no 100% is claimed.
+    pub fn finish(&self, completed: bool) {
         match &self.mode {
             Mode::Off => {}
-            Mode::Bar(bar) => bar.finish_and_clear(),
-            Mode::Plain(_) => self.print_plain(10_000, true),
+            Mode::Bar(bar) if completed => bar.finish_and_clear(),
+            Mode::Bar(bar) => bar.abandon(),
+            Mode::Plain(_) if completed => self.print_plain(10_000, true),
+            Mode::Plain(_) => {
+                // End the carriage-return line so the error message starts on its own line.
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out);
+                let _ = out.flush();
+            }
         }
     }
 

@@ -234,7 +234,7 @@ fn convert_cmd(args: &ConvertArgs) -> Result<(), Failure> {
 
     let progress = ProgressReporter::new(args.progress, args.quiet, total);
     let result = convert::convert(&sources, target.as_ref(), &settings.copy, &progress);
-    progress.finish();
+    progress.finish(result.is_ok());
     result.map_err(|e| copy_failure(&e))?;
     Ok(())
 }
