@@ -421,6 +421,23 @@ fn descriptor_store(file: &Arc<Source>, path: &Path) -> Result<DescriptorStore> 
     }
 }
 
+/// The name to follow for parent `hint`. ESXi records an absolute datastore path
+/// (`/vmfs/volumes/...`) when the parent sits elsewhere; once the files are copied off the
+/// host that path is gone, and the parent is the file of the same name beside the delta. The
+/// CID check still decides whether it is the right one.
+fn moved_parent(path: &Path, hint: &str) -> String {
+    let named = Path::new(hint);
+    if named.is_absolute() && !named.exists() {
+        if let Some(name) = named.file_name().and_then(|n| n.to_str()) {
+            let beside = path.parent().unwrap_or_else(|| Path::new(".")).join(name);
+            if beside.exists() {
+                return name.to_string();
+            }
+        }
+    }
+    hint.to_string()
+}
+
 type Parent = (Option<Arc<dyn vdisk_block::BlockDev>>, Option<PathBuf>);
 
 /// Opens the parent of a delta disk through the caller's opener, after the policy and the
@@ -432,7 +449,7 @@ fn open_parent(path: &Path, descriptor: &Descriptor, options: &OpenOptions) -> R
     if options.no_backing {
         return Ok((None, None));
     }
-    let parent = follow(path, hint, "parent", options)?;
+    let parent = follow(path, &moved_parent(path, hint), "parent", options)?;
     let parent_descriptor = read_descriptor(&parent, options)?;
     if parent_descriptor.cid != descriptor.parent_cid {
         return Err(Error::corrupt(

@@ -446,3 +446,46 @@ parentFileNameHint=\"base.vmdk\"\n\n# Extent description\nRW {sectors} VMFSSPARS
     let dev = VmdkFormat.open(&image, &with_opener()).expect("open chain");
     assert!(read_all(dev.as_ref()) == want);
 }
+
+/// A delta copied off an ESXi host names its parent by a datastore path that no longer
+/// exists; the parent of that name beside the delta is used (and must pass the CID check).
+#[test]
+fn a_moved_parent_is_found_beside_the_delta() {
+    let scratch = Scratch::new("moved-parent");
+    let base = create(&scratch, "base.vmdk", "subformat=monolithicSparse", "4M");
+    qemu_io(&base, "vmdk", &["write -P 0x44 0 64k"]);
+    let top = scratch.path("top.vmdk");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            "base.vmdk",
+            "-F",
+            "vmdk",
+            top.to_str().expect("utf8"),
+        ],
+    );
+    // Rewrite the embedded hint as ESXi would have written it.
+    let mut bytes = std::fs::read(&top).expect("read");
+    let text = String::from_utf8_lossy(&bytes[512..512 * 21]).into_owned();
+    let moved = text.replace(
+        "parentFileNameHint=\"base.vmdk\"",
+        "parentFileNameHint=\"/vmfs/volumes/datastore1/vm/base.vmdk\"",
+    );
+    assert_ne!(moved, text);
+    let mut area = moved.into_bytes();
+    area.resize(512 * 20, 0);
+    bytes[512..512 * 21].copy_from_slice(&area);
+    std::fs::write(&top, &bytes).expect("write");
+    let dev = VmdkFormat.open(&top, &with_opener()).expect("open");
+    let mut buf = vec![0u8; 65536];
+    dev.read_at(&mut buf, 0).expect("read");
+    assert!(
+        buf.iter().all(|&b| b == 0x44),
+        "reads through the parent beside it"
+    );
+}
