@@ -103,11 +103,28 @@ fn ova_disks_read_in_place() {
         ovf(&[(names[0], 4 << 20), (names[1], 4 << 20)]),
     )
     .expect("ovf");
-    // GNU tar writes the long name as an 'L' record.
+    // GNU tar writes the long name as an 'L' record; pax as a `path` record.
     run(
         "tar",
         &["-cf", "app.ova", "app.ovf", names[0], names[1]],
         &dir.0,
+    );
+    run(
+        "tar",
+        &[
+            "--format=pax",
+            "-cf",
+            "pax.ova",
+            "app.ovf",
+            names[0],
+            names[1],
+        ],
+        &dir.0,
+    );
+    let dev = open(&dir.path("pax.ova"), Some(1)).expect("open a disk of a pax archive");
+    assert!(
+        read_all(dev.as_ref()) == contents[1],
+        "disk 1 of the pax archive"
     );
 
     let ova = dir.path("app.ova");
