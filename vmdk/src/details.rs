@@ -81,3 +81,17 @@ impl VmdkImage {
         }
     }
 }
+
+/// The `format-specific` facts of the VMDK at `path`, for front ends that hold the image as
+/// a `dyn BlockDev`: opens it again read-only, without its parent and without reading data.
+pub fn details_of(
+    path: &std::path::Path,
+    options: &vdisk_block::OpenOptions,
+) -> vdisk_block::Result<VmdkDetails> {
+    let options = vdisk_block::OpenOptions {
+        writable: false,
+        no_backing: true,
+        ..options.clone()
+    };
+    Ok(crate::open::open(path, &options)?.details())
+}

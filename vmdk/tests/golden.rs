@@ -136,6 +136,9 @@ fn details_match_qemu_img_info() {
         let main = lay_out(&dir, &entry, &scratch.0);
         let image = vdisk_vmdk::open::open(&main, &OpenOptions::read_only()).expect("open");
         let got = image.details();
+        let again =
+            vdisk_vmdk::details::details_of(&main, &OpenOptions::read_only()).expect("details_of");
+        assert_eq!(got, again, "{key}");
         let want = &entry["info"]["format-specific"]["data"];
         assert_eq!(Some(u64::from(got.cid)), want["cid"].as_u64(), "{key}: cid");
         assert_eq!(
