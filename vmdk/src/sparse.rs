@@ -23,9 +23,9 @@ use crate::header::{
     Marker, SparseHeader, FLAG_REDUNDANT_GD, GD_AT_END, MARKER_EOS, MARKER_FOOTER, SECTOR,
 };
 
-/// Grain tables kept in memory at most (2 KiB each at 512 entries): enough to map 32 GiB of
-/// 64 KiB grains without rereading, small enough not to matter.
-const GT_CACHE_ENTRIES: usize = 16384;
+/// Memory the grain table cache may hold: 16384 hosted tables (32 GiB of 64 KiB grains
+/// mapped), 2048 ESXi ones (entries are kept as u64); a full cache is dropped and refilled.
+const GT_CACHE_BYTES: usize = 64 << 20;
 
 /// What one grain of the extent holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,7 +302,7 @@ impl SparseExtent {
         let mut raw = vec![0u8; (u64::from(self.header.gtes_per_gt) * width) as usize];
         self.file.read_at(&mut raw, at)?;
         let gt = Arc::new(decode_entries(&raw, width));
-        if cache.len() >= GT_CACHE_ENTRIES {
+        if (cache.len() + 1) * gt.len() * 8 > GT_CACHE_BYTES {
             cache.clear();
         }
         cache.insert(at, Arc::clone(&gt));
