@@ -211,7 +211,18 @@ impl StreamWriter {
         // The closing block starts at the first table's marker, or the directory's.
         let mut tail = header.gd_offset.saturating_sub(1) * SECTOR;
         let mut last_grain = 0u64;
+        // Each table must be its own: tables shared between directory entries would alias
+        // (and let a small hostile file make us hold gigabytes of copies).
+        let mut seen = std::collections::HashSet::new();
         for index in 0..gd_entries {
+            let dir = reader.gd.read().get(index).copied().unwrap_or(0);
+            if dir != 0 && !seen.insert(dir) {
+                return Err(Error::corrupt(
+                    OP,
+                    format!("grain directory entries share the grain table at sector {dir}"),
+                )
+                .with_path(reader.file().path()));
+            }
             match reader.grain_table(index)? {
                 None => tables.push(None),
                 Some(table) => {

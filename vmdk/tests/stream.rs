@@ -284,3 +284,28 @@ fn grains_of_zeroes_are_not_stored() {
     model[2 << 20..(2 << 20) + 65536].fill(9);
     agrees(&path, &model, &scratch);
 }
+
+#[test]
+fn a_stream_whose_tables_alias_is_not_appended_to() {
+    let scratch = Scratch::new("stream-alias");
+    let path = scratch.path("s.vmdk");
+    create(&path, 64 << 20);
+    let dev = open(&path, true);
+    dev.write_at(&[1u8; 65536], 0).expect("grain in table 0");
+    dev.write_at(&[2u8; 65536], 40 << 20)
+        .expect("grain in table 1");
+    dev.flush().expect("flush");
+    drop(dev);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let len = bytes.len();
+    let footer = SparseHeader::decode(&bytes[len - 1024..]).expect("footer");
+    let gd = (footer.gd_offset * 512) as usize;
+    let first = u32_at(&bytes, gd);
+    bytes[gd + 4..gd + 8].copy_from_slice(&first.to_le_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+    let err = VmdkFormat
+        .open(&path, &OpenOptions::read_write())
+        .map(|_| ())
+        .expect_err("aliased tables");
+    assert!(err.message().contains("share"), "{err}");
+}
