@@ -8,7 +8,8 @@
 //! - [`alloc`]: cluster allocation and refcount updates for writable images;
 //! - [`image`]: [`Qcow2Image`], the opened image as a `BlockDev` (read path);
 //! - [`check`]: a metadata check that counts leaks and corruptions like `qemu-img check`;
-//! - [`format`]: [`Qcow2Format`], the driver the registry lists.
+//! - [`format`]: [`Qcow2Format`], the driver the registry lists;
+//! - [`fuzzing`]: entry points for the cargo-fuzz targets.
 //!
 //! Status: reads (block status, backing chains, external data files, zlib/zstd compressed
 //! clusters, extended L2), writes (allocation, copy-on-write, zero clusters, discard,
@@ -28,6 +29,8 @@ pub mod compress;
 pub mod create;
 pub mod entry;
 pub mod format;
+/// Entry points for the cargo-fuzz targets in `fuzz/` (outside the workspace build).
+pub mod fuzzing;
 pub mod header;
 pub mod image;
 pub mod open;
