@@ -16,7 +16,13 @@ pub const PROBE_BYTES: usize = 4096;
 
 /// Every format driver of this build.
 pub fn formats() -> Vec<&'static dyn Format> {
-    vec![&RawFormat]
+    vec![
+        &RawFormat,
+        &vdisk_qcow2::Qcow2Format,
+        &vdisk_vhdx::VhdxFormat,
+        &vdisk_vhdx::VpcFormat,
+        &vdisk_vmdk::VmdkFormat,
+    ]
 }
 
 /// The driver named `name` (qemu-img's spelling).
