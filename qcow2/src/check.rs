@@ -421,7 +421,7 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
             policy: vdisk_block::FollowPolicy::Nothing,
             ..options.clone()
         };
-        crate::image::Qcow2Image::open(path, &rw)?.repair_copied()?;
+        crate::image::Qcow2Image::open_for_repair(path, &rw)?.repair_copied()?;
     }
     let file = HostFile::open(path, false, options.cache, options.engine)?;
     let (mut after, _) = count(path, &file)?;

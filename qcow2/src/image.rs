@@ -16,9 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
+use vdisk_block::dev::{FormatSpecific, InfoValue};
 use vdisk_block::{
     check_range, BlockDev, BlockStatus, Error, ErrorKind, HostFile, HostLocation, ImageInfo,
-    OpenOptions, Preallocation, ReadSegment, Result, ZeroMode,
+    OpenOptions, Preallocation, ReadSegment, Result, SnapshotInfo, ZeroMode,
 };
 
 use crate::alloc::Refcounts;
@@ -103,17 +104,31 @@ fn read_be_u64s(bytes: &[u8]) -> Vec<u64> {
 
 impl Qcow2Image {
     /// Opens `path`. Backing and data files are opened only as `options.policy` allows.
+    ///
+    /// A writable open is refused for images marked corrupt, encrypted images and images
+    /// with persistent dirty bitmaps in use (this driver cannot keep those up to date).
     pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
+        Self::open_inner(path, options, false)
+    }
+
+    /// A writable open for `check` repair, which keeps persistent bitmaps valid (it never
+    /// changes guest data) and so may open images that have them.
+    pub(crate) fn open_for_repair(path: &Path, options: &OpenOptions) -> Result<Self> {
+        Self::open_inner(path, options, true)
+    }
+
+    fn open_inner(path: &Path, options: &OpenOptions, repair: bool) -> Result<Self> {
         // Before the chain guard: the rebuild opens this same image itself.
         if options.writable {
-            rebuild_if_dirty(path, options)?;
+            rebuild_if_dirty(path, options, repair)?;
         }
         let _chain = ChainGuard::enter(path)?;
         let file = HostFile::open(path, options.writable, options.cache, options.engine)?;
         let file_len = file.len()?;
         let mut header = read_header(&file, file_len).map_err(|e| e.with_path(path))?;
         if options.writable {
-            crate::write::prepare_writable(&file, &mut header).map_err(|e| e.with_path(path))?;
+            crate::write::prepare_writable(&file, &mut header, repair)
+                .map_err(|e| e.with_path(path))?;
         }
         let l1 = read_l1(&file, &header, file_len).map_err(|e| e.with_path(path))?;
         let decoder = Decoder {
@@ -499,10 +514,14 @@ fn continues(start: Kind, dist: u64, next: Kind) -> bool {
 
 /// A dirty image (lazy refcounts, not closed cleanly) has stale refcounts: like QEMU, a
 /// read/write open recounts them first.
-fn rebuild_if_dirty(path: &Path, options: &OpenOptions) -> Result<()> {
+fn rebuild_if_dirty(path: &Path, options: &OpenOptions, repair: bool) -> Result<()> {
     let dirty = {
         let file = HostFile::open(path, false, options.cache, options.engine)?;
         let header = read_header(&file, file.len()?).map_err(|e| e.with_path(path))?;
+        if !repair {
+            // Refuse before the rebuild writes anything to an image the open will refuse.
+            crate::write::refuse_live_bitmaps(&header).map_err(|e| e.with_path(path))?;
+        }
         header.incompatible_features & header::incompat::DIRTY != 0
             && header.incompatible_features & header::incompat::CORRUPT == 0
     };
@@ -676,6 +695,27 @@ impl BlockDev for Qcow2Image {
         self.backing.clone()
     }
 
+    fn format_specific(&self) -> Result<Option<FormatSpecific>> {
+        Ok(Some(self.qcow2_info()?.format_specific()))
+    }
+
+    fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let (table, _) = crate::snapshot::read_table(&self.file, &self.current_header())
+            .map_err(|e| e.with_path(&self.path))?;
+        Ok(table
+            .iter()
+            .map(|s| SnapshotInfo {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                vm_state_size: s.vm_state_size,
+                date_sec: s.date_sec,
+                date_nsec: s.date_nsec,
+                vm_clock_nsec: s.vm_clock_nsec,
+                icount: s.icount(),
+            })
+            .collect())
+    }
+
     fn has_zero_init(&self) -> bool {
         // A fresh image without backing or data file reads as zeroes; an external data
         // file may hold anything.
@@ -751,6 +791,65 @@ pub struct Qcow2Info {
     pub snapshots: Vec<crate::snapshot::Snapshot>,
     /// Persistent dirty bitmaps.
     pub bitmaps: Vec<crate::bitmap::Bitmap>,
+}
+
+impl Qcow2Info {
+    /// The facts in the order `qemu-img info` prints them (version 2 images show only
+    /// `compat`, `compression-type` and `refcount-bits`, as qemu does).
+    pub fn format_specific(&self) -> FormatSpecific {
+        let mut data = vec![
+            ("compat".to_string(), InfoValue::Text(self.compat.into())),
+            (
+                "compression-type".into(),
+                InfoValue::Text(self.compression_type.into()),
+            ),
+        ];
+        let v3 = self.compat != "0.10";
+        if v3 {
+            data.push((
+                "lazy-refcounts".into(),
+                InfoValue::Bool(self.lazy_refcounts),
+            ));
+            if !self.bitmaps.is_empty() {
+                let list = self
+                    .bitmaps
+                    .iter()
+                    .map(|b| {
+                        InfoValue::Map(vec![
+                            (
+                                "flags".into(),
+                                InfoValue::List(
+                                    b.flag_names()
+                                        .into_iter()
+                                        .map(|f| InfoValue::Text(f.into()))
+                                        .collect(),
+                                ),
+                            ),
+                            ("name".into(), InfoValue::Text(b.name.clone())),
+                            ("granularity".into(), InfoValue::UInt(b.granularity)),
+                        ])
+                    })
+                    .collect();
+                data.push(("bitmaps".into(), InfoValue::List(list)));
+            }
+        }
+        data.push((
+            "refcount-bits".into(),
+            InfoValue::UInt(u64::from(self.refcount_bits)),
+        ));
+        if v3 {
+            if let Some(file) = &self.data_file {
+                data.push(("data-file".into(), InfoValue::Text(file.clone())));
+                data.push(("data-file-raw".into(), InfoValue::Bool(self.data_file_raw)));
+            }
+            data.push(("corrupt".into(), InfoValue::Bool(self.corrupt)));
+            data.push(("extended-l2".into(), InfoValue::Bool(self.extended_l2)));
+        }
+        FormatSpecific {
+            kind: "qcow2".into(),
+            data,
+        }
+    }
 }
 
 impl Qcow2Image {

@@ -1,0 +1,201 @@
+//! Ways a writable open could silently damage an image, each checked against qemu-img:
+//! persistent bitmaps and auto-clear bits, refcount blocks created by a repair, the corrupt
+//! bit after bad table entries, v2 write-zeroes, header rewrites and backing chain loops.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use vdisk_block::{BlockDev, ErrorKind, Format, OpenOptions, RepairMode};
+use vdisk_qcow2::{Qcow2Format, Qcow2Image};
+
+fn rw_options() -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        ..options()
+    }
+}
+
+fn open_rw(path: &Path) -> Qcow2Image {
+    Qcow2Image::open(path, &rw_options())
+        .unwrap_or_else(|e| panic!("open rw {}: {e}", path.display()))
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// `qemu-img check --output=json` as JSON (it exits non-zero when it finds problems).
+fn qemu_check(image: &Path) -> serde_json::Value {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "--output=json", s(image)])
+        .output()
+        .expect("run qemu-img check");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "qemu-img check json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn field(v: &serde_json::Value, key: &str) -> u64 {
+    v.get(key).and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
+/// `qemu-img check` must report no corruptions, leaks or check errors.
+fn qemu_check_clean(image: &Path) {
+    let v = qemu_check(image);
+    assert_eq!(
+        (
+            field(&v, "corruptions"),
+            field(&v, "leaks"),
+            field(&v, "check-errors")
+        ),
+        (0, 0, 0),
+        "qemu-img check {}: {v}",
+        image.display()
+    );
+}
+
+fn qemu_info(image: &Path) -> serde_json::Value {
+    let out = qemu_img(&["info", "--output=json", "-U", s(image)]);
+    serde_json::from_str(&out).expect("qemu-img info json")
+}
+
+fn create(path: &Path, opts: &str, size: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([s(path), size]);
+    qemu_img(&args);
+}
+
+fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for poking");
+    f.write_all_at(bytes, offset).expect("poke");
+}
+
+fn be64_at(path: &Path, offset: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).expect("open for peeking");
+    let mut a = [0u8; 8];
+    f.read_exact_at(&mut a, offset).expect("peek");
+    u64::from_be_bytes(a)
+}
+
+#[test]
+fn live_persistent_bitmaps_refuse_writable_opens() {
+    let sc = Scratch::new("bitmaps-rw");
+    let img = sc.path("bm.qcow2");
+    create(&img, "", "8M");
+    qemu_io(&img, &["write -P 0x5a 0 1m"]);
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    let before = std::fs::read(&img).expect("read image");
+
+    let err = Qcow2Image::open(&img, &rw_options()).expect_err("writable open with bitmaps");
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    for needle in [
+        "persistent dirty bitmaps",
+        "open read-only",
+        "qemu-img bitmap --remove",
+    ] {
+        assert!(err.message().contains(needle), "{err}");
+    }
+    // Through the format too (what the CLI and the VMM use).
+    let err = match Qcow2Format.open(&img, &rw_options()) {
+        Ok(_) => panic!("writable open through the format succeeded"),
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+
+    let dev = open(&img);
+    let data = read_all(&dev);
+    assert!(data[..1 << 20].iter().all(|&b| b == 0x5a));
+    assert!(data[1 << 20..].iter().all(|&b| b == 0));
+    drop(dev);
+    assert!(
+        std::fs::read(&img).expect("read image") == before,
+        "the refused open changed the image"
+    );
+    qemu_check_clean(&img);
+    let bitmaps = &qemu_info(&img)["format-specific"]["data"]["bitmaps"];
+    assert_eq!(bitmaps[0]["name"], "b0", "{bitmaps}");
+    assert_eq!(
+        bitmaps[0]["flags"],
+        serde_json::json!(["auto"]),
+        "{bitmaps}"
+    );
+
+    // A repair never changes guest data, so it may write and keeps the bitmaps valid.
+    let r = Qcow2Format
+        .check(&img, &options(), RepairMode::All)
+        .expect("repair of an image with bitmaps");
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
+    qemu_check_clean(&img);
+    let bitmaps = &qemu_info(&img)["format-specific"]["data"]["bitmaps"];
+    assert_eq!(
+        bitmaps[0]["flags"],
+        serde_json::json!(["auto"]),
+        "{bitmaps}"
+    );
+
+    // Once they are removed the image opens for writing.
+    qemu_img(&["bitmap", "--remove", s(&img), "b0"]);
+    let dev = open_rw(&img);
+    dev.write_at(&[1; 512], 0).expect("write");
+    dev.flush().expect("flush");
+    drop(dev);
+    qemu_check_clean(&img);
+}
+
+#[test]
+fn unknown_autoclear_bits_are_cleared_on_writable_open() {
+    let sc = Scratch::new("autoclear");
+    let img = sc.path("ac.qcow2");
+    create(&img, "", "4M");
+    qemu_io(&img, &["write -P 0x21 64k 64k"]);
+    // Bits 5 and 40 are unknown to qemu and to us; a writer must clear them.
+    let unknown = (1u64 << 5) | (1u64 << 40);
+    poke(&img, 88, &unknown.to_be_bytes());
+    qemu_check_clean(&img);
+
+    // A read-only open leaves them alone.
+    drop(open(&img));
+    assert_eq!(be64_at(&img, 88), unknown);
+
+    let dev = open_rw(&img);
+    assert_eq!(be64_at(&img, 88), 0, "unknown auto-clear bits survived");
+    dev.write_at(&[0x77; 4096], 0).expect("write");
+    dev.flush().expect("flush");
+    drop(dev);
+    assert_eq!(be64_at(&img, 88), 0);
+    qemu_check_clean(&img);
+    let data = qemu_contents(&img, &sc);
+    assert!(data[..4096].iter().all(|&b| b == 0x77));
+    assert!(data[64 << 10..128 << 10].iter().all(|&b| b == 0x21));
+
+    // A known bit that still holds (data_file_raw) survives next to an unknown one.
+    let data_file = sc.path("data.raw");
+    let raw = sc.path("raw.qcow2");
+    create(
+        &raw,
+        &format!("data_file={},data_file_raw=on", s(&data_file)),
+        "4M",
+    );
+    let bits = be64_at(&raw, 88);
+    assert_eq!(bits, 2, "qemu sets data_file_raw");
+    poke(&raw, 88, &(bits | 1 << 7).to_be_bytes());
+    let dev = open_rw(&raw);
+    dev.write_at(&[3; 512], 0).expect("write");
+    dev.flush().expect("flush");
+    drop(dev);
+    assert_eq!(be64_at(&raw, 88), 2);
+    qemu_check_clean(&raw);
+}
