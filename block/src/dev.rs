@@ -192,6 +192,25 @@ pub struct FormatSpecific {
     pub data: Vec<(String, InfoValue)>,
 }
 
+/// One internal snapshot as `info` lists it (qemu's `SnapshotInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The unique id string.
+    pub id: String,
+    /// The name (tag).
+    pub name: String,
+    /// Size of the saved VM state in bytes.
+    pub vm_state_size: u64,
+    /// Creation time: seconds since the epoch.
+    pub date_sec: u32,
+    /// Creation time: nanoseconds within the second.
+    pub date_nsec: u32,
+    /// Guest clock when it was taken, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Instruction count when it was taken, if the image recorded one.
+    pub icount: Option<u64>,
+}
+
 /// An opened disk image or device, shared by many threads.
 ///
 /// Offsets and lengths are bytes of the guest-visible contents. Requests must lie inside
@@ -230,6 +249,11 @@ pub trait BlockDev: Send + Sync {
     /// have none need not say so.
     fn format_specific(&self) -> Result<Option<FormatSpecific>> {
         Ok(None)
+    }
+
+    /// The image's internal snapshots, oldest first (none for formats without them).
+    fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Ok(Vec::new())
     }
 
     /// The device reads fallthrough ranges from, if any.

@@ -21,7 +21,7 @@ pub mod testing;
 
 pub use dev::{
     check_range, BlockDev, BlockStatus, HostLocation, ImageInfo, Preallocation, ReadSegment,
-    ZeroMode,
+    SnapshotInfo, ZeroMode,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use file::{AlignedBuf, CacheMode, EngineChoice, EngineKind, HostFile, IoOp};

@@ -43,6 +43,19 @@ pub struct Snapshot {
     pub raw: Vec<u8>,
 }
 
+impl Snapshot {
+    /// The instruction count recorded with the snapshot (extra data bytes 16..24), when the
+    /// entry is long enough to hold one: qemu lists it only then.
+    pub fn icount(&self) -> Option<u64> {
+        let extra = usize::try_from(be32(self.raw.get(..40)?, 36)).ok()?;
+        if extra < 24 {
+            return None;
+        }
+        let bytes: [u8; 8] = self.raw.get(56..64)?.try_into().ok()?;
+        Some(u64::from_be_bytes(bytes)).filter(|&n| n != u64::MAX)
+    }
+}
+
 fn corrupt(message: String) -> Error {
     Error::corrupt("read snapshot table", message)
 }

@@ -6,7 +6,7 @@ use clap::Args;
 use serde_json::{json, Map, Value};
 use vdisk_block::dev::{FormatSpecific, InfoValue};
 use vdisk_block::size::human_size;
-use vdisk_block::{BlockDev, ImageInfo};
+use vdisk_block::{BlockDev, ImageInfo, SnapshotInfo};
 
 use super::{open, print, sectors, OpenSpec};
 use crate::context::Failure;
@@ -87,6 +87,7 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
 struct Node {
     info: ImageInfo,
     specific: Option<FormatSpecific>,
+    snapshots: Vec<SnapshotInfo>,
     /// The name to print: the user's spelling for the top image.
     name: String,
     /// The guest size qemu shows (whole sectors).
@@ -109,6 +110,12 @@ fn collect(top: &Arc<dyn BlockDev>, name: &str, chain: bool) -> Result<Vec<Node>
                 format!("cannot read facts about '{name}': {}", e.message()),
             )
         })?;
+        let snapshots = d.snapshots().map_err(|e| {
+            Failure::new(
+                e.message().to_string(),
+                format!("cannot list the snapshots of '{name}': {}", e.message()),
+            )
+        })?;
         let shown = if nodes.is_empty() {
             crate::context::host_path(name).to_string()
         } else {
@@ -118,6 +125,7 @@ fn collect(top: &Arc<dyn BlockDev>, name: &str, chain: bool) -> Result<Vec<Node>
             virtual_size: vdisk_blockjobs::map::visible_len(d.as_ref()),
             info,
             specific,
+            snapshots,
             name: shown,
         });
         dev = if chain { d.backing() } else { None };
@@ -167,6 +175,12 @@ fn node_json(node: &Node) -> Value {
     if let Some(f) = &i.backing_format {
         m.insert("backing-filename-format".into(), json!(f));
     }
+    if !node.snapshots.is_empty() {
+        m.insert(
+            "snapshots".into(),
+            Value::Array(node.snapshots.iter().map(snapshot_json).collect()),
+        );
+    }
     m.insert("virtual-size".into(), json!(node.virtual_size));
     m.insert("filename".into(), json!(node.name));
     if let Some(c) = i.cluster_size {
@@ -196,6 +210,60 @@ fn node_json(node: &Node) -> Value {
     }
     m.insert("dirty-flag".into(), json!(i.dirty));
     Value::Object(m)
+}
+
+/// One snapshot as qemu's `SnapshotInfo`, keys in the order qemu-img prints them.
+fn snapshot_json(s: &SnapshotInfo) -> Value {
+    let mut m = Map::new();
+    if let Some(icount) = s.icount {
+        m.insert("icount".into(), json!(icount));
+    }
+    m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % NANOS));
+    m.insert("name".into(), json!(s.name));
+    m.insert("date-sec".into(), json!(s.date_sec));
+    m.insert("date-nsec".into(), json!(s.date_nsec));
+    m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / NANOS));
+    m.insert("id".into(), json!(s.id));
+    m.insert("vm-state-size".into(), json!(s.vm_state_size));
+    Value::Object(m)
+}
+
+const NANOS: u64 = 1_000_000_000;
+
+/// qemu's snapshot table: the header line, or one snapshot (`bdrv_snapshot_dump`), with the
+/// date in local time.
+pub fn snapshot_line(s: Option<&SnapshotInfo>) -> String {
+    let Some(s) = s else {
+        return format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        );
+    };
+    let date = chrono::DateTime::from_timestamp(i64::from(s.date_sec), 0)
+        .map(|d| {
+            d.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_default();
+    let secs = s.vm_clock_nsec / NANOS;
+    let clock = format!(
+        "{:04}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        (s.vm_clock_nsec / 1_000_000) % 1000
+    );
+    let icount = s.icount.map(|n| n.to_string()).unwrap_or_default();
+    format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        s.id,
+        s.name,
+        human_size(s.vm_state_size),
+        date,
+        clock,
+        icount
+    )
 }
 
 fn size_line(bytes: u64) -> String {
@@ -240,6 +308,15 @@ fn node_human(node: &Node) -> String {
     }
     if let Some(f) = &i.backing_format {
         s.push_str(&format!("backing file format: {f}\n"));
+    }
+    if !node.snapshots.is_empty() {
+        s.push_str("Snapshot list:\n");
+        s.push_str(&snapshot_line(None));
+        s.push('\n');
+        for snap in &node.snapshots {
+            s.push_str(&snapshot_line(Some(snap)));
+            s.push('\n');
+        }
     }
     if let Some(spec) = node.specific.as_ref().filter(|spec| !spec.data.is_empty()) {
         s.push_str("Format specific information:\n");
