@@ -302,9 +302,7 @@ impl Descriptor {
     /// The descriptor as the bytes to store: Windows-1252 when its `encoding` says so and
     /// every character has a byte there, UTF-8 otherwise (the `encoding` key then says UTF-8).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let cp1252 = self
-            .other("encoding")
-            .is_some_and(|e| e.eq_ignore_ascii_case("windows-1252"));
+        let cp1252 = self.other("encoding").is_some_and(names_cp1252);
         if cp1252 {
             let text = self.to_text();
             let encoded: Option<Vec<u8>> = text.chars().map(encode_cp1252).collect();
@@ -365,15 +363,16 @@ const CP1252_HIGH: [char; 32] = [
 /// names the same file it names on the host it was copied from. Bytes no text
 /// holds (controls other than tab and line ends) mean this is not a descriptor at all.
 fn decode(bytes: &[u8]) -> Result<std::borrow::Cow<'_, str>> {
-    // The declaration wins: Windows-1252 bytes can happen to form valid UTF-8.
+    // The declaration wins: Windows-1252 bytes can happen to form valid UTF-8. It is read
+    // with the parser's own key and quote rules, so that `to_bytes` (which sees the parsed
+    // value) writes back in the code page this read in: a looser match here once read
+    // `encoding="windows-1252` (no closing quote) as Windows-1252 while the writer wrote
+    // UTF-8, and the reparsed file names differed.
     let declared_cp1252 = bytes.split(|&b| b == b'\n').any(|line| {
-        let line = line.trim_ascii();
-        line.starts_with(b"encoding")
-            && line.len() < 64
-            && line
-                .to_ascii_lowercase()
-                .windows(12)
-                .any(|w| w == b"windows-1252")
+        std::str::from_utf8(line)
+            .ok()
+            .and_then(|line| key_value(line.trim()))
+            .is_some_and(|(key, value)| key == "encoding" && names_cp1252(unquote(value)))
     });
     if !declared_cp1252 {
         if let Ok(text) = std::str::from_utf8(bytes) {
@@ -398,6 +397,12 @@ fn decode(bytes: &[u8]) -> Result<std::borrow::Cow<'_, str>> {
             })
             .collect(),
     ))
+}
+
+/// True when the (unquoted) value of an `encoding` key declares Windows-1252; the one rule
+/// both reading and writing a descriptor follow.
+fn names_cp1252(value: &str) -> bool {
+    value.eq_ignore_ascii_case("windows-1252")
 }
 
 /// The Windows-1252 byte of `c`, if the code page has one.
@@ -726,6 +731,24 @@ parentCID=ffffffff\ncreateType=\"vmfs\"\n\n# Extent description\nRW 4096 VMFS \"
         let d = Descriptor::parse(format!("{HEAD}RW 10 FLAT \"Français.vmdk\" 0\n").as_bytes())
             .expect("parse");
         assert_eq!(d.extents[0].file.as_deref(), Some("Français.vmdk"));
+    }
+
+    #[test]
+    fn a_malformed_encoding_reads_and_writes_the_same_way() {
+        // Found by the vmdk_descriptor fuzz target: the encoding value lacks its closing
+        // quote, so it is not a declaration, and the name is read as Windows-1252 only
+        // because it is not UTF-8. Writing it back must give the same name.
+        let bytes = b"version=1\nencoding=\"windows-1252\ncreateType=\nRW 1 SPARSE \"\x87\"";
+        let d = Descriptor::parse(bytes).expect("parse");
+        assert_eq!(d.extents[0].file.as_deref(), Some("\u{2021}"));
+        let again = Descriptor::parse(&d.to_bytes()).expect("reparse");
+        assert_eq!(again.extents, d.extents);
+        // A well-formed declaration in any case and spacing still wins over valid UTF-8.
+        let bytes =
+            b"version=1\nencoding = \"Windows-1252\"\ncreateType=\"x\"\nRW 1 FLAT \"\xc3\xa9\" 0\n";
+        let d = Descriptor::parse(bytes).expect("parse");
+        assert_eq!(d.extents[0].file.as_deref(), Some("\u{c3}\u{a9}"));
+        assert_eq!(Descriptor::parse(&d.to_bytes()).expect("reparse"), d);
     }
 
     #[test]
