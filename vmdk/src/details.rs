@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use vdisk_block::dev::{FormatSpecific, InfoValue};
+
 use crate::descriptor::ExtentType;
 use crate::extent::ExtentData;
 use crate::image::VmdkImage;
@@ -35,6 +37,59 @@ pub struct VmdkDetails {
     pub create_type: String,
     /// The extents in guest order.
     pub extents: Vec<ExtentDetails>,
+}
+
+impl ExtentDetails {
+    /// The extent as one element of qemu's `extents` list. qemu prints its info objects in
+    /// the iteration order of its hash table, not the schema's order; the keys here follow
+    /// what `qemu-img info` 10 prints (JSON and human alike), and `compressed` appears only
+    /// when true, as qemu's optional field does.
+    fn info_value(&self) -> InfoValue {
+        let mut map = Vec::with_capacity(5);
+        if self.compressed {
+            map.push(("compressed".to_string(), InfoValue::Bool(true)));
+        }
+        map.push((
+            "virtual-size".to_string(),
+            InfoValue::UInt(self.virtual_size),
+        ));
+        if let Some(name) = &self.filename {
+            map.push((
+                "filename".to_string(),
+                InfoValue::Text(name.to_string_lossy().into_owned()),
+            ));
+        }
+        if let Some(cluster) = self.cluster_size {
+            map.push(("cluster-size".to_string(), InfoValue::UInt(cluster)));
+        }
+        map.push(("format".to_string(), InfoValue::Text(self.format.clone())));
+        InfoValue::Map(map)
+    }
+}
+
+impl VmdkDetails {
+    /// These facts as the `format-specific` section `qemu-img info` prints, keys in its
+    /// order.
+    pub fn format_specific(&self) -> FormatSpecific {
+        FormatSpecific {
+            kind: "vmdk".to_string(),
+            data: vec![
+                ("cid".to_string(), InfoValue::UInt(u64::from(self.cid))),
+                (
+                    "parent-cid".to_string(),
+                    InfoValue::UInt(u64::from(self.parent_cid)),
+                ),
+                (
+                    "create-type".to_string(),
+                    InfoValue::Text(self.create_type.clone()),
+                ),
+                (
+                    "extents".to_string(),
+                    InfoValue::List(self.extents.iter().map(ExtentDetails::info_value).collect()),
+                ),
+            ],
+        }
+    }
 }
 
 impl VmdkImage {

@@ -348,6 +348,10 @@ impl BlockDev for VmdkImage {
         })
     }
 
+    fn format_specific(&self) -> Result<Option<vdisk_block::dev::FormatSpecific>> {
+        Ok(Some(self.details().format_specific()))
+    }
+
     fn backing(&self) -> Option<Arc<dyn BlockDev>> {
         self.backing.clone()
     }

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::{fixtures_dir, lay_out, read_all, sha256_hex, sha256_of, Scratch};
-use vdisk_block::{Format, OpenOptions};
+use vdisk_block::{BlockDev, Format, OpenOptions};
 use vdisk_vmdk::VmdkFormat;
 
 fn manifest(dir: &Path) -> serde_json::Map<String, serde_json::Value> {
@@ -123,7 +123,24 @@ fn esxi_sesparse_extent_reads_as_qemu_reads_it() {
     drop(extent);
 }
 
-/// `VmdkImage::details` gives what `qemu-img info` printed for each fixture.
+fn info_json(v: &vdisk_block::dev::InfoValue) -> serde_json::Value {
+    use vdisk_block::dev::InfoValue;
+    match v {
+        InfoValue::Bool(b) => (*b).into(),
+        InfoValue::Int(n) => (*n).into(),
+        InfoValue::UInt(n) => (*n).into(),
+        InfoValue::Text(t) => t.as_str().into(),
+        InfoValue::List(items) => serde_json::Value::Array(items.iter().map(info_json).collect()),
+        InfoValue::Map(entries) => serde_json::Value::Object(
+            entries
+                .iter()
+                .map(|(k, v)| (k.clone(), info_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// `VmdkImage::details` (and the `format-specific` section built from it) gives what `qemu-img info` printed for each fixture.
 #[test]
 fn details_match_qemu_img_info() {
     let Some(dir) = fixtures_dir() else { return };
@@ -150,6 +167,44 @@ fn details_match_qemu_img_info() {
             Some(got.create_type.as_str()),
             want["create-type"].as_str(),
             "{key}"
+        );
+        // The section the CLI prints carries the same facts (key order is checked against
+        // a live qemu-img in tests/info.rs; the manifest's keys are sorted).
+        let mut section = image
+            .format_specific()
+            .expect("format_specific")
+            .expect("a vmdk has a section");
+        assert_eq!(section.kind, "vmdk", "{key}");
+        for (name, value) in &mut section.data {
+            if name != "extents" {
+                continue;
+            }
+            let vdisk_block::dev::InfoValue::List(items) = value else {
+                panic!("{key}: extents is not a list");
+            };
+            for item in items {
+                let vdisk_block::dev::InfoValue::Map(fields) = item else {
+                    panic!("{key}: an extent is not an object");
+                };
+                for (field, v) in fields.iter_mut() {
+                    if field.as_str() != "filename" {
+                        continue;
+                    }
+                    if let vdisk_block::dev::InfoValue::Text(t) = v {
+                        // qemu ran in the fixture's folder; we opened a scratch copy.
+                        let base = Path::new(t.as_str())
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        *t = base;
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            &info_json(&vdisk_block::dev::InfoValue::Map(section.data)),
+            want,
+            "{key}: format-specific"
         );
         let extents = want["extents"].as_array().expect("extents");
         assert_eq!(got.extents.len(), extents.len(), "{key}: extents");
