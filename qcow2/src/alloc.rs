@@ -2,8 +2,11 @@
 //!
 //! Invariants this module keeps (the crash-safety rules of qcow2):
 //! - **A new refcount block is durable before the table entry that points to it**, and it
-//!   describes itself: it is placed inside the range of clusters it covers whenever it
-//!   can, and its own entry is set before it is written.
+//!   only ever lands in a free cluster: past the end of the used area. When that end lies
+//!   in the block's own range the block describes itself (its own entry is set before it
+//!   is written); when the range lies wholly below the end, the block sits at the end and
+//!   its refcount, in the block covering it, is durable first. Clusters inside a range
+//!   without a block are never taken for it: their refcounts cannot be known.
 //! - **A grown refcount table is durable, with refcounts for itself and for every block it
 //!   needs, before the header points to it**; the old table is freed only afterwards.
 //! - Refcount *increments* stay in memory (dirty blocks) until the image writes them back,
@@ -98,6 +101,13 @@ impl Refcounts {
         self.end
     }
 
+    /// Declares every cluster below `end` possibly in use, so that no refcount block or
+    /// table is ever created there (a repair that knows references past the end of the
+    /// file calls this before it sets any refcount).
+    pub fn claim_below(&mut self, end: u64) {
+        self.end = self.end.max(end);
+    }
+
     fn load_block(&mut self, file: &HostFile, t: u64) -> Result<bool> {
         if self.blocks.contains_key(&t) {
             return Ok(true);
@@ -165,6 +175,11 @@ impl Refcounts {
             self.end = self.end.max(cluster + 1);
         }
         if !self.load_block(file, t)? {
+            if value == 0 {
+                // A missing block already reads as 0; creating one would only use space.
+                self.free_hint = self.free_hint.min(cluster.max(1));
+                return Ok(());
+            }
             self.new_block(file, t, cluster)?;
         }
         let order = self.order;
@@ -245,8 +260,15 @@ impl Refcounts {
         }
     }
 
-    /// Creates the refcount block for table index `t`, placing it at the end of the used
-    /// area when that lies in its own range, so that it describes itself.
+    /// Creates the refcount block for table index `t`.
+    ///
+    /// When the end of the used area lies in (or before) the block's own range, the block
+    /// goes there and describes itself. When the whole range lies below the end, nothing
+    /// tells which of its clusters are free: they all read as refcount 0 precisely because
+    /// the block is missing, while a corrupt image (or a repair recounting one) may use
+    /// every one of them. The block then goes to the end of the used area, outside its own
+    /// range, and its refcount lives in the block that covers the end (made durable before
+    /// the table points to the new block).
     fn new_block(&mut self, file: &HostFile, t: u64, avoid: u64) -> Result<()> {
         if t as usize >= self.table.len() {
             self.grow_table(file, t + 1)?;
@@ -260,20 +282,22 @@ impl Refcounts {
         if c == avoid {
             c += 1;
         }
-        if c >= last {
-            // The range lies below the end of the file: take its lowest unused cluster.
-            c = first.max(1);
+        let mut data = vec![0u8; self.cs() as usize];
+        if c < last {
+            refcount::set(&mut data, c - first, self.order, 1);
+        } else {
+            // `avoid` (the cluster whose refcount is being set) was claimed by the caller,
+            // so the end already lies past it.
+            c = self.end;
             if c == avoid {
                 c += 1;
             }
+            // Claim the cluster before its refcount is set, so a block created for it
+            // below cannot land on it.
+            self.end = self.end.max(c + 1);
+            self.set(file, c, 1)?;
+            self.write_dirty(file)?;
         }
-        if c >= last {
-            return Err(corrupt(format!(
-                "no room for refcount block {t} inside its own range"
-            )));
-        }
-        let mut data = vec![0u8; self.cs() as usize];
-        refcount::set(&mut data, c - first, self.order, 1);
         let offset = c << self.cluster_bits;
         file.write_at(&data, offset)?;
         file.flush()?;

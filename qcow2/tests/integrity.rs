@@ -199,3 +199,69 @@ fn unknown_autoclear_bits_are_cleared_on_writable_open() {
     assert_eq!(be64_at(&raw, 88), 2);
     qemu_check_clean(&raw);
 }
+
+/// Zeroes refcount table entry `t` of `img` (so the clusters its block described look free
+/// although they are in use) and returns the cluster size and entries per refcount block.
+fn drop_refcount_block(img: &Path, t: u64) -> (u64, u64) {
+    let cluster_bits = be64_at(img, 16) & 0xffff_ffff;
+    let cs = 1u64 << cluster_bits;
+    let order = be64_at(img, 92) & 0xffff_ffff;
+    let per = (8 * cs) >> order;
+    let table = be64_at(img, 48);
+    assert_ne!(be64_at(img, table + 8 * t), 0, "refcount block {t} exists");
+    poke(img, table + 8 * t, &0u64.to_be_bytes());
+    (cs, per)
+}
+
+#[test]
+fn repair_never_places_a_refcount_block_on_a_used_cluster() {
+    for (opts, t) in [
+        ("cluster_size=512,refcount_bits=16", 5u64),
+        ("cluster_size=4k,refcount_bits=64", 0),
+        ("cluster_size=512,refcount_bits=16,lazy_refcounts=on", 3),
+    ] {
+        let sc = Scratch::new("refblock");
+        let img = sc.path("img.qcow2");
+        create(&img, opts, "8M");
+        qemu_io(
+            &img,
+            &[
+                "write -P 0x31 0 3m",
+                "write -P 0x32 5m 1m",
+                "write -z 1m 64k",
+            ],
+        );
+        let expect = qemu_contents(&img, &sc);
+        let (cs, per) = drop_refcount_block(&img, t);
+        // The dropped block's range lies wholly below the end of the file, and (qemu
+        // allocates from the front) nearly all of its clusters are in use.
+        let file_clusters = std::fs::metadata(&img).expect("stat").len() / cs;
+        assert!(file_clusters > (t + 1) * per, "{opts}: image too small");
+        let q = qemu_check(&img);
+        assert!(field(&q, "corruptions") >= per / 2, "{opts}: {q}");
+
+        if opts.contains("lazy_refcounts") {
+            // The automatic rebuild of a dirty image is the same repair.
+            let hdr_incompat = be64_at(&img, 72);
+            poke(&img, 72, &(hdr_incompat | 1).to_be_bytes());
+            let dev = open_rw(&img);
+            assert_same(&read_all(&dev), &expect, opts);
+            drop(dev);
+        } else {
+            let r = Qcow2Format
+                .check(&img, &options(), RepairMode::All)
+                .unwrap_or_else(|e| panic!("{opts}: repair: {e}"));
+            let tail = &r.messages[r.messages.len().saturating_sub(5)..];
+            assert_eq!((r.corruptions, r.leaks), (0, 0), "{opts}: {tail:?}");
+        }
+        qemu_check_clean(&img);
+        assert_same(&qemu_contents(&img, &sc), &expect, opts);
+        // The new block works for later allocations too.
+        let dev = open_rw(&img);
+        dev.write_at(&vec![0x44; 256 << 10], 7 << 20)
+            .expect("write");
+        dev.flush().expect("flush");
+        drop(dev);
+        qemu_check_clean(&img);
+    }
+}
