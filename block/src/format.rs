@@ -282,6 +282,19 @@ pub enum RepairMode {
     All,
 }
 
+/// How much host space an image needs, as `qemu-img measure` reports it
+/// (qemu's `BlockMeasureInfo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measurement {
+    /// Bytes the image needs for its metadata and the data it will hold.
+    pub required: u64,
+    /// Bytes the image needs once every guest cluster is allocated.
+    pub fully_allocated: u64,
+    /// Bytes the source's persistent dirty bitmaps would need in the new image; `None` when
+    /// the source or the target cannot hold persistent bitmaps (qemu then omits the field).
+    pub bitmaps: Option<u64>,
+}
+
 /// A format driver.
 pub trait Format: Send + Sync {
     /// The name qemu-img uses (`raw`, `qcow2`, `vmdk`, `vhdx`, `vpc`).
@@ -313,6 +326,25 @@ pub trait Format: Send + Sync {
                 .map(|(name, _)| (name, None)),
         );
         shown
+    }
+
+    /// Measures a new image of this format (`qemu-img measure`): an empty one of
+    /// `options.size` bytes, or, with `source`, a converted copy of that device (whose
+    /// allocation decides what is required). `options` are the `-o` options, already checked
+    /// to be known and well-typed by the caller; the driver validates their values.
+    fn measure(
+        &self,
+        options: CreateOptions,
+        source: Option<&dyn BlockDev>,
+    ) -> Result<Measurement> {
+        let _ = (options, source);
+        Err(Error::unsupported(
+            "measure",
+            format!(
+                "Block driver '{}' does not support size measurement",
+                self.name()
+            ),
+        ))
     }
 
     /// Checks (and with `repair`, repairs) the image's metadata.

@@ -15,7 +15,7 @@ use crate::dev::{
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::file::HostFile;
-use crate::format::{CreateOptions, Format, OpenOptions};
+use crate::format::{CreateOptions, Format, Measurement, OpenOptions};
 
 /// The raw format driver.
 #[derive(Debug, Default, Clone, Copy)]
@@ -60,6 +60,22 @@ impl Format for RawFormat {
             allocate_first_block(&file, options.size)?;
         }
         file.flush()
+    }
+
+    fn measure(
+        &self,
+        options: CreateOptions,
+        source: Option<&dyn BlockDev>,
+    ) -> Result<Measurement> {
+        // A raw image needs exactly its guest size, whatever the source holds, and qemu
+        // counts it in whole sectors.
+        let size = source.map_or(options.size, |dev| dev.size());
+        let required = size.checked_next_multiple_of(512).unwrap_or(size);
+        Ok(Measurement {
+            required,
+            fully_allocated: required,
+            bitmaps: None,
+        })
     }
 
     fn create_options_shown(&self) -> Vec<(&'static str, Option<&'static str>)> {

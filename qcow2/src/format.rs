@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use vdisk_block::format::Measurement;
 use vdisk_block::{BlockDev, CheckReport, CreateOptions, Format, OpenOptions, RepairMode, Result};
 
 use crate::header;
@@ -35,6 +36,14 @@ impl Format for Qcow2Format {
 
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
         crate::create::OPTIONS.to_vec()
+    }
+
+    fn measure(
+        &self,
+        options: CreateOptions,
+        source: Option<&dyn BlockDev>,
+    ) -> Result<Measurement> {
+        crate::measure::measure(options, source)
     }
 
     fn check(&self, path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {

@@ -8,6 +8,7 @@
 //! - [`alloc`]: cluster allocation and refcount updates for writable images;
 //! - [`image`]: [`Qcow2Image`], the opened image as a `BlockDev` (read path);
 //! - [`check`]: a metadata check that counts leaks and corruptions like `qemu-img check`;
+//! - [`measure`]: the host space a new image needs, computed as `qemu-img measure` does;
 //! - [`format`]: [`Qcow2Format`], the driver the registry lists;
 //! - [`fuzzing`]: entry points for the cargo-fuzz targets.
 //!
@@ -33,6 +34,7 @@ pub mod format;
 pub mod fuzzing;
 pub mod header;
 pub mod image;
+pub mod measure;
 pub mod open;
 pub mod overlap;
 pub mod refcount;

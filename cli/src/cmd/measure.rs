@@ -2,10 +2,11 @@
 //! existing image, will need.
 
 use clap::Args;
-use serde_json::json;
-use vdisk_block::CreateOptions;
+use serde_json::{Map, Value};
+use vdisk_block::format::{split_option_list, Measurement};
+use vdisk_block::{CreateOptions, ErrorKind};
 
-use super::{open, print, sectors, OpenSpec};
+use super::{open, print, OpenSpec};
 use crate::context::{parse_size_arg, Failure};
 use crate::output::{qemu_json, OutputFormat};
 use crate::Ctx;
@@ -61,6 +62,114 @@ pub fn run(ctx: &Ctx, args: MeasureArgs) -> i32 {
     }
 }
 
+/// How qemu parses the value of a creation option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Size,
+    Bool,
+    Number,
+    Text,
+}
+
+fn kind(name: &str) -> Kind {
+    match name {
+        "size" | "extent_size_hint" | "cluster_size" | "block_size" | "log_size" => Kind::Size,
+        "nocow" | "lazy_refcounts" | "extended_l2" | "data_file_raw" | "block_state_zero"
+        | "compat6" | "zeroed_grain" => Kind::Bool,
+        "refcount_bits" | "hwversion" => Kind::Number,
+        _ => Kind::Text,
+    }
+}
+
+/// qemu's `qemu_strtou64` with base 0: decimal, `0x` hexadecimal or `0` octal, and a
+/// leading minus wraps around as C's `strtoull` does.
+fn parse_number(text: &str) -> Option<u64> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let value = if let Some(hex) = digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        u64::from_str_radix(hex, 16).ok()?
+    } else if digits.len() > 1 && digits.starts_with('0') {
+        u64::from_str_radix(&digits[1..], 8).ok()?
+    } else {
+        digits.parse::<u64>().ok()?
+    };
+    Some(if negative {
+        value.wrapping_neg()
+    } else {
+        value
+    })
+}
+
+/// Checks the `-o` items as qemu's option parser does (known name, value of the right type)
+/// and returns them with booleans and numbers in plain spelling; a repeated option keeps
+/// its last value.
+fn parse_options(
+    ctx: &Ctx,
+    target: &str,
+    known: &[&str],
+    items: &[String],
+) -> Result<Vec<(String, String)>, Failure> {
+    let invalid_options = format!("\n{}: Invalid options for file format '{target}'", ctx.prog);
+    let mut out: Vec<(String, String)> = Vec::new();
+    for item in items.iter().filter(|i| !i.is_empty()) {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            // qemu reads a bare `noX` as `X=off` and a bare `X` as `X=on`.
+            None => match item.strip_prefix("no") {
+                Some(rest) => (rest.to_string(), "off".to_string()),
+                None => (item.clone(), "on".to_string()),
+            },
+        };
+        if !known.contains(&key.as_str()) {
+            return Err(Failure::new(
+                format!("Invalid parameter '{key}'{invalid_options}"),
+                format!("measure: format '{target}' has no option '{key}' (see 'vdisk create -f {target} -o help')"),
+            ));
+        }
+        let value = match kind(&key) {
+            Kind::Size => vdisk_block::size::parse_size(&value)
+                .map_err(|_| {
+                    Failure::new(
+                        format!(
+                            "Parameter '{key}' expects a non-negative number below 2^64\n\
+                             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                             and exabytes, respectively.{invalid_options}"
+                        ),
+                        format!("measure: option {key}: '{value}' is not a size (use e.g. 64k, 1M)"),
+                    )
+                })?
+                .to_string(),
+            Kind::Bool => match value.as_str() {
+                "on" | "yes" | "true" | "y" => "on".to_string(),
+                "off" | "no" | "false" | "n" => "off".to_string(),
+                _ => {
+                    return Err(Failure::new(
+                        format!("Parameter '{key}' expects 'on' or 'off'{invalid_options}"),
+                        format!("measure: option {key} takes on or off, not '{value}'"),
+                    ))
+                }
+            },
+            Kind::Number => parse_number(&value)
+                .ok_or_else(|| {
+                    Failure::new(
+                        format!("Parameter '{key}' expects a number{invalid_options}"),
+                        format!("measure: option {key}: '{value}' is not a number"),
+                    )
+                })?
+                .to_string(),
+            Kind::Text => value,
+        };
+        out.retain(|(k, _)| *k != key);
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
 fn measure(ctx: &Ctx, args: &MeasureArgs) -> Result<i32, Failure> {
     let output = match OutputFormat::parse(&args.output) {
         Ok(o) => o,
@@ -88,6 +197,34 @@ fn measure(ctx: &Ctx, args: &MeasureArgs) -> Result<i32, Failure> {
         }
         _ => {}
     }
+    // qemu opens the source before it looks at the target format or options.
+    let source = match file {
+        None => None,
+        Some(name) => {
+            let spec = OpenSpec {
+                format: args.format.as_deref(),
+                force_share: args.force_share,
+                ..OpenSpec::default()
+            };
+            let dev = open(name, &spec)?;
+            if args.snapshot.is_some() {
+                let format = dev
+                    .info()
+                    .map(|i| i.format)
+                    .unwrap_or_else(|_| "raw".to_string());
+                if format == "raw" {
+                    return Err(Failure::new(
+                        "Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
+                        "measure: this image format has no internal snapshots",
+                    ));
+                }
+                return Err(Failure::same(format!(
+                    "measure: measuring an internal snapshot (-l) of a {format} image is not implemented"
+                )));
+            }
+            Some(dev)
+        }
+    };
     let target = args.target_format.as_deref().unwrap_or("raw");
     let driver = vdisk_blockjobs::format_by_name(target).map_err(|_| {
         Failure::new(
@@ -98,59 +235,57 @@ fn measure(ctx: &Ctx, args: &MeasureArgs) -> Result<i32, Failure> {
             ),
         )
     })?;
-    let options = CreateOptions::parse_options(&args.options.join(","))
-        .map_err(|e| Failure::same(e.message().to_string()))?;
     let known_options: Vec<&str> = driver
         .create_options_help()
         .iter()
         .map(|(name, _)| *name)
         .collect();
-    if let Some(bad) = options
-        .keys()
-        .find(|k| !known_options.contains(&k.as_str()))
-    {
-        return Err(Failure::new(
-            format!("Invalid parameter '{bad}'\n{}: Invalid options for file format '{target}'", ctx.prog),
-            format!("measure: format '{target}' has no option '{bad}' (see 'vdisk create -f {target} -o help')"),
-        ));
+    let items = split_option_list(&args.options.join(","));
+    let mut options = CreateOptions::default();
+    for (key, value) in parse_options(ctx, target, &known_options, &items)? {
+        options.options.insert(key, value);
     }
-    if target != "raw" {
-        return Err(Failure::same(format!(
-            "measure: measuring for target format '{target}' is not supported yet"
-        )));
-    }
-    let virtual_size = match (size, file) {
-        (Some(s), _) => s,
-        (None, Some(name)) => {
-            if args.snapshot.is_some() {
-                return Err(Failure::new(
-                    "Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
-                    "measure: this image format has no internal snapshots",
-                ));
+    // --size wins over `-o size`, as qemu sets it after parsing the options.
+    let from_options = options
+        .take("size")
+        .map(|v| v.parse::<u64>().unwrap_or(0))
+        .unwrap_or(0);
+    options.size = size.unwrap_or(from_options);
+    let m = driver
+        .measure(options, source.as_deref())
+        .map_err(|e| match e.kind() {
+            ErrorKind::Unsupported | ErrorKind::InvalidInput => {
+                Failure::same(e.message().to_string())
             }
-            let spec = OpenSpec {
-                format: args.format.as_deref(),
-                force_share: args.force_share,
-                ..OpenSpec::default()
-            };
-            let dev = open(name, &spec)?;
-            vdisk_blockjobs::map::visible_len(dev.as_ref())
-        }
-        (None, None) => 0,
-    };
-    // A raw image needs exactly its guest size, whatever the source holds.
-    let required = sectors(virtual_size);
-    let text = match output {
-        OutputFormat::Json => format!(
-            "{}\n",
-            qemu_json(&json!({"required": required, "fully-allocated": required}))
-        ),
-        OutputFormat::Human => {
-            format!("required size: {required}\nfully allocated size: {required}\n")
-        }
-    };
-    print(&text);
+            _ => Failure::new(e.message().to_string(), format!("measure: {e}")),
+        })?;
+    print(&render(&m, output));
     Ok(0)
+}
+
+/// qemu-img's output: JSON in `BlockMeasureInfo` order, or the human lines.
+fn render(m: &Measurement, output: OutputFormat) -> String {
+    match output {
+        OutputFormat::Json => {
+            let mut obj = Map::new();
+            if let Some(b) = m.bitmaps {
+                obj.insert("bitmaps".into(), b.into());
+            }
+            obj.insert("required".into(), m.required.into());
+            obj.insert("fully-allocated".into(), m.fully_allocated.into());
+            format!("{}\n", qemu_json(&Value::Object(obj)))
+        }
+        OutputFormat::Human => {
+            let mut text = format!(
+                "required size: {}\nfully allocated size: {}\n",
+                m.required, m.fully_allocated
+            );
+            if let Some(b) = m.bitmaps {
+                text.push_str(&format!("bitmaps size: {b}\n"));
+            }
+            text
+        }
+    }
 }
 
 fn known() -> String {
