@@ -11,6 +11,13 @@
 //!               end-of-stream marker (a zero sector)
 //! ```
 //!
+//! Writers differ in where the tables go, and readers (qemu, VirtualBox, vSphere) find them
+//! through the footer's directory either way: the "VMDK stream converter" writes each table
+//! right after its grains; VMware's Virtual Disk Manager and open-vmdk put the directory and
+//! every table in the header area and write no GT/GD/footer markers. This writer takes
+//! grains in any order, so a table is complete only at a flush, and all tables follow the
+//! last grain (tests/stream.rs checks the layout and the fixtures of both other kinds).
+//!
 //! The file is append-only: a grain is compressed once, when all its bytes are known (or at a
 //! flush), and appended at the tail; writing a grain already in the file is refused, as qemu
 //! refuses it. Grain tables live in memory; every flush writes tables, directory, footer and

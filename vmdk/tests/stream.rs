@@ -75,50 +75,57 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// Walks the whole file from the first grain and checks VMware's stream layout.
-fn check_layout(path: &Path) {
-    let bytes = std::fs::read(path).expect("read");
-    let header = SparseHeader::decode(&bytes).expect("header");
+/// What a walk over a marker stream found.
+struct Walk {
+    header: SparseHeader,
+    /// (grain LBA, sector of its marker), in file order.
+    grains: Vec<(u64, u64)>,
+    /// Sector of each grain table (after its marker), in file order.
+    tables: Vec<u64>,
+    /// Some grain lies after some grain table: tables were written as the stream went
+    /// (after each table's grains), not all at the end.
+    interleaved: bool,
+}
+
+/// Walks a streamOptimized file with markers from its first grain to the end-of-stream
+/// marker and checks what every such stream must satisfy, whichever writer made it: grain
+/// markers and GT markers (interleaved or not), then the GD marker and directory, the footer
+/// marker and footer (the header with the real gdOffset), and the end-of-stream marker that
+/// ends the file; every grain is in its table, every table in the directory, and every table
+/// follows the grains it points at (a streaming reader meets data before its metadata).
+fn walk_stream(bytes: &[u8]) -> Walk {
+    let header = SparseHeader::decode(bytes).expect("header");
     assert_eq!(header.version, 3);
     assert_eq!(
         header.flags, 0x30001,
         "newline test, compressed, markers; no redundant GD"
     );
-    assert_eq!(
-        header.gd_offset, GD_AT_END,
-        "the first header defers to the footer"
-    );
     assert_eq!(header.compress_algorithm, 1);
     let mut at = (header.overhead * 512) as usize;
     let mut grains = Vec::new();
-    // Grain markers.
-    loop {
-        let m = Marker::decode(&bytes[at..]).expect("marker");
-        if m.size == 0 {
-            break;
-        }
-        assert_eq!(
-            m.val % header.grain_sectors,
-            0,
-            "grain markers carry grain LBAs"
-        );
-        assert_eq!(&bytes[at + 12..at + 14], &[0x78, 0x9c], "zlib streams");
-        grains.push((m.val, at as u64 / 512));
-        at += (12 + m.size as usize).div_ceil(512) * 512;
-    }
-    // Grain tables, each behind its marker.
     let mut tables = Vec::new();
-    loop {
+    let mut interleaved = false;
+    let gd_marker = loop {
         let m = Marker::decode(&bytes[at..]).expect("marker");
-        assert_eq!(m.size, 0);
+        if m.size != 0 {
+            assert_eq!(
+                m.val % header.grain_sectors,
+                0,
+                "grain markers carry grain LBAs"
+            );
+            assert_eq!(&bytes[at + 12..at + 14], &[0x78, 0x9c], "zlib streams");
+            interleaved |= !tables.is_empty();
+            grains.push((m.val, at as u64 / 512));
+            at += (12 + m.size as usize).div_ceil(512) * 512;
+            continue;
+        }
         if m.kind != 1 {
-            break;
+            break m;
         }
         assert_eq!(m.val, 4, "a grain table is 4 sectors");
         tables.push(at as u64 / 512 + 1);
         at += 512 * 5;
-    }
-    let gd_marker = Marker::decode(&bytes[at..]).expect("gd marker");
+    };
     assert_eq!((gd_marker.size, gd_marker.kind), (0, 2), "GD marker");
     let gd_at = at + 512;
     at = gd_at + gd_marker.val as usize * 512;
@@ -133,9 +140,13 @@ fn check_layout(path: &Path) {
         gd_at as u64 / 512,
         "the footer points at the GD"
     );
+    assert!(
+        header.gd_offset == GD_AT_END || header.gd_offset == footer.gd_offset,
+        "the header defers to the footer or agrees with it"
+    );
     assert_eq!(
         SparseHeader {
-            gd_offset: GD_AT_END,
+            gd_offset: header.gd_offset,
             ..footer.clone()
         },
         header,
@@ -144,20 +155,55 @@ fn check_layout(path: &Path) {
     let eos = &bytes[at + 1024..at + 1536];
     assert!(eos.iter().all(|&b| b == 0), "end-of-stream marker");
     assert_eq!(at + 1536, bytes.len(), "the stream ends the file");
-    // Every grain is in its table, and every table in the directory.
-    for (lba, sector) in grains {
+    let mut listed = 0;
+    for index in 0..header.gd_entries() as usize {
+        let entry = u64::from(u32_at(bytes, gd_at + index * 4));
+        if entry != 0 {
+            assert!(
+                tables.contains(&entry),
+                "directory entry {index} is a written table"
+            );
+            listed += 1;
+        }
+    }
+    assert_eq!(
+        listed,
+        tables.len(),
+        "every written table is in the directory"
+    );
+    for &(lba, sector) in &grains {
         let grain = lba / header.grain_sectors;
-        let gd_entry = u32_at(&bytes, gd_at + (grain / 512) as usize * 4) as u64;
+        let gd_entry = u64::from(u32_at(bytes, gd_at + (grain / 512) as usize * 4));
         assert!(
             tables.contains(&gd_entry),
             "grain {grain}'s table is one of the written ones"
         );
-        let gte = u32_at(
-            &bytes,
+        let gte = u64::from(u32_at(
+            bytes,
             (gd_entry * 512) as usize + (grain % 512) as usize * 4,
-        ) as u64;
+        ));
         assert_eq!(gte, sector, "grain {grain}");
+        assert!(gd_entry > sector, "grain {grain}'s table follows it");
     }
+    Walk {
+        header,
+        grains,
+        tables,
+        interleaved,
+    }
+}
+
+/// The layout vdisk's writer produces: a stream (above) whose first header defers to the
+/// footer, with every grain table after the last grain (the writer accepts grains in any
+/// order, so a table is complete only when the stream is closed).
+fn check_layout(path: &Path) {
+    let bytes = std::fs::read(path).expect("read");
+    let walk = walk_stream(&bytes);
+    assert_eq!(
+        walk.header.gd_offset, GD_AT_END,
+        "the first header defers to the footer"
+    );
+    assert!(!walk.interleaved, "vdisk writes its tables at the close");
 }
 
 #[test]
@@ -308,4 +354,151 @@ fn a_stream_whose_tables_alias_is_not_appended_to() {
         .map(|_| ())
         .expect_err("aliased tables");
     assert!(err.message().contains("share"), "{err}");
+}
+
+fn fixture(name: &str) -> Option<Vec<u8>> {
+    let dir = common::fixtures_dir()?;
+    Some(std::fs::read(dir.join("vmdk").join(name)).expect("fixture"))
+}
+
+/// The "VMDK stream converter" fixture (a third-party tool, imcleod/VMDK-stream-converter,
+/// written to satisfy vSphere's import; not VMware's own code) is a marker stream of the
+/// shape `walk_stream` checks, with one difference from vdisk's: its first header already
+/// holds the real gdOffset. That tool writes each grain table right after the last grain
+/// it covers (every 512 grains) and skips tables with no grain, which is what
+/// `walk_stream` accepts; this 1 MiB fixture has 16 grains and so one table, and cannot
+/// show the interleaving itself (`interleaved_tables_are_a_valid_stream` does).
+#[test]
+fn the_stream_converter_fixture_has_the_marker_layout() {
+    let Some(bytes) = fixture("streamconverter-markers--streamOptimizedWithMarkers.vmdk") else {
+        return;
+    };
+    let walk = walk_stream(&bytes);
+    assert_ne!(
+        walk.header.gd_offset, GD_AT_END,
+        "its header holds the real GD"
+    );
+    assert_eq!(walk.grains.len(), 16);
+    assert_eq!(walk.tables.len(), 1);
+    assert!(!walk.interleaved);
+    let lbas: Vec<u64> = walk.grains.iter().map(|g| g.0).collect();
+    assert!(
+        lbas.windows(2).all(|w| w[0] < w[1]),
+        "grains in guest order"
+    );
+}
+
+/// VMware Virtual Disk Manager's stream (and VMware's open-vmdk writer, whose source puts
+/// the directory and every table in the header area) is the other layout: grain directory
+/// and tables inside the overhead, pointed at by the first header; grain markers from the
+/// overhead on; no GT, GD or footer markers; an end-of-stream marker last. Neither VMware
+/// writer interleaves tables with grains.
+#[test]
+fn the_vdiskmanager_fixture_keeps_its_tables_up_front() {
+    let Some(bytes) = fixture("vdiskmanager-streamOptimized--streamOptimized.vmdk") else {
+        return;
+    };
+    let header = SparseHeader::decode(&bytes).expect("header");
+    assert_eq!((header.version, header.flags), (3, 0x30001));
+    assert!(header.gd_offset < header.overhead, "GD inside the overhead");
+    let mut at = (header.overhead * 512) as usize;
+    let mut grains = 0;
+    loop {
+        let m = Marker::decode(&bytes[at..]).expect("marker");
+        if m.size == 0 {
+            assert_eq!(
+                (m.val, m.kind),
+                (0, 0),
+                "only an end-of-stream marker follows grains"
+            );
+            break;
+        }
+        grains += 1;
+        at += (12 + m.size as usize).div_ceil(512) * 512;
+    }
+    assert_eq!(
+        at + 512,
+        bytes.len(),
+        "the end-of-stream marker ends the file"
+    );
+    let gt = u32_at(&bytes, (header.gd_offset * 512) as usize) as usize;
+    assert!(
+        (gt as u64) < header.overhead,
+        "the table is in the overhead too"
+    );
+    let used = (0..512)
+        .filter(|i| u32_at(&bytes, gt * 512 + i * 4) != 0)
+        .count();
+    assert_eq!(used, grains, "the table lists exactly the streamed grains");
+}
+
+/// A stream whose tables follow their own grains (the converter's order, which vSphere
+/// accepts): our walker accepts it, qemu-img and we read the same contents, and appending to
+/// it is refused cleanly (vdisk appends only where all metadata lies after all grains).
+#[test]
+fn interleaved_tables_are_a_valid_stream() {
+    use vdisk_vmdk::stream::stream_header;
+    let scratch = Scratch::new("stream-interleaved");
+    let path = scratch.path("i.vmdk");
+    let size = 64u64 << 20;
+    let header = stream_header(size / 512);
+    let mut file = vec![0u8; 128 * 512];
+    file[..512].copy_from_slice(&header.encode());
+    let descriptor = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"streamOptimized\"\n\n\
+# Extent description\nRW {} SPARSE \"i.vmdk\"\n\n# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n",
+        size / 512
+    );
+    file[512..512 + descriptor.len()].copy_from_slice(descriptor.as_bytes());
+    let mut model = vec![0u8; size as usize];
+    let mut gd = vec![0u32; 128];
+    // Table 0 gets grains 0 and 511, table 1 grains 512 and 1000; each table is written
+    // after its grains, before the next table's grains.
+    for (table, grains) in [(0usize, [0u64, 511]), (1, [512, 1000])] {
+        let mut gt = vec![0u32; 512];
+        for grain in grains {
+            let data: Vec<u8> = (0..65536u32)
+                .map(|i| (i as u64 * 7 + grain) as u8)
+                .collect();
+            model[(grain * 65536) as usize..((grain + 1) * 65536) as usize].copy_from_slice(&data);
+            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut z, &data).expect("deflate");
+            let compressed = z.finish().expect("deflate");
+            gt[(grain % 512) as usize] = (file.len() / 512) as u32;
+            file.extend_from_slice(&(grain * 128).to_le_bytes());
+            file.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
+            file.extend_from_slice(&compressed);
+            file.resize(file.len().div_ceil(512) * 512, 0);
+        }
+        file.extend_from_slice(&Marker::metadata_sector(1, 4));
+        gd[table] = (file.len() / 512) as u32;
+        for e in gt {
+            file.extend_from_slice(&e.to_le_bytes());
+        }
+    }
+    file.extend_from_slice(&Marker::metadata_sector(2, 1));
+    let gd_offset = (file.len() / 512) as u64;
+    for e in gd {
+        file.extend_from_slice(&e.to_le_bytes());
+    }
+    file.extend_from_slice(&Marker::metadata_sector(3, 1));
+    file.extend_from_slice(
+        &SparseHeader {
+            gd_offset,
+            ..header.clone()
+        }
+        .encode(),
+    );
+    file.extend_from_slice(&[0u8; 512]);
+    std::fs::write(&path, &file).expect("write");
+
+    let walk = walk_stream(&file);
+    assert!(walk.interleaved, "the test built what it meant to");
+    assert_eq!(walk.tables.len(), 2);
+    agrees(&path, &model, &scratch);
+    let err = VmdkFormat
+        .open(&path, &OpenOptions::read_write())
+        .map(|_| ())
+        .expect_err("append to an interleaved stream");
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
 }
