@@ -509,3 +509,56 @@ fn count(path: &Path, file: &HostFile) -> Result<(CheckReport, Vec<u32>)> {
     }
     Ok((report, refs))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vdisk_block::{BlockDev, CacheMode, CreateOptions, EngineChoice, Format};
+
+    fn be64(bytes: &[u8], at: usize) -> u64 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_be_bytes(a)
+    }
+
+    #[test]
+    fn references_past_the_end_of_the_file_are_corruptions_not_counted() {
+        // Found by the qcow2 fuzz target: an L2 entry naming cluster 2^24 of a 3 KiB file
+        // made check grow its reference array to 2^24 entries and compare every one of them.
+        let dir = std::env::temp_dir().join(format!("vdisk-qcow2-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch folder");
+        let path = dir.join("far.qcow2");
+        let options = CreateOptions {
+            size: 2 << 20,
+            options: CreateOptions::parse_options("cluster_size=512").expect("options"),
+        };
+        crate::Qcow2Format.create(&path, options).expect("create");
+        {
+            let img = crate::Qcow2Image::open(&path, &OpenOptions::read_write()).expect("open");
+            img.write_at(&[1; 512], 0).expect("write");
+            img.flush().expect("flush");
+        }
+        let mut bytes = std::fs::read(&path).expect("read");
+        let l1 = be64(&bytes, 40) as usize;
+        let l2 = (be64(&bytes, l1) & OFFSET_MASK) as usize;
+        bytes[l2..l2 + 8].copy_from_slice(&(COPIED | (1u64 << 24) << 9).to_be_bytes());
+        std::fs::write(&path, &bytes).expect("write");
+
+        let file = HostFile::open(&path, false, CacheMode::Writeback, EngineChoice::Sync)
+            .expect("open file");
+        let (report, refs) = count(&path, &file).expect("count");
+        assert!(report.corruptions >= 1, "{report:?}");
+        assert!(
+            report
+                .messages
+                .iter()
+                .any(|m| m.contains("exceeding the end of the file by one cluster or more")),
+            "{:?}",
+            report.messages
+        );
+        // Only what the file can hold is tracked.
+        assert!(refs.len() as u64 <= (bytes.len() as u64).div_ceil(512) + 1);
+        drop(file);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
