@@ -29,6 +29,9 @@ use crate::entry::{Decoder, Kind};
 use crate::header::{self, CryptMethod, Header};
 use crate::open::{self, ChainGuard, DataFile};
 
+/// Header offset of `incompatible_features`.
+pub(crate) const HEADER_INCOMPAT: u64 = 72;
+
 /// The L2 cache holds at most this many bytes of tables (QEMU's default maximum on Linux).
 const L2_CACHE_BYTES: u64 = 32 << 20;
 /// ...and at most this many tables, so eviction stays cheap with small clusters.
@@ -237,6 +240,56 @@ impl Qcow2Image {
         self.meta.lock().l1.clone()
     }
 
+    /// [`Decoder::classify`], signalling corruption on a bad entry (see
+    /// [`Self::signal_corruption`]).
+    pub(crate) fn classify(&self, entry: u64, bitmap: u64, sc: u32, guest: u64) -> Result<Kind> {
+        self.decoder
+            .classify(entry, bitmap, sc, guest)
+            .map_err(|e| self.signal_corruption(e))
+    }
+
+    /// [`Decoder::l2_offset`], signalling corruption on a bad entry.
+    pub(crate) fn l2_offset(&self, l1_index: u64, entry: u64) -> Result<u64> {
+        self.decoder
+            .l2_offset(l1_index, entry)
+            .map_err(|e| self.signal_corruption(e))
+    }
+
+    /// Handles a corrupt table entry met during I/O the way QEMU's
+    /// `qcow2_signal_corruption` does: an image open for writing is marked corrupt (the
+    /// incompatible bit in a version 3 header, in memory for version 2, which has none)
+    /// and takes no further writes, so a damaged table cannot lead to guest data landing
+    /// on metadata; from then on only `check -r all` may write to it. A read-only image is
+    /// left untouched and only the request fails. Returns the error to report.
+    pub(crate) fn signal_corruption(&self, e: Error) -> Error {
+        if e.kind() != ErrorKind::Corrupt || !self.writable {
+            return e;
+        }
+        if self.marked_corrupt.swap(true, Ordering::AcqRel) {
+            return e;
+        }
+        let mut message = format!("{}; the image is now marked corrupt", e.message());
+        if self.header.version >= 3 {
+            let features = self.header.incompatible_features | header::incompat::CORRUPT;
+            let written = self
+                .file
+                .write_at(&features.to_be_bytes(), HEADER_INCOMPAT)
+                .and_then(|()| self.file.flush());
+            if let Err(w) = written {
+                message = format!(
+                    "{}; marking the image corrupt failed: {}",
+                    e.message(),
+                    w.message()
+                );
+            }
+        }
+        let mut out = Error::corrupt(e.op(), message).with_path(e.path().unwrap_or(&self.path));
+        if let Some(offset) = e.offset() {
+            out = out.at_offset(offset);
+        }
+        out.with_source(e)
+    }
+
     /// Makes sure the L2 table at host `offset` is in the cache.
     pub(crate) fn load_l2(&self, meta: &mut Meta, offset: u64) -> Result<()> {
         if meta.l2.get(offset).is_some() {
@@ -283,7 +336,6 @@ impl Qcow2Image {
         let l2_offset = match meta.l1.get(l1_index as usize) {
             None => 0,
             Some(&e) => self
-                .decoder
                 .l2_offset(l1_index, e)
                 .map_err(|e| e.with_path(&self.path))?,
         };
@@ -312,8 +364,7 @@ impl Qcow2Image {
                 0
             };
             let sc = ((guest & (cs - 1)) / sc_size) as u32;
-            self.decoder
-                .classify(entry, bitmap, sc, guest & !(cs - 1))
+            self.classify(entry, bitmap, sc, guest & !(cs - 1))
                 .map_err(|e| e.with_path(&self.path))
         };
         let first = classify(offset)?;

@@ -130,7 +130,7 @@ impl Qcow2Image {
         {
             return Err(Error::corrupt(
                 op,
-                "the image was marked corrupt after a write would have overwritten its metadata",
+                "the image was marked corrupt (a table entry is damaged or a write would have overwritten metadata); repair it with check -r all",
             )
             .with_path(self.path()));
         }
@@ -156,21 +156,14 @@ impl Qcow2Image {
         if !own && !meta.overlap.hits(cb, host, len) {
             return Ok(());
         }
-        self.marked_corrupt
-            .store(true, std::sync::atomic::Ordering::Release);
-        if self.header.version >= 3 {
-            let features = self.header.incompatible_features | incompat::CORRUPT;
-            self.file().write_at(&features.to_be_bytes(), 72)?;
-            self.file().flush()?;
-        }
-        Err(Error::corrupt(
-            "write",
-            format!(
-                "guest data would overwrite metadata at host offset {host:#x}; the image is now marked corrupt"
-            ),
-        )
-        .with_path(self.path())
-        .at_offset(host))
+        Err(self.signal_corruption(
+            Error::corrupt(
+                "write",
+                format!("guest data would overwrite metadata at host offset {host:#x}"),
+            )
+            .with_path(self.path())
+            .at_offset(host),
+        ))
     }
 
     /// A partial write over a range that falls through must copy the backing file's data;
@@ -206,7 +199,7 @@ impl Qcow2Image {
         let entry = *meta.l1.get(l1_index).ok_or_else(|| {
             Error::corrupt("write", format!("L1 index {l1_index} is past the L1 table"))
         })?;
-        let old = self.decoder.l2_offset(l1_index as u64, entry)?;
+        let old = self.l2_offset(l1_index as u64, entry)?;
         if old != 0 && entry & COPIED != 0 {
             return Ok((old, idx));
         }
@@ -317,7 +310,7 @@ impl Qcow2Image {
             self.read_locked(&mut full[..valid as usize], start)?;
             meta = self.meta.lock();
             full[within as usize..within as usize + data.len()].copy_from_slice(data);
-            let old = self.decoder.classify(entry, 0, 0, start)?;
+            let old = self.classify(entry, 0, 0, start)?;
             let host = if data_file {
                 start
             } else {
@@ -380,7 +373,7 @@ impl Qcow2Image {
         let host0 = entry & OFFSET_MASK;
         let has_host = !compressed && host0 != 0;
         let private = has_host && entry & COPIED != 0;
-        let old = self.decoder.classify(entry, 0, 0, pos)?;
+        let old = self.classify(entry, 0, 0, pos)?;
         if !discard && mode == ZeroMode::KeepAllocated && private {
             return self.set_entry_bitmap(&mut meta, l2, idx, host0 | COPIED, ALL_ZERO);
         }
@@ -412,7 +405,7 @@ impl Qcow2Image {
         let mut meta = self.meta.lock();
         let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
         let entry = self.entry_at(&mut meta, l2, idx)?;
-        let kind = self.decoder.classify(entry, 0, 0, start)?;
+        let kind = self.classify(entry, 0, 0, start)?;
         let copied = entry & COPIED != 0;
         if let (Kind::Normal { host }, true) = (kind, copied) {
             self.guard(&mut meta, host + within as u64, data.len() as u64)?;
@@ -510,7 +503,7 @@ impl Qcow2Image {
         };
         let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
         let entry = self.entry_at(&mut meta, l2, idx)?;
-        let old = self.decoder.classify(entry, 0, 0, pos)?;
+        let old = self.classify(entry, 0, 0, pos)?;
         self.set_entry(&mut meta, l2, idx, new_entry)?;
         Self::release(&mut meta, old, cs);
         Ok(())
@@ -572,7 +565,7 @@ impl Qcow2Image {
         let mut meta = self.meta.lock();
         let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
         let entry = self.entry_at(&mut meta, l2, idx)?;
-        let kind = self.decoder.classify(entry, 0, 0, pos)?;
+        let kind = self.classify(entry, 0, 0, pos)?;
         let (host, old) = match (kind, entry & COPIED != 0) {
             (Kind::Normal { host }, true) => (host, None),
             (Kind::ZeroAlloc { host }, true) => (host, None),
@@ -693,7 +686,7 @@ impl Qcow2Image {
         let (l2, idx) = self.ensure_l2(&mut meta, offset)?;
         let (entry, _) = self.entry_bitmap_at(&mut meta, l2, idx)?;
         let old = if entry & COMPRESSED != 0 {
-            self.decoder.classify(entry, 0, 0, offset)?
+            self.classify(entry, 0, 0, offset)?
         } else if entry & OFFSET_MASK != 0 {
             Kind::Normal {
                 host: entry & OFFSET_MASK,
@@ -829,7 +822,7 @@ impl Qcow2Image {
                     while at < pos + run {
                         let (l2, idx) = self.ensure_l2(&mut meta, at)?;
                         let (entry, _) = self.entry_bitmap_at(&mut meta, l2, idx)?;
-                        let old = self.decoder.classify(entry, 0, 0, at)?;
+                        let old = self.classify(entry, 0, 0, at)?;
                         self.set_entry_bitmap(&mut meta, l2, idx, 0, 0)?;
                         if !self.header.has_data_file() {
                             Self::release(&mut meta, old, cs);
@@ -841,7 +834,7 @@ impl Qcow2Image {
             }
             // L2 tables that now cover nothing are unhooked and freed.
             for i in needed_l1 as usize..meta.l1.len() {
-                let l2 = self.decoder.l2_offset(i as u64, meta.l1[i])?;
+                let l2 = self.l2_offset(i as u64, meta.l1[i])?;
                 if l2 == 0 {
                     continue;
                 }

@@ -265,3 +265,116 @@ fn repair_never_places_a_refcount_block_on_a_used_cluster() {
         qemu_check_clean(&img);
     }
 }
+
+/// Host offset of the first L2 table of `img` and the raw value of its entry `idx`.
+fn l2_entry(img: &Path, idx: u64) -> (u64, u64) {
+    let l1 = be64_at(img, 40);
+    let l2 = be64_at(img, l1) & 0x00ff_ffff_ffff_fe00;
+    (l2 + 8 * idx, be64_at(img, l2 + 8 * idx))
+}
+
+fn qemu_says_corrupt(img: &Path) -> bool {
+    qemu_info(img)["format-specific"]["data"]["corrupt"]
+        .as_bool()
+        .expect("corrupt field")
+}
+
+#[test]
+fn bad_table_entries_mark_writable_images_corrupt() {
+    // (name, create options, how the first L2 entry is damaged)
+    for (name, opts, damage) in [
+        ("unaligned", "", 0x200u64),
+        ("reserved", "", 0x2),
+        ("unaligned-v2", "compat=0.10", 0x200),
+    ] {
+        let sc = Scratch::new("corrupt-bit");
+        let img = sc.path("img.qcow2");
+        create(&img, opts, "4M");
+        qemu_io(&img, &["write -P 0x61 0 128k", "write -P 0x62 1m 64k"]);
+        let (at, entry) = l2_entry(&img, 0);
+        poke(&img, at, &(entry | damage).to_be_bytes());
+        let v3 = !opts.contains("0.10");
+        let incompat = if v3 { be64_at(&img, 72) } else { 0 };
+
+        // Read-only: the request fails, nothing is written.
+        let before = std::fs::read(&img).expect("read image");
+        let dev = open(&img);
+        let mut buf = vec![0u8; 4096];
+        let err = dev.read_at(&mut buf, 0).expect_err(name);
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{name}: {err}");
+        dev.read_at(&mut buf, 1 << 20).expect("undamaged range");
+        assert!(buf.iter().all(|&b| b == 0x62), "{name}");
+        drop(dev);
+        assert!(std::fs::read(&img).expect("read") == before, "{name}");
+
+        // Writable: the write fails and the image is marked corrupt.
+        let dev = open_rw(&img);
+        let err = dev.write_at(&[7; 4096], 0).expect_err(name);
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{name}: {err}");
+        assert!(err.message().contains("marked corrupt"), "{name}: {err}");
+        // No further write anywhere, as qemu stops using the image.
+        let err = dev.write_at(&[7; 512], 2 << 20).expect_err(name);
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{name}: {err}");
+        dev.flush().expect("flush");
+        drop(dev);
+        if !v3 {
+            // Version 2 has no feature bits: the mark lives only as long as the image.
+            assert!(std::fs::read(&img).expect("read") == before, "{name}");
+            let q = qemu_check(&img);
+            assert!(field(&q, "corruptions") >= 1, "{name}: {q}");
+            continue;
+        }
+        assert_eq!(be64_at(&img, 72), incompat | 2, "{name}: corrupt bit");
+        assert!(qemu_says_corrupt(&img), "{name}");
+        let q = qemu_check(&img);
+        assert!(field(&q, "corruptions") >= 1, "{name}: {q}");
+        // Afterwards writable opens are refused; read-only ones work, as with qemu.
+        let err = Qcow2Image::open(&img, &rw_options()).expect_err(name);
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{name}: {err}");
+        let dev = open(&img);
+        let mut buf = vec![0u8; 4096];
+        dev.read_at(&mut buf, 64 << 10)
+            .expect("read of a good cluster");
+        assert!(buf.iter().all(|&b| b == 0x61), "{name}");
+    }
+}
+
+#[test]
+fn reads_of_bad_entries_mark_writable_images_corrupt() {
+    // qemu-io opens images writable, and a read of an unaligned L1 or L2 entry marks the
+    // image corrupt there too.
+    for l1 in [false, true] {
+        let sc = Scratch::new("corrupt-read");
+        let img = sc.path("img.qcow2");
+        create(&img, "", "4M");
+        qemu_io(&img, &["write -P 0x61 0 128k"]);
+        let qemu_img_copy = sc.path("qemu.qcow2");
+        let (at, entry) = if l1 {
+            let l1 = be64_at(&img, 40);
+            (l1, be64_at(&img, l1))
+        } else {
+            l2_entry(&img, 0)
+        };
+        poke(&img, at, &(entry | 0x200).to_be_bytes());
+        std::fs::copy(&img, &qemu_img_copy).expect("copy");
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "read 0 4k", s(&qemu_img_copy)])
+            .output()
+            .expect("qemu-io");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("read failed"),
+            "qemu reads it"
+        );
+        assert!(
+            qemu_says_corrupt(&qemu_img_copy),
+            "qemu marks it (l1: {l1})"
+        );
+
+        let dev = open_rw(&img);
+        let mut buf = vec![0u8; 4096];
+        let err = dev.read_at(&mut buf, 0).expect_err("read of a bad entry");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        drop(dev);
+        assert!(qemu_says_corrupt(&img), "l1: {l1}");
+    }
+}
