@@ -489,3 +489,150 @@ fn a_moved_parent_is_found_beside_the_delta() {
         "reads through the parent beside it"
     );
 }
+
+/// qemu-img's CID of `image`, from `info --output=json`.
+fn qemu_cid(image: &Path) -> u32 {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "vmdk"])
+        .arg(image)
+        .output()
+        .expect("qemu-img is required");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let cid = info["format-specific"]["data"]["cid"]
+        .as_u64()
+        .expect("cid");
+    u32::try_from(cid).expect("32-bit cid")
+}
+
+/// A seSparse grain table entry for data in grain number `n` of the grain region: type 3,
+/// the low 12 bits of `n` in bits 48..60 and the rest in bits 0..48 (qemu's decoding).
+fn sesparse_data_entry(n: u64) -> u64 {
+    (3 << 60) | ((n & 0xfff) << 48) | (n >> 12)
+}
+
+/// No tool here writes seSparse, so this builds a delta by hand in the layout of the ESXi
+/// fixture (constant header, volatile header, journal, directory, tables, bitmap, backmap,
+/// grains; 4 KiB grains, 4096-entry tables of u64) over a qemu-made parent: allocated grains
+/// (one of them past grain number 4095, where the entry's bits are shuffled), unmapped and
+/// zeroed grains (zeroes, never the parent), and unallocated ones (the parent). qemu-img,
+/// following the same parentFileNameHint, is the oracle.
+#[test]
+fn sesparse_delta_reads_through_its_parent_as_qemu_reads_it() {
+    use std::os::unix::fs::FileExt;
+    let scratch = Scratch::new("sesparse-chain");
+    let base = create(&scratch, "base.vmdk", "subformat=monolithicSparse", "64M");
+    qemu_io(
+        &base,
+        "vmdk",
+        &["write -P 0x5a 0 20m", "write -P 0x6b 40m 8m"],
+    );
+    let parent_cid = qemu_cid(&base);
+    let sectors = 131072u64;
+    let grain_bytes = 4096u64;
+    let grains_region = 4098u64;
+    // (offset, size) in sectors of the eight regions, in header order.
+    let regions: [(u64, u64); 8] = [
+        (1, 1),
+        (2, 1),
+        (3, 1),
+        (4, 1),
+        (8, 128),
+        (136, 1),
+        (137, 1),
+        (144, grains_region * 8),
+    ];
+    let mut head = vec![0u8; 144 * 512];
+    let mut put = |at: usize, v: u64| head[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    for (i, v) in [0xcafe_babe, 0x2_0000_0001, sectors, 8, 64]
+        .into_iter()
+        .enumerate()
+    {
+        put(i * 8, v);
+    }
+    for (i, (off, size)) in regions.iter().enumerate() {
+        put((10 + 2 * i) * 8, *off);
+        put((11 + 2 * i) * 8, *size);
+    }
+    put(512, 0xcafe_cafe);
+    // Directory: entry 0 -> table 0, entry 2 -> table 1 (guest 32..48 MiB).
+    put(4 * 512, 0x1000_0000_0000_0000);
+    put(4 * 512 + 16, 0x1000_0000_0000_0001);
+    let table = |t: usize, i: usize| 8 * 512 + t * 32768 + i * 8;
+    // (guest grain, grain number in the region) of the data grains.
+    let data = [(0u64, 0u64), (2 * 4096 + 5, 4097), (3, 1)];
+    put(table(0, 0), sesparse_data_entry(0));
+    put(table(0, 1), 0x1000_0000_0000_0000); // unmapped
+    put(table(0, 2), 0x2000_0000_0000_0000); // zeroed
+    put(table(0, 3), sesparse_data_entry(1));
+    put(table(0, 4), 0); // unallocated: the parent
+    put(table(1, 5), sesparse_data_entry(4097));
+    let extent = scratch.path("snap-sesparse.vmdk");
+    let file = std::fs::File::create(&extent).expect("extent");
+    file.write_all_at(&head, 0).expect("head");
+    file.set_len((144 + grains_region * 8) * 512)
+        .expect("length");
+    let mut model = vec![0u8; (sectors * 512) as usize];
+    let parent = qemu_raw(&base, &scratch);
+    model.copy_from_slice(&parent);
+    for (guest, number) in data {
+        let bytes: Vec<u8> = (0..grain_bytes)
+            .map(|i| (i % 251) as u8 ^ (guest as u8).wrapping_add(0x80))
+            .collect();
+        file.write_all_at(&bytes, (144 * 512) + number * grain_bytes)
+            .expect("grain");
+        let at = (guest * grain_bytes) as usize;
+        model[at..at + grain_bytes as usize].copy_from_slice(&bytes);
+    }
+    model[4096..3 * 4096].fill(0);
+    drop(file);
+    let image = scratch.path("snap.vmdk");
+    std::fs::write(
+        &image,
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID={parent_cid:08x}\ncreateType=\"seSparse\"\n\
+parentFileNameHint=\"base.vmdk\"\n\n# Extent description\nRW {sectors} SESPARSE \"snap-sesparse.vmdk\"\n\n#DDB\n"
+        ),
+    )
+    .expect("delta descriptor");
+
+    let want = qemu_raw(&image, &scratch);
+    assert!(
+        want == model,
+        "qemu reads the delta this test meant to build"
+    );
+    let dev = VmdkFormat.open(&image, &with_opener()).expect("open chain");
+    assert!(
+        read_all(dev.as_ref()) == want,
+        "we read other contents than qemu"
+    );
+    assert!(dev.backing().is_some());
+    let st = dev.block_status(4 * 4096, 4096).expect("status");
+    assert!(
+        !st.allocated && !st.zero,
+        "an unallocated grain defers to the parent: {st:?}"
+    );
+    let st = dev.block_status(4096, 2 * 4096).expect("status");
+    assert!(
+        st.zero && !st.data && st.len == 2 * 4096,
+        "unmapped and zeroed: {st:?}"
+    );
+
+    // The parent changes after the delta was taken: its CID no longer matches.
+    qemu_io(&base, "vmdk", &["write -P 0x01 0 512"]);
+    assert_ne!(
+        qemu_cid(&base),
+        parent_cid,
+        "qemu-io gave the parent a new CID"
+    );
+    let err = VmdkFormat
+        .open(&image, &with_opener())
+        .map(|_| ())
+        .expect_err("cid mismatch");
+    assert_eq!(err.kind(), vdisk_block::ErrorKind::Corrupt, "{err}");
+    assert!(err.message().contains("parentCID"), "{err}");
+}
