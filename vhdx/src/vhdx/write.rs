@@ -404,6 +404,52 @@ impl Drop for VhdxImage {
 }
 
 impl VhdxImage {
+    /// Before growing from `old`: makes the block holding a non-block-aligned `old` read
+    /// zeroes past it. A block that falls through to the parent there (NOT_PRESENT,
+    /// UNDEFINED or, through its bitmap, PARTIALLY_PRESENT) would otherwise show the
+    /// parent's bytes in the grown range; it is materialised (the parent's bytes up to `old`)
+    /// and its tail zeroed. A FULLY_PRESENT block's tail may hold stale bytes from another
+    /// writer and is zeroed in place.
+    fn clear_tail_for_growth(&self, w: &mut WriterState, old: u64) -> Result<()> {
+        let bs = self.params.block_size as u64;
+        if old.is_multiple_of(bs) {
+            return Ok(());
+        }
+        let block = old / bs;
+        let (_, state, host) = self.payload_state(block)?;
+        let host = match state {
+            PayloadState::FullyPresent => host,
+            PayloadState::PartiallyPresent | PayloadState::NotPresent | PayloadState::Undefined
+                if self.params.has_parent =>
+            {
+                self.materialise(w, block)?
+            }
+            _ => return Ok(()),
+        };
+        let tail_at = host + old % bs;
+        let tail = bs - old % bs;
+        // Another writer may have packed a block into the unused tail of a last block
+        // (only the part inside the disk is reserved); never zero someone else's data.
+        let bat = self.bat.read().unwrap_or_else(|e| e.into_inner());
+        let shared = bat.iter().any(|&e| {
+            matches!(bat::state_bits(e), 6 | 7)
+                && (tail_at..tail_at + tail).contains(&bat::file_offset(e))
+        });
+        drop(bat);
+        if shared {
+            return Err(Error::unsupported(
+                "resize",
+                format!(
+                    "the last block ({block}) shares its file space with another block; convert the image instead"
+                ),
+            )
+            .with_path(&self.path));
+        }
+        self.fzero(tail_at, tail)
+    }
+}
+
+impl VhdxImage {
     /// Resets BAT entries `indexes` to NOT_PRESENT through the log (repair of bad entries).
     pub(crate) fn reset_entries(&self, indexes: &[u64]) -> Result<()> {
         self.check_writable("repair")?;
@@ -418,7 +464,8 @@ impl VhdxImage {
     /// Grows or shrinks the virtual disk: the size item and the BAT change in one log entry.
     /// Blocks past a new, smaller end are dropped and the tail of the last block is zeroed, so
     /// growing again reads zeroes there; whole blocks added to a differencing image are ZERO
-    /// so its parent does not show through. The BAT region is not moved: a size needing
+    /// and the old last block is made to read zeroes past the old end, so its parent does
+    /// not show through. The BAT region is not moved: a size needing
     /// more entries than it holds is refused.
     pub(crate) fn resize_impl(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
         self.check_writable("resize")?;
@@ -474,7 +521,10 @@ impl VhdxImage {
                 changes.push((bat::payload_index(block, ratio), 0));
             }
             changes.retain(|(i, _)| *i < current);
-        } else if self.params.has_parent {
+        } else {
+            self.clear_tail_for_growth(&mut w, old)?;
+        }
+        if new_size > old && self.params.has_parent {
             for block in old.div_ceil(bs)..new_size.div_ceil(bs) {
                 let entry = bat::make_entry(PayloadState::Zero.bits(), 0);
                 changes.push((bat::payload_index(block, ratio), entry));
