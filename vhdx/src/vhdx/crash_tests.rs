@@ -35,6 +35,7 @@ use vdisk_block::{
     ZeroMode,
 };
 
+use crate::vhdx::bat;
 use crate::vhdx::check::check;
 use crate::vhdx::format::VhdxFormat;
 use crate::vhdx::image::VhdxImage;
@@ -596,4 +597,100 @@ fn every_cut_of_a_dynamic_image_write_stream_leaves_a_consistent_image() {
 #[test]
 fn every_cut_of_a_differencing_image_write_stream_leaves_a_consistent_image() {
     every_cut(&differencing_scenario());
+}
+
+/// A VHDX with a non-empty log made by a real cut: the power fails after a commit's log
+/// entry is flushed, before its BAT sectors are written in place. A read-only open replays
+/// the entry in memory and shows the block it maps, reads what the image holds once the log
+/// is replayed into the file (by vdisk's writable open and by qemu-img's `check -r all`),
+/// and leaves the file byte for byte unmodified.
+#[test]
+fn a_cut_that_leaves_an_unreplayed_log_entry_opens_read_only_with_the_replayed_contents() {
+    let scn = dynamic_scenario();
+    let dir = vdisk_block::testing::TempDir::new("vhdx-log-cut").expect("temp dir");
+    let pristine = prepare(&scn, dir.path());
+    let probe = dir.join("probe.vhdx");
+    std::fs::copy(&pristine, &probe).expect("copy");
+    let (_, _, total) = run(&scn, &probe, -1, false);
+    let image = dir.join("cut.vhdx");
+    // The first cut whose log maps a block the BAT in the file does not: the entry is
+    // logged but not applied.
+    let found = (0..=total).find_map(|cut| {
+        std::fs::copy(&pristine, &image).expect("copy");
+        run(&scn, &image, cut, false);
+        let img = VhdxImage::open(&image, &options(false)).expect("open");
+        img.replayed()?;
+        let mut raw = vec![0u8; img.params().bat_entries() as usize * 8];
+        img.file()
+            .read_at(&mut raw, img.regions().bat.offset)
+            .expect("read the BAT in the file");
+        let ratio = img.params().chunk_ratio();
+        let bs = img.params().block_size as u64;
+        (0..img.size() / bs).find_map(|block| {
+            let index = bat::payload_index(block, ratio) as usize;
+            let on_disk = raw.get(index * 8..index * 8 + 8)?;
+            let on_disk = u64::from_le_bytes(on_disk.try_into().ok()?);
+            let replayed = img.bat_entry(index as u64).ok()?;
+            (bat::state_bits(on_disk) == 0 && bat::state_bits(replayed) == 6)
+                .then_some((cut, block))
+        })
+    });
+    let (cut, block) = found.expect("no cut leaves a logged, unapplied BAT update");
+    eprintln!("cut {cut}: the log maps block {block}, the file's BAT does not");
+    let before = std::fs::read(&image).expect("read image file");
+    let img = VhdxImage::open(&image, &options(false)).expect("open read-only");
+    let replay = img.replayed().expect("a log to replay");
+    assert!(replay.entries >= 1, "{replay:?}");
+    let mut got = vec![0u8; img.size() as usize];
+    img.read_at(&mut got, 0).expect("read");
+    let bs = img.params().block_size as usize;
+    let start = block as usize * bs;
+    assert!(
+        got[start..start + bs].iter().any(|&b| b != 0),
+        "block {block} reads as zeroes: the replayed mapping was not used"
+    );
+    drop(img);
+    assert!(
+        std::fs::read(&image).expect("read image file") == before,
+        "the read-only open changed the file"
+    );
+
+    // Replayed into the file by a writable open, the image reads the same.
+    let ours = dir.join("replayed-by-vdisk.vhdx");
+    std::fs::copy(&image, &ours).expect("copy");
+    drop(VhdxImage::open(&ours, &options(true)).expect("open writable"));
+    let img = VhdxImage::open(&ours, &options(false)).expect("open");
+    assert!(img.replayed().is_none(), "the writable open left a log");
+    let mut replayed = vec![0u8; img.size() as usize];
+    img.read_at(&mut replayed, 0).expect("read");
+    assert!(
+        replayed == got,
+        "the in-memory replay differs from the replay into the file"
+    );
+    drop(img);
+
+    if !have_qemu() {
+        return;
+    }
+    let out = qemu_img(&["info", "-f", "vhdx"], &image);
+    assert!(
+        !out.status.success(),
+        "qemu-img opened the unreplayed image read-only: {out:?}"
+    );
+    let theirs = dir.join("replayed-by-qemu.vhdx");
+    std::fs::copy(&image, &theirs).expect("copy");
+    let out = qemu_img(&["check", "-q", "-r", "all", "-f", "vhdx"], &theirs);
+    assert!(out.status.success(), "qemu-img check -r all: {out:?}");
+    let raw = dir.join("qemu.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "vhdx", "-O", "raw"])
+        .arg(&theirs)
+        .arg(&raw)
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "qemu-img convert: {out:?}");
+    assert!(
+        std::fs::read(&raw).expect("raw") == got,
+        "qemu-img reads other contents after its replay than our read-only open"
+    );
 }
