@@ -111,6 +111,21 @@ pub(crate) fn prepare_writable(file: &HostFile, header: &mut Header, repair: boo
     Ok(())
 }
 
+/// True when block status says `[start, start + len)` of `backing` reads as zeroes (past
+/// its end it does).
+fn backing_reads_zero(backing: &dyn BlockDev, start: u64, len: u64) -> Result<bool> {
+    let end = (start + len).min(backing.size());
+    let mut at = start;
+    while at < end {
+        let st = backing.block_status(at, end - at)?;
+        if !st.zero || st.len == 0 {
+            return Ok(false);
+        }
+        at += st.len;
+    }
+    Ok(true)
+}
+
 fn table_bytes(words: &[u64]) -> Vec<u8> {
     let mut raw = Vec::with_capacity(words.len() * 8);
     for w in words {
@@ -629,15 +644,45 @@ impl Qcow2Image {
     }
 
     /// Write-zeroes with the I/O lock held.
+    ///
+    /// A piece of a cluster is written as zero bytes, except (as QEMU's
+    /// `qcow2_co_pwrite_zeroes` does) when the whole cluster already reads as zeroes without
+    /// holding data: then the cluster is zeroed whole, which allocates nothing where a
+    /// zero write would have allocated a cluster full of zeroes.
     fn zero_locked(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        let cs = self.header.cluster_size();
         for (pos, n, whole) in self.pieces(offset, len) {
             if whole {
                 self.clear_cluster(pos, false, mode)?;
+            } else if self.zero_without_data(pos & !(cs - 1))? {
+                self.clear_cluster(pos & !(cs - 1), false, mode)?;
             } else {
                 self.write_cluster(&vec![0u8; n as usize], pos)?;
             }
         }
         Ok(())
+    }
+
+    /// True when the guest cluster at `start` reads as zeroes and is unallocated or a zero
+    /// cluster, so zeroing a piece of it may zero it whole. With a backing file (version 3
+    /// only: version 2 cannot show zeroes over one) the backing file must report zeroes
+    /// for the whole cluster.
+    fn zero_without_data(&self, start: u64) -> Result<bool> {
+        if self.decoder.extended_l2 || self.header.has_data_file() {
+            return Ok(false);
+        }
+        let cs = self.header.cluster_size();
+        let valid = (self.size() - start).min(cs);
+        let (kind, _) = self.lookup(start, valid)?;
+        match kind {
+            Kind::ZeroPlain | Kind::ZeroAlloc { .. } => Ok(true),
+            Kind::Unallocated if self.header.backing_file.is_none() => Ok(true),
+            Kind::Unallocated if self.header.version >= 3 => match &self.backing {
+                Some(backing) => backing_reads_zero(backing.as_ref(), start, valid),
+                None => Ok(false),
+            },
+            _ => Ok(false),
+        }
     }
 
     pub(crate) fn discard_impl(&self, offset: u64, len: u64) -> Result<()> {

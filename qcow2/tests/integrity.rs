@@ -378,3 +378,100 @@ fn reads_of_bad_entries_mark_writable_images_corrupt() {
         assert!(qemu_says_corrupt(&img), "l1: {l1}");
     }
 }
+
+/// `qemu-img map --output=json` of `img`.
+fn qemu_map(img: &Path) -> serde_json::Value {
+    serde_json::from_str(&qemu_img(&["map", "--output=json", s(img)])).expect("map json")
+}
+
+/// Applies the same write-zeroes requests through qemu-io to one copy of `base` and through
+/// us to another, then requires the same allocation (`qemu-img map`, host offsets
+/// included), the same contents and clean images.
+fn same_zeroing_as_qemu(name: &str, base: &Path, sc: &Scratch, ops: &[(u64, u64, bool)]) {
+    let theirs = sc.path(&format!("{name}-qemu.qcow2"));
+    let ours = sc.path(&format!("{name}-ours.qcow2"));
+    std::fs::copy(base, &theirs).expect("copy");
+    std::fs::copy(base, &ours).expect("copy");
+    let commands: Vec<String> = ops
+        .iter()
+        .map(|&(off, len, unmap)| format!("write -z {}{off} {len}", if unmap { "-u " } else { "" }))
+        .collect();
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    qemu_io(&theirs, &commands);
+    let dev = open_rw(&ours);
+    for &(off, len, unmap) in ops {
+        let mode = if unmap {
+            vdisk_block::ZeroMode::MayUnmap
+        } else {
+            vdisk_block::ZeroMode::KeepAllocated
+        };
+        dev.write_zeroes(off, len, mode)
+            .unwrap_or_else(|e| panic!("{name}: write zeroes {off} {len}: {e}"));
+    }
+    dev.flush().expect("flush");
+    drop(dev);
+    qemu_check_clean(&ours);
+    assert_eq!(
+        qemu_map(&ours),
+        qemu_map(&theirs),
+        "{name}: allocation differs"
+    );
+    qemu_img(&["compare", "-q", s(&ours), s(&theirs)]);
+}
+
+#[test]
+fn v2_write_zeroes_allocates_like_qemu() {
+    let sc = Scratch::new("v2-zeroes");
+    const K: u64 = 1024;
+    // (offset, length, may unmap): whole clusters over data and over nothing, pieces of
+    // clusters over data and over nothing, a request with ragged ends, the last cluster.
+    let ops: &[(u64, u64, bool)] = &[
+        (64 * K, 128 * K, false),
+        (1024 * K, 128 * K, false),
+        (2048 * K, 64 * K, true),
+        (300 * K, 8 * K, false),
+        (3200 * K, 4 * K, true),
+        (512 * K + 4 * K, 4 * K, false),
+        (520 * K, 200 * K, true),
+        (4096 * K - 64 * K, 64 * K, false),
+        (6000 * K, 300 * K, false),
+        (8 * 1024 * K - 1000, 1000, false),
+    ];
+    for (name, opts) in [
+        ("v2", "compat=0.10"),
+        ("v2-small", "compat=0.10,cluster_size=4k"),
+    ] {
+        let base = sc.path(&format!("{name}.qcow2"));
+        create(&base, opts, "8M");
+        qemu_io(
+            &base,
+            &[
+                "write -P 0x11 0 768k",
+                "write -P 0x12 2m 128k",
+                "write -P 0x13 4032k 64k",
+                "write -P 0x14 8100k 92k",
+            ],
+        );
+        same_zeroing_as_qemu(name, &base, &sc, ops);
+    }
+    // With a backing file v2 has nothing to show zeroes with but zeroed data clusters.
+    let backing = sc.path("backing.qcow2");
+    create(&backing, "compat=0.10", "8M");
+    qemu_io(&backing, &["write -P 0x21 0 8m"]);
+    let top = sc.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        s(&backing),
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    qemu_io(&top, &["write -P 0x11 0 768k", "write -P 0x12 2m 128k"]);
+    same_zeroing_as_qemu("v2-backing", &top, &sc, ops);
+}
