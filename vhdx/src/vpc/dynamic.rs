@@ -47,7 +47,9 @@ impl DynamicHeader {
         }
         let block_size = be32(buf, 32);
         if !block_size.is_power_of_two() || block_size < 512 {
-            return Err(format!("Invalid block size {block_size}"));
+            return Err(format!(
+                "Invalid block size {block_size} (the dynamic header's block size must be a power of two of at least 512 bytes)"
+            ));
         }
         let locators = (0..8)
             .map(|i| {

@@ -63,7 +63,9 @@ impl Footer {
             return Err("no VHD footer ('conectix' cookie)".into());
         }
         if be32(buf, 64) != checksum(&buf[..FOOTER_SIZE], 64) {
-            return Err("Incorrect header checksum".into());
+            // qemu's words, so drop-in users see the same message; the rest says which
+            // structure (the dynamic header has its own checksum and message).
+            return Err("Incorrect header checksum (of the VHD footer)".into());
         }
         let mut creator_app = [0u8; 4];
         creator_app.copy_from_slice(&buf[28..32]);

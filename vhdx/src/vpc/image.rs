@@ -320,13 +320,19 @@ impl VpcImage {
             .unwrap_or_default();
         chain.push(canonical(&self.path)?.display().to_string());
         let target = canonical(&found)?;
-        if chain.iter().any(|c| Path::new(c) == target) || chain.len() >= MAX_DEPTH {
+        if chain.iter().any(|c| Path::new(c) == target) {
             return Err(corrupt(
                 &self.path,
                 format!(
-                    "parent '{}' makes the chain loop or exceed {MAX_DEPTH} images",
+                    "parent '{}' is already part of the chain: the chain loops",
                     found.display()
                 ),
+            ));
+        }
+        if chain.len() >= MAX_DEPTH {
+            return Err(corrupt(
+                &self.path,
+                format!("the differencing chain is deeper than {MAX_DEPTH} images"),
             ));
         }
         let parent_file = HostFile::open(&found, false, CacheMode::Writeback, EngineChoice::Sync)?;
