@@ -475,3 +475,126 @@ fn v2_write_zeroes_allocates_like_qemu() {
     qemu_io(&top, &["write -P 0x11 0 768k", "write -P 0x12 2m 128k"]);
     same_zeroing_as_qemu("v2-backing", &top, &sc, ops);
 }
+
+/// The header extensions of `img` as (type, payload), read straight from the bytes.
+fn raw_extensions(img: &Path) -> Vec<(u32, Vec<u8>)> {
+    let b = std::fs::read(img).expect("read image");
+    let be32 = |at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let mut at = if be32(4) >= 3 { be32(100) as usize } else { 72 };
+    let mut out = Vec::new();
+    loop {
+        let (kind, len) = (be32(at), be32(at + 4) as usize);
+        if kind == 0 {
+            return out;
+        }
+        out.push((kind, b[at + 8..at + 8 + len].to_vec()));
+        at += 8 + ((len + 7) & !7);
+    }
+}
+
+/// Appends an extension of `kind` with `payload` after the existing ones (before the end
+/// marker), as a newer writer would.
+fn add_extension(img: &Path, kind: u32, payload: &[u8]) {
+    let mut b = std::fs::read(img).expect("read image");
+    let be32 = |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let mut at = be32(&b, 100) as usize;
+    while be32(&b, at) != 0 {
+        at += 8 + ((be32(&b, at + 4) as usize + 7) & !7);
+    }
+    let padded = (payload.len() + 7) & !7;
+    let backing_at = be64_at(img, 8) as usize;
+    assert!(
+        backing_at == 0 || at + 16 + padded <= backing_at,
+        "no room before the backing file name"
+    );
+    b[at..at + 4].copy_from_slice(&kind.to_be_bytes());
+    b[at + 4..at + 8].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    b[at + 8..at + 8 + payload.len()].copy_from_slice(payload);
+    b[at + 8 + payload.len()..at + 16 + padded].fill(0);
+    std::fs::write(img, &b).expect("write image");
+}
+
+#[test]
+fn unknown_extensions_survive_amend() {
+    let sc = Scratch::new("amend-ext");
+    let backing = sc.path("backing.qcow2");
+    create(&backing, "", "4M");
+    qemu_io(&backing, &["write -P 0x42 0 1m"]);
+    let img = sc.path("img.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "backing.qcow2",
+        "-F",
+        "qcow2",
+        s(&img),
+        "4M",
+    ]);
+    qemu_io(&img, &["write -P 0x43 64k 64k"]);
+    // The backing file name sits at the end of the header area; make room before it as
+    // a newer writer would have, by moving the name.
+    let name_at = be64_at(&img, 8);
+    let name_len = (be64_at(&img, 16) >> 32) as usize;
+    let mut b = std::fs::read(&img).expect("read");
+    let name = b[name_at as usize..name_at as usize + name_len].to_vec();
+    b[name_at as usize..name_at as usize + name_len].fill(0);
+    let new_at = 1024usize;
+    b[new_at..new_at + name_len].copy_from_slice(&name);
+    b[8..16].copy_from_slice(&(new_at as u64).to_be_bytes());
+    std::fs::write(&img, &b).expect("write");
+    let unknown = [
+        (0x1234_5678u32, b"kept by every writer".to_vec()),
+        (0x0bad_cafe, vec![0xa5; 13]),
+    ];
+    for (kind, payload) in &unknown {
+        add_extension(&img, *kind, payload);
+    }
+    qemu_check_clean(&img);
+    let before = raw_extensions(&img);
+    let contents = qemu_contents(&img, &sc);
+
+    let amend = |opts: &str| {
+        Qcow2Format
+            .amend(
+                &img,
+                vdisk_block::CreateOptions {
+                    size: 0,
+                    options: vdisk_block::CreateOptions::parse_options(opts).expect("options"),
+                },
+            )
+            .unwrap_or_else(|e| panic!("amend {opts}: {e}"))
+    };
+    amend("lazy_refcounts=on");
+    assert_eq!(raw_extensions(&img), before, "extensions after our rewrite");
+    let info = qemu_info(&img);
+    assert_eq!(info["format-specific"]["data"]["lazy-refcounts"], true);
+    assert_eq!(info["backing-filename"], "backing.qcow2", "{info}");
+    assert_eq!(info["backing-filename-format"], "qcow2", "{info}");
+    qemu_check_clean(&img);
+    assert_same(&qemu_contents(&img, &sc), &contents, "after amend");
+
+    // qemu rewrites the header keeping only the unknown extensions it parsed: ours must
+    // have been well-formed for them to come through.
+    qemu_img(&["amend", "-o", "lazy_refcounts=off", s(&img)]);
+    let after_qemu = raw_extensions(&img);
+    for ext in &unknown {
+        assert!(after_qemu.contains(ext), "qemu lost {:#x}", ext.0);
+    }
+    amend("lazy_refcounts=on");
+    // A longer backing file name moves it within the header cluster.
+    amend("backing_file=./backing.qcow2,backing_fmt=qcow2");
+    let ours = raw_extensions(&img);
+    for ext in &unknown {
+        assert!(ours.contains(ext), "lost {:#x}", ext.0);
+    }
+    assert_eq!(qemu_info(&img)["backing-filename"], "./backing.qcow2");
+    qemu_check_clean(&img);
+    assert_same(
+        &qemu_contents(&img, &sc),
+        &contents,
+        "after the second amend",
+    );
+}
