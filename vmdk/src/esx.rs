@@ -66,8 +66,10 @@ pub fn cowd_geometry(file: &Source, first: &[u8]) -> Result<Geometry> {
     let grain = u64::from(u32_at(first, 16));
     let gd_offset = u64::from(u32_at(first, 20));
     let gd_entries = u64::from(u32_at(first, 24));
-    if grain == 0 || grain > MAX_GRAIN_SECTORS {
-        return Err(bad(format!("Invalid granularity: {grain} sectors")));
+    if grain == 0 || grain > MAX_GRAIN_SECTORS || !grain.is_power_of_two() {
+        return Err(bad(format!(
+            "Invalid granularity: {grain} sectors (must be a power of two up to {MAX_GRAIN_SECTORS})"
+        )));
     }
     if gd_entries > MAX_GD_ENTRIES {
         return Err(bad(format!("L1 size too big: {gd_entries} entries")));

@@ -94,7 +94,8 @@ impl Extent {
         }
     }
 
-    fn check_writable(&self, op: &'static str, offset: u64) -> Result<()> {
+    /// Refuses a change at extent offset `offset` unless the extent is RW.
+    pub(crate) fn check_writable(&self, op: &'static str, offset: u64) -> Result<()> {
         match self.access {
             Access::ReadWrite => Ok(()),
             Access::NoAccess => Err(self.no_access(op, offset)),

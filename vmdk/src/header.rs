@@ -137,10 +137,19 @@ impl SparseHeader {
                 format!("sparse extent version {} is not supported", self.version),
             ));
         }
-        if self.grain_sectors == 0 || self.grain_sectors > MAX_GRAIN_SECTORS {
+        // VMware's format requires a power of two and none of its tools writes anything
+        // else; qemu 10 reads other sizes, but grain arithmetic elsewhere (and in other
+        // readers) assumes it, so such a header is refused rather than half-trusted.
+        if self.grain_sectors == 0
+            || self.grain_sectors > MAX_GRAIN_SECTORS
+            || !self.grain_sectors.is_power_of_two()
+        {
             return Err(Error::corrupt(
                 OP,
-                format!("Invalid granularity: {} sectors", self.grain_sectors),
+                format!(
+                    "Invalid granularity: {} sectors (must be a power of two up to {MAX_GRAIN_SECTORS})",
+                    self.grain_sectors
+                ),
             ));
         }
         if self.gtes_per_gt == 0 || self.gtes_per_gt > MAX_GTES_PER_GT {
@@ -309,6 +318,7 @@ mod tests {
                 Box::new(|h| h.grain_sectors = MAX_GRAIN_SECTORS * 2),
                 "granularity",
             ),
+            (Box::new(|h| h.grain_sectors = 96), "power of two"),
             (Box::new(|h| h.gtes_per_gt = 513), "L2 table"),
             (Box::new(|h| h.gtes_per_gt = 0), "L2 table"),
             (Box::new(|h| h.capacity = u64::MAX / 2), "overflows"),

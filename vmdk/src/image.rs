@@ -175,6 +175,18 @@ impl VmdkImage {
         Ok(())
     }
 
+    /// Refuses a change to `offset..offset + len` before any of it is made when part of the
+    /// range lies in a RDONLY or NOACCESS extent: a write spanning a RW and a RDONLY extent
+    /// must not land half, and the CID must not change for a write that cannot happen.
+    fn check_extents_writable(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
+        if self.desc_store.is_none() {
+            return Err(self.read_only(op));
+        }
+        self.for_extents(offset, len, |extent, within, _, _| {
+            extent.check_writable(op, within)
+        })
+    }
+
     /// Fills `buf` from guest offset `offset` with what the parent (or nothing) holds.
     fn read_fallthrough(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match &self.backing {
@@ -236,6 +248,7 @@ impl BlockDev for VmdkImage {
             return stream.write(buf, offset);
         }
         let _guard = self.write_lock.lock();
+        self.check_extents_writable("write", offset, buf.len() as u64)?;
         self.before_write("write")?;
         self.for_extents(offset, buf.len() as u64, |extent, within, at, n| {
             let piece = &buf[(at - offset) as usize..(at - offset + n) as usize];
@@ -249,6 +262,7 @@ impl BlockDev for VmdkImage {
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
         check_range("write zeroes", self.size, offset, len)?;
         let _guard = self.write_lock.lock();
+        self.check_extents_writable("write zeroes", offset, len)?;
         self.before_write("write zeroes")?;
         let has_backing = self.backing.is_some();
         self.for_extents(offset, len, |extent, within, _, n| {

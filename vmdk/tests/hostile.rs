@@ -423,3 +423,226 @@ fn check_finds_what_qemu_finds() {
     assert_eq!(rc, 1);
     assert!(stderr.contains(&report.messages[0]), "{stderr}");
 }
+
+fn open_rw(image: &Path) -> vdisk_block::Result<std::sync::Arc<dyn BlockDev>> {
+    VmdkFormat.open(image, &OpenOptions::read_write())
+}
+
+fn qemu_io_fails_rw(image: &Path) -> String {
+    let out = Command::new("qemu-io")
+        .args(["-f", "vmdk", "-c", "write 0 512"])
+        .arg(image)
+        .output()
+        .expect("qemu-io");
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() || text.contains("can't open"),
+        "qemu-io wrote to {}: {text}",
+        image.display()
+    );
+    text
+}
+
+/// Version 3 (VMware's changed-block tracking) is read-only, as in qemu: a writer that does
+/// not keep the tracking would leave it lying. Both as a monolithic file and as an extent.
+#[test]
+fn a_version_3_sparse_extent_is_refused_for_writing() {
+    let dir = Scratch::new("v3");
+    let (_, _, bytes) = sparse_image(&dir);
+    let v3 = patched(&dir, &bytes, 4, &3u32.to_le_bytes());
+    let err = fail(open_rw(&v3), "v3 read-write");
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.message().contains("version 3"), "{err}");
+    assert!(qemu_io_fails_rw(&v3).contains("version 3"));
+    let dev = open(&v3).expect("v3 reads");
+    let mut buf = vec![0u8; 65536];
+    dev.read_at(&mut buf, 0).expect("read");
+    assert!(buf.iter().all(|&b| b == 0x61));
+
+    let split = dir.path("split.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        split.to_str().expect("utf8"),
+        "1M",
+    ]);
+    let extent = dir.path("split-s001.vmdk");
+    let mut ext = std::fs::read(&extent).expect("extent");
+    ext[4..8].copy_from_slice(&3u32.to_le_bytes());
+    write(&extent, &ext);
+    let before = std::fs::read(&split).expect("descriptor");
+    let err = fail(open_rw(&split), "v3 extent read-write");
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("split-s001.vmdk"), "{err}");
+    assert_eq!(
+        std::fs::read(&split).expect("descriptor"),
+        before,
+        "nothing was changed (no new CID)"
+    );
+    open(&split).expect("reads");
+}
+
+/// A grain size that is not a power of two (VMware's format requires one) is refused, in
+/// hosted sparse and vmfsSparse headers alike. qemu 10 reads such a file; no VMware tool
+/// writes one.
+#[test]
+fn grain_sizes_that_are_not_powers_of_two_are_refused() {
+    let dir = Scratch::new("grain96");
+    let (_, _, bytes) = sparse_image(&dir);
+    for grain in [96u64, 129, 3] {
+        let bad = patched(&dir, &bytes, 20, &grain.to_le_bytes());
+        let err = fail(open(&bad), "odd grain");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        assert!(err.message().contains("power of two"), "{grain}: {err}");
+    }
+    let mut cowd = vec![0u8; 8 * 512];
+    cowd[..4].copy_from_slice(b"COWD");
+    for (i, v) in [1u32, 3, 4096, 12, 4, 1, 8, 16, 63, 16].iter().enumerate() {
+        cowd[4 + 4 * i..8 + 4 * i].copy_from_slice(&v.to_le_bytes());
+    }
+    let path = dir.path("cowd.vmdk");
+    write(&path, &cowd);
+    let err = fail(open(&path), "odd COWD grain");
+    assert!(err.message().contains("power of two"), "{err}");
+}
+
+/// Opens parents as VMDK, standing in for the registry of `vdisk_blockjobs`.
+struct VmdkOpener;
+
+impl vdisk_block::format::ImageOpener for VmdkOpener {
+    fn open_image(
+        &self,
+        path: &Path,
+        _format: Option<&str>,
+        options: &OpenOptions,
+    ) -> vdisk_block::Result<std::sync::Arc<dyn BlockDev>> {
+        VmdkFormat.open(path, options)
+    }
+}
+
+/// parentFileNameHint is a file name from the image like an extent's: a parent outside the
+/// image's folder (absolute, or climbing with ../) is refused under the default policy and
+/// followed when the caller allows anything.
+#[test]
+fn a_parent_outside_the_folder_needs_permission() {
+    let inside = Scratch::new("parent-in");
+    let outside = Scratch::new("parent-out");
+    let base = outside.path("base.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        base.to_str().expect("utf8"),
+        "1M",
+    ]);
+    let out = Command::new("qemu-io")
+        .args(["-f", "vmdk", "-c", "write -P 0x3c 0 64k"])
+        .arg(&base)
+        .output()
+        .expect("qemu-io");
+    assert!(out.status.success());
+    let climb = format!(
+        "../{}/base.vmdk",
+        outside.0.file_name().expect("name").to_string_lossy()
+    );
+    for hint in [base.to_str().expect("utf8").to_string(), climb] {
+        let top = inside.path("top.vmdk");
+        let _ = std::fs::remove_file(&top);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            &hint,
+            "-F",
+            "vmdk",
+            top.to_str().expect("utf8"),
+        ]);
+        let default = OpenOptions {
+            opener: Some(std::sync::Arc::new(VmdkOpener)),
+            ..OpenOptions::read_only()
+        };
+        assert_eq!(default.policy, FollowPolicy::default());
+        let err = fail(VmdkFormat.open(&top, &default), &hint);
+        assert_eq!(err.kind(), ErrorKind::PolicyDenied, "{hint}: {err}");
+        assert!(err.to_string().contains("base.vmdk"), "{err}");
+        let anything = OpenOptions {
+            policy: FollowPolicy::Anything,
+            ..default
+        };
+        let dev = VmdkFormat.open(&top, &anything).expect("allowed");
+        let mut buf = vec![0u8; 65536];
+        dev.read_at(&mut buf, 0).expect("read");
+        assert!(buf.iter().all(|&b| b == 0x3c), "{hint}: reads the parent");
+    }
+}
+
+/// A createType this driver does not know is refused with its name, not opened as
+/// something else.
+#[test]
+fn an_unknown_create_type_is_named() {
+    let dir = Scratch::new("createtype");
+    write(&dir.path("a.raw"), &[7u8; 4096]);
+    let image = dir.path("t.vmdk");
+    let text = descriptor("RW 8 FLAT \"a.raw\" 0").replace("monolithicFlat", "hyperSparseX");
+    write(&image, text.as_bytes());
+    let err = fail(open(&image), "unknown createType");
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.message().contains("'hyperSparseX'"), "{err}");
+}
+
+/// Writes into a RDONLY extent are refused, before any byte of the write lands (a write
+/// that spans a RW and a RDONLY extent changes neither), and the RDONLY file is opened
+/// read-only in the first place.
+#[test]
+fn writes_to_a_rdonly_extent_are_refused() {
+    let dir = Scratch::new("rdonly");
+    write(&dir.path("rw.raw"), &[1u8; 4096]);
+    write(&dir.path("ro.raw"), &[2u8; 4096]);
+    let image = dir.path("r.vmdk");
+    write(
+        &image,
+        descriptor("RW 8 FLAT \"rw.raw\" 0\nRDONLY 8 FLAT \"ro.raw\" 0").as_bytes(),
+    );
+    let before = std::fs::read(&image).expect("descriptor");
+    let dev = open_rw(&image).expect("open read-write");
+    assert!(!dev.is_read_only());
+    for (what, result) in [
+        ("write", dev.write_at(&[9u8; 4096], 4096)),
+        ("spanning write", dev.write_at(&[9u8; 4096], 2048)),
+        (
+            "write zeroes",
+            dev.write_zeroes(4096, 512, vdisk_block::ZeroMode::KeepAllocated),
+        ),
+    ] {
+        let err = result.expect_err(what);
+        assert_eq!(err.kind(), ErrorKind::ReadOnly, "{what}: {err}");
+        assert!(err.message().contains("RDONLY"), "{what}: {err}");
+    }
+    assert!(
+        std::fs::read(dir.path("rw.raw")).expect("rw") == vec![1u8; 4096],
+        "the RW half of a refused spanning write did not land"
+    );
+    assert!(
+        std::fs::read(dir.path("ro.raw")).expect("ro") == vec![2u8; 4096],
+        "the RDONLY file is unchanged"
+    );
+    assert!(
+        std::fs::read(&image).expect("descriptor") == before,
+        "no CID change for refused writes"
+    );
+    dev.write_at(&[5u8; 512], 0)
+        .expect("the RW extent takes writes");
+    dev.flush().expect("flush");
+    let mut buf = vec![0u8; 8192];
+    dev.read_at(&mut buf, 0).expect("read");
+    assert!(buf[..512].iter().all(|&b| b == 5));
+    assert!(buf[4096..].iter().all(|&b| b == 2));
+}
