@@ -203,19 +203,23 @@ pub fn create(path: &Path, p: &VpcParams) -> Result<()> {
         for (i, unit) in name.encode_utf16().take(256).enumerate() {
             header[64 + i * 2..66 + i * 2].copy_from_slice(&unit.to_be_bytes());
         }
-        // One W2ru locator: the parent's path relative to the child, Windows style.
+        // One locator, Windows style: W2ku for a parent named by an absolute path (stored
+        // as a relative one it would only resolve by accident), else W2ru, the parent's path
+        // relative to the child.
         let windows = parent.name.replace('/', "\\");
-        let relative = if windows.starts_with(".\\") || windows.starts_with("..\\") {
-            windows
+        let (code, text) = if Path::new(&parent.name).is_absolute() {
+            (b"W2ku", windows)
+        } else if windows.starts_with(".\\") || windows.starts_with("..\\") {
+            (b"W2ru", windows)
         } else {
-            format!(".\\{windows}")
+            (b"W2ru", format!(".\\{windows}"))
         };
-        locator = relative
+        locator = text
             .encode_utf16()
             .flat_map(u16::to_le_bytes)
             .collect::<Vec<u8>>();
         let space = locator.len().next_multiple_of(512) as u64;
-        header[576..580].copy_from_slice(b"W2ru");
+        header[576..580].copy_from_slice(code);
         header[580..584].copy_from_slice(&((space / 512) as u32).to_be_bytes());
         header[584..588].copy_from_slice(&(locator.len() as u32).to_be_bytes());
         header[592..600].copy_from_slice(&end.to_be_bytes());
