@@ -110,7 +110,8 @@ seed_qcow2() {
     cp "$d/2.qcow2" "$d/base.qcow2"
     qemu-img create -q -f qcow2 -o cluster_size=4096 -b base.qcow2 -F qcow2 "$d/overlay.qcow2"
     qio qcow2 "$d/overlay.qcow2" "write -P 5 4k 4k"
-    qemu-img create -q -f qcow2 -o cluster_size=4096,data_file=data.raw "$d/datafile.qcow2" 2M
+    # qemu-img creates a relative data_file relative to its working folder, not the image's.
+    (cd "$d" && qemu-img create -q -f qcow2 -o cluster_size=4096,data_file=data.raw datafile.qcow2 2M)
     # Lazy refcounts left dirty by a crash: opening it read-write rebuilds the refcounts.
     qemu-img create -q -f qcow2 -o cluster_size=4096,lazy_refcounts=on "$d/dirty.qcow2" 2M
     qio qcow2 "$d/dirty.qcow2" "write -P 6 0 12k" abort
