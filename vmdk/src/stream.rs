@@ -310,6 +310,19 @@ impl StreamWriter {
         Ok(())
     }
 
+    /// Compresses and appends a grain that was only partly written, unless all of it is
+    /// zeroes: a convert that skips zero chunks leaves such grains behind (a chunk of data
+    /// ends inside a grain whose rest was never sent), and storing them would cost a grain
+    /// each and make them report as data. Left out, the grain reads as zeroes all the same
+    /// (a stream has no parent).
+    fn append_unless_zero(&self, state: &mut State, grain: u64, data: &[u8]) -> Result<()> {
+        if data.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        let compressed = deflate(data)?;
+        self.append(state, grain, &compressed)
+    }
+
     /// Writes `buf` at extent offset `offset`.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         let grain_bytes = self.grain_bytes();
@@ -370,16 +383,12 @@ impl StreamWriter {
         }
         if entry.covered.iter().all(|&c| c) {
             if let Some(done) = state.pending.remove(&grain) {
-                if done.data.iter().any(|&b| b != 0) {
-                    let compressed = deflate(&done.data)?;
-                    self.append(&mut state, grain, &compressed)?;
-                }
+                self.append_unless_zero(&mut state, grain, &done.data)?;
             }
         } else if state.pending.len() > MAX_PENDING {
             if let Some((&oldest, _)) = state.pending.iter().next() {
                 if let Some(p) = state.pending.remove(&oldest) {
-                    let compressed = deflate(&p.data)?;
-                    self.append(&mut state, oldest, &compressed)?;
+                    self.append_unless_zero(&mut state, oldest, &p.data)?;
                 }
             }
         }
@@ -412,8 +421,7 @@ impl StreamWriter {
     pub fn flush(&self) -> Result<()> {
         let mut state = self.state.lock();
         while let Some((grain, p)) = state.pending.pop_first() {
-            let compressed = deflate(&p.data)?;
-            self.append(&mut state, grain, &compressed)?;
+            self.append_unless_zero(&mut state, grain, &p.data)?;
         }
         if state.dirty {
             let end = write_closing(
