@@ -119,16 +119,21 @@ pub fn open_backing(
     opener
         .open_image(&target, format, &backing_options)
         .map_err(|e| {
-            let message = format!(
-                "Could not open backing file '{}': {}",
-                target.display(),
-                e.message()
-            );
+            // Only the innermost failure names its file: a deep chain (up to
+            // MAX_CHAIN_DEPTH) would otherwise repeat the prefix once per image.
+            let message = if e.message().starts_with(BACKING_FAILED) {
+                e.message().to_string()
+            } else {
+                format!("{BACKING_FAILED}'{}': {}", target.display(), e.message())
+            };
             Error::new(e.kind(), "open", message)
                 .with_path(image)
                 .with_source(e)
         })
 }
+
+/// How a failure to open a backing file starts, as qemu-img words it.
+const BACKING_FAILED: &str = "Could not open backing file ";
 
 /// The external data file of an image: opened, or refused by the policy (reads then fail
 /// with the reason, while `info` still works without touching the file).

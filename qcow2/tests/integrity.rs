@@ -598,3 +598,114 @@ fn unknown_extensions_survive_amend() {
         "after the second amend",
     );
 }
+
+/// Points the backing file of `img` at `name` without opening anything.
+fn set_backing(img: &Path, name: &str) {
+    qemu_img(&["rebase", "-u", "-b", name, "-F", "qcow2", s(img)]);
+}
+
+#[test]
+fn backing_chain_loops_are_refused() {
+    let sc = Scratch::new("chain-loop");
+    // An image that is its own backing file.
+    let me = sc.path("me.qcow2");
+    create(&me, "", "1M");
+    set_backing(&me, "me.qcow2");
+    let err = Qcow2Image::open(&me, &options()).expect_err("self loop");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(err.message().contains("backing chain loops"), "{err}");
+    assert!(err.message().contains("me.qcow2"), "{err}");
+
+    // a -> b -> a, opened from either end, read-only and writable.
+    let a = sc.path("a.qcow2");
+    let b = sc.path("b.qcow2");
+    create(&a, "", "1M");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        s(&b),
+        "1M",
+    ]);
+    set_backing(&a, "b.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--backing-chain", s(&a)])
+        .output()
+        .expect("qemu-img info");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("infinite loop"),
+        "qemu refuses the loop too"
+    );
+    for (top, opts) in [(&a, options()), (&b, options()), (&a, rw_options())] {
+        let before = std::fs::read(top).expect("read");
+        let err = Qcow2Image::open(top, &opts).expect_err("two-image loop");
+        assert!(err.message().contains("backing chain loops"), "{err}");
+        assert!(
+            std::fs::read(top).expect("read") == before,
+            "refused open wrote"
+        );
+    }
+    // The refusal leaves nothing behind: a good image opens on the same thread.
+    set_backing(&a, "");
+    let dev = open(&b);
+    assert_eq!(read_all(&dev), vec![0u8; 1 << 20]);
+}
+
+#[test]
+fn backing_chains_deeper_than_the_limit_are_refused() {
+    let sc = Scratch::new("chain-depth");
+    let limit = vdisk_qcow2::open::MAX_CHAIN_DEPTH;
+    let base = sc.path("0.qcow2");
+    create(&base, "", "1M");
+    qemu_io(&base, &["write -P 0x77 0 64k"]);
+    for i in 1..=limit {
+        let prev = format!("{}.qcow2", i - 1);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &prev,
+            "-F",
+            "qcow2",
+            s(&sc.path(&format!("{i}.qcow2"))),
+            "1M",
+        ]);
+    }
+    // A chain of exactly `limit` images opens and reads through to the base, on a test
+    // thread's ordinary stack.
+    let deepest_allowed = sc.path(&format!("{}.qcow2", limit - 1));
+    let dev = open(&deepest_allowed);
+    let mut buf = vec![0u8; 4096];
+    dev.read_at(&mut buf, 0).expect("read through the chain");
+    assert!(buf.iter().all(|&b| b == 0x77));
+    drop(dev);
+    // One more is refused, clearly.
+    let too_deep = sc.path(&format!("{limit}.qcow2"));
+    let err = Qcow2Image::open(&too_deep, &options()).expect_err("too deep");
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(
+        err.message()
+            .contains(&format!("the backing chain is deeper than {limit} images")),
+        "{}",
+        &err.message()[err.message().len().saturating_sub(300)..]
+    );
+    assert!(
+        err.message().len() < 1000,
+        "one clear line, not one per image: {err}"
+    );
+    assert!(
+        err.message().contains(s(&sc.path("0.qcow2"))),
+        "names the refused file: {err}"
+    );
+    // The guard unwound: the allowed chain still opens on this thread.
+    drop(open(&deepest_allowed));
+}
