@@ -1,7 +1,7 @@
 //! Persistent dirty bitmaps (read side): the bitmap directory, validated as QEMU does.
 //!
-//! Only listing is implemented; the bitmaps' contents are not read or updated yet (a
-//! writable open clears the auto-clear bit, which marks them stale, see `write.rs`).
+//! Only listing is implemented; the bitmaps' contents are not read or updated yet, so a
+//! writable open of an image whose bitmaps are in use is refused (see `write.rs`).
 
 use vdisk_block::{Error, HostFile, Result};
 
