@@ -82,19 +82,119 @@ fn created_vhds_have_qemus_sizes() {
     }
 }
 
+/// The 512-byte footer at the end of `path`.
+fn tail_footer(path: &Path) -> Vec<u8> {
+    let data = std::fs::read(path).expect("read");
+    data[data.len() - 512..].to_vec()
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The footer with the fields that differ between any two creations (timestamp, checksum,
+/// unique ID) blanked.
+fn comparable(footer: &[u8]) -> Vec<u8> {
+    let mut f = footer.to_vec();
+    f[24..28].fill(0);
+    f[64..84].fill(0);
+    f
+}
+
+/// What Azure checks of an uploaded fixed VHD (and qemu/Hyper-V read): the footer cookie,
+/// a valid checksum, fixed disk type, no dynamic header, and original and current size both
+/// the whole-MiB virtual size that the file holds before its footer.
 #[test]
 fn fixed_whole_mib_vhds_are_azure_sized() {
     let dir = Scratch::new("vpc-azure");
-    let path = dir.path("azure.vhd");
-    create(&path, 30 * MIB, "subformat=fixed");
-    let len = std::fs::metadata(&path).expect("stat").len();
-    assert_eq!(len, 30 * MIB + 512, "data of whole MiB plus one footer");
-    let img = VpcFormat
-        .open(&path, &OpenOptions::read_only())
-        .expect("open");
-    assert_eq!(img.size(), 30 * MIB);
-    if have_qemu() {
-        assert_eq!(qemu_size(&path), 30 * MIB);
+    for size in [MIB, 30 * MIB, 1000 * MIB, 5 * 1024 * MIB] {
+        let path = dir.path("azure.vhd");
+        create(&path, size, "subformat=fixed");
+        let len = std::fs::metadata(&path).expect("stat").len();
+        assert_eq!(len, size + 512, "data of whole MiB plus one footer");
+        let f = tail_footer(&path);
+        assert_eq!(&f[..8], b"conectix", "cookie");
+        let sum = !f
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(64..68).contains(i))
+            .fold(0u32, |s, (_, &b)| s.wrapping_add(u32::from(b)));
+        assert_eq!(be32(&f, 64), sum, "checksum");
+        assert_eq!(be32(&f, 60), 2, "disk type: fixed");
+        assert_eq!(be64(&f, 16), u64::MAX, "data offset: none");
+        assert_eq!(be64(&f, 40), size, "original size");
+        assert_eq!(be64(&f, 48), size, "current size");
+        assert_eq!(be32(&f, 12), 0x0001_0000, "file format version");
+        let img = VpcFormat
+            .open(&path, &OpenOptions::read_only())
+            .expect("open");
+        assert_eq!(img.size(), size);
+        if have_qemu() {
+            assert_eq!(qemu_size(&path), size);
+            // qemu-img makes the same footer only when told to keep the size.
+            let theirs = dir.path("theirs.vhd");
+            run(Command::new("qemu-img")
+                .args([
+                    "create",
+                    "-q",
+                    "-f",
+                    "vpc",
+                    "-o",
+                    "subformat=fixed,force_size=on",
+                ])
+                .arg(&theirs)
+                .arg(size.to_string()));
+            assert_eq!(std::fs::metadata(&theirs).expect("stat").len(), len);
+            assert!(
+                comparable(&f) == comparable(&tail_footer(&theirs)),
+                "{size}: our footer differs from qemu-img's (force_size=on)"
+            );
+        }
+    }
+}
+
+/// Sizes that are not whole MiB get exactly what qemu-img gives them, with the size kept
+/// (`force_size=on`, Azure's only hope for such a size) and without (CHS rounding).
+#[test]
+fn fixed_vhds_of_other_sizes_are_made_as_qemu_makes_them() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = Scratch::new("vpc-fixed-odd");
+    for size in [
+        1_024_000,
+        50 * MIB + 7 * 512,
+        1_000_001,
+        3 * 1024 * MIB + 512,
+    ] {
+        for opts in ["subformat=fixed,force_size=on", "subformat=fixed"] {
+            let ours = dir.path("ours.vhd");
+            let theirs = dir.path("theirs.vhd");
+            create(&ours, size, opts);
+            run(Command::new("qemu-img")
+                .args(["create", "-q", "-f", "vpc", "-o", opts])
+                .arg(&theirs)
+                .arg(size.to_string()));
+            let what = format!("{size} bytes, {opts}");
+            assert_eq!(
+                std::fs::metadata(&ours).expect("stat").len(),
+                std::fs::metadata(&theirs).expect("stat").len(),
+                "{what}: file length"
+            );
+            assert!(
+                comparable(&tail_footer(&ours)) == comparable(&tail_footer(&theirs)),
+                "{what}: our footer differs from qemu-img's"
+            );
+            assert_eq!(qemu_size(&ours), qemu_size(&theirs), "{what}");
+            let img = VpcFormat
+                .open(&ours, &OpenOptions::read_only())
+                .expect("open");
+            assert_eq!(img.size(), qemu_size(&ours), "{what}");
+        }
     }
 }
 

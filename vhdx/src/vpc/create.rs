@@ -2,8 +2,9 @@
 //!
 //! Without `force_size`, qemu rounds the size up to the next whole CHS geometry (the VHD
 //! specification's algorithm) and marks the image with creator `qemu`, whose readers take
-//! the geometry. With `force_size` the size is kept exactly, the creator is `qem2`, and
-//! readers take the footer's current size. One deliberate difference from qemu-img: a
+//! the geometry. With `force_size` the size is kept exactly (a partial sector rounded up),
+//! the creator is `qem2`, the geometry is the maximal one, and readers take the footer's
+//! current size. One deliberate difference from qemu-img: a
 //! **fixed** image whose requested size is a whole number of MiB keeps that exact size
 //! unless `force_size=off` is given, because Azure accepts only fixed VHDs of whole MiB,
 //! which CHS rounding almost never produces.
@@ -81,7 +82,8 @@ pub type Geometry = (u16, u8, u8);
 
 /// The size, geometry and creator a new image gets.
 pub fn plan(p: &VpcParams) -> Result<(u64, Geometry, [u8; 4])> {
-    let requested = p.size / 512;
+    // A partial sector is kept (rounded up), as qemu-img does, never cut off.
+    let requested = p.size.div_ceil(512);
     let force = p
         .force_size
         .unwrap_or(p.fixed && p.size > 0 && p.size.is_multiple_of(1 << 20));
@@ -92,7 +94,12 @@ pub fn plan(p: &VpcParams) -> Result<(u64, Geometry, [u8; 4])> {
                 "Disk size is too large, max size is 2040 GiB",
             ));
         }
-        return Ok((requested * 512, geometry(requested), *b"qem2"));
+        // The maximal geometry, as qemu writes it: it tells every reader, whatever its
+        // creator table, to take the current size (a geometry of the size would round it
+        // down for readers that use CHS). This is the footer Azure's own instructions
+        // produce (`qemu-img convert -o subformat=fixed,force_size`).
+        let max = geometry(MAX_GEOMETRY_SECTORS);
+        return Ok((requested * 512, max, *b"qem2"));
     }
     // Round up until the geometry covers the request, as qemu does, so a conversion never
     // truncates.
@@ -265,7 +272,8 @@ mod tests {
             force_size: None,
             parent: None,
         };
-        assert_eq!(plan(&p).expect("plan").0, 30 << 20);
+        let (size, geo, creator) = plan(&p).expect("plan");
+        assert_eq!((size, geo, creator), (30 << 20, (65535, 16, 255), *b"qem2"));
         let chs = VpcParams {
             force_size: Some(false),
             ..p.clone()
