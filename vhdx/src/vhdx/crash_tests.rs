@@ -7,10 +7,12 @@
 //!
 //! Two workloads: a dynamic image (writes, zeroes, a grow, a shrink inside a block and a
 //! grow again) and a differencing image over a dynamic parent (partial-block writes that
-//! copy the parent's bytes, whole-block zeroes that hide the parent, a grow, a shrink inside
-//! a block that falls through to the parent, and a grow again). vdisk never writes sector
-//! bitmaps (see [`crate::vhdx::write`]): a differencing image's metadata updates are BAT
-//! entries and the size item, all through the log.
+//! copy the parent's bytes, whole-block zeroes that hide the parent, writes and zeroes into
+//! PARTIALLY_PRESENT blocks as Hyper-V leaves them, a grow, a shrink inside a block that
+//! falls through to the parent, and a grow again). vdisk never writes sector bitmaps (see
+//! [`crate::vhdx::write`]: a partial block is completed in place from the parent and made
+//! FULLY_PRESENT), so a differencing image's metadata updates are BAT entries and the size
+//! item, all through the log.
 //!
 //! Required after every cut:
 //! - the image opens read-only, and opening it (and checking it read-only, with vdisk and
@@ -35,7 +37,7 @@ use vdisk_block::{
     ZeroMode,
 };
 
-use crate::vhdx::bat;
+use crate::vhdx::bat::{self, PayloadState};
 use crate::vhdx::check::check;
 use crate::vhdx::format::VhdxFormat;
 use crate::vhdx::image::VhdxImage;
@@ -159,9 +161,93 @@ fn parent_contents() -> Vec<u8> {
     v
 }
 
+/// Blocks of the differencing image that start PARTIALLY_PRESENT, as Hyper-V leaves them:
+/// a sector bitmap says which 512-byte sectors are in the child.
+const PARTIAL_BLOCKS: [u64; 2] = [1, 4];
+/// What the child's file holds in a partial block's sectors the bitmap leaves to the
+/// parent: never visible.
+const HIDDEN: u8 = 0xee;
+
+/// Whether sector `s` of a partial block is in the child: the first 512, then runs of four
+/// in and four out up to sector 1024, none after.
+fn partial_present(s: u64) -> bool {
+    s < 512 || (s < 1024 && s % 8 < 4)
+}
+
+/// The bytes the child's file holds in partial block `block` (its own, or `HIDDEN`).
+fn partial_data(block: u64) -> Vec<u8> {
+    let mut v = vec![HIDDEN; MIB as usize];
+    for (s, sector) in v.chunks_mut(512).enumerate() {
+        if partial_present(s as u64) {
+            sector.fill(0xd0 | block as u8);
+        }
+    }
+    v
+}
+
+/// Makes `PARTIAL_BLOCKS` of the fresh differencing image at `path` PARTIALLY_PRESENT, with
+/// one sector bitmap block for their chunk, written straight into the file (the image is
+/// clean, so nothing in its log can undo it).
+fn make_partial(path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let img = VhdxImage::open(
+        path,
+        &OpenOptions {
+            no_backing: true,
+            ..OpenOptions::read_only()
+        },
+    )
+    .expect("open child");
+    let params = img.params().clone();
+    let bat_at = img.regions().bat.offset;
+    drop(img);
+    assert_eq!(params.logical_sector_size, 512);
+    assert_eq!(params.block_size as u64, MIB);
+    let ratio = params.chunk_ratio();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open child file");
+    let bitmap_at = file.metadata().expect("stat").len().next_multiple_of(MIB);
+    let mut bitmap = vec![0u8; MIB as usize];
+    for (i, &block) in PARTIAL_BLOCKS.iter().enumerate() {
+        let payload_at = bitmap_at + (1 + i as u64) * MIB;
+        file.write_all_at(&partial_data(block), payload_at)
+            .expect("payload");
+        let first = (block % ratio) * (MIB / 512);
+        for s in (0..MIB / 512).filter(|&s| partial_present(s)) {
+            let bit = first + s;
+            bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
+        }
+        let entry = bat::make_entry(PayloadState::PartiallyPresent.bits(), payload_at);
+        file.write_all_at(
+            &entry.to_le_bytes(),
+            bat_at + bat::payload_index(block, ratio) * 8,
+        )
+        .expect("BAT");
+    }
+    file.write_all_at(&bitmap, bitmap_at).expect("bitmap");
+    let entry = bat::make_entry(bat::SB_PRESENT, bitmap_at);
+    file.write_all_at(
+        &entry.to_le_bytes(),
+        bat_at + bat::bitmap_index(PARTIAL_BLOCKS[0], ratio) * 8,
+    )
+    .expect("BAT");
+    file.sync_all().expect("sync");
+}
+
 fn differencing_scenario() -> Scenario {
     use Step::*;
     let mut base = parent_contents();
+    for block in PARTIAL_BLOCKS {
+        let at = (block * MIB) as usize;
+        let data = partial_data(block);
+        for (i, b) in base[at..at + MIB as usize].iter_mut().enumerate() {
+            if data[i] != HIDDEN {
+                *b = data[i];
+            }
+        }
+    }
     base.resize(10 * MIB as usize, 0);
     let steps = vec![
         // A partial write: block 0 is materialised with the parent's bytes around it.
@@ -181,10 +267,11 @@ fn differencing_scenario() -> Scenario {
             len: 512,
             fill: 2,
         },
-        // Part of a block: materialised from the parent, then zeroed in place.
+        // Part of a partial block, across sectors in the child and in the parent: it is
+        // completed in place from the parent, then zeroed there.
         Zero {
-            at: 4 * MIB + 4096,
-            len: 8192,
+            at: 4 * MIB + 250 * 512,
+            len: 600 * 512,
         },
         Flush,
         Write {
@@ -197,8 +284,9 @@ fn differencing_scenario() -> Scenario {
         Resize {
             to: 7 * MIB + MIB / 2,
         },
+        // Into a partial block, in sectors the bitmap leaves to the parent.
         Write {
-            at: MIB + 1,
+            at: MIB + 1100 * 512 + 1,
             len: 100,
             fill: 4,
         },
@@ -280,6 +368,7 @@ fn prepare(scn: &Scenario, dir: &Path) -> PathBuf {
         img.flush().expect("flush");
         drop(img);
         create(&pristine, 0, "block_size=1M,backing_file=parent.vhdx");
+        make_partial(&pristine);
     } else {
         create(&pristine, scn.size, "block_size=1M");
         let img = VhdxImage::open(&pristine, &options(true)).expect("open");
