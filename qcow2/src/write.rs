@@ -775,46 +775,97 @@ impl Qcow2Image {
     }
 
     /// [`Self::preallocate`] for the guest clusters of `[from, to)`, with the I/O lock held.
+    ///
+    /// As QEMU's `preallocate_co`: with an external data file a cluster maps to the same
+    /// offset there and nothing is allocated in the image file; with extended L2 entries the
+    /// subcluster bitmaps are left as they are, so the new clusters still read through (as
+    /// zeroes, or from a backing file). A new last cluster that `to` ends inside gets the
+    /// rest of its (sub)cluster written with zeroes, as QEMU's copy-on-write of the tail
+    /// does, and the host file then reaches at least the host offset of `to`.
     fn preallocate_range(&self, from: u64, to: u64, mode: Preallocation) -> Result<()> {
-        if self.header.has_data_file() || self.decoder.extended_l2 {
-            return Err(Error::unsupported(
-                "preallocate",
-                "preallocation with an external data file or extended L2 entries is not implemented yet",
-            ));
-        }
         let cs = self.header.cluster_size();
+        let external = self.header.has_data_file();
         let mut meta = self.meta.lock();
         let mut runs: Vec<(u64, u64)> = Vec::new();
+        // Host offset of the last cluster of the range and whether it was allocated here.
+        let mut last: Option<(u64, bool)> = None;
         let mut pos = from;
         while pos < to {
             let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
-            let entry = self.entry_at(&mut meta, l2, idx)?;
-            if entry & OFFSET_MASK == 0 {
-                let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
-                let host = refs.alloc(self.file())? << self.header.cluster_bits;
-                self.set_entry(&mut meta, l2, idx, host | COPIED)?;
-                match runs.last_mut() {
-                    Some((start, len)) if *start + *len == host => *len += cs,
-                    _ => runs.push((host, cs)),
+            let (entry, bitmap) = self.entry_bitmap_at(&mut meta, l2, idx)?;
+            let host_now = entry & OFFSET_MASK;
+            let mapped = host_now != 0 || (external && entry & COPIED != 0);
+            let cluster_start = pos & !(cs - 1);
+            if mapped {
+                // A compressed cluster has no plain host offset to extend the file to.
+                last = (entry & COMPRESSED == 0).then_some((host_now, false));
+            } else {
+                let host = if external {
+                    cluster_start
+                } else {
+                    let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
+                    refs.alloc(self.file())? << self.header.cluster_bits
+                };
+                self.set_entry_bitmap(&mut meta, l2, idx, host | COPIED, bitmap)?;
+                if !external {
+                    match runs.last_mut() {
+                        Some((start, len)) if *start + *len == host => *len += cs,
+                        _ => runs.push((host, cs)),
+                    }
                 }
+                last = Some((host, true));
             }
-            pos += cs;
+            pos = cluster_start + cs;
             if meta.l2.needs_writeback() {
                 self.writeback(&mut meta)?;
             }
         }
         self.writeback(&mut meta)?;
-        // Like QEMU, the file reaches to the end of the last preallocated cluster.
-        if let Some(&(start, len)) = runs.iter().max_by_key(|(s, l)| s + l) {
-            if self.file().len()? < start + len {
-                self.file().set_len(start + len)?;
+        let Some((last_host, last_new)) = last else {
+            return Ok(());
+        };
+        let target = self.data_file()?.clone();
+        let within = to - ((to - 1) & !(cs - 1));
+        let end_host = last_host + within;
+        if !external && matches!(mode, Preallocation::Falloc | Preallocation::Full) {
+            // Whole clusters, reserved or written run by run.
+            if let Some(&(start, len)) = runs.iter().max_by_key(|(s, l)| s + l) {
+                if target.len()? < start + len {
+                    target.set_len(start + len)?;
+                }
             }
+            for &(start, len) in &runs {
+                match mode {
+                    Preallocation::Falloc => target.allocate(start, len)?,
+                    _ => target.write_zero_bytes(start, len)?,
+                }
+            }
+            return Ok(());
         }
-        for &(start, len) in &runs {
+        let grain = if self.decoder.extended_l2 {
+            self.decoder.subcluster_size()
+        } else {
+            cs
+        };
+        let tail = to.next_multiple_of(grain).min(to + (cs - within)) - to;
+        if last_new && tail > 0 {
+            target.write_at(&vec![0u8; tail as usize], end_host)?;
+        }
+        let old_len = target.len()?;
+        if old_len < end_host {
             match mode {
-                Preallocation::Falloc => self.file().allocate(start, len)?,
-                Preallocation::Full => self.file().write_zero_bytes(start, len)?,
-                Preallocation::Off | Preallocation::Metadata => {}
+                Preallocation::Off | Preallocation::Metadata => target.set_len(end_host)?,
+                Preallocation::Falloc => target.allocate(old_len, end_host - old_len)?,
+                Preallocation::Full => {
+                    target.set_len(end_host)?;
+                    target.write_zero_bytes(old_len, end_host - old_len)?;
+                }
+            }
+            if old_len == 0 && mode != Preallocation::Full {
+                // QEMU's file driver writes the first block of a file it grows from empty,
+                // so that alignment probing works; `map` of the data file shows it.
+                let first = if end_host < 4096 { 512 } else { 4096 };
+                target.write_at(&vec![0u8; first], 0)?;
             }
         }
         Ok(())

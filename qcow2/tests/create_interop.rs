@@ -72,9 +72,23 @@ fn same_as_qemu_for_every_option() {
         "preallocation=full".into(),
         "data_file=DATA".into(),
         "data_file=DATA,data_file_raw=on".into(),
+        "data_file=DATA,data_file_raw=on,cluster_size=4k".into(),
+        "data_file=DATA,data_file_raw=on,preallocation=full".into(),
+        "data_file=DATA,preallocation=metadata".into(),
+        "data_file=DATA,preallocation=falloc".into(),
+        "data_file=DATA,preallocation=full".into(),
+        "data_file=DATA,preallocation=metadata,extended_l2=on".into(),
+        "data_file=DATA,preallocation=full,extended_l2=on,cluster_size=16k".into(),
+        "extended_l2=on,preallocation=metadata".into(),
+        "extended_l2=on,preallocation=falloc,cluster_size=16k".into(),
+        "extended_l2=on,preallocation=full,cluster_size=2M,refcount_bits=1".into(),
+        "extended_l2=on,preallocation=metadata,backing_file=base.qcow2,backing_fmt=qcow2".into(),
+        "extended_l2=on,preallocation=full,backing_file=base.qcow2,backing_fmt=qcow2".into(),
+        "preallocation=full,cluster_size=4k".into(),
+        "preallocation=falloc,cluster_size=512,refcount_bits=64".into(),
     ];
     for combo in &combos {
-        for size in [3u64 << 20, (40 << 20) + 4096] {
+        for size in [0, 3u64 << 20, (3 << 20) + 512, (40 << 20) + 4096] {
             let a = s.path("ours.qcow2");
             let b = s.path("qemu.qcow2");
             let _ = std::fs::remove_file(&a);
@@ -107,17 +121,55 @@ fn same_as_qemu_for_every_option() {
                 }
             }
             assert_eq!(fa, fb, "format-specific: {what}");
-            if combo.contains("preallocation") {
-                let la = std::fs::metadata(&a).expect("stat").len();
-                let lb = std::fs::metadata(&b).expect("stat").len();
-                assert_eq!(la, lb, "file length: {what}");
+            // The same layout: lengths of the image and of its data file, and the
+            // allocation maps of both (data file names aside).
+            let len = |p: &Path| std::fs::metadata(p).expect("stat").len();
+            assert_eq!(len(&a), len(&b), "file length: {what}");
+            assert_eq!(map(&a, &data_ours), map(&b, &data_qemu), "map: {what}");
+            if combo.contains("data_file") {
+                assert_eq!(len(&data_ours), len(&data_qemu), "data file length: {what}");
+                assert_eq!(
+                    raw_map(&data_ours),
+                    raw_map(&data_qemu),
+                    "data file map: {what}"
+                );
             }
             check_clean(&a);
-            if !combo.contains("data_file") {
-                qemu_img(&["compare", a.to_str().expect("u"), b.to_str().expect("u")]);
-            }
+            assert_eq!(check_json(&a), check_json(&b), "check: {what}");
+            qemu_img(&["compare", a.to_str().expect("u"), b.to_str().expect("u")]);
+            let _ = std::fs::remove_file(&data_ours);
+            let _ = std::fs::remove_file(&data_qemu);
         }
     }
+}
+
+/// `qemu-img map --output=json` of a qcow2 image, its data file's name replaced.
+fn map(image: &Path, data_file: &Path) -> serde_json::Value {
+    let json = qemu_img(&["map", "--output=json", image.to_str().expect("utf-8")]);
+    let json = json.replace(data_file.to_str().expect("utf-8"), "DATA");
+    serde_json::from_str(&json).expect("map json")
+}
+
+/// `qemu-img map --output=json` of a raw file.
+fn raw_map(file: &Path) -> serde_json::Value {
+    let json = qemu_img(&[
+        "map",
+        "--output=json",
+        "-f",
+        "raw",
+        file.to_str().expect("utf-8"),
+    ]);
+    serde_json::from_str(&json).expect("map json")
+}
+
+/// `qemu-img check --output=json` without the file name.
+fn check_json(image: &Path) -> serde_json::Value {
+    let json = qemu_img(&["check", "--output=json", image.to_str().expect("utf-8")]);
+    let mut v: serde_json::Value = serde_json::from_str(&json).expect("check json");
+    if let Some(o) = v.as_object_mut() {
+        o.remove("filename");
+    }
+    v
 }
 
 #[test]
