@@ -162,6 +162,9 @@ pub struct ImageInfo {
     pub full_backing_filename: Option<PathBuf>,
     /// The backing format as stored in the image.
     pub backing_format: Option<String>,
+    /// Host files of the image besides its own (VMDK extents in other files), each with
+    /// the child name qemu gives it (`extents.0`, ...), in qemu's order.
+    pub children: Vec<(String, PathBuf)>,
 }
 
 /// One value of an image's format-specific facts, shaped like the JSON qemu prints.

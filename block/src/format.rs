@@ -35,8 +35,18 @@ impl FollowPolicy {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| Path::new("."));
+        // A target that does not exist is judged by the folder it would be in, so a missing
+        // backing file inside the allowed folders fails as missing, not as forbidden.
+        let resolved = target.canonicalize().ok().or_else(|| {
+            let name = target.file_name()?;
+            let parent = target
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or_else(|| Path::new("."));
+            Some(parent.canonicalize().ok()?.join(name))
+        });
         let inside = |folder: &Path| -> bool {
-            let (Ok(folder), Ok(target)) = (folder.canonicalize(), target.canonicalize()) else {
+            let (Ok(folder), Some(target)) = (folder.canonicalize(), resolved.as_ref()) else {
                 return false;
             };
             target.starts_with(folder)

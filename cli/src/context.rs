@@ -212,7 +212,7 @@ impl Ctx {
 
 /// The OS's words for an error, without Rust's " (os error N)" suffix.
 fn why(err: &Error) -> String {
-    err.message().to_string()
+    without_hint(err.message()).to_string()
 }
 
 /// qemu-img's messages have no hints; ours may end in a parenthesised hint, which drop-in

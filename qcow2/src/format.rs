@@ -6,7 +6,6 @@ use std::sync::Arc;
 use vdisk_block::format::Measurement;
 use vdisk_block::{BlockDev, CheckReport, CreateOptions, Format, OpenOptions, RepairMode, Result};
 
-use crate::header;
 use crate::image::Qcow2Image;
 
 /// The qcow2 format driver.
@@ -19,7 +18,13 @@ impl Format for Qcow2Format {
     }
 
     fn probe(&self, header: &[u8], _path: &Path) -> u32 {
-        if header::probe(header) {
+        // Like qemu, the magic and a version of 2 or more claim the file, so an image of an
+        // unsupported version fails to open as qcow2 (naming its version) instead of
+        // being mistaken for raw data.
+        let claimed = header.len() >= 8
+            && header.starts_with(b"QFI\xfb")
+            && u32::from_be_bytes([header[4], header[5], header[6], header[7]]) >= 2;
+        if claimed {
             100
         } else {
             0
@@ -36,6 +41,26 @@ impl Format for Qcow2Format {
 
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
         crate::create::OPTIONS.to_vec()
+    }
+
+    fn create_options_shown(&self) -> Vec<(&'static str, Option<&'static str>)> {
+        // qemu-img's order, and the defaults it prints when they were not given.
+        vec![
+            ("encryption", None),
+            ("encrypt.format", None),
+            ("cluster_size", Some("65536")),
+            ("extended_l2", Some("off")),
+            ("preallocation", None),
+            ("compression_type", Some("zlib")),
+            ("size", None),
+            ("compat", None),
+            ("backing_file", None),
+            ("backing_fmt", None),
+            ("data_file", None),
+            ("data_file_raw", None),
+            ("lazy_refcounts", Some("off")),
+            ("refcount_bits", Some("16")),
+        ]
     }
 
     fn measure(

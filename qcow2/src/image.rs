@@ -57,6 +57,9 @@ pub struct Qcow2Image {
     pub(crate) data_len: AtomicU64,
     /// Guest-visible size (changes with resize).
     pub(crate) size: AtomicU64,
+    /// Whether block status looks through data clusters to host holes (decided at the first
+    /// block status, as QEMU does: see [`crate::prealloc`]).
+    pub(crate) look_through: std::sync::OnceLock<bool>,
 }
 
 /// The mutable metadata of an image, behind its metadata lock.
@@ -213,6 +216,7 @@ impl Qcow2Image {
             backing,
             writable: options.writable,
             marked_corrupt: std::sync::atomic::AtomicBool::new(false),
+            look_through: std::sync::OnceLock::new(),
             last_compressed: Mutex::new(None),
             data_len: AtomicU64::new(data_len),
             size: AtomicU64::new(header.size),
@@ -506,6 +510,16 @@ impl Qcow2Image {
         Error::new(ErrorKind::ReadOnly, op, "the image is open read-only").with_path(&self.path)
     }
 
+    /// Whether block status looks through data clusters to host holes.
+    fn looks_through(&self) -> Result<bool> {
+        if let Some(&known) = self.look_through.get() {
+            return Ok(known);
+        }
+        let found = crate::prealloc::looks_preallocated(&self.file, &self.header)
+            .map_err(|e| e.with_path(&self.path))?;
+        Ok(*self.look_through.get_or_init(|| found))
+    }
+
     /// Whether `len` bytes at host offset `host` of the data file start with a hole, and
     /// how far that hole (or data) goes. File systems that cannot tell report data.
     fn host_zero_run(&self, host: u64, len: u64) -> Result<(bool, u64)> {
@@ -553,9 +567,11 @@ fn at_offset(kind: Kind, in_cluster: u64) -> Kind {
 /// True when `next`, found `dist` bytes after the start of a run of `start`, belongs to it.
 fn continues(start: Kind, dist: u64, next: Kind) -> bool {
     match (start, next) {
-        (Kind::Unallocated | Kind::UnallocatedAlloc { .. }, n) => n.falls_through(),
-        (Kind::ZeroPlain, Kind::ZeroPlain) => true,
-        (Kind::Normal { host: a }, Kind::Normal { host: b })
+        // An unallocated subcluster of an allocated cluster has a host offset (QEMU's map
+        // shows it), so it does not join a run of wholly unallocated clusters.
+        (Kind::Unallocated, Kind::Unallocated) | (Kind::ZeroPlain, Kind::ZeroPlain) => true,
+        (Kind::UnallocatedAlloc { host: a }, Kind::UnallocatedAlloc { host: b })
+        | (Kind::Normal { host: a }, Kind::Normal { host: b })
         | (Kind::ZeroAlloc { host: a }, Kind::ZeroAlloc { host: b }) => {
             a.checked_add(dist) == Some(b)
         }
@@ -690,9 +706,16 @@ impl BlockDev for Qcow2Image {
             host: None,
         };
         match first {
-            Kind::Unallocated | Kind::UnallocatedAlloc { .. } => {
+            Kind::Unallocated => {
                 st.allocated = false;
                 st.zero = self.backing.is_none();
+            }
+            Kind::UnallocatedAlloc { host: h } => {
+                // QEMU names the host cluster of an unallocated subcluster too, so its map
+                // shows the offset where the image stores nothing.
+                st.allocated = false;
+                st.zero = self.backing.is_none();
+                st.host = host(h);
             }
             Kind::ZeroPlain => st.zero = true,
             Kind::ZeroAlloc { host: h } => {
@@ -702,9 +725,9 @@ impl BlockDev for Qcow2Image {
             Kind::Normal { host: h } => {
                 st.data = true;
                 st.host = host(h);
-                if !encrypted {
-                    // Like QEMU, look through to the host file: a hole there (a sparse
-                    // preallocated cluster) reads as zeroes.
+                if !encrypted && self.looks_through()? {
+                    // Like QEMU, look through to the host file of a metadata-preallocated
+                    // image: a hole there (a sparse preallocated cluster) reads as zeroes.
                     let (zero, len) = self.host_zero_run(h, run)?;
                     st.zero = zero;
                     st.len = len;
@@ -739,6 +762,7 @@ impl BlockDev for Qcow2Image {
                 .as_deref()
                 .and_then(|name| open::resolve(&self.path, name, "backing file").ok()),
             backing_format: h.extensions.backing_format.clone(),
+            children: Vec::new(),
         })
     }
 

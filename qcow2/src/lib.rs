@@ -37,6 +37,7 @@ pub mod image;
 pub mod measure;
 pub mod open;
 pub mod overlap;
+pub mod prealloc;
 pub mod refcount;
 pub mod snapshot;
 mod snapshot_write;

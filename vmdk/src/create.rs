@@ -57,7 +57,10 @@ impl Subformat {
             other => {
                 return Err(Error::invalid(
                     OP,
-                    format!("Unknown subformat: {}", crate::descriptor::printable(other)),
+                    format!(
+                        "invalid parameter value: {} (subformat is one of monolithicSparse, monolithicFlat, twoGbMaxExtentSparse, twoGbMaxExtentFlat, streamOptimized)",
+                        crate::descriptor::printable(other)
+                    ),
                 ))
             }
         })
@@ -321,7 +324,11 @@ fn write_descriptor_file(path: &Path, descriptor: &Descriptor) -> Result<()> {
 
 fn create_flat_extent(path: &Path, sectors: u64) -> Result<()> {
     let file = new_file(path)?;
-    file.set_len(sectors * SECTOR)?;
+    let len = sectors * SECTOR;
+    file.set_len(len)?;
+    // qemu creates flat extents as raw images, whose first block it writes (for O_DIRECT
+    // alignment probing): the same allocation keeps `map` and disk sizes equal.
+    file.write_at(&vec![0u8; len.min(4096) as usize], 0)?;
     file.flush()
 }
 

@@ -214,7 +214,9 @@ impl Extent {
                         }
                     };
                     st.len = run_end - host;
-                    st.data = data;
+                    // A flat extent maps every byte, so qemu calls a hole in it data that
+                    // reads as zeroes (data and zero), not a hole of the image.
+                    st.data = true;
                     st.zero = !data;
                     st.host = Some(HostLocation {
                         file: file.path().to_path_buf(),

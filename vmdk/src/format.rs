@@ -75,6 +75,21 @@ impl Format for VmdkFormat {
         crate::create::create(path, &spec)
     }
 
+    fn create_options_shown(&self) -> Vec<(&'static str, Option<&'static str>)> {
+        // qemu-img's order, and the defaults it prints when they were not given.
+        vec![
+            ("size", None),
+            ("adapter_type", None),
+            ("backing_file", None),
+            ("backing_fmt", None),
+            ("compat6", Some("off")),
+            ("hwversion", Some("undefined")),
+            ("toolsversion", None),
+            ("subformat", None),
+            ("zeroed_grain", None),
+        ]
+    }
+
     fn check(
         &self,
         path: &Path,

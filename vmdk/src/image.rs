@@ -358,6 +358,17 @@ impl BlockDev for VmdkImage {
             backing_filename: self.descriptor.parent_file_name_hint.clone(),
             full_backing_filename: self.parent_path.clone(),
             backing_format: self.parent_path.as_ref().map(|_| "vmdk".to_string()),
+            // qemu opens every extent in a file of its own as child `extents.N`.
+            children: self
+                .extents
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| {
+                    let file = e.host_file()?;
+                    (file.path() != self.path)
+                        .then(|| (format!("extents.{i}"), file.path().to_path_buf()))
+                })
+                .collect(),
             ..ImageInfo::default()
         })
     }

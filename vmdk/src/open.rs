@@ -135,7 +135,16 @@ fn text_descriptor(file: &Source) -> Result<Descriptor> {
     }
     let mut text = vec![0u8; len as usize];
     file.read_at(&mut text, 0)?;
-    Descriptor::parse(&text).map_err(|e| e.with_path(file.path()))
+    // qemu words every unparsable descriptor the same way; the reason follows in brackets
+    // (which drop-in mode leaves out).
+    Descriptor::parse(&text).map_err(|e| {
+        Error::new(
+            e.kind(),
+            OP,
+            format!("invalid VMDK image descriptor ({})", e.message()),
+        )
+        .with_path(file.path())
+    })
 }
 
 /// The descriptor of the VMDK at `path`, embedded or separate, without opening any extent.

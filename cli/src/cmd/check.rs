@@ -77,6 +77,7 @@ pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
         writable: repair != RepairMode::None,
         force_share: args.force_share,
         cache: args.cache.as_deref(),
+        no_backing: false,
     };
     // Opening first gives the same errors as every other command for a bad file.
     let dev = match open(name, &spec) {

@@ -51,6 +51,7 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
     let spec = OpenSpec {
         format: args.format.as_deref(),
         force_share: args.force_share,
+        no_backing: !args.backing_chain,
         ..OpenSpec::default()
     };
     let dev = match open(name, &spec) {
@@ -133,27 +134,74 @@ fn collect(top: &Arc<dyn BlockDev>, name: &str, chain: bool) -> Result<Vec<Node>
     Ok(nodes)
 }
 
-/// qemu's name for the driver of the host file: `host_device` for device nodes, `file`
-/// for everything else.
-fn protocol(node: &Node) -> &'static str {
+/// qemu's name for the driver of a host file: `host_device` for device nodes, `file` for
+/// everything else.
+fn protocol(path: &std::path::Path) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
-    match std::fs::metadata(&node.info.filename) {
+    match std::fs::metadata(path) {
         Ok(m) if m.file_type().is_block_device() || m.file_type().is_char_device() => "host_device",
         _ => "file",
     }
 }
 
-/// The protocol node below an image: the host file itself.
-fn file_json(node: &Node) -> Value {
+/// A protocol node below an image: one of its host files.
+struct HostNode {
+    /// The child name (`file`, `extents.0`, ...).
+    role: String,
+    /// The name to print.
+    shown: String,
+    path: std::path::PathBuf,
+    length: u64,
+    actual: Option<u64>,
+}
+
+/// The host files below an image, in qemu's order: extents in files of their own, then the
+/// image's own file. With extents elsewhere, the image's total disk size is not its own
+/// file's, so each file is measured by itself.
+fn host_nodes(node: &Node) -> Vec<HostNode> {
+    use std::os::unix::fs::MetadataExt;
+    let measure = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .map(|m| (m.len(), Some(m.blocks() * 512)))
+            .unwrap_or((0, None))
+    };
+    let mut out: Vec<HostNode> = node
+        .info
+        .children
+        .iter()
+        .map(|(role, path)| {
+            let (length, actual) = measure(path);
+            HostNode {
+                role: role.clone(),
+                shown: path.display().to_string(),
+                path: path.clone(),
+                length,
+                actual,
+            }
+        })
+        .collect();
+    let own_actual = if out.is_empty() {
+        node.info.actual_size
+    } else {
+        measure(&node.info.filename).1
+    };
+    out.push(HostNode {
+        role: "file".into(),
+        shown: node.name.clone(),
+        path: node.info.filename.clone(),
+        length: node.info.file_length.unwrap_or(0),
+        actual: own_actual,
+    });
+    out
+}
+
+fn host_json(h: &HostNode) -> Value {
     let mut m = Map::new();
     m.insert("children".into(), json!([]));
-    m.insert(
-        "virtual-size".into(),
-        json!(sectors(node.info.file_length.unwrap_or(0))),
-    );
-    m.insert("filename".into(), json!(node.name));
-    m.insert("format".into(), json!(protocol(node)));
-    if let Some(actual) = node.info.actual_size {
+    m.insert("virtual-size".into(), json!(sectors(h.length)));
+    m.insert("filename".into(), json!(h.shown));
+    m.insert("format".into(), json!(protocol(&h.path)));
+    if let Some(actual) = h.actual {
         m.insert("actual-size".into(), json!(actual));
     }
     m.insert(
@@ -161,7 +209,7 @@ fn file_json(node: &Node) -> Value {
         json!({"type": "file", "data": {}}),
     );
     m.insert("dirty-flag".into(), json!(false));
-    Value::Object(m)
+    json!({"name": h.role, "info": Value::Object(m)})
 }
 
 /// One image as qemu's `BlockGraphInfo`, keys in the order qemu-img prints them.
@@ -170,7 +218,7 @@ fn node_json(node: &Node) -> Value {
     let mut m = Map::new();
     m.insert(
         "children".into(),
-        json!([{"name": "file", "info": file_json(node)}]),
+        Value::Array(host_nodes(node).iter().map(host_json).collect()),
     );
     if let Some(f) = &i.backing_format {
         m.insert("backing-filename-format".into(), json!(f));
@@ -322,13 +370,16 @@ fn node_human(node: &Node) -> String {
         s.push_str("Format specific information:\n");
         dump_map(&mut s, 1, &spec.data);
     }
-    s.push_str(&format!(
-        "Child node '/file':\n    filename: {}\n    protocol type: {}\n    file length: {}\n    disk size: {}\n",
-        node.name,
-        protocol(node),
-        size_line(sectors(i.file_length.unwrap_or(0))),
-        disk_size(i.actual_size)
-    ));
+    for h in host_nodes(node) {
+        s.push_str(&format!(
+            "Child node '/{}':\n    filename: {}\n    protocol type: {}\n    file length: {}\n    disk size: {}\n",
+            h.role,
+            h.shown,
+            protocol(&h.path),
+            size_line(sectors(h.length)),
+            disk_size(h.actual)
+        ));
+    }
     s
 }
 

@@ -28,6 +28,8 @@ pub struct OpenSpec<'a> {
     pub force_share: bool,
     /// `-T`: the cache mode, qemu's spelling.
     pub cache: Option<&'a str>,
+    /// Open no backing file (qemu-img's `info` without `--backing-chain` never does).
+    pub no_backing: bool,
 }
 
 /// Opens `name` (as the user spelled it) through the format registry.
@@ -38,6 +40,7 @@ pub fn open(name: &str, spec: &OpenSpec<'_>) -> Result<Arc<dyn BlockDev>, Failur
         OpenOptions::read_only()
     };
     options.force_share = spec.force_share;
+    options.no_backing = spec.no_backing;
     if let Some(cache) = spec.cache {
         options.cache = CacheMode::parse(cache).map_err(|e| {
             Failure::new(

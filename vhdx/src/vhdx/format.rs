@@ -91,6 +91,20 @@ impl Format for VhdxFormat {
         crate::vhdx::check::check(path, options, repair)
     }
 
+    fn create_options_shown(&self) -> Vec<(&'static str, Option<&'static str>)> {
+        // qemu-img's order, and the defaults it prints when they were not given (a block
+        // size of 0 lets the driver choose).
+        vec![
+            ("size", None),
+            ("log_size", Some("1048576")),
+            ("block_size", Some("0")),
+            ("subformat", None),
+            ("block_state_zero", None),
+            ("backing_file", None),
+            ("backing_fmt", None),
+        ]
+    }
+
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
         vec![
             ("size", "Virtual disk size; max of 64TB"),

@@ -146,8 +146,16 @@ impl VhdxImage {
         }
         let mut id = vec![0u8; 520];
         view.read_at(&mut id, header::FILE_ID_OFFSET)?;
-        let creator = header::parse_creator(&id)
-            .ok_or_else(|| corrupt(path, "not a VHDX image (no 'vhdxfile' signature)"))?;
+        let creator = header::parse_creator(&id).ok_or_else(|| {
+            // qemu's driver fails with a bare EINVAL here, which qemu-img prints as an
+            // OS error: keep its wording first and say what is wrong after it.
+            Error::new(
+                ErrorKind::Io,
+                "open",
+                "Invalid argument (not a VHDX image: no 'vhdxfile' signature)",
+            )
+            .with_path(path)
+        })?;
         let mut raw = [vec![0u8; HEADER_SIZE], vec![0u8; HEADER_SIZE]];
         for (buf, off) in raw.iter_mut().zip(HEADER_OFFSETS) {
             view.read_at(buf, off)?;

@@ -176,6 +176,9 @@ pub fn create(path: &Path, p: &VpcParams) -> Result<()> {
     let file = HostFile::create(path, CacheMode::Writeback, EngineChoice::Sync)?;
     if p.fixed {
         file.set_len(size)?;
+        // qemu's file layer writes the first block of every new image (for O_DIRECT
+        // alignment probing); the same allocation keeps `map` and disk sizes equal.
+        file.write_at(&vec![0u8; size.min(4096) as usize], 0)?;
         file.write_at(
             &encode_footer(size, geo, creator, TYPE_FIXED, u64::MAX, id),
             size,

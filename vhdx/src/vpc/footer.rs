@@ -60,7 +60,8 @@ impl Footer {
     /// Parses and checks a footer.
     pub fn parse(buf: &[u8]) -> std::result::Result<Footer, String> {
         if buf.len() < FOOTER_SIZE || !Self::has_cookie(buf) {
-            return Err("no VHD footer ('conectix' cookie)".into());
+            // qemu's words first (drop-in mode shows only those), then what is missing.
+            return Err("invalid VPC image (no VHD footer: no 'conectix' cookie)".into());
         }
         if be32(buf, 64) != checksum(&buf[..FOOTER_SIZE], 64) {
             // qemu's words, so drop-in users see the same message; the rest says which

@@ -524,7 +524,12 @@ impl BlockDev for VpcImage {
                     offset: host,
                 });
             }
-            Source::Hole => st.zero = true,
+            // A dynamic disk without a parent decides its own unallocated blocks: they are
+            // zeroes of this layer, which is how qemu-img map reports them (present).
+            Source::Hole => {
+                st.zero = true;
+                st.allocated = true;
+            }
             Source::Parent => st.zero = self.parent.is_none(),
         }
         Ok(st)
