@@ -254,6 +254,36 @@ pub trait BlockDev: Send + Sync {
         Ok(None)
     }
 
+    /// The unit compressed writes cover (qcow2's cluster size), when the image takes
+    /// compressed writes (`convert -c`); `None` for images that store data plainly.
+    fn compressed_unit(&self) -> Option<u64> {
+        None
+    }
+
+    /// Compresses one unit of guest data (see [`BlockDev::compressed_unit`]) for a later
+    /// [`BlockDev::write_compressed_unit`]. Only CPU work, no I/O and no lock, so many
+    /// threads can compress while the writes themselves still go in order. `None`: the data
+    /// does not compress and is stored plainly.
+    fn compress_unit(&self, buf: &[u8]) -> Result<Option<Vec<u8>>> {
+        let _ = buf;
+        Err(crate::Error::unsupported(
+            "write compressed",
+            "Operation not supported",
+        ))
+    }
+
+    /// Writes the whole unit at `offset` (shorter only at the end of the disk): `packed`
+    /// as [`BlockDev::compress_unit`] made it from `buf`, or `buf` plainly when `None`.
+    /// An empty `buf` ends a compressed copy, as qemu-img's zero-length compressed write
+    /// does (qcow2 then pads its file to a whole sector).
+    fn write_compressed_unit(&self, buf: &[u8], packed: Option<&[u8]>, offset: u64) -> Result<()> {
+        let _ = (buf, packed, offset);
+        Err(crate::Error::unsupported(
+            "write compressed",
+            "Operation not supported",
+        ))
+    }
+
     /// The image's internal snapshots, oldest first (none for formats without them).
     fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         Ok(Vec::new())

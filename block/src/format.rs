@@ -357,6 +357,13 @@ pub trait Format: Send + Sync {
         ))
     }
 
+    /// Whether images of this format accept `convert -c` (qemu-img refuses the others
+    /// before creating anything). A format may take the option and still store some images
+    /// plainly, as qemu's vmdk driver does outside streamOptimized.
+    fn supports_compression(&self) -> bool {
+        false
+    }
+
     /// Checks (and with `repair`, repairs) the image's metadata.
     fn check(&self, path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {
         let _ = (path, options, repair);

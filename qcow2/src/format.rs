@@ -43,6 +43,10 @@ impl Format for Qcow2Format {
         crate::create::OPTIONS.to_vec()
     }
 
+    fn supports_compression(&self) -> bool {
+        true
+    }
+
     fn create_options_shown(&self) -> Vec<(&'static str, Option<&'static str>)> {
         // qemu-img's order, and the defaults it prints when they were not given.
         vec![

@@ -770,6 +770,18 @@ impl BlockDev for Qcow2Image {
         self.backing.clone()
     }
 
+    fn compressed_unit(&self) -> Option<u64> {
+        Some(self.header.cluster_size())
+    }
+
+    fn compress_unit(&self, buf: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.compress_cluster(buf)
+    }
+
+    fn write_compressed_unit(&self, buf: &[u8], packed: Option<&[u8]>, offset: u64) -> Result<()> {
+        self.write_compressed_cluster(buf, packed, offset)
+    }
+
     fn format_specific(&self) -> Result<Option<FormatSpecific>> {
         Ok(Some(self.qcow2_info()?.format_specific()))
     }

@@ -703,6 +703,40 @@ impl Qcow2Image {
     /// clusters are packed back to back into shared host clusters; each host cluster's
     /// refcount counts the compressed clusters in it.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let packed = self.compress_cluster(buf)?;
+        self.write_compressed_cluster(buf, packed.as_deref(), offset)
+    }
+
+    /// Compresses one guest cluster (padded with zeroes at the end of the disk) with the
+    /// image's compression type: `None` when it does not get smaller than a cluster.
+    pub fn compress_cluster(&self, buf: &[u8]) -> Result<Option<Vec<u8>>> {
+        let cs = self.header.cluster_size() as usize;
+        if buf.len() > cs {
+            return Err(Error::invalid(
+                "write compressed",
+                "a compressed write must cover exactly one whole cluster",
+            ));
+        }
+        Ok(if buf.len() == cs {
+            crate::compress::compress(self.header.compression_type, buf, cs)
+        } else {
+            let mut cluster = buf.to_vec();
+            cluster.resize(cs, 0);
+            crate::compress::compress(self.header.compression_type, &cluster, cs)
+        })
+    }
+
+    /// Stores one whole guest cluster at `offset`: `packed` as [`Self::compress_cluster`]
+    /// made it from `buf`, or `buf` plainly when it did not compress.
+    pub fn write_compressed_cluster(
+        &self,
+        buf: &[u8],
+        packed: Option<&[u8]>,
+        offset: u64,
+    ) -> Result<()> {
+        if buf.is_empty() {
+            return self.end_compressed_stream();
+        }
         self.check_writable("write compressed", offset, buf.len() as u64)?;
         let cs = self.header.cluster_size();
         let cb = self.header.cluster_bits;
@@ -714,18 +748,22 @@ impl Qcow2Image {
             .at_offset(offset));
         }
         if self.header.has_data_file() {
+            // qemu's words (it fails the write with ENOTSUP), then why.
             return Err(Error::unsupported(
                 "write compressed",
-                "images with an external data file cannot hold compressed clusters",
-            ));
+                "Operation not supported (images with an external data file cannot hold compressed clusters)",
+            )
+            .at_offset(offset));
         }
-        let mut cluster = buf.to_vec();
-        cluster.resize(cs as usize, 0);
-        let Some(packed) =
-            crate::compress::compress(self.header.compression_type, &cluster, cs as usize)
-        else {
+        let Some(packed) = packed else {
             return self.write_impl(buf, offset);
         };
+        if packed.len() as u64 >= cs {
+            return Err(Error::invalid(
+                "write compressed",
+                "a compressed cluster must be smaller than a cluster",
+            ));
+        }
         let _io = self.io.write();
         let mut meta = self.meta.lock();
         let (l2, idx) = self.ensure_l2(&mut meta, offset)?;
@@ -755,13 +793,29 @@ impl Qcow2Image {
         };
         meta.compress_cursor = place + len;
         self.guard(&mut meta, place, len)?;
-        self.file().write_at(&packed, place)?;
+        self.file().write_at(packed, place)?;
         let sectors = ((place & 511) + len).div_ceil(512);
         let value = place | ((sectors - 1) << (70 - cb)) | COMPRESSED;
         self.set_entry_bitmap(&mut meta, l2, idx, value, 0)?;
         Self::release(&mut meta, old, cs);
         drop(meta);
         self.after_op()
+    }
+
+    /// Pads the image file to a whole sector after the last compressed cluster, as QEMU
+    /// does when qemu-img signals the end of a compressed copy, so sector-based readers
+    /// can read the last stream whole.
+    fn end_compressed_stream(&self) -> Result<()> {
+        if !self.writable {
+            return Err(self.read_only_error("write compressed"));
+        }
+        let _io = self.io.write();
+        let len = self.file().len()?;
+        let padded = len.next_multiple_of(512);
+        if padded != len {
+            self.file().set_len(padded)?;
+        }
+        Ok(())
     }
 
     /// Allocates a host cluster for every unallocated guest cluster (QEMU's

@@ -676,3 +676,168 @@ fn vhdx_chain_map_shows_each_layer() {
         assert!(dir.join(full).exists(), "{full} exists");
     }
 }
+
+/// `qemu-img map` of `name` without host offsets, runs of equal flags merged: what is
+/// allocated how, independent of where the host file put it.
+fn allocation(dir: &Path, fmt: &str, name: &str) -> Vec<Value> {
+    let r = qemu_img(dir, &["map", "--output=json", "-f", fmt, name]);
+    ok(&r, "qemu-img map");
+    let list: Vec<Value> = serde_json::from_str(&r.stdout).expect("map JSON");
+    let mut out: Vec<Value> = Vec::new();
+    for mut e in list {
+        if let Some(o) = e.as_object_mut() {
+            o.remove("offset");
+        }
+        let same_flags = |a: &Value, b: &Value| {
+            ["depth", "present", "zero", "data", "compressed"]
+                .iter()
+                .all(|k| a[k] == b[k])
+        };
+        match out.last_mut() {
+            Some(last) if same_flags(last, &e) => {
+                let len = last["length"].as_u64().unwrap_or(0) + e["length"].as_u64().unwrap_or(0);
+                last["length"] = Value::from(len);
+            }
+            _ => out.push(e),
+        }
+    }
+    out
+}
+
+/// `convert -c`: compressed qcow2 (zlib and zstd, several cluster sizes, a source of odd
+/// length and several concatenated sources) holds the source's contents, passes qemu-img
+/// check, and compresses the clusters qemu-img compresses; formats that cannot compress
+/// refuse as qemu-img does.
+#[test]
+fn compressed_convert_matches_qemu_img() {
+    let s = Scratch::new("fmt-compress");
+    let dir = s.dir();
+    let images = make_images(dir);
+    // Text-like data that compresses, random data that does not, and an odd length.
+    let mut odd = Vec::with_capacity(3 * MIB as usize + 1000);
+    let mut x: u32 = 12345;
+    for i in 0..(3 * MIB as usize + 1000) {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        odd.push(if i < 2 * MIB as usize {
+            b"vdisk compresses "[i % 17]
+        } else {
+            (x >> 16) as u8
+        });
+    }
+    fs::write(s.path("odd.raw"), &odd).expect("write odd source");
+    let cases: &[(&[&str], &str)] = &[
+        (&["-f", "qcow2", "v3.qcow2"], ""),
+        (&["-f", "qcow2", "top.qcow2"], "compression_type=zstd"),
+        (&["-f", "vmdk", "stream.vmdk"], "cluster_size=4k"),
+        (&["-f", "raw", "odd.raw"], ""),
+        (
+            &["-f", "raw", "odd.raw"],
+            "compression_type=zstd,cluster_size=2M",
+        ),
+        (&["-f", "raw", "odd.raw", "odd.raw"], "cluster_size=512"),
+    ];
+    assert!(images.iter().any(|m| m.name == "top.qcow2"));
+    for (i, (src, opts)) in cases.iter().enumerate() {
+        let mut outs = Vec::new();
+        for tool in ["v", "q"] {
+            let out = format!("{tool}{i}.qcow2");
+            let mut args = vec!["convert", "-c", "-O", "qcow2"];
+            if !opts.is_empty() {
+                args.extend(["-o", opts]);
+            }
+            args.extend_from_slice(src);
+            args.push(&out);
+            let r = if tool == "v" {
+                vdisk(dir, &args)
+            } else {
+                qemu_img(dir, &args)
+            };
+            ok(&r, &format!("{tool} {args:?}"));
+            outs.push(out);
+        }
+        let (v, q) = (&outs[0], &outs[1]);
+        let chk = qemu_img(dir, &["check", "--output=json", v]);
+        ok(&chk, &format!("check {v}"));
+        let report: Value = serde_json::from_str(&chk.stdout).expect("check JSON");
+        assert!(
+            report.get("corruptions").is_none() && report.get("leaks").is_none(),
+            "{report}"
+        );
+        assert!(
+            report["compressed-clusters"].as_u64().unwrap_or(0) > 0,
+            "{src:?}: nothing compressed: {report}"
+        );
+        let cmp = qemu_img(dir, &["compare", "-f", "qcow2", "-F", "qcow2", v, q]);
+        assert_eq!(cmp.code, 0, "{src:?} {opts}: {}", cmp.stdout);
+        let map = |name: &str| allocation(dir, "qcow2", name);
+        assert_eq!(
+            map(v),
+            map(q),
+            "{src:?} {opts}: compressed allocation differs"
+        );
+        let len = |name: &str| fs::metadata(s.path(name)).expect("stat").len();
+        assert_eq!(
+            len(v) % 512,
+            0,
+            "the file ends on a whole sector, as qemu's does"
+        );
+        let qchk: Value =
+            serde_json::from_str(&qemu_img(dir, &["check", "--output=json", q]).stdout)
+                .expect("json");
+        assert_eq!(
+            report["compressed-clusters"], qchk["compressed-clusters"],
+            "{src:?} {opts}"
+        );
+        assert_eq!(
+            report["allocated-clusters"], qchk["allocated-clusters"],
+            "{src:?} {opts}"
+        );
+    }
+    // VMDK takes -c (plain grains outside streamOptimized); VHDX and VPC refuse; a qcow2
+    // with a data file fails at the first write, all as qemu-img does.
+    let bin = s.sub("bin");
+    dropin_link(&bin, Path::new(VDISK));
+    for args in [
+        &["convert", "-c", "-O", "vmdk", "v3.qcow2", "c.vmdk"][..],
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            "v3.qcow2",
+            "cs.vmdk",
+        ],
+        &["convert", "-c", "-O", "vhdx", "v3.qcow2", "c.vhdx"],
+        &["convert", "-c", "-O", "vpc", "v3.qcow2", "c.vpc"],
+        &["convert", "-c", "-O", "raw", "v3.qcow2", "c.raw"],
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "data_file=c.data",
+            "v3.qcow2",
+            "cd.qcow2",
+        ],
+    ] {
+        let q = run_with_path(dir, Some(&bin), Path::new("/usr/bin/qemu-img"), args);
+        for f in [
+            "c.vmdk", "cs.vmdk", "c.vhdx", "c.vpc", "c.raw", "cd.qcow2", "c.data",
+        ] {
+            let _ = fs::remove_file(s.path(f));
+        }
+        let v = run_with_path(dir, Some(&bin), &bin.join("qemu-img"), args);
+        assert_eq!(
+            (v.code, &v.stdout, &v.stderr),
+            (q.code, &q.stdout, &q.stderr),
+            "{args:?}"
+        );
+        if q.code == 0 {
+            let cmp = qemu_img(dir, &["compare", "v3.qcow2", args[args.len() - 1]]);
+            assert_eq!(cmp.code, 0, "{args:?}: {}", cmp.stdout);
+        }
+    }
+}

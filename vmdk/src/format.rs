@@ -75,6 +75,10 @@ impl Format for VmdkFormat {
         crate::create::create(path, &spec)
     }
 
+    fn supports_compression(&self) -> bool {
+        true
+    }
+
     fn create_options_shown(&self) -> Vec<(&'static str, Option<&'static str>)> {
         // qemu-img's order, and the defaults it prints when they were not given.
         vec![

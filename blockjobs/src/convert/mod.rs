@@ -13,7 +13,13 @@
 //!    ([`order`]);
 //! 5. the target is flushed once at the end (a no-op when it was opened with cache mode
 //!    `unsafe`).
+//!
+//! A compressed copy (`-c`) plans whole target clusters over the concatenated sources
+//! ([`concat`]), compresses each cluster of a chunk on the worker that read it, before the
+//! chunk waits for its turn to write, so every core compresses while the writes keep
+//! target order; clusters of zeroes are not written.
 
+pub mod concat;
 pub mod order;
 pub mod plan;
 pub mod zero;
@@ -57,6 +63,8 @@ pub struct ConvertOptions {
     /// Bytes per data chunk, rounded up to a power of two; also the largest zero run that
     /// zero detection needs to see to make a hole.
     pub chunk_size: usize,
+    /// Write compressed clusters (`-c`) when the target takes them.
+    pub compress: bool,
 }
 
 impl Default for ConvertOptions {
@@ -67,6 +75,7 @@ impl Default for ConvertOptions {
             out_of_order: false,
             target_is_zero: false,
             chunk_size: DEFAULT_CHUNK,
+            compress: false,
         }
     }
 }
@@ -173,14 +182,35 @@ pub fn convert(
     let chunk_size = options.chunk_size.max(target_alignment).next_power_of_two();
     let granularity = granularity(options.min_sparse, target_alignment as u64);
     let workers = options.parallel.clamp(1, MAX_PARALLEL);
+    let unit = options
+        .compress
+        .then(|| target.compressed_unit())
+        .flatten()
+        .filter(|u| u.is_power_of_two());
+    let concatenated: Vec<Arc<dyn BlockDev>> = match unit {
+        Some(_) => vec![Arc::new(concat::Concat::new(sources)?)],
+        None => Vec::new(),
+    };
+    let (plan_sources, planner) = match unit {
+        Some(u) => {
+            let chunk = chunk_size.max(u as usize);
+            (
+                &concatenated[..],
+                Planner::aligned(&concatenated, chunk as u64, u),
+            )
+        }
+        None => (sources, Planner::new(sources, chunk_size as u64)),
+    };
+    let chunk_size = unit.map_or(chunk_size, |u| chunk_size.max(u as usize));
     let job = Job {
-        sources,
+        sources: plan_sources,
         target,
         options,
         progress,
         granularity,
         chunk_size,
-        planner: Mutex::new(Planner::new(sources, chunk_size as u64)),
+        unit,
+        planner: Mutex::new(planner),
         order: WriteOrder::new(!options.out_of_order, workers),
         error: Mutex::new(None),
         counters: Counters::default(),
@@ -192,6 +222,9 @@ pub fn convert(
     });
     if let Some(err) = job.error.into_inner() {
         return Err(err);
+    }
+    if unit.is_some() {
+        target.write_compressed_unit(&[], None, 0)?;
     }
     target.flush()?;
     let c = &job.counters;
@@ -223,6 +256,8 @@ struct Job<'a> {
     progress: &'a dyn Progress,
     granularity: usize,
     chunk_size: usize,
+    /// The target's compression unit, for a compressed copy.
+    unit: Option<u64>,
     planner: Mutex<Planner<'a>>,
     order: WriteOrder,
     error: Mutex<Option<Error>>,
@@ -278,10 +313,18 @@ impl Job<'_> {
                 })?;
                 source.read_at(data, chunk.src_offset)?;
                 self.counters.read.fetch_add(chunk.len, Ordering::Relaxed);
-                if !self.order.wait_turn(chunk.seq) {
-                    return Ok(());
+                if let Some(unit) = self.unit {
+                    let packed = self.compress_units(data, unit)?;
+                    if !self.order.wait_turn(chunk.seq) {
+                        return Ok(());
+                    }
+                    self.write_units(data, unit, chunk.dst_offset, &packed)?;
+                } else {
+                    if !self.order.wait_turn(chunk.seq) {
+                        return Ok(());
+                    }
+                    self.write_data(data, chunk.dst_offset)?;
                 }
-                self.write_data(data, chunk.dst_offset)?;
             }
         }
         self.order.done(chunk.seq);
@@ -316,6 +359,50 @@ impl Job<'_> {
                 }
             },
         )
+    }
+
+    /// Compresses each unit of `data`: `None` for a unit of zeroes that needs no data
+    /// write (unless `-S 0` keeps everything allocated), else what the target will store.
+    #[allow(clippy::type_complexity)]
+    fn compress_units(&self, data: &[u8], unit: u64) -> Result<Vec<Option<Option<Vec<u8>>>>> {
+        data.chunks(unit as usize)
+            .map(|piece| {
+                if self.options.min_sparse != 0 && zero::is_zero(piece) {
+                    Ok(None)
+                } else {
+                    self.target.compress_unit(piece).map(Some)
+                }
+            })
+            .collect()
+    }
+
+    /// Writes the units [`Self::compress_units`] prepared, in order.
+    fn write_units(
+        &self,
+        data: &[u8],
+        unit: u64,
+        offset: u64,
+        packed: &[Option<Option<Vec<u8>>>],
+    ) -> Result<()> {
+        for (i, (piece, prepared)) in data.chunks(unit as usize).zip(packed).enumerate() {
+            let at = offset + i as u64 * unit;
+            // The sector padding of the last source has nowhere to go past the target.
+            let len = (piece.len() as u64).min(self.target.size().saturating_sub(at)) as usize;
+            if len == 0 {
+                continue;
+            }
+            match prepared {
+                None => self.zero(at, len as u64)?,
+                Some(p) => {
+                    self.target
+                        .write_compressed_unit(&piece[..len], p.as_deref(), at)?;
+                    self.counters
+                        .written
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Makes a target range read as zeroes, doing nothing when it already does.

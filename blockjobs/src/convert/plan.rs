@@ -63,6 +63,8 @@ pub struct Planner<'a> {
     /// The current extent of the current source: where it ends and what it is.
     extent: Option<(u64, ChunkKind)>,
     seq: u64,
+    /// Chunks start and end on multiples of this (but the end of a source), 1 for none.
+    unit: u64,
 }
 
 impl<'a> Planner<'a> {
@@ -76,6 +78,20 @@ impl<'a> Planner<'a> {
             dst_base: 0,
             extent: None,
             seq: 0,
+            unit: 1,
+        }
+    }
+
+    /// A planner whose chunks cover whole units of `unit` bytes (a power of two dividing
+    /// `chunk_size`), as compressed writes need whole clusters: a zero extent shorter than
+    /// a unit, or the ragged ends of one, are handed out as data, the way qemu-img treats a
+    /// cluster that is only partly unallocated when it compresses. Offsets are counted
+    /// from the start of each source, so give it one source (see [`super::concat`]).
+    pub fn aligned(sources: &'a [Arc<dyn BlockDev>], chunk_size: u64, unit: u64) -> Self {
+        let unit = unit.max(1);
+        Planner {
+            unit,
+            ..Self::new(sources, chunk_size.max(unit))
         }
     }
 
@@ -105,7 +121,23 @@ impl<'a> Planner<'a> {
                 }
             };
             let dst_offset = self.dst_base + self.offset;
+            let mut kind = kind;
             let mut len = ext_end - self.offset;
+            if self.unit > 1 {
+                let u = self.unit;
+                // Offsets stay on unit boundaries: every chunk ends on one or at the end.
+                let whole = ext_end / u * u;
+                match kind {
+                    ChunkKind::Zero if whole >= self.offset + u => {
+                        len = (whole - self.offset).min(MAX_ZERO_CHUNK / u * u);
+                    }
+                    _ => {
+                        kind = ChunkKind::Data;
+                        let end = ext_end.max(self.offset + 1).next_multiple_of(u).min(padded);
+                        len = (end - self.offset).min(self.chunk_size);
+                    }
+                }
+            }
             match kind {
                 ChunkKind::Data => len = len.min(self.chunk_size),
                 ChunkKind::Zero => len = len.min(MAX_ZERO_CHUNK),

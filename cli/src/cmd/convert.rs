@@ -65,7 +65,8 @@ pub struct ConvertArgs {
     /// Open the source(s) without taking locks (shared with a running VM).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
-    /// Compress the target (no compressing target format in this build).
+    /// Compress the target's clusters (qcow2 with zlib or zstd as the image's
+    /// compression_type says; VMDK takes the option, and streamOptimized always compresses)
     #[arg(short = 'c')]
     pub compress: bool,
     /// Source image(s), then the target.
@@ -172,9 +173,12 @@ fn convert_cmd(args: &ConvertArgs) -> Result<(), Failure> {
         return Ok(());
     }
     if args.compress {
-        return Err(Failure::same(
-            "Compression not supported for this file format",
-        ));
+        if !driver.supports_compression() {
+            return Err(Failure::same(
+                "Compression not supported for this file format",
+            ));
+        }
+        settings.copy.compress = true;
     }
 
     let source_opts = OpenOptions {
@@ -284,9 +288,10 @@ fn copy_failure(err: &Error) -> Failure {
     let at = err.offset().unwrap_or(0);
     let text = match err.op() {
         "read" => format!("error while reading at byte {at}: {}", err.message()),
-        "write" | "write zeroes" => {
-            format!("error while writing at byte {at}: {}", err.message())
-        }
+        "write" | "write zeroes" | "write compressed" => format!(
+            "error while writing at byte {at}: {}",
+            crate::context::without_hint(err.message())
+        ),
         "flush" => format!("error while flushing the target: {}", err.message()),
         _ => err.to_string(),
     };
