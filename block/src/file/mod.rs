@@ -16,6 +16,8 @@
 //! `direct.rs`) on the same descriptor instead of failing with `EINVAL`. `writethrough` and
 //! `directsync` open with `O_DSYNC`; `unsafe` turns flushes into no-ops.
 //!
+//! Crash tests can record every change made to a file through this type: see [`record`].
+//!
 //! The only `unsafe` of the block layer is the ring itself (`uring.rs`).
 #![deny(unsafe_code)]
 
@@ -23,6 +25,7 @@ mod aligned;
 mod cache;
 mod direct;
 mod rangelock;
+pub mod record;
 mod sys;
 mod uring;
 
@@ -121,6 +124,8 @@ pub struct HostFile {
     engine_note: Option<String>,
     /// Serialises overlapping write-like requests of a direct file (see `rangelock.rs`).
     locks: RangeLock,
+    /// Where a crash test records this file's changes (see `record.rs`); `None` in use.
+    recording: Option<std::sync::Arc<record::Log>>,
 }
 
 impl HostFile {
@@ -189,6 +194,11 @@ impl HostFile {
         };
         let (uring, engine_note) =
             start_engine(engine, uring_refused).map_err(|e| e.with_path(path))?;
+        let recording = if writable {
+            record::recording_for(&meta)
+        } else {
+            None
+        };
         Ok(HostFile {
             path: path.to_path_buf(),
             file,
@@ -198,6 +208,7 @@ impl HostFile {
             uring,
             engine_note,
             locks: RangeLock::default(),
+            recording,
         })
     }
 
@@ -297,6 +308,21 @@ impl HostFile {
                 }
             }
         }
+        let Some(mut log) = self.recording.as_ref().and_then(|log| log.live()) else {
+            return self.submit_unrecorded(ops);
+        };
+        self.submit_unrecorded(ops)?;
+        log.extend(ops.iter().filter_map(|op| match op {
+            IoOp::Write { buf, offset } => Some(record::FileOp::Write {
+                offset: *offset,
+                data: buf.to_vec(),
+            }),
+            IoOp::Read { .. } => None,
+        }));
+        Ok(())
+    }
+
+    fn submit_unrecorded(&self, ops: &mut [IoOp<'_>]) -> Result<()> {
         if self.align <= 1 {
             let mut all: Vec<&mut IoOp<'_>> = ops.iter_mut().collect();
             return self.run_engine(&mut all);
@@ -377,9 +403,14 @@ impl HostFile {
         if self.cache == CacheMode::Unsafe || !self.writable {
             return Ok(());
         }
+        let mut log = self.recording.as_ref().and_then(|log| log.live());
         self.file
             .sync_data()
-            .map_err(|e| Error::io("flush", e).with_path(&self.path))
+            .map_err(|e| Error::io("flush", e).with_path(&self.path))?;
+        if let Some(log) = &mut log {
+            log.push(record::FileOp::Flush);
+        }
+        Ok(())
     }
 
     /// Current length of the file; for a block device, its size (which `stat` reports as 0).
@@ -413,9 +444,14 @@ impl HostFile {
     pub fn set_len(&self, len: u64) -> Result<()> {
         self.check_writable("truncate", len)?;
         let _guard = self.lock_blocks(len.min(self.len()?), u64::MAX);
+        let mut log = self.recording.as_ref().and_then(|log| log.live());
         self.file
             .set_len(len)
-            .map_err(|e| Error::io("truncate", e).with_path(&self.path))
+            .map_err(|e| Error::io("truncate", e).with_path(&self.path))?;
+        if let Some(log) = &mut log {
+            log.push(record::FileOp::SetLen(len));
+        }
+        Ok(())
     }
 
     fn check_writable(&self, op: &'static str, offset: u64) -> Result<()> {
@@ -433,6 +469,7 @@ impl HostFile {
     fn fallocate(&self, op: &'static str, what: Falloc, offset: u64, len: u64) -> Result<()> {
         self.check_writable(op, offset)?;
         let _guard = self.lock_blocks(offset, offset.saturating_add(len));
+        let mut log = self.recording.as_ref().and_then(|log| log.live());
         sys::fallocate(&self.file, what, offset, len).map_err(|e| {
             if matches!(
                 e.raw_os_error(),
@@ -445,7 +482,11 @@ impl HostFile {
             } else {
                 self.err(op, e, offset)
             }
-        })
+        })?;
+        if let Some(log) = &mut log {
+            log.push(record::falloc_op(what, offset, len));
+        }
+        Ok(())
     }
 
     /// Deallocates a range so it reads as zeroes. Fails with `Unsupported` where the file
