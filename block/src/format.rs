@@ -357,6 +357,13 @@ pub trait Format: Send + Sync {
         ))
     }
 
+    /// The driver options (`--image-opts` keys besides `driver` and `file.filename`) that
+    /// [`Format::open`] takes from [`OpenOptions::driver_options`]; others are refused
+    /// before opening, as qemu refuses them.
+    fn open_option_names(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Whether images of this format accept `convert -c` (qemu-img refuses the others
     /// before creating anything). A format may take the option and still store some images
     /// plainly, as qemu's vmdk driver does outside streamOptimized.

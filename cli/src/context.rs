@@ -236,7 +236,12 @@ pub fn host_path(name: &str) -> &str {
 
 /// How opening the image `name` (as the user spelled it) failed.
 pub fn open_failure(name: &str, err: &Error) -> Failure {
-    let path = host_path(name);
+    open_failure_of(name, host_path(name), err)
+}
+
+/// [`open_failure`] for an image the user named `name` whose host file is `path` (they
+/// differ with `--image-opts`).
+pub fn open_failure_of(name: &str, path: &str, err: &Error) -> Failure {
     let is_dir = Path::new(path).is_dir() && err.kind() != ErrorKind::Unsupported;
     if is_dir {
         return Failure::new(

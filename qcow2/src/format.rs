@@ -43,6 +43,10 @@ impl Format for Qcow2Format {
         crate::create::OPTIONS.to_vec()
     }
 
+    fn open_option_names(&self) -> &'static [&'static str] {
+        &["data-file", "l2-cache-size", "cache-size"]
+    }
+
     fn supports_compression(&self) -> bool {
         true
     }

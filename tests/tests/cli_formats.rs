@@ -841,3 +841,199 @@ fn compressed_convert_matches_qemu_img() {
         }
     }
 }
+
+/// An OVA appliance with two disks, read in place: `info` lists both, `convert` takes the
+/// first by default and another with `--image-opts ...,disk=N`, and the results hold the
+/// disks' contents and pass qemu-img check. qemu-img cannot read appliances, so the
+/// oracle is qemu-img's view of the disks themselves.
+#[test]
+fn ova_appliances_convert_disk_by_disk() {
+    let s = Scratch::new("fmt-ova");
+    let dir = s.dir();
+    let mut xml_refs = String::new();
+    let mut xml_disks = String::new();
+    for i in 0..2u64 {
+        let raw = format!("s{i}.raw");
+        fs::File::create(s.path(&raw))
+            .and_then(|f| f.set_len((4 + 4 * i) * MIB))
+            .expect("raw");
+        qemu_io(
+            dir,
+            "raw",
+            &raw,
+            &[&format!("write -P {} {}M 300k", 0x31 + i, i)],
+        );
+        ok(
+            &qemu_img(
+                dir,
+                &[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "vmdk",
+                    "-o",
+                    "subformat=streamOptimized",
+                    &raw,
+                    &format!("d{i}.vmdk"),
+                ],
+            ),
+            "make stream disk",
+        );
+        xml_refs.push_str(&format!(
+            "    <File ovf:href=\"d{i}.vmdk\" ovf:id=\"file{i}\"/>\n"
+        ));
+        xml_disks.push_str(&format!(
+            "    <Disk ovf:capacity=\"{}\" ovf:diskId=\"vmdisk{i}\" ovf:fileRef=\"file{i}\" ovf:format=\"http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized\"/>\n",
+            (4 + 4 * i) * MIB
+        ));
+    }
+    fs::write(
+        s.path("app.ovf"),
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Envelope xmlns=\"http://schemas.dmtf.org/ovf/envelope/1\" xmlns:ovf=\"http://schemas.dmtf.org/ovf/envelope/1\">\n  <References>\n{xml_refs}  </References>\n  <DiskSection>\n    <Info>Virtual disks</Info>\n{xml_disks}  </DiskSection>\n</Envelope>\n"
+        ),
+    )
+    .expect("ovf");
+    let tar = run_in(
+        dir,
+        Path::new("tar"),
+        &["-cf", "app.ova", "app.ovf", "d0.vmdk", "d1.vmdk"],
+    );
+    ok(&tar, "tar");
+    for f in ["d0.vmdk", "d1.vmdk"] {
+        fs::remove_file(s.path(f)).expect("only the archive remains");
+    }
+    let info = vdisk(dir, &["info", "--output=json", "app.ova"]);
+    ok(&info, "info app.ova");
+    let j: Value = serde_json::from_str(&info.stdout).expect("json");
+    assert_eq!(j["format"], "vmdk");
+    assert_eq!(j["virtual-size"], 4 * MIB);
+    let disks = &j["format-specific"]["data"]["appliance"]["disks"];
+    assert_eq!(disks.as_array().map(Vec::len), Some(2), "{j}");
+    assert_eq!(disks[1]["file"], "d1.vmdk");
+    ok(
+        &vdisk(dir, &["convert", "-O", "qcow2", "app.ova", "o0.qcow2"]),
+        "convert disk 0",
+    );
+    ok(
+        &vdisk(
+            dir,
+            &[
+                "convert",
+                "--image-opts",
+                "-O",
+                "qcow2",
+                "driver=vmdk,file.filename=app.ova,disk=1",
+                "o1.qcow2",
+            ],
+        ),
+        "convert disk 1",
+    );
+    for i in 0..2 {
+        let cmp = qemu_img(
+            dir,
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "qcow2",
+                &format!("s{i}.raw"),
+                &format!("o{i}.qcow2"),
+            ],
+        );
+        assert_eq!(cmp.code, 0, "disk {i}: {}", cmp.stdout);
+        ok(&qemu_img(dir, &["check", &format!("o{i}.qcow2")]), "check");
+    }
+    let bad = vdisk(
+        dir,
+        &[
+            "info",
+            "--image-opts",
+            "driver=vmdk,file.filename=app.ova,disk=2",
+        ],
+    );
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("there is no disk 2"), "{}", bad.stderr);
+    let bad = vdisk(
+        dir,
+        &[
+            "info",
+            "--image-opts",
+            "driver=vmdk,file.filename=app.ova,bogus=1",
+        ],
+    );
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("no option 'bogus'"), "{}", bad.stderr);
+}
+
+/// `--image-opts` as qemu-img parses it, in drop-in mode: the same output and errors.
+#[test]
+fn image_opts_match_qemu_img() {
+    let s = Scratch::new("fmt-imageopts");
+    let dir = s.dir();
+    ok(
+        &qemu_img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"]),
+        "create",
+    );
+    qemu_io(dir, "qcow2", "a.qcow2", &["write -P 9 1M 64k"]);
+    same(
+        dir,
+        &["info", "--image-opts", "driver=qcow2,file.filename=a.qcow2"],
+    );
+    same(
+        dir,
+        &[
+            "map",
+            "--output=json",
+            "--image-opts",
+            "file.filename=a.qcow2",
+        ],
+    );
+    let bin = s.sub("bin");
+    dropin_link(&bin, Path::new(VDISK));
+    for args in [
+        &[
+            "info",
+            "--image-opts",
+            "-f",
+            "qcow2",
+            "driver=qcow2,file.filename=a.qcow2",
+        ][..],
+        &["info", "--image-opts", "a.qcow2"],
+        &[
+            "info",
+            "--image-opts",
+            "driver=qcow2,file.filename=a.qcow2,bogus=1",
+        ],
+        &[
+            "info",
+            "--image-opts",
+            "driver=qcow2,file.filename=nope.qcow2",
+        ],
+    ] {
+        let q = run_with_path(dir, Some(&bin), Path::new("/usr/bin/qemu-img"), args);
+        let v = run_with_path(dir, Some(&bin), &bin.join("qemu-img"), args);
+        assert_eq!(
+            (v.code, &v.stdout, &v.stderr),
+            (q.code, &q.stdout, &q.stderr),
+            "{args:?}"
+        );
+    }
+    ok(
+        &vdisk(
+            dir,
+            &[
+                "convert",
+                "--image-opts",
+                "-O",
+                "raw",
+                "driver=qcow2,file.filename=a.qcow2",
+                "a.raw",
+            ],
+        ),
+        "convert --image-opts",
+    );
+    assert_eq!(qemu_img(dir, &["compare", "a.qcow2", "a.raw"]).code, 0);
+}

@@ -75,6 +75,10 @@ impl Format for VmdkFormat {
         crate::create::create(path, &spec)
     }
 
+    fn open_option_names(&self) -> &'static [&'static str] {
+        &["disk"]
+    }
+
     fn supports_compression(&self) -> bool {
         true
     }

@@ -33,6 +33,53 @@ pub struct VmdkImage {
     /// The CID has been changed for this open (done before the first write, as VMware and
     /// qemu do, so a delta taken earlier no longer matches).
     pub(crate) cid_bumped: AtomicBool,
+    /// For a disk of an appliance: which one, and what else the appliance holds.
+    pub(crate) appliance: Option<ApplianceDisk>,
+}
+
+impl ApplianceDisk {
+    /// The appliance's disks for `info` (qemu has no such section: it cannot read
+    /// appliances), the opened one marked.
+    pub fn info_value(&self) -> vdisk_block::dev::InfoValue {
+        use vdisk_block::dev::InfoValue;
+        let disks = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let mut m = vec![
+                    ("disk".to_string(), InfoValue::UInt(i as u64)),
+                    ("id".to_string(), InfoValue::Text(d.id.clone())),
+                ];
+                if let Some(href) = &d.href {
+                    m.push(("file".to_string(), InfoValue::Text(href.clone())));
+                }
+                if let Some(c) = d.capacity {
+                    m.push(("capacity".to_string(), InfoValue::UInt(c)));
+                }
+                if let Some(c) = &d.compression {
+                    m.push(("compression".to_string(), InfoValue::Text(c.clone())));
+                }
+                InfoValue::Map(m)
+            })
+            .collect();
+        InfoValue::Map(vec![
+            (
+                "opened-disk".to_string(),
+                InfoValue::UInt(self.index as u64),
+            ),
+            ("disks".to_string(), InfoValue::List(disks)),
+        ])
+    }
+}
+
+/// Where a disk opened from an `.ova`/`.ovf` sits in its appliance.
+#[derive(Debug, Clone)]
+pub struct ApplianceDisk {
+    /// The disk's number (from 0), as `disk=N` selects it.
+    pub index: usize,
+    /// Every disk the appliance lists, in order.
+    pub disks: Vec<crate::ovf::OvfDisk>,
 }
 
 /// Where a writable image's descriptor is kept.
@@ -374,7 +421,11 @@ impl BlockDev for VmdkImage {
     }
 
     fn format_specific(&self) -> Result<Option<vdisk_block::dev::FormatSpecific>> {
-        Ok(Some(self.details().format_specific()))
+        let mut specific = self.details().format_specific();
+        if let Some(a) = &self.appliance {
+            specific.data.push(("appliance".into(), a.info_value()));
+        }
+        Ok(Some(specific))
     }
 
     fn backing(&self) -> Option<Arc<dyn BlockDev>> {

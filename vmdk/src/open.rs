@@ -379,6 +379,7 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<VmdkImage> {
         desc_store,
         write_lock: parking_lot::Mutex::new(()),
         cid_bumped: std::sync::atomic::AtomicBool::new(false),
+        appliance: None,
     })
 }
 
@@ -523,5 +524,6 @@ pub(crate) fn open_member(path: &Path, source: Arc<Source>) -> Result<VmdkImage>
         desc_store: None,
         write_lock: parking_lot::Mutex::new(()),
         cid_bumped: std::sync::atomic::AtomicBool::new(false),
+        appliance: None,
     })
 }

@@ -141,6 +141,7 @@ pub fn open_disk(path: &Path, options: &OpenOptions, index: usize) -> Result<Vmd
                 member.size,
             ));
             crate::open::open_member(path, range)
+                .map(|image| with_appliance(image, index, &appliance.disks))
         }
         Container::Folder => {
             let base = path.parent().unwrap_or_else(|| Path::new("."));
@@ -155,6 +156,15 @@ pub fn open_disk(path: &Path, options: &OpenOptions, index: usize) -> Result<Vmd
             }
             options.policy.allows(path, &target)?;
             crate::open::open(&target, options)
+                .map(|image| with_appliance(image, index, &appliance.disks))
         }
     }
+}
+
+fn with_appliance(mut image: VmdkImage, index: usize, disks: &[OvfDisk]) -> VmdkImage {
+    image.appliance = Some(crate::image::ApplianceDisk {
+        index,
+        disks: disks.to_vec(),
+    });
+    image
 }

@@ -78,6 +78,7 @@ pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
         force_share: args.force_share,
         cache: args.cache.as_deref(),
         no_backing: false,
+        image_opts: false,
     };
     // Opening first gives the same errors as every other command for a bad file.
     let dev = match open(name, &spec) {

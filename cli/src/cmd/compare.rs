@@ -35,6 +35,10 @@ pub struct CompareArgs {
     /// Cache mode for reading the images (writeback, none, writethrough, directsync, unsafe)
     #[arg(short = 'T', long = "cache", value_name = "CACHE_MODE")]
     pub cache: Option<String>,
+    /// Name the image by options instead of a file name: driver=FMT,file.filename=PATH and
+    /// driver options (e.g. disk=N to pick a disk of an OVA appliance)
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Open the images in shared mode, even while another process uses them
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -110,6 +114,7 @@ fn compare_files<'a>(
     let spec = |format: Option<&'a str>| OpenSpec {
         format,
         force_share: args.force_share,
+        image_opts: args.image_opts,
         cache: args.cache.as_deref(),
         ..OpenSpec::default()
     };

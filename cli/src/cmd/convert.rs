@@ -62,6 +62,10 @@ pub struct ConvertArgs {
     /// Quiet: no progress, even with -p.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// Name the image by options instead of a file name: driver=FMT,file.filename=PATH and
+    /// driver options (e.g. disk=N to pick a disk of an OVA appliance)
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Open the source(s) without taking locks (shared with a running VM).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -188,10 +192,23 @@ fn convert_cmd(args: &ConvertArgs) -> Result<(), Failure> {
         ..OpenOptions::read_only()
     };
     let mut sources: Vec<Arc<dyn BlockDev>> = Vec::with_capacity(settings.sources.len());
+    let source_spec = super::OpenSpec {
+        format: args.source_format.as_deref(),
+        force_share: args.force_share,
+        image_opts: args.image_opts,
+        ..super::OpenSpec::default()
+    };
     for path in &settings.sources {
-        let dev = open_image(path, args.source_format.as_deref(), &source_opts)
-            .map_err(|e| open_failure(&path.to_string_lossy(), &e))?;
+        let dev = super::open_with(&path.to_string_lossy(), &source_spec, source_opts.clone())?;
         sources.push(dev);
+    }
+    // With --image-opts a source is named by its options; the file is what may collide.
+    if args.image_opts {
+        for path in settings.sources.iter_mut() {
+            *path = super::parse_image_opts(&path.to_string_lossy())?
+                .filename
+                .into();
+        }
     }
     let total = convert::total_size(&sources).map_err(|e| Failure::same(e.message()))?;
 

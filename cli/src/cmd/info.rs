@@ -31,6 +31,10 @@ pub struct InfoArgs {
     /// Show every image of the backing chain, top first (JSON becomes an array)
     #[arg(short = 'b', long = "backing-chain")]
     pub backing_chain: bool,
+    /// Name the image by options instead of a file name: driver=FMT,file.filename=PATH and
+    /// driver options (e.g. disk=N to pick a disk of an OVA appliance)
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Open the image in shared mode, even while another process uses it
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -51,6 +55,7 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
     let spec = OpenSpec {
         format: args.format.as_deref(),
         force_share: args.force_share,
+        image_opts: args.image_opts,
         no_backing: !args.backing_chain,
         ..OpenSpec::default()
     };
@@ -61,7 +66,12 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
             return 1;
         }
     };
-    let chain = match collect(&dev, name, args.backing_chain) {
+    // Named by options, the image is shown by its file name, as qemu-img shows it.
+    let shown = match args.image_opts {
+        true => super::parse_image_opts(name).map_or_else(|_| name.clone(), |o| o.filename),
+        false => name.clone(),
+    };
+    let chain = match collect(&dev, &shown, args.backing_chain) {
         Ok(c) => c,
         Err(f) => {
             ctx.fail(&f);

@@ -40,6 +40,10 @@ pub struct MapArgs {
     /// Map at most this many bytes
     #[arg(long = "max-length", value_name = "LENGTH", allow_hyphen_values = true)]
     pub max_length: Option<String>,
+    /// Name the image by options instead of a file name: driver=FMT,file.filename=PATH and
+    /// driver options (e.g. disk=N to pick a disk of an OVA appliance)
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Open the image in shared mode, even while another process uses it
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -73,6 +77,7 @@ pub fn run(ctx: &Ctx, args: MapArgs) -> i32 {
     let spec = OpenSpec {
         format: args.format.as_deref(),
         force_share: args.force_share,
+        image_opts: args.image_opts,
         ..OpenSpec::default()
     };
     let dev = match open(name, &spec) {

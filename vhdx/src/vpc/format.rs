@@ -97,6 +97,10 @@ impl Format for VpcFormat {
         )
     }
 
+    fn open_option_names(&self) -> &'static [&'static str] {
+        &["force_size_calc"]
+    }
+
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
         vec![
             ("size", "Virtual disk size"),
