@@ -288,11 +288,8 @@ pub fn create(path: &Path, mut options: CreateOptions) -> Result<()> {
     // QEMU's own layout: header, one reftable cluster, one refblock, then the L1 table,
     // all counted by that first refblock.
     let simple = table_clusters == 1 && blocks == 1;
-    if simple
-        && p.data_file.is_none()
-        && matches!(p.prealloc, Preallocation::Falloc | Preallocation::Full)
-    {
-        return create_fully_allocated(path, header, l1_size, p.prealloc);
+    if let Some(layout) = Layout::plan(&header, l1_size, p.prealloc, p.data_file.is_some()) {
+        return write_layout(path, header, &layout, &p);
     }
     header.refcount_table_offset = cs;
     header.refcount_table_clusters = table_clusters as u32;
@@ -343,13 +340,6 @@ pub fn create(path: &Path, mut options: CreateOptions) -> Result<()> {
         }
         data.flush()?;
     }
-    if simple
-        && p.data_file.is_none()
-        && p.prealloc == Preallocation::Metadata
-        && preallocate_fresh_metadata(path, &header, l1_size)?
-    {
-        return Ok(());
-    }
     if p.prealloc != Preallocation::Off {
         let options = OpenOptions {
             writable: true,
@@ -374,248 +364,449 @@ fn write_cluster0(file: &HostFile, cluster0: &[u8], cs: u64) -> Result<()> {
     file.write_at(&padded, 0)
 }
 
-/// Writes a `falloc`/`full` preallocated image (without a data file) in the layout QEMU's
-/// truncate gives it: QEMU first builds the small image (header, reftable, refblock, L1),
-/// then `qcow2_refcount_area` places any new refblocks and a new refcount table right after
-/// the L1 table, freeing the old table cluster; the data clusters follow contiguously, and
-/// the L2 tables take the first free clusters: the old table's, then those past the data.
-fn create_fully_allocated(
-    path: &Path,
-    mut header: Header,
-    l1_size: u64,
-    prealloc: Preallocation,
-) -> Result<()> {
-    let cb = header.cluster_bits;
-    let cs = 1u64 << cb;
-    let per_block = (8u64 << cb) >> header.refcount_order;
-    let l2_entries = header.l2_entries();
-    let entry_bytes = cs / l2_entries;
-    let l1_clusters = (l1_size * 8).div_ceil(cs);
-    let start = 3 + l1_clusters;
-    let data = header.size.div_ceil(cs);
-    let l2_tables = data.div_ceil(l2_entries);
-    let too_large = || invalid("Image size is too large for this cluster size").with_path(path);
-    if start >= per_block {
-        return Err(too_large());
+/// QEMU's `-EAGAIN`: the allocation placed new metadata and must be searched again.
+struct Again;
+
+/// A refcount update that either went through or must be retried.
+type Step = std::result::Result<(), Again>;
+
+/// A model of QEMU's cluster allocator on a freshly created image, so that a new image is
+/// laid out cluster for cluster as `qemu-img create` lays it out: `qcow2_alloc_clusters`
+/// (first free run from the free index, then the refcount update, retried whenever a new
+/// refcount block had to be placed), `alloc_refcount_block` (a missing block goes to the
+/// first free cluster, describing itself when it can; a full table grows through
+/// `qcow2_refcount_area`) and `qcow2_refcount_area` itself.
+struct Model {
+    cs: u64,
+    order: u32,
+    per_block: u64,
+    used: Vec<u64>,
+    free_index: u64,
+    /// Cluster of each refcount block (0: none), as long as the refcount table.
+    table: Vec<u64>,
+    table_at: u64,
+    table_clusters: u64,
+    /// Clusters ever written as refcount tables or blocks: QEMU's file keeps them.
+    written: Vec<(u64, u64)>,
+    /// Refused past this many clusters (the model keeps a bit per cluster).
+    limit: u64,
+    /// Retries left, so a logic error cannot loop forever.
+    budget: u64,
+}
+
+impl Model {
+    fn is_used(&self, c: u64) -> bool {
+        self.used
+            .get((c / 64) as usize)
+            .is_some_and(|w| w & (1 << (c % 64)) != 0)
     }
-    // `qcow2_refcount_metadata_size` for the old clusters and the new data and tables.
-    let clusters = start + data + l2_tables + 1;
+
+    fn mark(&mut self, c: u64, on: bool) -> Option<()> {
+        if c >= self.limit {
+            return None;
+        }
+        let i = (c / 64) as usize;
+        if self.used.len() <= i {
+            self.used.resize(i + 1, 0);
+        }
+        if on {
+            self.used[i] |= 1 << (c % 64);
+        } else {
+            self.used[i] &= !(1 << (c % 64));
+            self.free_index = self.free_index.min(c);
+        }
+        Some(())
+    }
+
+    fn spend(&mut self) -> Option<()> {
+        self.budget = self.budget.checked_sub(1)?;
+        Some(())
+    }
+
+    /// `alloc_clusters_noref`.
+    fn alloc_noref(&mut self, n: u64) -> Option<u64> {
+        let mut run = 0;
+        while run < n {
+            let c = self.free_index;
+            if c >= self.limit {
+                return None;
+            }
+            self.free_index += 1;
+            run = if self.is_used(c) { 0 } else { run + 1 };
+        }
+        Some(self.free_index - n)
+    }
+
+    /// `update_refcount` (+1) of `n` clusters from `start`.
+    fn update(&mut self, start: u64, n: u64) -> Option<Step> {
+        let mut block = None;
+        for c in start..start + n {
+            let t = c / self.per_block;
+            if block != Some(t) {
+                if let Err(Again) = self.alloc_block(c)? {
+                    for done in start..c {
+                        self.mark(done, false)?;
+                    }
+                    self.free_index = self.free_index.min(start);
+                    return Some(Err(Again));
+                }
+                block = Some(t);
+            }
+            self.mark(c, true)?;
+        }
+        Some(Ok(()))
+    }
+
+    /// `alloc_refcount_block` for the block covering cluster `c`.
+    fn alloc_block(&mut self, c: u64) -> Option<Step> {
+        self.spend()?;
+        let t = c / self.per_block;
+        if self.table.get(t as usize).is_some_and(|&b| b != 0) {
+            return Some(Ok(()));
+        }
+        let new = self.alloc_noref(1)?;
+        if new / self.per_block == t {
+            self.mark(new, true)?;
+        } else if let Err(Again) = self.update(new, 1)? {
+            return Some(Err(Again));
+        }
+        self.written.push((new, 1));
+        if (t as usize) < self.table.len() {
+            self.table[t as usize] = new;
+            return Some(Err(Again));
+        }
+        let blocks_used = (c + 1).max(new + 1).div_ceil(self.per_block);
+        self.refcount_area(blocks_used * self.per_block, 0, false, Some((t, new)))?;
+        Some(Err(Again))
+    }
+
+    /// `qcow2_refcount_area`: new refcount blocks and a new table at `start`, covering
+    /// themselves and `additional` clusters past them; the old table is freed. Returns the
+    /// first cluster after them.
+    fn refcount_area(
+        &mut self,
+        start: u64,
+        additional: u64,
+        exact: bool,
+        new_block: Option<(u64, u64)>,
+    ) -> Option<u64> {
+        let total = refcount_blocks(start + additional, self.cs, self.order, !exact);
+        let area = start / self.per_block;
+        let mut size = if exact {
+            total
+        } else {
+            total + total.div_ceil(2)
+        };
+        size = size.next_multiple_of(self.cs / 8);
+        let clusters = size * 8 / self.cs;
+        let mut table = self.table.clone();
+        table.resize(usize::try_from(size).ok()?.max(table.len()), 0);
+        if let Some((t, at)) = new_block {
+            *table.get_mut(usize::try_from(t).ok()?)? = at;
+        }
+        let mut at = start;
+        for i in area..total {
+            let slot = table.get_mut(usize::try_from(i).ok()?)?;
+            if *slot == 0 {
+                *slot = at;
+                self.written.push((at, 1));
+                at += 1;
+            }
+        }
+        let table_at = at;
+        let end = table_at + clusters;
+        for c in start..end {
+            self.mark(c, true)?;
+        }
+        self.written.push((table_at, clusters));
+        let (old_at, old_clusters) = (self.table_at, self.table_clusters);
+        self.table = table;
+        self.table_at = table_at;
+        self.table_clusters = clusters;
+        for c in old_at..old_at + old_clusters {
+            self.mark(c, false)?;
+        }
+        Some(end)
+    }
+
+    /// `qcow2_alloc_clusters`.
+    fn alloc(&mut self, n: u64) -> Option<u64> {
+        loop {
+            self.spend()?;
+            let start = self.alloc_noref(n)?;
+            if let Ok(()) = self.update(start, n)? {
+                return Some(start);
+            }
+        }
+    }
+
+    /// The last cluster with a nonzero refcount (`qcow2_get_last_cluster`).
+    fn last_used(&self) -> u64 {
+        for (i, w) in self.used.iter().enumerate().rev() {
+            if *w != 0 {
+                return i as u64 * 64 + 63 - u64::from(w.leading_zeros());
+            }
+        }
+        0
+    }
+}
+
+/// `qcow2_refcount_metadata_size`'s refcount block count for `clusters` clusters.
+fn refcount_blocks(clusters: u64, cs: u64, order: u32, generous: bool) -> u64 {
     let per_table = cs / 8;
+    let per_block = (cs * 8) >> order;
+    let (mut clusters, mut generous) = (clusters, generous);
     let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
     loop {
         let last = n;
         blocks = (clusters + table + blocks).div_ceil(per_block);
         table = blocks.div_ceil(per_table);
         n = clusters + blocks + table;
+        if n == last && generous {
+            clusters += table.div_ceil(2);
+            n = 0;
+            generous = false;
+        }
         if n == last {
-            break;
+            return blocks;
         }
     }
-    let new_blocks = blocks - 1;
-    let table_at = start + new_blocks;
-    let data_at = table_at + table;
-    let end = data_at + data + l2_tables.saturating_sub(1);
-    // Cluster 1 (the first reftable) is reused by the first L2 table, or stays free.
-    let l2_at = |k: u64| if k == 0 { 1 } else { data_at + data + k - 1 };
-    if end.checked_mul(cs).is_none_or(|b| b > i64::MAX as u64) {
-        return Err(too_large());
-    }
+}
 
-    header.refcount_table_offset = table_at << cb;
-    header.refcount_table_clusters = u32::try_from(table).map_err(|_| too_large())?;
-    header.l1_table_offset = 3 << cb;
+/// Where everything of a new image goes, in clusters.
+struct Layout {
+    model: Model,
+    l1_at: u64,
+    /// Per L2 table: its cluster and the first host cluster of the data it maps (for
+    /// images without a data file), and how many clusters it maps.
+    l2: Vec<(u64, Option<u64>, u64)>,
+    /// `falloc`/`full` data area (first cluster, count) of an image without a data file.
+    data_area: Option<(u64, u64)>,
+}
+
+impl Layout {
+    /// Runs QEMU's creation through the model: the empty image, the L1 table, then the
+    /// preallocation as `qcow2_co_truncate` does it. `None` when the model declines
+    /// (huge images); the caller then lays the image out itself.
+    fn plan(
+        header: &Header,
+        l1_size: u64,
+        prealloc: Preallocation,
+        external: bool,
+    ) -> Option<Layout> {
+        let cb = header.cluster_bits;
+        let cs = 1u64 << cb;
+        let mut table = vec![0u64; (cs / 8) as usize];
+        table[0] = 2;
+        let mut model = Model {
+            cs,
+            order: header.refcount_order,
+            per_block: (cs * 8) >> header.refcount_order,
+            used: vec![0b111],
+            free_index: 3,
+            table,
+            table_at: 1,
+            table_clusters: 1,
+            written: vec![(1, 2)],
+            limit: 1 << 26,
+            budget: 1 << 20,
+        };
+        let l1_at = if l1_size > 0 {
+            model.alloc((l1_size * 8).div_ceil(cs))?
+        } else {
+            0
+        };
+        let l2_entries = header.l2_entries();
+        let data = header.size.div_ceil(cs);
+        let tables = data.div_ceil(l2_entries);
+        let mut l2 = Vec::new();
+        let mut data_area = None;
+        match prealloc {
+            Preallocation::Off => {}
+            Preallocation::Falloc | Preallocation::Full if !external => {
+                let old_end = model.last_used() + 1;
+                let start = model.refcount_area(old_end, data + tables + 1, true, None)?;
+                for c in start..start + data {
+                    model.mark(c, true)?;
+                }
+                model.free_index = model.free_index.min(start);
+                for k in 0..tables {
+                    let n = l2_entries.min(data - k * l2_entries);
+                    l2.push((model.alloc(1)?, Some(start + k * l2_entries), n));
+                }
+                data_area = Some((start, data));
+            }
+            _ => {
+                for k in 0..tables {
+                    let n = l2_entries.min(data - k * l2_entries);
+                    let at = model.alloc(1)?;
+                    let run = if external {
+                        None
+                    } else {
+                        Some(model.alloc(n)?)
+                    };
+                    l2.push((at, run, n));
+                }
+            }
+        }
+        Some(Layout {
+            model,
+            l1_at,
+            l2,
+            data_area,
+        })
+    }
+}
+
+/// Writes the image `layout` describes, then grows the data file (if any) as QEMU's
+/// preallocation does.
+fn write_layout(path: &Path, mut header: Header, layout: &Layout, p: &Plan) -> Result<()> {
+    let m = &layout.model;
+    let cb = header.cluster_bits;
+    let cs = 1u64 << cb;
+    header.refcount_table_offset = m.table_at << cb;
+    header.refcount_table_clusters =
+        u32::try_from(m.table_clusters).map_err(|_| invalid("refcount table too large"))?;
+    header.l1_table_offset = layout.l1_at << cb;
     let cluster0 = header.encode().map_err(|e| e.with_path(path))?;
     let file = HostFile::create(path, CacheMode::Writeback, EngineChoice::Sync)?;
     write_cluster0(&file, &cluster0, cs)?;
-    // Every cluster up to the end is in use, except the old reftable when no L2 table
-    // took it.
-    for b in 0..blocks {
+    // Old tables and blocks QEMU wrote stay in its file; their clusters are written here
+    // too, so both files hold (and allocate) the same clusters.
+    for &(at, n) in &m.written {
+        file.write_at(&vec![0u8; (n * cs) as usize], at << cb)?;
+    }
+    for (t, &at) in m.table.iter().enumerate() {
+        if at == 0 {
+            continue;
+        }
         let mut block = vec![0u8; cs as usize];
-        let first = b * per_block;
-        for c in first..end.min(first + per_block) {
-            if c != 1 || l2_tables > 0 {
-                refcount::set(&mut block, c - first, header.refcount_order, 1);
+        let first = t as u64 * m.per_block;
+        for i in 0..m.per_block {
+            if m.is_used(first + i) {
+                refcount::set(&mut block, i, m.order, 1);
             }
         }
-        let at = if b == 0 { 2 } else { start + b - 1 };
         file.write_at(&block, at << cb)?;
     }
-    // The first reftable, as QEMU wrote it before moving the table; its cluster keeps
-    // these bytes when no L2 table reuses it.
-    let mut first_table = vec![0u8; cs as usize];
-    first_table[..8].copy_from_slice(&(2u64 << cb).to_be_bytes());
-    file.write_at(&first_table, cs)?;
-    let mut reftable = vec![0u8; (table * cs) as usize];
-    for b in 0..blocks {
-        let at = if b == 0 { 2 } else { start + b - 1 };
-        reftable[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&(at << cb).to_be_bytes());
-    }
-    file.write_at(&reftable, table_at << cb)?;
-    match prealloc {
-        _ if data == 0 => {}
-        Preallocation::Falloc => file.allocate(data_at << cb, data << cb)?,
-        _ => {
-            file.set_len((data_at + data) << cb)?;
-            file.write_zero_bytes(data_at << cb, data << cb)?;
-        }
-    }
-    let mut l1 = vec![0u8; (l1_size * 8) as usize];
-    for k in 0..l2_tables {
-        let mut l2 = vec![0u8; cs as usize];
-        let first = k * l2_entries;
-        for j in 0..l2_entries.min(data - first) {
-            let entry = ((data_at + first + j) << cb) | crate::entry::COPIED;
-            let at = (j * entry_bytes) as usize;
-            // With extended L2 the subcluster bitmap stays zero: QEMU's preallocation
-            // leaves the new clusters reading through.
-            l2[at..at + 8].copy_from_slice(&entry.to_be_bytes());
-        }
-        file.write_at(&l2, l2_at(k) << cb)?;
-        let l1_entry = (l2_at(k) << cb) | crate::entry::COPIED;
-        l1[(k * 8) as usize..(k * 8 + 8) as usize].copy_from_slice(&l1_entry.to_be_bytes());
-    }
-    file.write_at(&l1, 3 << cb)?;
-    if file.len()? < end << cb {
-        file.set_len(end << cb)?;
-    }
-    file.flush()
-}
-
-/// QEMU's cluster allocation in a freshly created image, where every cluster below `end`
-/// is in use: `qcow2_alloc_clusters` takes the next clusters, and a refcount block the
-/// range lacks goes to the first free cluster after the range (describing itself when it
-/// can, else counted by another new block), after which QEMU retries the same range.
-struct FreshAlloc {
-    per_block: u64,
-    table_entries: u64,
-    blocks: Vec<Option<u64>>,
-    end: u64,
-}
-
-impl FreshAlloc {
-    /// `None` when the refcount table would have to grow: that path is not emulated.
-    fn new_block(&mut self, t: u64) -> Option<()> {
-        if t >= self.table_entries {
-            return None;
-        }
-        let at = self.end;
-        self.end += 1;
-        let i = usize::try_from(t).ok()?;
-        if self.blocks.len() <= i {
-            self.blocks.resize(i + 1, None);
-        }
-        self.blocks[i] = Some(at);
-        if at / self.per_block != t {
-            self.cover(at)?;
-        }
-        Some(())
-    }
-
-    fn cover(&mut self, cluster: u64) -> Option<()> {
-        let t = cluster / self.per_block;
-        let known = usize::try_from(t)
-            .ok()
-            .and_then(|i| self.blocks.get(i).copied().flatten())
-            .is_some();
-        if known {
-            Some(())
-        } else {
-            self.new_block(t)
-        }
-    }
-
-    fn alloc(&mut self, n: u64) -> Option<u64> {
-        let start = self.end;
-        self.end = start.checked_add(n)?;
-        for t in start / self.per_block..=(start + n - 1) / self.per_block {
-            self.cover(t * self.per_block)?;
-        }
-        Some(start)
-    }
-}
-
-/// Preallocates the metadata of a fresh image (no data file) in QEMU's layout: for each
-/// L2 table in turn, the table, then the data clusters it maps, contiguously; the last
-/// partial (sub)cluster's tail is written with zeroes, as QEMU's copy-on-write does.
-/// Returns `false`, having written nothing, when the layout would need the refcount table
-/// to grow, which is left to the general allocator.
-fn preallocate_fresh_metadata(path: &Path, header: &Header, l1_size: u64) -> Result<bool> {
-    let cb = header.cluster_bits;
-    let cs = 1u64 << cb;
-    let l2_entries = header.l2_entries();
-    let entry_bytes = cs / l2_entries;
-    let data = header.size.div_ceil(cs);
-    let mut alloc = FreshAlloc {
-        per_block: (8u64 << cb) >> header.refcount_order,
-        table_entries: cs / 8,
-        blocks: vec![Some(2)],
-        end: 3 + (l1_size * 8).div_ceil(cs),
-    };
-    let mut tables = Vec::new();
-    let mut first = 0;
-    while first < data {
-        let n = l2_entries.min(data - first);
-        let (Some(l2), Some(run)) = (alloc.alloc(1), alloc.alloc(n)) else {
-            return Ok(false);
-        };
-        tables.push((l2, run, n));
-        first += n;
-    }
-    if alloc
-        .end
-        .checked_mul(cs)
-        .is_none_or(|b| b > i64::MAX as u64)
-    {
-        return Ok(false);
-    }
-    let file = HostFile::open(path, true, CacheMode::Writeback, EngineChoice::Sync)?;
-    let per = alloc.per_block;
-    for (t, at) in alloc.blocks.iter().enumerate() {
-        let Some(at) = at else { continue };
-        let mut block = vec![0u8; cs as usize];
-        let lo = t as u64 * per;
-        for c in lo..alloc.end.min(lo + per) {
-            refcount::set(&mut block, c - lo, header.refcount_order, 1);
-        }
-        file.write_at(&block, at << cb)?;
-    }
-    let mut reftable = vec![0u8; cs as usize];
-    for (t, at) in alloc.blocks.iter().enumerate() {
-        if let Some(at) = at {
+    let mut reftable = vec![0u8; (m.table_clusters * cs) as usize];
+    for (t, &at) in m.table.iter().enumerate() {
+        if at != 0 {
             reftable[t * 8..t * 8 + 8].copy_from_slice(&(at << cb).to_be_bytes());
         }
     }
-    let mut l1 = vec![0u8; (l1_size * 8) as usize];
-    for (k, &(l2_at, run, n)) in tables.iter().enumerate() {
-        let mut l2 = vec![0u8; cs as usize];
+    file.write_at(&reftable, m.table_at << cb)?;
+    if let Some((start, n)) = layout.data_area {
+        if n > 0 {
+            let now = file.len()?;
+            let end = (start + n) << cb;
+            if p.prealloc == Preallocation::Falloc {
+                file.allocate(start << cb, n << cb)?;
+            } else {
+                file.set_len(end.max(now))?;
+                file.write_zero_bytes(start << cb, n << cb)?;
+            }
+        }
+    }
+    let l2_entries = header.l2_entries();
+    let entry_bytes = cs / l2_entries;
+    let mut l1 = vec![0u8; (u64::from(header.l1_size) * 8) as usize];
+    for (k, &(at, run, n)) in layout.l2.iter().enumerate() {
+        let mut table = vec![0u8; cs as usize];
         for j in 0..n {
-            let entry = ((run + j) << cb) | crate::entry::COPIED;
-            let at = (j * entry_bytes) as usize;
-            // With extended L2 the subcluster bitmap stays zero, as QEMU leaves it.
-            l2[at..at + 8].copy_from_slice(&entry.to_be_bytes());
+            let host = match run {
+                Some(first) => (first + j) << cb,
+                // An external data file maps each cluster to its own guest offset.
+                None => (k as u64 * l2_entries + j) << cb,
+            };
+            let entry = host | crate::entry::COPIED;
+            let o = (j * entry_bytes) as usize;
+            // With extended L2 the subcluster bitmap stays zero: QEMU's preallocation
+            // leaves the new clusters reading through (zeroes, or the backing file).
+            table[o..o + 8].copy_from_slice(&entry.to_be_bytes());
         }
-        file.write_at(&l2, l2_at << cb)?;
-        l1[k * 8..k * 8 + 8].copy_from_slice(&((l2_at << cb) | crate::entry::COPIED).to_be_bytes());
+        file.write_at(&table, at << cb)?;
+        l1[k * 8..k * 8 + 8].copy_from_slice(&((at << cb) | crate::entry::COPIED).to_be_bytes());
     }
-    if let Some(&(_, run, n)) = tables.last() {
-        let within = header.size - ((data - 1) << cb);
-        let end_host = ((run + n - 1) << cb) + within;
-        let grain = if header.extended_l2() { cs / 32 } else { cs };
-        let tail = header
-            .size
-            .next_multiple_of(grain)
-            .min(header.size + (cs - within))
-            - header.size;
-        if tail > 0 {
-            file.write_at(&vec![0u8; tail as usize], end_host)?;
-        }
-        if file.len()? < end_host {
-            file.set_len(end_host)?;
-        }
+    if !l1.is_empty() {
+        file.write_at(&l1, layout.l1_at << cb)?;
     }
-    file.write_at(&l1, 3 << cb)?;
-    // The refcount table goes last: until then the image still reads as empty.
-    file.write_at(&reftable, cs)?;
+    // QEMU's copy-on-write of a new last cluster's tail, and the final truncate to the
+    // host offset of the end of the disk.
+    let size = header.size;
+    let data_file = match &p.data_file {
+        Some(name) => {
+            let target = crate::open::resolve(path, name, "external data file")?;
+            Some(HostFile::create(
+                &target,
+                CacheMode::Writeback,
+                EngineChoice::Sync,
+            )?)
+        }
+        None => None,
+    };
+    match (&data_file, layout.l2.last()) {
+        (None, Some(&(_, Some(run), n))) if layout.data_area.is_none() => {
+            let within = size - ((size - 1) & !(cs - 1));
+            let end_host = ((run + n - 1) << cb) + within;
+            let tail = cow_tail(&header, size, within);
+            if tail > 0 {
+                file.write_at(&vec![0u8; tail as usize], end_host)?;
+            }
+            if file.len()? < end_host {
+                file.set_len(end_host)?;
+            }
+        }
+        (Some(data), _) => grow_data_file(data, &header, p.prealloc)?,
+        _ => {}
+    }
     file.flush()?;
-    Ok(true)
+    if let Some(data) = data_file {
+        data.flush()?;
+    }
+    Ok(())
+}
+
+/// Bytes QEMU's copy-on-write zeroes after the end of the disk in its last cluster: up to
+/// the next subcluster boundary with extended L2, the next cluster boundary without.
+fn cow_tail(header: &Header, size: u64, within: u64) -> u64 {
+    let cs = header.cluster_size();
+    let grain = if header.extended_l2() { cs / 32 } else { cs };
+    size.next_multiple_of(grain).min(size + (cs - within)) - size
+}
+
+/// The data file of a new image, grown as QEMU grows it: to the guest size without
+/// preallocation; with it, the tail of a partial last cluster written by copy-on-write,
+/// then (if still shorter) grown to the guest size in the preallocation mode. QEMU's file
+/// driver writes the first block of a file it grows from empty, so `map` shows it.
+fn grow_data_file(data: &HostFile, header: &Header, prealloc: Preallocation) -> Result<()> {
+    let size = header.size;
+    if size == 0 {
+        return Ok(());
+    }
+    let cs = header.cluster_size();
+    if prealloc != Preallocation::Off {
+        let within = size - ((size - 1) & !(cs - 1));
+        let tail = cow_tail(header, size, within);
+        if tail > 0 {
+            data.write_at(&vec![0u8; tail as usize], size)?;
+        }
+    }
+    let old = data.len()?;
+    if old >= size {
+        return Ok(());
+    }
+    match prealloc {
+        Preallocation::Off | Preallocation::Metadata => data.set_len(size)?,
+        Preallocation::Falloc => data.allocate(old, size - old)?,
+        Preallocation::Full => {
+            data.set_len(size)?;
+            data.write_zero_bytes(old, size - old)?;
+        }
+    }
+    if old == 0 && prealloc != Preallocation::Full {
+        let first = if size < 4096 { 512 } else { 4096 };
+        data.write_at(&vec![0u8; first], 0)?;
+    }
+    Ok(())
 }
