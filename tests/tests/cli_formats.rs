@@ -182,6 +182,18 @@ fn same(dir: &Path, args: &[&str]) {
     }
 }
 
+/// Runs `args` with qemu-img and with vdisk linked as `qemu-img` in `bin` (drop-in mode):
+/// same exit code, stdout and stderr.
+fn same_dropin(dir: &Path, bin: &Path, args: &[&str]) {
+    let q = run_with_path(dir, Some(bin), Path::new("/usr/bin/qemu-img"), args);
+    let v = run_with_path(dir, Some(bin), &bin.join("qemu-img"), args);
+    assert_eq!(
+        (v.code, &v.stdout, &v.stderr),
+        (q.code, &q.stdout, &q.stderr),
+        "{args:?}"
+    );
+}
+
 #[test]
 fn info_matches_qemu_img_for_every_format() {
     let s = Scratch::new("fmt-info");
@@ -350,20 +362,9 @@ fn convert_between_every_format() {
                 assert_eq!(chk.code, 0, "check {v}: {}{}", chk.stdout, chk.stderr);
             }
             if *fmt != "raw" {
-                let strip = |name: &str| -> Vec<Value> {
-                    let r = qemu_img(s.dir(), &["map", "--output=json", "-f", fmt, name]);
-                    ok(&r, "qemu-img map");
-                    let mut list: Vec<Value> = serde_json::from_str(&r.stdout).expect("map");
-                    for e in &mut list {
-                        if let Some(o) = e.as_object_mut() {
-                            o.remove("offset");
-                        }
-                    }
-                    list
-                };
                 assert_eq!(
-                    strip(&v),
-                    strip(&q),
+                    allocation(s.dir(), fmt, &v),
+                    allocation(s.dir(), fmt, &q),
                     "{src} -> {fmt} {opts}: allocation differs from qemu-img's"
                 );
             }
@@ -584,11 +585,7 @@ fn format_errors_match_qemu_img_in_drop_in_mode() {
             "1M",
         ],
     ] {
-        let q = run_with_path(dir, Some(&bin), Path::new("/usr/bin/qemu-img"), args);
-        let v = run_with_path(dir, Some(&bin), &bin.join("qemu-img"), args);
-        assert_eq!(v.code, q.code, "{args:?}: {v:?} vs {q:?}");
-        assert_eq!(v.stdout, q.stdout, "{args:?} stdout");
-        assert_eq!(v.stderr, q.stderr, "{args:?} stderr");
+        same_dropin(dir, &bin, args);
     }
 }
 
@@ -1013,13 +1010,7 @@ fn image_opts_match_qemu_img() {
             "driver=qcow2,file.filename=nope.qcow2",
         ],
     ] {
-        let q = run_with_path(dir, Some(&bin), Path::new("/usr/bin/qemu-img"), args);
-        let v = run_with_path(dir, Some(&bin), &bin.join("qemu-img"), args);
-        assert_eq!(
-            (v.code, &v.stdout, &v.stderr),
-            (q.code, &q.stdout, &q.stderr),
-            "{args:?}"
-        );
+        same_dropin(dir, &bin, args);
     }
     ok(
         &vdisk(
