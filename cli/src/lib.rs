@@ -45,6 +45,21 @@ pub enum Command {
     /// Calculate the file size needed to create or convert an image.
     #[command(long_about = cmd::measure::LONG_ABOUT)]
     Measure(cmd::measure::MeasureArgs),
+    /// List, create, apply or delete internal snapshots of an image.
+    #[command(long_about = cmd::snapshot::LONG_ABOUT)]
+    Snapshot(cmd::snapshot::SnapshotArgs),
+    /// Grow or shrink the virtual size of an image.
+    #[command(long_about = cmd::resize::LONG_ABOUT)]
+    Resize(cmd::resize::ResizeArgs),
+    /// Change format-specific options of an existing image.
+    #[command(long_about = cmd::amend::LONG_ABOUT)]
+    Amend(cmd::amend::AmendArgs),
+    /// Change the backing file of an image, copying what differs (or not, with -u).
+    #[command(long_about = cmd::rebase::LONG_ABOUT)]
+    Rebase(cmd::rebase::RebaseArgs),
+    /// Print the digest of an image's guest-visible contents, independent of format.
+    #[command(long_about = cmd::checksum::LONG_ABOUT)]
+    Checksum(cmd::checksum::ChecksumArgs),
 }
 
 /// Runs the command line `args` (including the program name) and returns the exit code.
@@ -70,5 +85,10 @@ where
         Command::Compare(a) => cmd::compare::run(&ctx, a),
         Command::Map(a) => cmd::map::run(&ctx, a),
         Command::Measure(a) => cmd::measure::run(&ctx, a),
+        Command::Snapshot(a) => cmd::snapshot::run(&ctx, a),
+        Command::Resize(a) => cmd::resize::run(&ctx, a),
+        Command::Amend(a) => cmd::amend::run(&ctx, a),
+        Command::Rebase(a) => cmd::rebase::run(&ctx, a),
+        Command::Checksum(a) => cmd::checksum::run(&ctx, a),
     }
 }

@@ -1,13 +1,18 @@
 //! One module per sub-command, plus what several of them share: opening an image by the name
 //! the user gave and turning failures into qemu-img's words.
 
+pub mod amend;
 pub mod check;
+pub mod checksum;
 pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod rebase;
+pub mod resize;
+pub mod snapshot;
 
 use std::io::Write;
 use std::path::Path;
