@@ -76,6 +76,15 @@ struct Plan {
 }
 
 fn plan(options: &mut CreateOptions) -> Result<Plan> {
+    // qemu-img itself checks the backing options before the driver sees any.
+    let backing_file = options.take("backing_file").filter(|s| !s.is_empty());
+    let backing_fmt = options.take("backing_fmt").filter(|s| !s.is_empty());
+    if backing_file.is_some() && backing_fmt.is_none() {
+        return Err(invalid("Backing file specified without backing format"));
+    }
+    if backing_file.is_none() && backing_fmt.is_some() {
+        return Err(invalid("Backing format specified without backing file"));
+    }
     let version = match options.take("compat").as_deref() {
         None | Some("1.1") | Some("v3") => 3,
         Some("0.10") | Some("v2") => 2,
@@ -105,21 +114,22 @@ fn plan(options: &mut CreateOptions) -> Result<Plan> {
             .parse::<u64>()
             .map_err(|_| invalid(format!("Invalid refcount_bits '{v}'")))?,
     };
-    if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
-        return Err(invalid(
-            "Refcount width must be a power of two and may not exceed 64 bits",
-        ));
-    }
-    if version == 2 && refcount_bits != 16 {
-        return Err(invalid(
-            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)",
-        ));
-    }
     let lazy_refcounts = options.take_bool("lazy_refcounts")?.unwrap_or(false);
-    if version == 2 && lazy_refcounts {
-        return Err(v3_only("Lazy refcounts"));
-    }
     let extended_l2 = options.take_bool("extended_l2")?.unwrap_or(false);
+    let compression = match options.take("compression_type").as_deref() {
+        None | Some("zlib") => CompressionType::Deflate,
+        Some("zstd") => CompressionType::Zstd,
+        Some(other) => {
+            return Err(invalid(format!(
+                "Parameter 'compression-type' does not accept value '{other}'"
+            )))
+        }
+    };
+    let data_file = options.take("data_file").filter(|s| !s.is_empty());
+    let data_file_raw = options.take_bool("data_file_raw")?.unwrap_or(false);
+    let mut prealloc = options.take_preallocation()?;
+    // The checks below run in qemu-img's order, so that options breaking several rules
+    // get the same message.
     if extended_l2 {
         if version == 2 {
             return Err(v3_only("Extended L2 entries are"));
@@ -130,46 +140,39 @@ fn plan(options: &mut CreateOptions) -> Result<Plan> {
             ));
         }
     }
-    let compression = match options.take("compression_type").as_deref() {
-        None | Some("zlib") => CompressionType::Deflate,
-        Some("zstd") => CompressionType::Zstd,
-        Some(other) => {
-            return Err(invalid(format!(
-                "Parameter 'compression-type' does not accept value '{other}'"
-            )))
-        }
-    };
-    if version == 2 && compression != CompressionType::Deflate {
-        return Err(v3_only("Non-zlib compression type is"));
-    }
-    let backing_file = options.take("backing_file").filter(|s| !s.is_empty());
-    let backing_fmt = options.take("backing_fmt").filter(|s| !s.is_empty());
-    if backing_file.is_some() && backing_fmt.is_none() {
-        return Err(invalid("Backing file specified without backing format"));
-    }
-    if backing_file.is_none() && backing_fmt.is_some() {
-        return Err(invalid("Backing format specified without backing file"));
-    }
-    let data_file = options.take("data_file").filter(|s| !s.is_empty());
-    let data_file_raw = options.take_bool("data_file_raw")?.unwrap_or(false);
-    if data_file.is_some() && version == 2 {
-        return Err(v3_only("External data files are"));
-    }
-    if data_file_raw && data_file.is_none() {
-        return Err(invalid("data-file-raw requires data-file"));
-    }
-    if data_file_raw && backing_file.is_some() {
-        return Err(invalid(
-            "Backing file and data-file-raw cannot be used at the same time",
-        ));
-    }
-    let mut prealloc = options.take_preallocation()?;
     // With extended L2 the preallocated clusters keep their subclusters unallocated, so
     // they still read from the backing file; without it they would hide it.
     if prealloc != Preallocation::Off && backing_file.is_some() && !extended_l2 {
         return Err(invalid(
             "Backing file and preallocation can only be used at the same time if extended_l2 is on",
         ));
+    }
+    if version == 2 && lazy_refcounts {
+        return Err(v3_only("Lazy refcounts"));
+    }
+    if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
+        return Err(invalid(
+            "Refcount width must be a power of two and may not exceed 64 bits",
+        ));
+    }
+    if version == 2 && refcount_bits != 16 {
+        return Err(invalid(
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)",
+        ));
+    }
+    if data_file_raw && backing_file.is_some() {
+        return Err(invalid(
+            "Backing file and data-file-raw cannot be used at the same time",
+        ));
+    }
+    if data_file.is_some() && version == 2 {
+        return Err(v3_only("External data files are"));
+    }
+    if data_file_raw && data_file.is_none() {
+        return Err(invalid("data-file-raw requires data-file"));
+    }
+    if version == 2 && compression != CompressionType::Deflate {
+        return Err(v3_only("Non-zlib compression type is"));
     }
     if data_file_raw && prealloc == Preallocation::Off {
         // As QEMU (since 5.1): a raw data file must also read the same through the qcow2
@@ -254,7 +257,9 @@ pub fn create(path: &Path, mut options: CreateOptions) -> Result<()> {
         extra_fields: Vec::new(),
         extensions: Extensions {
             backing_format: p.backing_fmt.clone(),
-            feature_names: if p.version >= 3 {
+            // QEMU leaves the feature name table out of images with clusters of 4 KiB
+            // or less (it would crowd the header cluster).
+            feature_names: if p.version >= 3 && cs > 4096 {
                 default_feature_names()
             } else {
                 Vec::new()
