@@ -289,6 +289,51 @@ pub trait BlockDev: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// Takes an internal snapshot of the current contents named `name` (`qemu-img snapshot
+    /// -c`). As in qemu, names need not be unique; the new snapshot gets the next free id.
+    /// Formats without internal snapshots refuse with qemu's words.
+    fn snapshot_create(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(Error::unsupported(
+            "create snapshot",
+            "Operation not supported",
+        ))
+    }
+
+    /// Reverts the contents to the snapshot whose id, or else whose name, is `id_or_name`
+    /// (`qemu-img snapshot -a`); the snapshot stays.
+    fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        let _ = id_or_name;
+        Err(Error::unsupported(
+            "apply snapshot",
+            "Block driver does not support snapshots",
+        ))
+    }
+
+    /// Deletes the snapshot whose id is `id` and whose name is `name` (both must match, as
+    /// in qemu's `bdrv_snapshot_delete`).
+    fn snapshot_delete(&self, id: &str, name: &str) -> Result<()> {
+        let _ = (id, name);
+        Err(Error::unsupported(
+            "delete snapshot",
+            "Block driver does not support snapshots",
+        ))
+    }
+
+    /// Makes a read-only device show the snapshot chosen by `id` and `name` instead of the
+    /// current contents (qemu's `bdrv_snapshot_load_tmp`, used by `convert -l`): when both
+    /// are given both must match. The guest-visible size stays the current one.
+    fn load_snapshot(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        let _ = (id, name);
+        let format = self.info().map(|i| i.format).unwrap_or_default();
+        Err(Error::unsupported(
+            "load snapshot",
+            format!(
+                "Block format '{format}' used by device '' does not support temporarily loading internal snapshots"
+            ),
+        ))
+    }
+
     /// The device reads fallthrough ranges from, if any.
     fn backing(&self) -> Option<Arc<dyn BlockDev>> {
         None

@@ -803,6 +803,22 @@ impl BlockDev for Qcow2Image {
             .collect())
     }
 
+    fn snapshot_create(&self, name: &str) -> Result<()> {
+        self.snapshot_create_as_qemu(name)
+    }
+
+    fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        Qcow2Image::snapshot_apply(self, id_or_name)
+    }
+
+    fn snapshot_delete(&self, id: &str, name: &str) -> Result<()> {
+        self.snapshot_delete_exact(id, name)
+    }
+
+    fn load_snapshot(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        self.load_snapshot_tmp(id, name)
+    }
+
     fn has_zero_init(&self) -> bool {
         // A fresh image without backing or data file reads as zeroes; an external data
         // file may hold anything.

@@ -169,6 +169,7 @@ pub fn encode_entry(
     name: &str,
     date: (u32, u32),
     disk_size: u64,
+    icount: u64,
 ) -> Vec<u8> {
     let mut e = Vec::with_capacity(64 + id.len() + name.len());
     e.extend_from_slice(&l1_table_offset.to_be_bytes());
@@ -182,7 +183,7 @@ pub fn encode_entry(
     e.extend_from_slice(&24u32.to_be_bytes()); // extra data size
     e.extend_from_slice(&0u64.to_be_bytes()); // VM state size (64-bit)
     e.extend_from_slice(&disk_size.to_be_bytes());
-    e.extend_from_slice(&u64::MAX.to_be_bytes()); // icount: none
+    e.extend_from_slice(&icount.to_be_bytes());
     e.extend_from_slice(id.as_bytes());
     e.extend_from_slice(name.as_bytes());
     e.resize(e.len().next_multiple_of(8), 0);

@@ -220,15 +220,10 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Takes an internal snapshot of the current contents named `name`.
+    /// Takes an internal snapshot of the current contents named `name`, which must be new
+    /// and have 1 to 1023 bytes (stricter than qemu: see [`Self::snapshot_create_as_qemu`]).
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         self.snapshot_preconditions("create snapshot")?;
-        if self.header.refcount_order == 0 {
-            return Err(Error::unsupported(
-                "create snapshot",
-                "1-bit refcounts cannot count the second reference a snapshot needs",
-            ));
-        }
         if name.is_empty() || name.len() > 1023 {
             return Err(Error::invalid(
                 "create snapshot",
@@ -242,8 +237,64 @@ impl Qcow2Image {
                 format!("a snapshot named '{name}' already exists"),
             ));
         }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.take_snapshot(
+            existing,
+            name,
+            (now.as_secs() as u32, now.subsec_nanos()),
+            u64::MAX,
+        )
+    }
+
+    /// Takes a snapshot as `qemu-img snapshot -c` does: any name (empty and repeated ones
+    /// too), the time in microseconds and an instruction count of 0, so the table lists the
+    /// same as one qemu-img wrote.
+    pub fn snapshot_create_as_qemu(&self, name: &str) -> Result<()> {
+        self.snapshot_preconditions("create snapshot")?;
+        if name.len() > usize::from(u16::MAX) {
+            return Err(Error::invalid(
+                "create snapshot",
+                "a snapshot name has at most 65535 bytes",
+            ));
+        }
+        let existing = self.snapshots()?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.take_snapshot(
+            existing,
+            name,
+            (now.as_secs() as u32, now.subsec_micros() * 1000),
+            0,
+        )
+    }
+
+    fn take_snapshot(
+        &self,
+        existing: Vec<Snapshot>,
+        name: &str,
+        date: (u32, u32),
+        icount: u64,
+    ) -> Result<()> {
+        // QEMU's QCOW_MAX_SNAPSHOTS; qemu fails with EFBIG.
+        if existing.len() >= 65536 {
+            return Err(Error::invalid(
+                "create snapshot",
+                "the image has 65536 snapshots, the most qcow2 allows",
+            ));
+        }
         let _io = self.io.write();
         let mut meta = self.meta.lock();
+        if self.header.refcount_order == 0 && meta.l1.iter().any(|e| e & OFFSET_MASK != 0) {
+            // An empty image needs no second reference, so qemu snapshots it; otherwise
+            // its refcount update overflows (EINVAL).
+            return Err(Error::invalid(
+                "create snapshot",
+                "1-bit refcounts cannot count the second reference a snapshot needs (raise refcount_bits first)",
+            ));
+        }
         self.writeback(&mut meta)?;
         let cs = self.header.cluster_size();
         let cb = self.header.cluster_bits;
@@ -272,17 +323,15 @@ impl Qcow2Image {
             .max()
             .unwrap_or(0)
             + 1;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         let mut entries: Vec<Vec<u8>> = existing.into_iter().map(|s| s.raw).collect();
         entries.push(snapshot::encode_entry(
             l1_copy,
             copy.len() as u32,
             &id.to_string(),
             name,
-            (now.as_secs() as u32, now.subsec_nanos()),
+            date,
             self.size(),
+            icount,
         ));
         self.replace_table(&mut meta, &entries)?;
         self.writeback(&mut meta)?;
@@ -408,6 +457,61 @@ impl Qcow2Image {
                     format!("Can't find the snapshot '{which}'"),
                 )
             })?;
+        self.delete_at(existing, index)
+    }
+
+    /// Deletes the snapshot whose id is `id` and whose name is `name`, as qemu's
+    /// `bdrv_snapshot_delete` does.
+    pub fn snapshot_delete_exact(&self, id: &str, name: &str) -> Result<()> {
+        self.snapshot_preconditions("delete snapshot")?;
+        let existing = self.snapshots()?;
+        let index = existing
+            .iter()
+            .position(|s| s.id == id && s.name == name)
+            .ok_or_else(|| {
+                Error::new(
+                    vdisk_block::ErrorKind::NotFound,
+                    "delete snapshot",
+                    "Failed to find snapshot",
+                )
+            })?;
+        self.delete_at(existing, index)
+    }
+
+    /// Shows the snapshot chosen by `id` and `name` (both must match when both are given)
+    /// instead of the active layer, as qemu's `qcow2_snapshot_load_tmp` does: read-only
+    /// images only, the size stays. The L2 cache stays valid since it is keyed by host
+    /// offset and nothing is written.
+    pub fn load_snapshot_tmp(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        if !self.is_read_only() {
+            return Err(Error::invalid("load snapshot", "Device is not readonly"));
+        }
+        let existing = self.snapshots()?;
+        let snap = existing
+            .iter()
+            .find(|s| match (id, name) {
+                (Some(i), Some(n)) => s.id == i && s.name == n,
+                (Some(i), None) => s.id == i,
+                (None, Some(n)) => s.name == n,
+                (None, None) => false,
+            })
+            .ok_or_else(|| {
+                Error::new(
+                    vdisk_block::ErrorKind::NotFound,
+                    "load snapshot",
+                    "Can't find snapshot",
+                )
+            })?;
+        let l1 = self.read_l1_table(snap.l1_table_offset, snap.l1_size)?;
+        let _io = self.io.write();
+        let mut meta = self.meta.lock();
+        meta.l1 = l1;
+        meta.l1_offset = snap.l1_table_offset;
+        *self.last_compressed.lock() = None;
+        Ok(())
+    }
+
+    fn delete_at(&self, existing: Vec<Snapshot>, index: usize) -> Result<()> {
         let _io = self.io.write();
         let mut meta = self.meta.lock();
         self.writeback(&mut meta)?;

@@ -73,6 +73,14 @@ pub struct ConvertArgs {
     /// compression_type says; VMDK takes the option, and streamOptimized always compresses)
     #[arg(short = 'c')]
     pub compress: bool,
+    /// Copy an internal snapshot of the source instead of its current contents: a name or
+    /// id (ids are tried first), or snapshot.id=ID[,snapshot.name=NAME] (both must match)
+    #[arg(short = 'l', long = "source-snapshot", value_name = "SNAPSHOT_PARAMS")]
+    pub snapshot: Vec<String>,
+    /// Copy the internal snapshot with this id or name (the old qemu-img spelling of
+    /// -l ID_OR_NAME; qemu-img 10 no longer takes it, so drop-in mode refuses it as qemu-img does)
+    #[arg(short = 's', value_name = "SNAPSHOT")]
+    pub snapshot_id_or_name: Vec<String>,
     /// Source image(s), then the target.
     #[arg(value_name = "FILENAME")]
     pub files: Vec<PathBuf>,
@@ -80,7 +88,12 @@ pub struct ConvertArgs {
 
 /// Runs `convert`; returns the exit code (qemu-img uses 1 for every failure).
 pub fn run(ctx: &Ctx, args: ConvertArgs) -> i32 {
-    match convert_cmd(&args) {
+    if ctx.dropin && !args.snapshot_id_or_name.is_empty() {
+        eprintln!("{} convert: invalid option -- 's'", ctx.argv0);
+        eprintln!("Try '{} convert --help' for more info", ctx.argv0);
+        return 1;
+    }
+    match convert_cmd(ctx, &args) {
         Ok(()) => 0,
         Err(failure) => {
             ctx.fail(&failure);
@@ -97,9 +110,13 @@ struct Settings {
     target_cache: CacheMode,
     source_cache: CacheMode,
     create_options: String,
+    /// The internal snapshot of the (first) source to copy, if any.
+    snapshot: Option<super::snapshot::SourceSnapshot>,
 }
 
-fn parse(args: &ConvertArgs) -> Result<Settings, Failure> {
+fn parse(ctx: &Ctx, args: &ConvertArgs) -> Result<Settings, Failure> {
+    let snapshot =
+        super::snapshot::parse_source_snapshot(ctx, &args.snapshot, &args.snapshot_id_or_name)?;
     if args.files.len() < 2 {
         return Err(Failure::new(
             "Must specify image file name",
@@ -161,11 +178,12 @@ fn parse(args: &ConvertArgs) -> Result<Settings, Failure> {
         target_cache: cache(&args.target_cache)?,
         source_cache: cache(&args.source_cache)?,
         create_options,
+        snapshot,
     })
 }
 
-fn convert_cmd(args: &ConvertArgs) -> Result<(), Failure> {
-    let mut settings = parse(args)?;
+fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
+    let mut settings = parse(ctx, args)?;
     let driver = format_by_name(&args.target_format)
         .map_err(|_| Failure::same(format!("Unknown file format '{}'", args.target_format)))?;
     if settings
@@ -201,6 +219,9 @@ fn convert_cmd(args: &ConvertArgs) -> Result<(), Failure> {
     for path in &settings.sources {
         let dev = super::open_with(&path.to_string_lossy(), &source_spec, source_opts.clone())?;
         sources.push(dev);
+    }
+    if let Some(snapshot) = &settings.snapshot {
+        super::snapshot::load_source_snapshot(&sources, snapshot)?;
     }
     // With --image-opts a source is named by its options; the file is what may collide.
     if args.image_opts {
