@@ -1,135 +1,383 @@
-//! `amend`: changing header-level options of an existing image in place.
+//! `amend`: changing the options of an existing image in place, as `qemu-img amend -o`
+//! does (QEMU 10): `compat` (upgrade, and downgrade to 0.10 with zero clusters expanded),
+//! `refcount_bits` (the refcount structures rebuilt at the new width), `lazy_refcounts`,
+//! `data_file` (renaming an external data file), `data_file_raw` (may only be cleared),
+//! and `size` (a resize). The backing file is not an amend option in QEMU 10 (only its
+//! current value is accepted); [`set_backing`] is the header rewrite `rebase -u` needs.
 //!
-//! Supported: the backing file name and format (what `rebase -u` needs), lazy refcounts,
-//! and upgrading `compat=0.10` to `1.1`. Options that would need the image's clusters
-//! rewritten (cluster size, refcount width, extended L2, compression type, data file,
-//! downgrading to 0.10) are refused unless they already have the asked value. The header
-//! is rewritten whole, keeping unknown extensions and fields, and re-parsed before it is
-//! written so nothing invalid reaches the disk.
+//! Every request is validated before anything is written, with QEMU's messages, so a
+//! refused amend leaves the image as it was (QEMU may have applied earlier options by
+//! then). Header-only changes are one header write; changes that need metadata rewritten
+//! go through [`rewrite`], which writes every new structure before the header points at it.
+
+mod refblocks;
+mod rewrite;
+mod state;
+mod zero;
 
 use std::path::Path;
 
-use vdisk_block::{CacheMode, CreateOptions, EngineChoice, Error, HostFile, Result};
+use vdisk_block::{
+    BlockDev, CacheMode, CreateOptions, EngineChoice, Error, FollowPolicy, HostFile, OpenOptions,
+    Preallocation, RepairMode, Result,
+};
 
-use crate::header::{compat, default_feature_names, incompat, Header, V3_HEADER_LEN};
+use crate::header::{
+    autoclear, compat, default_feature_names, incompat, CompressionType, CryptMethod, Header,
+    V2_HEADER_LEN, V3_HEADER_LEN,
+};
 
-fn unsupported(what: &str) -> Error {
-    Error::unsupported("amend", format!("Changing {what} is not supported"))
+/// The options `qemu-img amend` takes for qcow2.
+const AMEND_OPTIONS: &[&str] = &[
+    "backing_file",
+    "backing_fmt",
+    "compat",
+    "data_file",
+    "data_file_raw",
+    "encrypt.iter-time",
+    "encrypt.keyslot",
+    "encrypt.new-secret",
+    "encrypt.old-secret",
+    "encrypt.state",
+    "lazy_refcounts",
+    "refcount_bits",
+    "size",
+];
+
+/// qcow2 options that only `create` takes.
+const CREATE_ONLY: &[&str] = &[
+    "cluster_size",
+    "compression_type",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.format",
+    "encrypt.hash-alg",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.key-secret",
+    "encryption",
+    "extended_l2",
+    "preallocation",
+];
+
+fn invalid(message: impl Into<String>) -> Error {
+    Error::invalid("amend", message)
 }
 
-/// Applies `options` to the header of the image at `path`.
+fn unsupported(message: impl Into<String>) -> Error {
+    Error::unsupported("amend", message)
+}
+
+/// What an amend asks for, parsed and checked the way QEMU parses `-o`.
+#[derive(Debug, Default)]
+struct Request {
+    version: Option<u32>,
+    refcount_bits: Option<u64>,
+    lazy_refcounts: Option<bool>,
+    data_file: Option<String>,
+    data_file_raw: Option<bool>,
+    backing_file: Option<String>,
+    backing_fmt: Option<String>,
+    encrypt: bool,
+    size: Option<u64>,
+}
+
+fn parse(options: &mut CreateOptions) -> Result<Request> {
+    // QEMU names the first option (in the order given; here in name order) that amend does
+    // not take, with a hint when every option is at least a create option.
+    if let Some(bad) = options
+        .options
+        .keys()
+        .find(|k| !AMEND_OPTIONS.contains(&k.as_str()))
+    {
+        let all_known = options
+            .options
+            .keys()
+            .all(|k| AMEND_OPTIONS.contains(&k.as_str()) || CREATE_ONLY.contains(&k.as_str()));
+        let hint = if all_known {
+            "\nThis option is only supported for image creation"
+        } else {
+            ""
+        };
+        return Err(invalid(format!("Invalid parameter '{bad}'{hint}")));
+    }
+    let mut r = Request::default();
+    if let Some(v) = options.take("refcount_bits") {
+        r.refcount_bits = Some(
+            v.parse::<u64>()
+                .map_err(|_| invalid("Parameter 'refcount_bits' expects a number"))?,
+        );
+    }
+    r.lazy_refcounts = options.take_bool("lazy_refcounts")?;
+    r.data_file_raw = options.take_bool("data_file_raw")?;
+    if let Some(v) = options.take("size") {
+        r.size = Some(vdisk_block::size::parse_size(&v).map_err(|_| {
+            invalid(
+                "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.",
+            )
+        })?);
+    }
+    if let Some(level) = options.take("compat") {
+        r.version = Some(match level.as_str() {
+            "0.10" | "v2" => 2,
+            "1.1" | "v3" => 3,
+            _ => return Err(invalid(format!("Unknown compatibility level {level}"))),
+        });
+    }
+    r.backing_file = options.take("backing_file");
+    r.backing_fmt = options.take("backing_fmt");
+    r.data_file = options.take("data_file");
+    let keys: Vec<String> = options.options.keys().cloned().collect();
+    for k in keys {
+        if k.starts_with("encrypt.") {
+            options.take(&k);
+            r.encrypt = true;
+        }
+    }
+    options.reject_leftovers("qcow2")?;
+    Ok(r)
+}
+
+/// Applies `options` to the image at `path`.
 pub fn amend(path: &Path, mut options: CreateOptions) -> Result<()> {
-    let file = HostFile::open(path, true, CacheMode::Writeback, EngineChoice::Sync)?;
-    let old = crate::image::read_header(&file, file.len()?).map_err(|e| e.with_path(path))?;
-    if old.incompatible_features & (incompat::DIRTY | incompat::CORRUPT) != 0 {
+    let req = parse(&mut options).map_err(|e| e.with_path(path))?;
+    let file = open_rw(path)?;
+    let mut old = read_header(&file, path)?;
+    if old.incompatible_features & incompat::CORRUPT != 0 {
         return Err(Error::corrupt(
             "amend",
-            "the image is dirty or corrupt; check and repair it first",
+            format!(
+                "Could not open '{}': qcow2: Image is corrupt; cannot be opened read/write",
+                path.display()
+            ),
         )
         .with_path(path));
     }
-    let mut h = old.clone();
-    let compat_level = options.take("compat");
-    match compat_level.as_deref() {
-        None | Some("1.1") | Some("v3") | Some("0.10") | Some("v2") => {}
-        Some(other) => {
-            return Err(Error::invalid(
-                "amend",
-                format!("Invalid compatibility level: '{other}'"),
-            ))
-        }
+    let target = plan(&old, &req).map_err(|e| e.with_path(path))?;
+    if old.incompatible_features & incompat::DIRTY != 0 {
+        // As QEMU does when it opens a dirty image read-write: repair the refcounts.
+        drop(file);
+        let opts = OpenOptions {
+            writable: true,
+            no_backing: true,
+            policy: FollowPolicy::Nothing,
+            ..OpenOptions::default()
+        };
+        crate::check::check(path, &opts, RepairMode::All)?;
+        return amend_clean(path, &req);
     }
-    let upgrade = matches!(compat_level.as_deref(), Some("1.1") | Some("v3"));
-    let downgrade = matches!(compat_level.as_deref(), Some("0.10") | Some("v2"));
-    if upgrade && h.version == 2 {
+    apply(path, &file, &mut old, target, &req)
+}
+
+fn amend_clean(path: &Path, req: &Request) -> Result<()> {
+    let file = open_rw(path)?;
+    let mut old = read_header(&file, path)?;
+    let target = plan(&old, req).map_err(|e| e.with_path(path))?;
+    apply(path, &file, &mut old, target, req)
+}
+
+fn apply(
+    path: &Path,
+    file: &HostFile,
+    old: &mut Header,
+    target: Header,
+    req: &Request,
+) -> Result<()> {
+    let downgrade = target.version < old.version;
+    if downgrade || target.refcount_order != old.refcount_order {
+        let state = state::State::load(file, old).map_err(|e| e.with_path(path))?;
+        rewrite::run(file, &state, rewrite::Rewrite { target, downgrade })
+            .map_err(|e| e.with_path(path))?;
+    } else if target != *old {
+        let bytes = encode_header(&target, old).map_err(|e| e.with_path(path))?;
+        file.write_at(&bytes, 0)?;
+        file.flush()?;
+    }
+    if let Some(size) = req.size {
+        resize(path, size)?;
+    }
+    Ok(())
+}
+
+fn open_rw(path: &Path) -> Result<HostFile> {
+    HostFile::open(path, true, CacheMode::Writeback, EngineChoice::Sync)
+}
+
+fn read_header(file: &HostFile, path: &Path) -> Result<Header> {
+    crate::image::read_header(file, file.len()?).map_err(|e| e.with_path(path))
+}
+
+/// The header `req` leads to from `old`, or QEMU's refusal.
+fn plan(old: &Header, req: &Request) -> Result<Header> {
+    let mut h = old.clone();
+    if req.encrypt {
+        return Err(match old.crypt_method {
+            CryptMethod::None => invalid("Can't amend encryption options - encryption not present"),
+            CryptMethod::Aes => unsupported("Only LUKS encryption options can be amended"),
+            CryptMethod::Luks => unsupported("Amending LUKS key slots is not supported by vdisk"),
+        });
+    }
+    let bits = req.refcount_bits.unwrap_or(u64::from(old.refcount_bits()));
+    if bits == 0 || bits > 64 || !bits.is_power_of_two() {
+        return Err(invalid(
+            "Refcount width must be a power of two and may not exceed 64 bits",
+        ));
+    }
+    if req.data_file.is_some() && !old.has_data_file() {
+        return Err(invalid(
+            "data-file can only be set for images that use an external data file",
+        ));
+    }
+    if req.data_file_raw == Some(true) && !old.data_file_raw() {
+        return Err(invalid("data-file-raw cannot be set on existing images"));
+    }
+    let version = req.version.unwrap_or(old.version);
+    if version > old.version {
         h.version = 3;
         h.header_length = V3_HEADER_LEN;
         h.refcount_order = 4;
         h.extensions.feature_names = default_feature_names();
     }
-    if downgrade && h.version != 2 {
-        return Err(unsupported("the compatibility level to 0.10 (downgrade)"));
-    }
-    if let Some(lazy) = options.take_bool("lazy_refcounts")? {
-        if lazy && h.version < 3 {
-            return Err(Error::invalid(
-                "amend",
-                "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+    let order = bits.trailing_zeros();
+    if order != h.refcount_order {
+        if version < 3 && bits != 16 {
+            return Err(invalid(
+                "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
             ));
         }
-        if lazy {
-            h.compatible_features |= compat::LAZY_REFCOUNTS;
-        } else {
-            h.compatible_features &= !compat::LAZY_REFCOUNTS;
+        h.refcount_order = order;
+    }
+    if req.data_file_raw == Some(false) {
+        h.autoclear_features &= !autoclear::DATA_FILE_RAW;
+    }
+    if let Some(name) = &req.data_file {
+        h.extensions.data_file = (!name.is_empty()).then(|| name.clone());
+    }
+    if (req.backing_file.is_some() || req.backing_fmt.is_some())
+        && (req.backing_file != old.backing_file
+            || req.backing_fmt != old.extensions.backing_format)
+    {
+        return Err(invalid(
+            "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.",
+        ));
+    }
+    if let Some(lazy) = req.lazy_refcounts {
+        if lazy != (old.compatible_features & compat::LAZY_REFCOUNTS != 0) {
+            if lazy && version < 3 {
+                return Err(invalid(
+                    "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+                ));
+            }
+            if lazy {
+                h.compatible_features |= compat::LAZY_REFCOUNTS;
+            } else {
+                h.compatible_features &= !compat::LAZY_REFCOUNTS;
+            }
         }
     }
-    let backing_file = options.take("backing_file");
-    let backing_fmt = options.take("backing_fmt");
-    if let Some(name) = backing_file {
+    if let Some(size) = req.size {
+        if size % 512 != 0 {
+            return Err(invalid("The new size must be a multiple of 512"));
+        }
+    }
+    if version < old.version {
+        if h.refcount_order != 4 {
+            return Err(unsupported("compat=0.10 requires refcount_bits=16"));
+        }
+        if old.has_data_file() {
+            return Err(unsupported("Cannot downgrade an image with a data file"));
+        }
+        let left = old.incompatible_features
+            & !(incompat::DIRTY | incompat::COMPRESSION | incompat::DATA_FILE);
+        if left != 0 {
+            return Err(unsupported(format!(
+                "Cannot downgrade an image with incompatible features {left:#x} set"
+            )));
+        }
+        if old.crypt_method != CryptMethod::None {
+            return Err(unsupported(
+                "Downgrading an encrypted image is not supported by vdisk",
+            ));
+        }
+        // (A zstd image with compressed clusters is refused once the clusters are known.)
+        h.version = 2;
+        h.header_length = V2_HEADER_LEN;
+        h.incompatible_features = 0;
+        h.compatible_features = 0;
+        h.autoclear_features = 0;
+        h.compression_type = CompressionType::Deflate;
+        h.extra_fields.clear();
+        h.extensions.feature_names.clear();
+        h.extensions.bitmaps = None;
+    }
+    Ok(h)
+}
+
+/// Encodes `h` as the bytes of the start of cluster 0, checked by parsing them back and
+/// padded with zeroes over what is left of `old`'s longer header.
+///
+/// As QEMU does, the feature name table (optional) is left out when it does not fit in the
+/// cluster with the rest, as with 512-byte clusters and a backing file name.
+fn encode_header(h: &Header, old: &Header) -> Result<Vec<u8>> {
+    let mut bytes = match h.encode() {
+        Err(_) if !h.extensions.feature_names.is_empty() => {
+            let mut bare = h.clone();
+            bare.extensions.feature_names.clear();
+            bare.encode()?
+        }
+        other => other?,
+    };
+    let mut check = bytes.clone();
+    check.resize(h.cluster_size() as usize, 0);
+    Header::parse(&check)?;
+    let old_len = old.encode().map(|b| b.len()).unwrap_or(0);
+    if old_len > bytes.len() {
+        bytes.resize(old_len, 0);
+    }
+    Ok(bytes)
+}
+
+fn resize(path: &Path, size: u64) -> Result<()> {
+    let opts = OpenOptions {
+        writable: true,
+        no_backing: true,
+        policy: FollowPolicy::Nothing,
+        ..OpenOptions::default()
+    };
+    let img = crate::image::Qcow2Image::open(path, &opts)?;
+    img.resize(size, Preallocation::Off)?;
+    img.flush()
+}
+
+/// Rewrites the backing file name and format of the image at `path` in its header (what
+/// `rebase -u` does; `qemu-img amend` refuses to change them). `Some("")` removes the
+/// backing file; `None` keeps the current value.
+pub fn set_backing(path: &Path, name: Option<&str>, format: Option<&str>) -> Result<()> {
+    let file = open_rw(path)?;
+    let old = read_header(&file, path)?;
+    let mut h = old.clone();
+    if let Some(name) = name {
         if h.data_file_raw() && !name.is_empty() {
-            return Err(Error::invalid(
-                "amend",
-                "Backing file and data-file-raw cannot be used at the same time",
-            ));
+            return Err(
+                invalid("Backing file and data-file-raw cannot be used at the same time")
+                    .with_path(path),
+            );
         }
-        h.backing_file = (!name.is_empty()).then_some(name);
+        h.backing_file = (!name.is_empty()).then(|| name.to_string());
         if h.backing_file.is_none() {
             h.extensions.backing_format = None;
         }
     }
-    if let Some(fmt) = backing_fmt {
-        if h.backing_file.is_none() {
-            return Err(Error::invalid(
-                "amend",
-                "Backing format specified without backing file",
-            ));
+    if let Some(fmt) = format {
+        if h.backing_file.is_none() && !fmt.is_empty() {
+            return Err(invalid("Backing format specified without backing file").with_path(path));
         }
-        h.extensions.backing_format = (!fmt.is_empty()).then_some(fmt);
+        h.extensions.backing_format = (!fmt.is_empty()).then(|| fmt.to_string());
     }
-    // Options that cannot change without rewriting clusters: accept only their value now.
-    if let Some(size) = options.take_size("cluster_size")? {
-        if size != h.cluster_size() {
-            return Err(unsupported("the cluster size"));
-        }
-    }
-    if let Some(bits) = options.take("refcount_bits") {
-        if bits.parse::<u32>().ok() != Some(h.refcount_bits()) {
-            return Err(unsupported("the refcount width"));
-        }
-    }
-    if let Some(on) = options.take_bool("extended_l2")? {
-        if on != h.extended_l2() {
-            return Err(unsupported("extended_l2"));
-        }
-    }
-    if let Some(kind) = options.take("compression_type") {
-        if kind != h.compression_type.as_str() {
-            return Err(unsupported("the compression type"));
-        }
-    }
-    if let Some(name) = options.take("data_file") {
-        if h.extensions.data_file.as_deref() != Some(name.as_str()) {
-            return Err(unsupported("the external data file"));
-        }
-    }
-    if let Some(raw) = options.take_bool("data_file_raw")? {
-        if raw != h.data_file_raw() {
-            return Err(unsupported("data_file_raw"));
-        }
-    }
-    options.reject_leftovers("qcow2")?;
     if h == old {
         return Ok(());
     }
-    let mut bytes = h.encode().map_err(|e| e.with_path(path))?;
-    let old_len = old.encode().map(|b| b.len()).unwrap_or(0);
-    let mut check = bytes.clone();
-    check.resize(h.cluster_size() as usize, 0);
-    Header::parse(&check).map_err(|e| e.with_path(path))?;
-    // Clear what is left of a longer old header area.
-    if old_len > bytes.len() {
-        bytes.resize(old_len, 0);
-    }
+    let bytes = encode_header(&h, &old).map_err(|e| e.with_path(path))?;
     file.write_at(&bytes, 0)?;
     file.flush()
 }

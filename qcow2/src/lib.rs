@@ -15,10 +15,11 @@
 //! Status: reads (block status, backing chains, external data files, zlib/zstd compressed
 //! clusters, extended L2), writes (allocation, copy-on-write, zero clusters, discard,
 //! compressed clusters, refcount table growth, overlap checks), resize, internal snapshots
-//! (create, delete, apply, list), `create` and `amend` with qemu-img's options, `check`
+//! (create, delete, apply, list), `create` and `amend` with qemu-img's options (amend also
+//! downgrades to compat=0.10 and changes the refcount width), `check`
 //! with refcount repair, and listing of persistent bitmaps. Not implemented yet: encryption
-//! (encrypted images open for `info` only), bitmap contents, rebuilding broken refcount
-//! structures, and changing options that need clusters rewritten; those fail clearly.
+//! (encrypted images open for `info` only), bitmap contents, and rebuilding broken refcount
+//! structures; those fail clearly.
 #![forbid(unsafe_code)]
 
 pub mod alloc;

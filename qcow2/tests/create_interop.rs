@@ -268,6 +268,28 @@ fn amend(path: &Path, opts: &str) -> vdisk_block::Result<()> {
     )
 }
 
+/// Runs `qemu-img amend` (bounded) on a copy of `img`; returns whether qemu accepts
+/// `opts` and its message.
+fn qemu_amend_copy(img: &Path, opts: &str, s: &Scratch) -> (bool, String) {
+    let copy = s.path("qemu-copy.qcow2");
+    std::fs::copy(img, &copy).expect("copy");
+    let out = std::process::Command::new("timeout")
+        .args(["60", "qemu-img", "amend", "-f", "qcow2", "-o", opts])
+        .arg(&copy)
+        .output()
+        .expect("qemu-img amend");
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "qemu-img amend -o {opts} hung"
+    );
+    let err = String::from_utf8_lossy(&out.stderr)
+        .trim_end()
+        .trim_start_matches("qemu-img: ")
+        .to_string();
+    (out.status.success(), err)
+}
+
 #[test]
 fn amend_header_options() {
     let s = Scratch::new("amend");
@@ -306,8 +328,20 @@ fn amend_header_options() {
     ]);
     qemu_io(&img, &["write -P 9 0 64k"]);
     let before = qemu_contents(&img, &s);
-    // rebase -u: point at another backing file of another format.
-    amend(&img, "backing_file=other.raw,backing_fmt=raw").expect("rebase");
+    // qemu 10 refuses to amend the backing file (rebase does it); the current value is
+    // accepted.
+    for opts in [
+        "backing_file=other.raw,backing_fmt=raw",
+        "backing_file=base.qcow2",
+    ] {
+        let (ok, message) = qemu_amend_copy(&img, opts, &s);
+        assert!(!ok, "{opts}");
+        let err = amend(&img, opts).expect_err(opts);
+        assert_eq!(err.message(), message, "{opts}");
+    }
+    amend(&img, "backing_file=base.qcow2,backing_fmt=qcow2").expect("current backing");
+    // rebase -u's header rewrite: another backing file of another format.
+    vdisk_qcow2::amend::set_backing(&img, Some("other.raw"), Some("raw")).expect("rebase -u");
     let info = qemu_img(&["info", "--output=json", img.to_str().expect("u")]);
     assert!(
         info.contains("\"backing-filename\": \"other.raw\""),
@@ -331,19 +365,37 @@ fn amend_header_options() {
         before,
         "data unchanged (both backings are zero)"
     );
-    // Unchanged values are accepted, changes that need a rewrite are refused.
-    amend(&img, "cluster_size=64k,refcount_bits=16").expect("same values");
-    for opts in [
-        "cluster_size=4k",
-        "refcount_bits=8",
-        "compat=0.10",
-        "extended_l2=on",
-        "bogus=1",
+    // qemu 10 refuses create-only options even with their current value, and accepts a
+    // new refcount width and a downgrade (which then needs 16-bit refcounts).
+    for (opts, accepted) in [
+        ("cluster_size=64k,refcount_bits=16", false),
+        ("cluster_size=4k", false),
+        ("extended_l2=on", false),
+        ("bogus=1", false),
+        ("refcount_bits=16", true),
+        ("refcount_bits=8", true),
+        ("compat=0.10", false),
+        ("compat=0.10,refcount_bits=16", true),
     ] {
-        assert!(amend(&img, opts).is_err(), "{opts}");
+        let (ok, message) = qemu_amend_copy(&img, opts, &s);
+        assert_eq!(ok, accepted, "qemu-img amend -o {opts}: {message}");
+        match amend(&img, opts) {
+            Ok(()) => assert!(accepted, "{opts} accepted"),
+            Err(e) => {
+                assert!(!accepted, "{opts}: {e}");
+                assert_eq!(e.message().trim_end(), message, "{opts}");
+            }
+        }
+        check_clean(&img);
     }
+    let info = qemu_img(&["info", "--output=json", img.to_str().expect("u")]);
+    assert!(
+        info.contains("\"compat\": \"0.10\"") && info.contains("\"refcount-bits\": 16"),
+        "{info}"
+    );
+    assert_eq!(qemu_contents(&img, &s), before, "data unchanged");
     // Dropping the backing file.
-    amend(&img, "backing_file=").expect("drop backing");
+    vdisk_qcow2::amend::set_backing(&img, Some(""), None).expect("drop backing");
     let info = qemu_img(&["info", "--output=json", img.to_str().expect("u")]);
     assert!(!info.contains("backing-filename"), "{info}");
     check_clean(&img);
