@@ -21,13 +21,19 @@
 //! - **qemu → vdisk**: `qemu-img create`, then `qemu-io` writes a deterministic list
 //!   (cluster-crossing and subcluster-sized writes, `write -z` with and without `-u`,
 //!   discards, writes over the backing file and across L2 tables); our driver must read
-//!   every byte as the model computed here, and so must `qemu-img convert -O raw`;
+//!   every byte as the model computed here, and so must `qemu-img convert -O raw`; our
+//!   block status must agree with `qemu-img map` (the top layer's, over a backing file);
 //! - **vdisk → qemu**: our `create` with the same options, then a seeded random workload
-//!   through `BlockDev` (writes, zeroes in both modes, discards, partial clusters, flushes)
-//!   against an in-memory model; `qemu-img check` must find no corruption and no leak,
-//!   `qemu-img compare` against the model as a raw file must find them identical, and
-//!   whole clusters the workload zeroed must not show data in `qemu-img map` (v3 images
-//!   without an external data file, where qemu itself would use zero flags).
+//!   through `BlockDev` (writes, zeroes in both modes, discards, partial clusters, flushes,
+//!   a reopen halfway) against an in-memory model; `qemu-img check` must find no
+//!   corruption and no leak, `qemu-img compare` against the model as a raw file must find
+//!   them identical, our block status must agree with `qemu-img map`, and whole clusters
+//!   the workload zeroed must not show data in `qemu-img map` (v3 images without an
+//!   external data file, where qemu itself would use zero flags).
+//!
+//! With a raw data file (`data_file_raw=on`) the data file itself must equal the model.
+//! qemu ignores discards on v2 images with a backing file (no zero flag to hide the
+//! backing data with); the qemu-side model does the same.
 //!
 //! Failures name the combination (its option string) and the workload seed.
 
@@ -451,6 +457,37 @@ fn qemu_to_vdisk(c: &Combo) {
     if c.data == DataFile::Raw {
         assert_raw_data_file(&scratch, &model);
     }
+    if c.backing {
+        assert_top_layer_map_matches(&img);
+    } else {
+        assert_map_matches(&img);
+    }
+}
+
+/// Over a backing file `qemu-img map` reports the layer each range comes from (depth 0
+/// and not present: allocated nowhere, past the backing file's end): our block status
+/// must call exactly the top layer's ranges allocated, with qemu's data and zero flags
+/// there. Elsewhere our zero flag may stay false, as it describes this layer only.
+fn assert_top_layer_map_matches(image: &Path) {
+    let dev = open(image);
+    let json = qemu_img(&["map", "--output=json", s(image)]);
+    let extents: serde_json::Value = serde_json::from_str(&json).expect("map json");
+    for ext in extents.as_array().expect("map array") {
+        let start = ext["start"].as_u64().expect("start");
+        let end = start + ext["length"].as_u64().expect("length");
+        let top = ext["depth"].as_u64() == Some(0) && ext["present"].as_bool() == Some(true);
+        let mut pos = start;
+        while pos < end {
+            let st = dev.block_status(pos, end - pos).expect("block status");
+            let what = format!("at {pos}: ours {st:?}, qemu {ext}");
+            assert_eq!(st.allocated, top, "allocated {what}");
+            if top {
+                assert_eq!(Some(st.data), ext["data"].as_bool(), "data {what}");
+                assert_eq!(Some(st.zero), ext["zero"].as_bool(), "zero {what}");
+            }
+            pos += st.len.max(1);
+        }
+    }
 }
 
 /// A raw data file must itself be the guest disk.
@@ -488,7 +525,7 @@ fn pick_range(rng: &mut Rng, c: &Combo, size: u64) -> (u64, u64) {
     (off, len.min(size - off))
 }
 
-const WORKLOAD_OPS: usize = 70;
+const WORKLOAD_OPS: usize = 120;
 
 fn vdisk_to_qemu(c: &Combo) {
     let scratch = Scratch::new("mx-v");
@@ -502,8 +539,13 @@ fn vdisk_to_qemu(c: &Combo) {
     let mut zeroed = vec![false; (size / cs) as usize];
     let mut rng = Rng::new(c.seed());
     {
-        let dev = open_rw(&img);
+        let mut dev = open_rw(&img);
         for step in 0..WORKLOAD_OPS {
+            if step == WORKLOAD_OPS / 2 {
+                // Halfway, close and reopen: what the first half wrote must persist.
+                drop(dev);
+                dev = open_rw(&img);
+            }
             let (off, len) = pick_range(&mut rng, c, size);
             let range = off as usize..(off + len) as usize;
             let whole = off.div_ceil(cs)..(off + len) / cs;
@@ -585,6 +627,11 @@ fn vdisk_to_qemu(c: &Combo) {
     assert_same(&read_all(&open(&img)), &model, "vdisk reread vs model");
     if c.data == DataFile::Raw {
         assert_raw_data_file(&scratch, &model);
+    }
+    if c.backing {
+        assert_top_layer_map_matches(&img);
+    } else {
+        assert_map_matches(&img);
     }
     // With an external data file our driver writes zeroes into the data file instead of
     // setting zero flags (and ignores discards), so only contents are compared there.
