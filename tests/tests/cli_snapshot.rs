@@ -163,14 +163,14 @@ struct Twins {
 }
 
 impl Twins {
-    fn new(dir: &Path, made: &str, size: usize) -> Self {
+    fn new(dir: &Path, made: &str, model: Vec<u8>) -> Self {
         fs::copy(dir.join(made), dir.join("q.qcow2")).expect("copy q");
         fs::copy(dir.join(made), dir.join("v.qcow2")).expect("copy v");
         Twins {
             dir: dir.to_path_buf(),
             q: "q.qcow2",
             v: "v.qcow2",
-            model: vec![0; size],
+            model,
             snapshots: BTreeMap::new(),
         }
     }
@@ -333,7 +333,12 @@ impl Twins {
 }
 
 fn run_sequence(dir: &Path, made: &str, size: usize, steps: &[Step]) {
-    let mut twins = Twins::new(dir, made, size);
+    run_sequence_over(dir, made, vec![0; size], steps);
+}
+
+/// [`run_sequence`] on an image whose unwritten clusters read as `model` (its backing file).
+fn run_sequence_over(dir: &Path, made: &str, model: Vec<u8>, steps: &[Step]) {
+    let mut twins = Twins::new(dir, made, model);
     twins.verify("the start");
     for step in steps {
         twins.step(step);
@@ -429,6 +434,43 @@ fn sequences_on_vdisk_made_images() {
         );
         run_sequence(d, "made.qcow2", 4 * MIB, &main_sequence(cluster));
     }
+}
+
+/// Over a backing file: snapshots keep reading through to it where nothing was written.
+#[test]
+fn sequence_over_a_backing_file() {
+    let s = Scratch::new("snap-backing");
+    let d = s.dir();
+    ok(
+        &qemu_img(d, &["create", "-q", "-f", "raw", "base.raw", "4M"]),
+        "create base",
+    );
+    let r = run_in(
+        d,
+        Path::new("qemu-io"),
+        &["-f", "raw", "-c", "write -P 0x77 512k 3M", "base.raw"],
+    );
+    ok(&r, "qemu-io base");
+    let mut model = vec![0u8; 4 * MIB];
+    model[512 * KIB..512 * KIB + 3 * MIB].fill(0x77);
+    ok(
+        &qemu_img(
+            d,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.raw",
+                "-F",
+                "raw",
+                "made.qcow2",
+            ],
+        ),
+        "create overlay",
+    );
+    run_sequence_over(d, "made.qcow2", model, &main_sequence(64 * KIB));
 }
 
 /// Snapshots taken at other sizes: applying one brings its size back, and `convert -l`
