@@ -622,3 +622,68 @@ fn size_resizes_like_qemu() {
         compare(&img, &q);
     }
 }
+
+/// Width changes of images whose L2 entries are extended or whose data lives in an
+/// external data file (no refcounts for guest data).
+#[test]
+fn refcount_width_extended_l2_and_data_file() {
+    let sc = Scratch::new("amend-rc-kinds");
+    let orig = sc.path("orig.qcow2");
+    for opts in [
+        "extended_l2=on,cluster_size=64k".to_string(),
+        format!("data_file={}", s(&sc.path("d.raw"))),
+    ] {
+        let img = sc.path("img.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"]);
+        qemu_io(
+            &img,
+            &[
+                "write -P 0x21 0 200k",
+                "write -z 256k 64k",
+                "write -P 0x22 1M 4k",
+            ],
+        );
+        if !opts.contains("data_file") {
+            // qemu cannot snapshot images with a data file.
+            qemu_img(&["snapshot", "-c", "s", s(&img)]);
+        }
+        copy(&img, &orig);
+        for bits in [64, 4, 16] {
+            amend(&img, &format!("refcount_bits={bits}")).expect("width");
+            check_strict(&img);
+            assert_eq!(specific(&img)["refcount-bits"], bits, "{opts}");
+            assert_same_contents(&sc, &img, &orig);
+        }
+    }
+}
+
+/// Crash safety: the only write after amend's first flush is the header in cluster 0, so
+/// the file a crash just before that write leaves is the amended file with the old first
+/// cluster. That file must still be the old image, whole and clean (the new structures are
+/// unreferenced clusters with a refcount of zero, not leaks).
+#[test]
+fn crash_before_the_header_switch_leaves_the_old_image() {
+    let sc = Scratch::new("amend-crash");
+    for (cs, opts) in [
+        (512, "compat=0.10"),
+        (64 * KIB, "compat=0.10"),
+        (512, "refcount_bits=64"),
+        (64 * KIB, "refcount_bits=4"),
+    ] {
+        let img = filled_image(&sc, "img.qcow2", cs, "", None);
+        let orig = sc.path("orig.qcow2");
+        copy(&img, &orig);
+        amend(&img, opts).unwrap_or_else(|e| panic!("{opts}: {e}"));
+        let old = std::fs::read(&orig).expect("read");
+        let mut cut = std::fs::read(&img).expect("read");
+        assert!(cut.len() >= cs as usize && cut != old);
+        cut[..cs as usize].copy_from_slice(&old[..cs as usize]);
+        let crashed = sc.path("crashed.qcow2");
+        std::fs::write(&crashed, &cut).expect("write");
+        check_strict(&crashed);
+        assert_eq!(specific(&crashed), specific(&orig), "{opts}");
+        assert_same_contents(&sc, &crashed, &orig);
+        std::fs::remove_file(&img).expect("remove");
+    }
+}

@@ -48,6 +48,15 @@ pub(crate) fn run(file: &HostFile, old: &State, job: Rewrite) -> Result<()> {
     let old_table = reader.table().to_vec();
     count_refcount_structures(&mut old_refs, h, &old_table)?;
     let span = file.len()?.div_ceil(cs).max(old_refs.counts.len() as u64);
+    if span > crate::check::MAX_TRACKED_CLUSTERS {
+        return Err(Error::unsupported(
+            "amend",
+            format!(
+                "the image file has {span} clusters; amend tracks at most {}",
+                crate::check::MAX_TRACKED_CLUSTERS
+            ),
+        ));
+    }
     let mut leaks: HashMap<u64, u64> = HashMap::new();
     for c in 0..span {
         let on_disk = reader.refcount(c)?;
