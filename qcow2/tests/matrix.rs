@@ -5,8 +5,9 @@
 //! × backing file (no, yes) × external data file (none, data_file, data_file +
 //! data_file_raw). Which combinations qemu-img refuses is a rule list in [`Combo::refusals`];
 //! `refusals_match_qemu` checks that list against qemu-img and our `create` on every
-//! combination of the first four axes and on every combination of the other axes with
-//! compat and extended_l2 (64 KiB clusters, 16-bit refcounts).
+//! combination of the first four axes, on every combination of the other axes with compat
+//! and extended_l2 (512-byte and 64 KiB clusters, 16-bit refcounts) and on the covering
+//! design below; where both accept, the files they write must be byte for byte the same.
 //!
 //! Which combinations run, both ways:
 //! - the **base product**: every combination of compat × cluster size × refcount_bits ×
@@ -713,24 +714,56 @@ fn covering_design_covers_every_valid_pair() {
     }
 }
 
-/// qemu-img's refusal message without its `qemu-img: <file>: ` prefix.
-fn qemu_refusal(c: &Combo, scratch: &Scratch) -> Option<String> {
+/// The files `create` made (the image, then the data file if any), read and removed.
+fn take_files(scratch: &Scratch, stem: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for name in [format!("{stem}.qcow2"), format!("{stem}.data")] {
+        let p = scratch.path(&name);
+        if let Ok(bytes) = std::fs::read(&p) {
+            out.push(bytes);
+        }
+        let _ = std::fs::remove_file(&p);
+    }
+    out
+}
+
+/// What `qemu-img create` makes of a 1 MiB image: its files, or its refusal message
+/// without the `qemu-img: <file>: ` prefix.
+fn qemu_create_small(c: &Combo, scratch: &Scratch) -> Result<Vec<Vec<u8>>, String> {
     let img = scratch.path("q.qcow2");
     let opts = c.options(&scratch.path("q.data"));
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "1M"])
         .output()
         .expect("run qemu-img create");
-    let _ = std::fs::remove_file(&img);
-    let _ = std::fs::remove_file(scratch.path("q.data"));
+    let files = take_files(scratch, "q");
     if out.status.success() {
-        return None;
+        return Ok(files);
     }
     let err = String::from_utf8_lossy(&out.stderr);
     let prefix = format!("qemu-img: {}: ", img.display());
-    Some(err.trim().trim_start_matches(&prefix).to_string())
+    Err(err.trim().trim_start_matches(&prefix).to_string())
 }
 
+/// The same through our `create`.
+fn vdisk_create_small(c: &Combo, scratch: &Scratch) -> vdisk_block::Result<Vec<Vec<u8>>> {
+    let options =
+        CreateOptions::parse_options(&c.options(&scratch.path("v.data"))).expect("option syntax");
+    let made = Qcow2Format.create(
+        &scratch.path("v.qcow2"),
+        CreateOptions {
+            size: 1 << 20,
+            options,
+        },
+    );
+    let files = take_files(scratch, "v");
+    made.map(|()| files)
+}
+
+/// Every combination of the first four axes, every combination of the others with compat
+/// and extended_l2 (512-byte and 64 KiB clusters, 16-bit refcounts) and the covering
+/// design: qemu-img and our `create` accept exactly the ones the rule list accepts, refuse
+/// the others with the same message, and write the same bytes.
 #[test]
 fn refusals_match_qemu() {
     let scratch = Scratch::new("mx-refuse");
@@ -743,26 +776,32 @@ fn refusals_match_qemu() {
         "1M",
     ]);
     let mut combos: BTreeSet<Combo> = base_product().into_iter().collect();
-    combos.extend(full_product().filter(|c| c.cluster == 65536 && c.refcount_bits == 16));
+    combos.extend(
+        full_product().filter(|c| [512, 65536].contains(&c.cluster) && c.refcount_bits == 16),
+    );
+    combos.extend(covering());
     let mut refused = 0;
     for c in &combos {
         let what = c.label();
         let rules = c.refusals();
-        let qemu = qemu_refusal(c, &scratch);
-        let img = scratch.path("v.qcow2");
-        let ours = Qcow2Format.create(
-            &img,
-            CreateOptions {
-                size: 1 << 20,
-                options: CreateOptions::parse_options(&c.options(&scratch.path("v.data")))
-                    .expect("option syntax"),
-            },
-        );
-        let _ = std::fs::remove_file(&img);
-        let _ = std::fs::remove_file(scratch.path("v.data"));
-        match (&qemu, &ours) {
-            (None, Ok(())) => assert!(rules.is_empty(), "{what}: qemu-img accepts {rules:?}"),
-            (Some(q), Err(e)) => {
+        match (
+            qemu_create_small(c, &scratch),
+            vdisk_create_small(c, &scratch),
+        ) {
+            (Ok(theirs), Ok(ours)) => {
+                assert!(rules.is_empty(), "{what}: qemu-img accepts {rules:?}");
+                assert_eq!(theirs.len(), ours.len(), "{what}: number of files");
+                // The data file's name differs in one letter.
+                let (qname, vname) = (b"q.data", b"v.data");
+                for (i, (q, v)) in theirs.iter().zip(&ours).enumerate() {
+                    let mut q = q.clone();
+                    if let Some(at) = q.windows(qname.len()).position(|w| w == qname) {
+                        q[at..at + vname.len()].copy_from_slice(vname);
+                    }
+                    assert_same(v, &q, &format!("{what}: file {i}"));
+                }
+            }
+            (Err(q), Err(e)) => {
                 refused += 1;
                 assert!(rules.contains(&q.as_str()), "{what}: qemu says {q:?}");
                 assert_eq!(e.kind(), ErrorKind::InvalidInput, "{what}: {e}");
@@ -771,7 +810,7 @@ fn refusals_match_qemu() {
                     "{what}: qemu {q:?}, ours {e}"
                 );
             }
-            _ => panic!("{what}: qemu-img {qemu:?}, vdisk {ours:?}"),
+            (q, v) => panic!("{what}: qemu-img {:?}, vdisk {:?}", q.err(), v.err()),
         }
     }
     assert!(refused > 100, "{refused} refusals");
