@@ -423,6 +423,16 @@ fn dirty_image_is_repaired_before_downgrade() {
     check_strict(&img);
     assert_eq!(specific(&img)["compat"], "0.10");
     compare(&img, &orig);
+    // lazy_refcounts=off on a dirty image: repaired, clean, lazy refcounts off.
+    copy(&orig, &img);
+    amend(&img, "lazy_refcounts=off").expect("lazy off on a dirty image");
+    check_strict(&img);
+    let i = info(&img);
+    assert!(
+        i["dirty-flag"] == false && i["format-specific"]["data"]["lazy-refcounts"] == false,
+        "{i}"
+    );
+    compare(&img, &orig);
 }
 
 /// Bitmaps do not survive a downgrade in qemu either (it keeps them unreadable and leaks
@@ -518,6 +528,26 @@ fn refusals_match_qemu() {
             std::fs::read(&img).expect("read") == before,
             "{opts}: image unchanged"
         );
+    }
+    // Encrypted images: qemu cannot open them for amend without the key.
+    let luks = sc.path("luks.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        s(&luks),
+        "4M",
+    ]);
+    for opts in ["compat=0.10", "refcount_bits=8", "encrypt.new-secret=x"] {
+        let (ok, qerr) = qemu_amend(&luks, opts).expect("qemu finishes");
+        assert!(!ok, "{opts}");
+        let err = amend(&luks, opts).expect_err(opts);
+        assert_eq!(err.message(), qerr, "{opts}");
     }
     let (ok, qerr) = qemu_amend(&zstd, "compat=0.10").expect("qemu finishes");
     assert!(!ok);
