@@ -507,6 +507,127 @@ mod tests {
         );
     }
 
+    /// A device that counts the bytes read from it and can be made to fail.
+    struct Probe {
+        inner: MemImage,
+        read: std::sync::atomic::AtomicU64,
+        fail_read_at: Option<u64>,
+        fail_status: bool,
+    }
+
+    impl Probe {
+        fn new(inner: MemImage) -> Self {
+            Probe {
+                inner,
+                read: 0.into(),
+                fail_read_at: None,
+                fail_status: false,
+            }
+        }
+    }
+
+    impl BlockDev for Probe {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk_block::Result<()> {
+            if let Some(bad) = self.fail_read_at {
+                if (offset..offset + buf.len() as u64).contains(&bad) {
+                    return Err(Error::corrupt("read", "injected").at_offset(offset));
+                }
+            }
+            self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> vdisk_block::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> vdisk_block::Result<()> {
+            self.inner.write_zeroes(offset, len, mode)
+        }
+        fn discard(&self, offset: u64, len: u64) -> vdisk_block::Result<()> {
+            self.inner.discard(offset, len)
+        }
+        fn flush(&self) -> vdisk_block::Result<()> {
+            self.inner.flush()
+        }
+        fn block_status(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> vdisk_block::Result<vdisk_block::BlockStatus> {
+            if self.fail_status {
+                return Err(Error::corrupt("block status", "injected"));
+            }
+            self.inner.block_status(offset, len)
+        }
+        fn resize(&self, size: u64, p: vdisk_block::Preallocation) -> vdisk_block::Result<()> {
+            self.inner.resize(size, p)
+        }
+        fn info(&self) -> vdisk_block::Result<vdisk_block::ImageInfo> {
+            self.inner.info()
+        }
+        fn is_read_only(&self) -> bool {
+            self.inner.is_read_only()
+        }
+    }
+
+    #[test]
+    fn zero_ranges_are_never_read() {
+        let inner = MemImage::new(64 << 20);
+        inner.write_at(&[1u8; 100], 10 << 20).expect("write");
+        inner
+            .write_at(&vec![2u8; BLOCK as usize], 40 << 20)
+            .expect("write block");
+        let probe = Arc::new(Probe::new(inner));
+        let dev: Arc<dyn BlockDev> = probe.clone();
+        sha256(&dev, &NoProgress).expect("sha256");
+        let by_sha256 = probe.read.swap(0, Ordering::Relaxed);
+        blk_sha256(&dev, &NoProgress, 2).expect("blk-sha256");
+        let by_blk = probe.read.load(Ordering::Relaxed);
+        // Only the extents holding data are read; blk-sha256 reads the two blocks they lie in.
+        let mut data = 0;
+        let mut extents = Extents::new(&dev, dev.size());
+        while let Some((_, len, zero)) = extents.next_extent().expect("map") {
+            data += if zero { 0 } else { len };
+        }
+        assert!(
+            data > 0 && data <= 2 * BLOCK,
+            "{data} bytes of data extents"
+        );
+        assert_eq!(by_sha256, data);
+        assert_eq!(by_blk, 2 * BLOCK);
+    }
+
+    #[test]
+    fn failures_name_their_kind_and_offset() {
+        let inner = MemImage::new(8 << 20);
+        inner.write_at(&[1u8; 4096], 3 << 20).expect("write");
+        let mut probe = Probe::new(inner);
+        probe.fail_read_at = Some((3 << 20) + 10);
+        let dev: Arc<dyn BlockDev> = Arc::new(probe);
+        for algorithm in Algorithm::ALL {
+            match compute(&dev, algorithm, &NoProgress) {
+                Err(DigestError::Read(offset, _)) => {
+                    assert!(offset <= (3 << 20) + 10, "{algorithm:?} at {offset}")
+                }
+                other => panic!("{algorithm:?}: {other:?}"),
+            }
+        }
+        let mut probe = Probe::new(MemImage::new(1 << 20));
+        probe.fail_status = true;
+        let dev: Arc<dyn BlockDev> = Arc::new(probe);
+        for algorithm in Algorithm::ALL {
+            assert!(
+                matches!(
+                    compute(&dev, algorithm, &NoProgress),
+                    Err(DigestError::Status(_))
+                ),
+                "{algorithm:?}"
+            );
+        }
+    }
+
     #[test]
     fn algorithm_names_round_trip() {
         for a in Algorithm::ALL {
