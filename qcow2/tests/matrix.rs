@@ -24,6 +24,7 @@
 //!   discards, writes over the backing file and across L2 tables); our driver must read
 //!   every byte as the model computed here, and so must `qemu-img convert -O raw`; our
 //!   block status must agree with `qemu-img map` (the top layer's, over a backing file);
+//!   then the vdisk → qemu workload (another seed) runs on that image, over qemu's layout;
 //! - **vdisk → qemu**: our `create` with the same options, then a seeded random workload
 //!   through `BlockDev` (writes, zeroes in both modes, discards, partial clusters, flushes,
 //!   a reopen halfway) against an in-memory model; `qemu-img check` must find no
@@ -463,6 +464,9 @@ fn qemu_to_vdisk(c: &Combo) {
     } else {
         assert_map_matches(&img);
     }
+    // Then our driver writes over qemu's layout: its allocations, zero clusters and
+    // preallocated clusters.
+    workload_then_check(c, &scratch, &img, model, base.as_deref(), !c.seed());
 }
 
 /// Over a backing file `qemu-img map` reports the layer each range comes from (depth 0
@@ -531,27 +535,41 @@ const WORKLOAD_OPS: usize = 120;
 fn vdisk_to_qemu(c: &Combo) {
     let scratch = Scratch::new("mx-v");
     let size = c.size();
-    let cs = c.cluster;
     let base = c.backing.then(|| make_base(&scratch, size));
-    let mut model = base.clone().unwrap_or_else(|| vec![0u8; size as usize]);
+    let model = base.clone().unwrap_or_else(|| vec![0u8; size as usize]);
     let img = scratch.path("img.qcow2");
     vdisk_create(c, &scratch, &img, size).unwrap_or_else(|e| panic!("vdisk create: {e}"));
+    workload_then_check(c, &scratch, &img, model, base.as_deref(), c.seed());
+}
+
+/// Runs the seeded workload through our driver on `img`, whose contents are `model`
+/// (`base`: the backing file's, as the top sees them), then has qemu check and compare it.
+fn workload_then_check(
+    c: &Combo,
+    scratch: &Scratch,
+    img: &Path,
+    mut model: Vec<u8>,
+    base: Option<&[u8]>,
+    seed: u64,
+) {
+    let size = c.size();
+    let cs = c.cluster;
     // Clusters the workload last zeroed or discarded whole, and which read back as zeroes.
     let mut zeroed = vec![false; (size / cs) as usize];
-    let mut rng = Rng::new(c.seed());
+    let mut rng = Rng::new(seed);
     {
-        let mut dev = open_rw(&img);
+        let mut dev = open_rw(img);
         for step in 0..WORKLOAD_OPS {
             if step == WORKLOAD_OPS / 2 {
                 // Halfway, close and reopen: what the first half wrote must persist.
                 drop(dev);
-                dev = open_rw(&img);
+                dev = open_rw(img);
             }
             let (off, len) = pick_range(&mut rng, c, size);
             let range = off as usize..(off + len) as usize;
             let whole = off.div_ceil(cs)..(off + len) / cs;
             let touched = off / cs..(off + len).div_ceil(cs);
-            let at = format!("step {step}: {off}+{len}");
+            let at = format!("workload seed {seed:#x}, step {step}: {off}+{len}");
             match rng.below(100) {
                 0..=44 => {
                     let mut buf = vec![0u8; len as usize];
@@ -587,7 +605,7 @@ fn vdisk_to_qemu(c: &Combo) {
                         .unwrap_or_else(|e| panic!("{at}: read after discard: {e}"));
                     for (i, &b) in back.iter().enumerate() {
                         let g = off as usize + i;
-                        let below = base.as_ref().map_or(0, |f| f[g]);
+                        let below = base.map_or(0, |f| f[g]);
                         assert!(
                             b == model[g] || b == 0 || b == below,
                             "{at}: discarded byte {g} reads {b:#x}, was {:#x}",
@@ -612,11 +630,11 @@ fn vdisk_to_qemu(c: &Combo) {
         }
         dev.flush().unwrap_or_else(|e| panic!("final flush: {e}"));
     }
-    qemu_check_clean(&img);
+    qemu_check_clean(img);
     let raw = scratch.path("model.raw");
     std::fs::write(&raw, &model).expect("write model");
     let out = Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&raw)])
+        .args(["compare", "-f", "qcow2", "-F", "raw", s(img), s(&raw)])
         .output()
         .expect("run qemu-img compare");
     assert!(
@@ -625,19 +643,19 @@ fn vdisk_to_qemu(c: &Combo) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_same(&read_all(&open(&img)), &model, "vdisk reread vs model");
+    assert_same(&read_all(&open(img)), &model, "vdisk reread vs model");
     if c.data == DataFile::Raw {
-        assert_raw_data_file(&scratch, &model);
+        assert_raw_data_file(scratch, &model);
     }
     if c.backing {
-        assert_top_layer_map_matches(&img);
+        assert_top_layer_map_matches(img);
     } else {
-        assert_map_matches(&img);
+        assert_map_matches(img);
     }
     // With an external data file our driver writes zeroes into the data file instead of
     // setting zero flags (and ignores discards), so only contents are compared there.
     if c.v3 && c.data == DataFile::None {
-        assert_zeroed_clusters_hold_no_data(&img, cs, &zeroed);
+        assert_zeroed_clusters_hold_no_data(img, cs, &zeroed);
     }
 }
 
