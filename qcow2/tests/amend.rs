@@ -248,6 +248,31 @@ fn downgrade_case(cs: u64, with_backing: bool) {
     amend(&img, "compat=1.1").expect("upgrade");
     check_strict(&img);
     assert_same_contents(&sc, &img, &orig);
+    writes_after_amend_stay_clean(&img, cs);
+}
+
+/// qemu can keep allocating in the amended image (its refcount structures are usable).
+fn writes_after_amend_stay_clean(img: &Path, cs: u64) {
+    qemu_io(
+        img,
+        &[
+            &format!("write -P 0x99 {} {}", 60 * cs, 4 * cs),
+            &format!("write -P 0x98 {} {}", cs / 2, cs),
+        ],
+    );
+    check_strict(img);
+    // And so can vdisk.
+    let opts = vdisk_block::OpenOptions {
+        writable: true,
+        ..common::options()
+    };
+    let dev = vdisk_qcow2::Qcow2Image::open(img, &opts).expect("open read-write");
+    use vdisk_block::BlockDev;
+    dev.write_at(&vec![0x97; (3 * cs) as usize], 56 * cs + cs / 2)
+        .expect("write");
+    dev.flush().expect("flush");
+    drop(dev);
+    check_strict(img);
 }
 
 #[test]
@@ -314,6 +339,9 @@ fn refcount_chain(cs: u64, widths: &[u32], snapshots: bool) {
         check_strict(&img);
         assert_eq!(specific(&img)["refcount-bits"], bits, "{}", img.display());
         assert_same_contents(&sc, &img, &orig);
+    }
+    if widths.last().is_some_and(|&w| w >= 4) {
+        writes_after_amend_stay_clean(&img, cs);
     }
 }
 
