@@ -380,6 +380,14 @@ pub trait Format: Send + Sync {
         ))
     }
 
+    /// Rewrites the backing file name and format stored in the image at `path`, as
+    /// `rebase` does once the data is in place: `Some("")` removes the backing file, `None`
+    /// keeps the current value. Formats that cannot store a backing file name refuse.
+    fn set_backing(&self, path: &Path, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        let _ = (path, name, format);
+        Err(Error::unsupported("set backing", "Operation not supported"))
+    }
+
     /// Changes format options of an existing image in place.
     fn amend(&self, path: &Path, options: CreateOptions) -> Result<()> {
         let _ = (path, options);

@@ -86,4 +86,8 @@ impl Format for Qcow2Format {
     fn amend(&self, path: &Path, options: CreateOptions) -> Result<()> {
         crate::amend::amend(path, options)
     }
+
+    fn set_backing(&self, path: &Path, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        crate::amend::set_backing(path, name, format)
+    }
 }

@@ -4,6 +4,9 @@
 //! plain vdisk must exit the same way with the same stdout and explain failures on lines
 //! that start with `vdisk: `. The folders then hold images whose state can be compared.
 
+// Each test crate that includes this module uses only some of it.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -178,6 +181,27 @@ impl Twins {
                 "{image} in {} vs qemu-img's: {cmp:?}",
                 dir.display()
             );
+        }
+    }
+
+    /// `qemu-img info` of `image` agrees on size and backing fields in the three folders
+    /// (for images whose backing file cannot be opened).
+    pub fn same_info(&self, image: &str) {
+        let info = |dir: &Path| -> Value {
+            let r = qemu(dir, &["info", "--output=json", image]);
+            let v: Value = serde_json::from_str(&r.stdout).expect("qemu-img info JSON");
+            let keys = [
+                "virtual-size",
+                "backing-filename",
+                "backing-filename-format",
+            ];
+            keys.iter()
+                .map(|k| v.get(*k).cloned().unwrap_or(Value::Null))
+                .collect()
+        };
+        let q = info(&self.q);
+        for dir in [&self.d, &self.v] {
+            assert_eq!(info(dir), q, "info of {image} in {}", dir.display());
         }
     }
 
