@@ -142,7 +142,7 @@ fn parse(options: &mut CreateOptions) -> Result<Request> {
 pub fn amend(path: &Path, mut options: CreateOptions) -> Result<()> {
     let req = parse(&mut options).map_err(|e| e.with_path(path))?;
     let file = open_rw(path)?;
-    let mut old = read_header(&file, path)?;
+    let old = read_header(&file, path)?;
     if old.incompatible_features & incompat::CORRUPT != 0 {
         return Err(Error::corrupt(
             "amend",
@@ -175,23 +175,17 @@ pub fn amend(path: &Path, mut options: CreateOptions) -> Result<()> {
         crate::check::check(path, &opts, RepairMode::All)?;
         return amend_clean(path, &req);
     }
-    apply(path, &file, &mut old, target, &req)
+    apply(path, &file, &old, target, &req)
 }
 
 fn amend_clean(path: &Path, req: &Request) -> Result<()> {
     let file = open_rw(path)?;
-    let mut old = read_header(&file, path)?;
+    let old = read_header(&file, path)?;
     let target = plan(&old, req).map_err(|e| e.with_path(path))?;
-    apply(path, &file, &mut old, target, req)
+    apply(path, &file, &old, target, req)
 }
 
-fn apply(
-    path: &Path,
-    file: &HostFile,
-    old: &mut Header,
-    target: Header,
-    req: &Request,
-) -> Result<()> {
+fn apply(path: &Path, file: &HostFile, old: &Header, target: Header, req: &Request) -> Result<()> {
     let downgrade = target.version < old.version;
     if downgrade || target.refcount_order != old.refcount_order {
         let state = state::State::load(file, old).map_err(|e| e.with_path(path))?;
@@ -202,7 +196,8 @@ fn apply(
         file.write_at(&bytes, 0)?;
         file.flush()?;
     }
-    if let Some(size) = req.size {
+    // As in QEMU, size=0 asks for nothing.
+    if let Some(size) = req.size.filter(|&s| s != 0) {
         resize(path, size)?;
     }
     Ok(())
