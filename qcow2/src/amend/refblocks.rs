@@ -115,3 +115,39 @@ pub(crate) fn write(file: &HostFile, l: &Layout, refcounts: &[u64]) -> Result<()
     }
     file.write_at(&table, l.table_offset())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_cover_themselves_and_the_table_at_every_width() {
+        for order in 0..=6u32 {
+            let per = (8u64 << 9) >> order;
+            for start in [1, per - 2, per - 1, per, per + 1, 3 * per - 1, 40 * per] {
+                let mut rc = vec![1u64; start as usize];
+                let l = plan(&mut rc, start, 9, order).expect("plan");
+                assert_eq!(l.table_cluster, start);
+                assert!(
+                    l.blocks * per >= l.end_cluster(),
+                    "order {order} start {start}"
+                );
+                assert!(l.table_clusters * 512 / 8 >= l.blocks);
+                // Not one block more than needed.
+                assert!((l.blocks - 1) * per < l.end_cluster());
+                assert_eq!(rc.len() as u64, l.end_cluster());
+                assert!(rc[start as usize..].iter().all(|&v| v == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_refcount_too_wide_is_refused_naming_the_first_cluster() {
+        let mut rc = vec![1, 1, 2, 3, 1];
+        let e = plan(&mut rc, 5, 16, 0).expect_err("2 does not fit one bit");
+        assert_eq!(
+            e.message(),
+            "Cannot decrease refcount entry width to 1 bits: Cluster at offset 0x20000 has a refcount of 2"
+        );
+    }
+}
