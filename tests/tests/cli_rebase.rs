@@ -302,3 +302,63 @@ fn unsafe_rebase_only_renames_like_qemu_img() {
     ]);
     t.same_image("orphan.qcow2", "qcow2");
 }
+
+/// qemu-img aborts on `rebase -c` of an extended-L2 image whose clusters are partly held
+/// (its compressed writes would cover the held subclusters); vdisk writes such stretches
+/// plainly and keeps the guest view.
+#[test]
+fn compressed_rebase_of_extended_l2_keeps_held_subclusters() {
+    let s = vdisk_tests::Scratch::new("rebase-xl2");
+    let dir = s.dir();
+    qemu(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"]);
+    qemu_io(
+        dir,
+        "qcow2",
+        "a.qcow2",
+        &["write -P 1 0 1M", "write -P 2 3M 512k"],
+    );
+    qemu(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=128k",
+            "-b",
+            "a.qcow2",
+            "-F",
+            "qcow2",
+            "x.qcow2",
+        ],
+    );
+    qemu_io(
+        dir,
+        "qcow2",
+        "x.qcow2",
+        &["write -P 4 100k 4k", "write -P 5 3200k 8k"],
+    );
+    snapshot_raw(dir, "x.qcow2", "before.raw");
+    let r = vdisk_tests::run_in(
+        dir,
+        Path::new(twins::VDISK),
+        &["rebase", "-c", "-b", "", "x.qcow2"],
+    );
+    twins::ok(&r, "vdisk rebase -c");
+    qemu(
+        dir,
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "x.qcow2",
+            "before.raw",
+        ],
+    );
+    qemu(dir, &["check", "x.qcow2"]);
+    let info = qemu(dir, &["info", "--output=json", "x.qcow2"]);
+    assert!(!info.stdout.contains("backing-filename"), "{}", info.stdout);
+}

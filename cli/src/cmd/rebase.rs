@@ -394,7 +394,8 @@ fn copy_differences(
     let size = dev.size();
     let standalone = old.is_none();
     let old_size = old.as_ref().map(|d| d.size()).unwrap_or(0);
-    let align = write_align(dev, compress);
+    let unit = write_align(dev, compress);
+    let plain_unit = write_align(dev, false);
     let step = if size == 0 {
         0.0
     } else {
@@ -428,9 +429,19 @@ fn copy_differences(
             }
         }
         // Widen to whole write units, so no write needs copy-on-write of a partial unit.
-        let start = offset / align * align;
-        let end = (offset + run).div_ceil(align).saturating_mul(align);
-        let n = (end - start).min(size - start).min(IO_BUF_SIZE);
+        let widen = |align: u64| {
+            let start = offset / align * align;
+            let end = (offset + run).div_ceil(align).saturating_mul(align);
+            (start, (end - start).min(size - start).min(IO_BUF_SIZE))
+        };
+        let (mut align, mut chunk_compress) = (unit, compress);
+        let (mut start, mut n) = widen(align);
+        if compress && allocation_run(dev, start, n)? != (false, n) {
+            // A compressed cluster would cover subclusters the image holds (extended L2,
+            // where qemu-img aborts): this stretch is written plainly, subcluster-wise.
+            (align, chunk_compress) = (plain_unit, false);
+            (start, n) = widen(align);
+        }
         offset = start;
         let len = n as usize;
         let n_old = read_padded(old.as_ref(), &mut buf_old[..len], offset, "old")?;
@@ -451,7 +462,7 @@ fn copy_differences(
                 } else if old_eof {
                     dev.write_zeroes(at, pnum as u64, ZeroMode::KeepAllocated)
                         .map_err(write_failed)?;
-                } else if compress {
+                } else if chunk_compress {
                     write_compressed(dev, data, at, align).map_err(write_failed)?;
                 } else {
                     dev.write_at(data, at).map_err(write_failed)?;
