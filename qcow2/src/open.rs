@@ -92,6 +92,28 @@ pub fn resolve(image: &Path, name: &str, what: &str) -> Result<PathBuf> {
     Ok(base.join(named))
 }
 
+/// Refuses a file an image names that is not a regular file or a block device: opening a
+/// FIFO blocks until some other process writes to it (qemu hangs there), and a socket or
+/// character device is never an image. Targets that do not exist are left to the open.
+fn refuse_special(image: &Path, target: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(target) else {
+        return Ok(());
+    };
+    let kind = meta.file_type();
+    if kind.is_file() || kind.is_block_device() || kind.is_dir() {
+        return Ok(());
+    }
+    Err(Error::unsupported(
+        "open",
+        format!(
+            "the {what} '{}' is a FIFO, socket or character device, which vdisk does not open",
+            target.display()
+        ),
+    )
+    .with_path(image))
+}
+
 /// Opens the backing file `name` of the image at `image`, as `format` when recorded.
 pub fn open_backing(
     image: &Path,
@@ -101,6 +123,7 @@ pub fn open_backing(
 ) -> Result<Arc<dyn BlockDev>> {
     let target = resolve(image, name, "backing file")?;
     options.policy.allows(image, &target)?;
+    refuse_special(image, &target, "backing file")?;
     let opener = options.opener.as_ref().ok_or_else(|| {
         Error::unsupported(
             "open",
@@ -155,14 +178,26 @@ pub enum DataFile {
 }
 
 /// Opens the external data file `name` of the image at `image`.
+///
+/// A name vdisk will not follow (a protocol or `json:` name, a path the policy forbids, a
+/// FIFO or device) leaves the data file unopened rather than failing the open, so `info`
+/// still shows what the image names; reads then fail with the reason.
 pub fn open_data_file(image: &Path, name: &str, options: &OpenOptions) -> Result<DataFile> {
-    let target = resolve(image, name, "external data file")?;
-    if let Err(e) = options.policy.allows(image, &target) {
-        return Ok(DataFile::NotOpened {
-            path: target,
-            reason: e.message().to_string(),
-            kind: e.kind(),
-        });
+    let refused = |path: PathBuf, e: Error| DataFile::NotOpened {
+        path,
+        reason: e.message().to_string(),
+        kind: e.kind(),
+    };
+    let target = match resolve(image, name, "external data file") {
+        Ok(t) => t,
+        Err(e) => return Ok(refused(PathBuf::from(name), e)),
+    };
+    if let Err(e) = options
+        .policy
+        .allows(image, &target)
+        .and_then(|()| refuse_special(image, &target, "external data file"))
+    {
+        return Ok(refused(target, e));
     }
     let file = HostFile::open(&target, options.writable, options.cache, options.engine)?;
     Ok(DataFile::External(Arc::new(file)))

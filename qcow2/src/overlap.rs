@@ -19,6 +19,10 @@ use crate::refcount::REFTABLE_RESERVED;
 #[derive(Debug, Default)]
 pub struct Overlap {
     clusters: HashSet<u64>,
+    /// The subset found at open that is not an L2 table (header, L1 tables, refcount
+    /// structures, snapshot table, bitmap directory, encryption header): an L1 entry that
+    /// points into one of these must not be treated as an L2 table that writes may change.
+    tables: HashSet<u64>,
 }
 
 fn read_u64s(file: &HostFile, offset: u64, count: u64) -> Result<Vec<u64>> {
@@ -42,23 +46,24 @@ impl Overlap {
         let mut o = Overlap::default();
         let cb = header.cluster_bits;
         o.clusters.insert(0);
-        o.add_range(cb, header.l1_table_offset, u64::from(header.l1_size) * 8);
+        o.tables.insert(0);
+        o.add_table(cb, header.l1_table_offset, u64::from(header.l1_size) * 8);
         for &e in l1 {
             o.add_range(cb, e & OFFSET_MASK, 1);
         }
-        o.add_range(
+        o.add_table(
             cb,
             header.refcount_table_offset,
             u64::from(header.refcount_table_clusters) << cb,
         );
         for &e in reftable {
-            o.add_range(cb, e & !REFTABLE_RESERVED, 1);
+            o.add_table(cb, e & !REFTABLE_RESERVED, 1);
         }
         if let Ok((snapshots, bytes)) = crate::snapshot::read_table(file, header) {
-            o.add_range(cb, header.snapshots_offset, bytes);
+            o.add_table(cb, header.snapshots_offset, bytes);
             for sn in snapshots {
                 let size = u64::from(sn.l1_size) * 8;
-                o.add_range(cb, sn.l1_table_offset, size);
+                o.add_table(cb, sn.l1_table_offset, size);
                 if sn.l1_table_offset.saturating_add(size) <= file.len()? {
                     for e in read_u64s(file, sn.l1_table_offset, u64::from(sn.l1_size))? {
                         o.add_range(cb, e & OFFSET_MASK, 1);
@@ -67,12 +72,31 @@ impl Overlap {
             }
         }
         if let Some(b) = header.extensions.bitmaps {
-            o.add_range(cb, b.directory_offset, b.directory_size);
+            o.add_table(cb, b.directory_offset, b.directory_size);
         }
         if let Some(c) = header.extensions.crypto {
-            o.add_range(cb, c.offset, c.length);
+            o.add_table(cb, c.offset, c.length);
         }
         Ok(o)
+    }
+
+    /// [`Self::add_range`] for metadata that is not an L2 table.
+    fn add_table(&mut self, cluster_bits: u32, offset: u64, len: u64) {
+        if len == 0 || offset == 0 {
+            return;
+        }
+        self.add_range(cluster_bits, offset, len);
+        let first = offset >> cluster_bits;
+        let last = offset.saturating_add(len - 1) >> cluster_bits;
+        for c in first..=last.min(first + (64 << 20 >> cluster_bits)) {
+            self.tables.insert(c);
+        }
+    }
+
+    /// True when `cluster` held metadata other than an L2 table when the image was opened
+    /// (and has not been freed since).
+    pub fn holds_table(&self, cluster: u64) -> bool {
+        self.tables.contains(&cluster)
     }
 
     /// Marks `[offset, offset + len)` as metadata. Offset 0 means "no table" in every
@@ -98,6 +122,7 @@ impl Overlap {
     pub fn remove(&mut self, cluster: u64) {
         if cluster != 0 {
             self.clusters.remove(&cluster);
+            self.tables.remove(&cluster);
         }
     }
 

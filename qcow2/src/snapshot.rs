@@ -72,15 +72,55 @@ fn be64(b: &[u8], at: usize) -> u64 {
     (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
 }
 
+/// The length of the snapshot table of `header` in bytes, from the entries' fixed parts
+/// alone (read through a small window). Fails as qemu does on a table longer than
+/// [`MAX_TABLE_BYTES`] or an entry with too much extra data; an entry past the end of the
+/// file is left to the caller, which reports it as incomplete.
+fn table_len(file: &HostFile, header: &Header, file_len: u64) -> Result<u64> {
+    const WINDOW: u64 = 64 << 10;
+    let mut window: Vec<u8> = Vec::new();
+    let mut window_at = 0u64;
+    let mut pos = 0u64;
+    for i in 0..header.nb_snapshots {
+        let at = header.snapshots_offset.saturating_add(pos);
+        if at.saturating_add(40) > file_len {
+            break;
+        }
+        let inside = at >= window_at && at + 40 <= window_at + window.len() as u64;
+        if !inside {
+            window = vec![0u8; WINDOW.min(file_len - at) as usize];
+            file.read_at(&mut window, at)?;
+            window_at = at;
+        }
+        let e = &window[(at - window_at) as usize..];
+        let extra = be32(e, 36);
+        if extra > MAX_EXTRA_DATA {
+            return Err(corrupt(format!(
+                "Too much extra metadata in snapshot table entry {i} ({extra} bytes)"
+            )));
+        }
+        pos += (40 + u64::from(extra) + u64::from(be16(e, 12)) + u64::from(be16(e, 14)) + 7) & !7;
+        if pos > MAX_TABLE_BYTES {
+            return Err(corrupt(format!(
+                "Snapshot table is too big: its first {} entries take more than {MAX_TABLE_BYTES} bytes",
+                i + 1
+            )));
+        }
+    }
+    Ok(pos.max(40))
+}
+
 /// Reads the snapshot table of `header`; returns the snapshots and the table's size in bytes.
 pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u64)> {
     if header.nb_snapshots == 0 {
         return Ok((Vec::new(), 0));
     }
     let file_len = file.len()?;
+    // Only the table itself is read: its length is found first, so a hostile table is
+    // refused before 64 MiB of it are read and copied into entries.
     let avail = file_len
         .saturating_sub(header.snapshots_offset)
-        .min(MAX_TABLE_BYTES);
+        .min(table_len(file, header, file_len)?);
     let mut buf = vec![0u8; avail as usize];
     file.read_at(&mut buf, header.snapshots_offset)?;
     let mut out = Vec::new();

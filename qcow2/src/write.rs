@@ -158,6 +158,11 @@ impl Qcow2Image {
         if self.header.has_data_file() {
             return Ok(());
         }
+        self.guard_image_file(meta, host, len)
+    }
+
+    /// [`Self::guard`] for any write to the image file itself (data or a new table).
+    fn guard_image_file(&self, meta: &mut Meta, host: u64, len: u64) -> Result<()> {
         if let Some(refs) = meta.refs.as_mut() {
             for c in std::mem::take(&mut refs.released) {
                 meta.overlap.remove(c);
@@ -216,6 +221,24 @@ impl Qcow2Image {
         })?;
         let old = self.l2_offset(l1_index as u64, entry)?;
         if old != 0 && entry & COPIED != 0 {
+            // A corrupt L1 entry may point into the L1 table, the refcount structures or
+            // another table: changing an entry of such an "L2 table" would rewrite that
+            // table, so it is refused like a data write over metadata (qemu's overlap
+            // check trips on the L2 write-back).
+            let c = old >> cb;
+            let own = meta.refs.as_ref().is_some_and(|r| r.is_own_metadata(c));
+            if own || meta.overlap.holds_table(c) {
+                return Err(self.signal_corruption(
+                    Error::corrupt(
+                        "write",
+                        format!(
+                            "the L2 table at {old:#x} (L1 index {l1_index}) overlaps other metadata"
+                        ),
+                    )
+                    .with_path(self.path())
+                    .at_offset(old),
+                ));
+            }
             return Ok((old, idx));
         }
         let words = if old == 0 {
@@ -229,6 +252,10 @@ impl Qcow2Image {
         };
         let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
         let new = refs.alloc(self.file())? << cb;
+        // Refcounts that call a metadata cluster free (a refblock that does not describe
+        // itself, an L1 table with refcount 0) would put the new table on top of it.
+        self.guard_image_file(meta, new, self.header.cluster_size())?;
+        let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
         // The refcount and the table are durable before the L1 entry points to the table.
         refs.write_dirty(self.file())?;
         self.file().write_at(&table_bytes(&words), new)?;
@@ -314,6 +341,9 @@ impl Qcow2Image {
         let mut meta = self.meta.lock();
         let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
         let (entry, bitmap) = self.entry_bitmap_at(&mut meta, l2, idx)?;
+        // A contradictory subcluster bitmap is corruption even when this write would
+        // replace the whole entry (qemu refuses it too).
+        self.classify(entry, bitmap, 0, start)?;
         let data_file = self.header.has_data_file();
         let compressed = entry & COMPRESSED != 0;
         let host0 = entry & OFFSET_MASK;
@@ -552,9 +582,26 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Refcount structures found broken while allocating (a malformed refcount table
+    /// entry, a refcount block past the end of the file) are corruption of this image
+    /// (backing files are read-only, so such errors are never theirs): they mark it
+    /// corrupt, as qemu does, instead of failing only the one request.
+    fn refcount_damage(&self, e: Error) -> Error {
+        if e.op() == "allocate" {
+            self.signal_corruption(e)
+        } else {
+            e
+        }
+    }
+
     pub(crate) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable("write", offset, buf.len() as u64)?;
         let _io = self.io.write();
+        self.write_batched(buf, offset)
+            .map_err(|e| self.refcount_damage(e))
+    }
+
+    fn write_batched(&self, buf: &[u8], offset: u64) -> Result<()> {
         // Whole clusters need no copy-on-write reads: they are mapped in one batch, their
         // data goes out in as few host writes as the mapping allows, and only then do the
         // L2 entries change (data before the reference).
@@ -639,8 +686,9 @@ impl Qcow2Image {
     pub(crate) fn write_zeroes_impl(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
         self.check_writable("write zeroes", offset, len)?;
         let _io = self.io.write();
-        self.zero_locked(offset, len, mode)?;
-        self.after_op()
+        self.zero_locked(offset, len, mode)
+            .and_then(|()| self.after_op())
+            .map_err(|e| self.refcount_damage(e))
     }
 
     /// Write-zeroes with the I/O lock held.
@@ -689,12 +737,13 @@ impl Qcow2Image {
         self.check_writable("discard", offset, len)?;
         let _io = self.io.write();
         // Discard is advisory: pieces of clusters keep their data.
-        for (pos, _, whole) in self.pieces(offset, len) {
-            if whole {
-                self.clear_cluster(pos, true, ZeroMode::MayUnmap)?;
-            }
-        }
-        self.after_op()
+        let discarded = self
+            .pieces(offset, len)
+            .filter(|&(_, _, whole)| whole)
+            .try_for_each(|(pos, _, _)| self.clear_cluster(pos, true, ZeroMode::MayUnmap));
+        discarded
+            .and_then(|()| self.after_op())
+            .map_err(|e| self.refcount_damage(e))
     }
 
     /// Writes one whole guest cluster compressed (what `convert -c` does), with the image's
