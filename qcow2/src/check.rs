@@ -486,8 +486,9 @@ fn count(path: &Path, file: &HostFile) -> Result<(CheckReport, Vec<u32>)> {
     };
     c.inc(0, cs);
     c.l1(header.l1_table_offset, header.l1_size, true)?;
-    match snapshot::read_table(file, &header) {
+    match snapshot::read_entries(file, &header) {
         Ok((snapshots, table_bytes)) => {
+            let total: u64 = snapshots.iter().map(|sn| u64::from(sn.l1_size) * 8).sum();
             for (i, sn) in snapshots.iter().enumerate() {
                 // Version 3 requires the extra data to hold the VM state and disk sizes
                 // (qemu's check reports a shorter entry the same way).
@@ -497,6 +498,25 @@ fn count(path: &Path, file: &HostFile) -> Result<(CheckReport, Vec<u32>)> {
                     .map_or(0, |x| u32::from_be_bytes([x[0], x[1], x[2], x[3]]));
                 if header.version >= 3 && extra < 16 {
                     c.error(format!("ERROR snapshot table entry {i} is incomplete"));
+                }
+                // A snapshot whose L1 table cannot be read is reported and skipped, as
+                // qemu-img check does, so its clusters count as leaks like in qemu.
+                if let Err(e) = snapshot::check_l1(i, sn, &header) {
+                    c.error(format!(
+                        "ERROR snapshot {} ({}): {}; snapshot table entry corrupted",
+                        sn.id,
+                        sn.name,
+                        e.message()
+                    ));
+                    continue;
+                }
+                if total > snapshot::MAX_TOTAL_L1_BYTES {
+                    c.report.check_errors += 1;
+                    c.report.messages.push(format!(
+                        "ERROR snapshot {} ({}): not checked, the snapshots' L1 tables take {total} bytes together",
+                        sn.id, sn.name
+                    ));
+                    continue;
                 }
                 c.l1(sn.l1_table_offset, sn.l1_size, false)?;
             }

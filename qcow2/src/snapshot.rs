@@ -112,6 +112,39 @@ fn table_len(file: &HostFile, header: &Header, file_len: u64) -> Result<u64> {
 
 /// Reads the snapshot table of `header`; returns the snapshots and the table's size in bytes.
 pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u64)> {
+    let (out, bytes) = read_entries(file, header)?;
+    for (i, sn) in out.iter().enumerate() {
+        check_l1(i, sn, header)?;
+    }
+    let total: u64 = out.iter().map(|sn| u64::from(sn.l1_size) * 8).sum();
+    if total > MAX_TOTAL_L1_BYTES {
+        return Err(corrupt(format!(
+            "the snapshots' L1 tables take {total} bytes together (at most {MAX_TOTAL_L1_BYTES})"
+        )));
+    }
+    Ok((out, bytes))
+}
+
+/// Checks that the L1 table of snapshot `i` is one this driver may read: cluster aligned,
+/// addressable and within QEMU's size limit.
+pub fn check_l1(i: usize, sn: &Snapshot, header: &Header) -> Result<()> {
+    if u64::from(sn.l1_size) * 8 > MAX_L1_BYTES {
+        return Err(corrupt(format!(
+            "Snapshot L1 table too large (entry {i}: {} entries)",
+            sn.l1_size
+        )));
+    }
+    check_table(
+        "Snapshot L1 table",
+        sn.l1_table_offset,
+        u64::from(sn.l1_size) * 8,
+        header.cluster_bits,
+    )
+}
+
+/// [`read_table`] without the checks of the snapshots' L1 tables, for `check`, which
+/// reports a bad entry and goes on with the others (as qemu-img check does).
+pub fn read_entries(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u64)> {
     if header.nb_snapshots == 0 {
         return Ok((Vec::new(), 0));
     }
@@ -161,17 +194,6 @@ pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u6
         let id = String::from_utf8_lossy(&e[id_at..id_at + id_len]).into_owned();
         let name =
             String::from_utf8_lossy(&e[id_at + id_len..id_at + id_len + name_len]).into_owned();
-        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
-            return Err(corrupt(format!(
-                "Snapshot L1 table too large (entry {i}: {l1_size} entries)"
-            )));
-        }
-        check_table(
-            "Snapshot L1 table",
-            l1_table_offset,
-            u64::from(l1_size) * 8,
-            header.cluster_bits,
-        )?;
         out.push(Snapshot {
             l1_table_offset,
             l1_size,
@@ -190,12 +212,6 @@ pub fn read_table(file: &HostFile, header: &Header) -> Result<(Vec<Snapshot>, u6
             },
         });
         pos += (40 + extra + id_len + name_len + 7) & !7;
-    }
-    let total: u64 = out.iter().map(|sn| u64::from(sn.l1_size) * 8).sum();
-    if total > MAX_TOTAL_L1_BYTES {
-        return Err(corrupt(format!(
-            "the snapshots' L1 tables take {total} bytes together (at most {MAX_TOTAL_L1_BYTES})"
-        )));
     }
     Ok((out, pos as u64))
 }
