@@ -192,9 +192,9 @@ fn apply(path: &Path, file: &HostFile, old: &Header, target: Header, req: &Reque
         rewrite::run(file, &state, rewrite::Rewrite { target, downgrade })
             .map_err(|e| e.with_path(path))?;
     } else if target != *old {
-        let bytes = encode_header(&target, old).map_err(|e| e.with_path(path))?;
-        file.write_at(&bytes, 0)?;
-        file.flush()?;
+        encode_header(&target, old)
+            .map_err(|e| e.with_path(path))?
+            .write(file)?;
     }
     // As in QEMU, size=0 asks for nothing.
     if let Some(size) = req.size.filter(|&s| s != 0) {
@@ -311,13 +311,42 @@ fn plan(old: &Header, req: &Request) -> Result<Header> {
     Ok(h)
 }
 
-/// Encodes `h` as the bytes of the start of cluster 0, checked by parsing them back and
-/// padded with zeroes over what is left of `old`'s longer header.
+/// A new header, encoded and checked, ready to replace the old one.
+pub(crate) struct HeaderWrite {
+    bytes: Vec<u8>,
+    /// Length of the old header's bytes (extensions and backing name included).
+    old_len: usize,
+}
+
+impl HeaderWrite {
+    /// Writes the header, then zeroes what is left of a longer old one.
+    ///
+    /// The switch is the first write alone: parsers stop at the end of the extensions and
+    /// find the backing name by its offset, so old bytes past the new header are inert.
+    /// Zeroing them in a second write, after a flush, keeps a torn write from mixing the
+    /// old header's start with a zeroed tail; when the new header fits in one 512-byte
+    /// sector (a v2 header without a long backing name, or any header whose later
+    /// sectors do not change) the switch cannot be torn.
+    pub(crate) fn write(&self, file: &HostFile) -> Result<()> {
+        file.write_at(&self.bytes, 0)?;
+        file.flush()?;
+        if self.old_len > self.bytes.len() {
+            file.write_at(
+                &vec![0u8; self.old_len - self.bytes.len()],
+                self.bytes.len() as u64,
+            )?;
+            file.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Encodes `h` as the bytes of the start of cluster 0, checked by parsing them back.
 ///
 /// As QEMU does, the feature name table (optional) is left out when it does not fit in the
 /// cluster with the rest, as with 512-byte clusters and a backing file name.
-fn encode_header(h: &Header, old: &Header) -> Result<Vec<u8>> {
-    let mut bytes = match h.encode() {
+pub(crate) fn encode_header(h: &Header, old: &Header) -> Result<HeaderWrite> {
+    let bytes = match h.encode() {
         Err(_) if !h.extensions.feature_names.is_empty() => {
             let mut bare = h.clone();
             bare.extensions.feature_names.clear();
@@ -329,10 +358,7 @@ fn encode_header(h: &Header, old: &Header) -> Result<Vec<u8>> {
     check.resize(h.cluster_size() as usize, 0);
     Header::parse(&check)?;
     let old_len = old.encode().map(|b| b.len()).unwrap_or(0);
-    if old_len > bytes.len() {
-        bytes.resize(old_len, 0);
-    }
-    Ok(bytes)
+    Ok(HeaderWrite { bytes, old_len })
 }
 
 fn resize(path: &Path, size: u64) -> Result<()> {
@@ -375,7 +401,7 @@ pub fn set_backing(path: &Path, name: Option<&str>, format: Option<&str>) -> Res
     if h == old {
         return Ok(());
     }
-    let bytes = encode_header(&h, &old).map_err(|e| e.with_path(path))?;
-    file.write_at(&bytes, 0)?;
-    file.flush()
+    encode_header(&h, &old)
+        .map_err(|e| e.with_path(path))?
+        .write(&file)
 }

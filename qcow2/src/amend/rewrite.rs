@@ -188,8 +188,7 @@ pub(crate) fn run(file: &HostFile, old: &State, job: Rewrite) -> Result<()> {
     }
     refblocks::write(file, &layout, &refcounts)?;
     file.flush()?;
-    file.write_at(&header_bytes, 0)?;
-    file.flush()
+    header_bytes.write(file)
 }
 
 fn table_clusters(entries: usize, cs: u64) -> u64 {
