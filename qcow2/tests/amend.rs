@@ -557,6 +557,25 @@ fn refusals_match_qemu() {
             "{opts}: image unchanged"
         );
     }
+    // Unknown incompatible feature bits: neither opens the image (the wording differs:
+    // qemu names the bit as a mask, vdisk by number).
+    let unknown = make("unknown.qcow2", "compat=1.1");
+    let mut bytes = std::fs::read(&unknown).expect("read");
+    bytes[72..80].copy_from_slice(&(1u64 << 10).to_be_bytes());
+    std::fs::write(&unknown, &bytes).expect("write");
+    for opts in ["compat=0.10", "refcount_bits=8", "lazy_refcounts=on"] {
+        let (ok, qerr) = qemu_amend(&unknown, opts).expect("qemu finishes");
+        assert!(
+            !ok && qerr.contains("Unknown incompatible feature"),
+            "{qerr}"
+        );
+        let err = amend(&unknown, opts).expect_err(opts);
+        assert!(
+            err.message().contains("Unknown incompatible feature"),
+            "{err}"
+        );
+        assert!(std::fs::read(&unknown).expect("read") == bytes);
+    }
     // Encrypted images: qemu cannot open them for amend without the key.
     let luks = sc.path("luks.qcow2");
     qemu_img(&[
