@@ -8,7 +8,7 @@
 //! Every request is validated before anything is written, with QEMU's messages, so a
 //! refused amend leaves the image as it was (QEMU may have applied earlier options by
 //! then). Header-only changes are one header write; changes that need metadata rewritten
-//! go through [`rewrite`], which writes every new structure before the header points at it.
+//! go through `amend/rewrite.rs`, which writes every new structure before the header points at it.
 //! Two exceptions to "nothing written": a dirty image is repaired first, as QEMU repairs
 //! it when it opens it, even when the amend is then refused for what the clusters hold (a
 //! refcount too wide for the new width, zstd-compressed clusters in a downgrade).
