@@ -500,10 +500,13 @@ fn downgrade_drops_bitmaps() {
 #[test]
 fn refusals_match_qemu() {
     let sc = Scratch::new("amend-refuse");
+    let data_file = format!("data_file={}", s(&sc.path("d.raw")));
     let make = |name: &str, opts: &str| -> PathBuf {
         let p = sc.path(name);
         let _ = std::fs::remove_file(&p);
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, s(&p), "16M"]);
+        // The data file goes in the scratch folder, not the working directory.
+        let opts = opts.replace("data_file=d.raw", &data_file);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, s(&p), "16M"]);
         p
     };
     let zstd = make("zstd.qcow2", "compression_type=zstd");
