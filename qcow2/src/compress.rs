@@ -5,8 +5,6 @@
 //! cluster has been produced. A stream that produces less, or fails to decode, is an I/O
 //! error on that cluster, never a panic.
 
-use std::io::Read;
-
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use vdisk_block::{Error, ErrorKind, Result};
 
@@ -47,47 +45,80 @@ fn inflate(input: &[u8], out: &mut [u8], guest: u64) -> Result<()> {
 }
 
 fn unzstd(input: &[u8], out: &mut [u8], guest: u64) -> Result<()> {
-    let mut src = input;
-    let mut dec = ruzstd::decoding::StreamingDecoder::new(&mut src)
-        .map_err(|e| broken(guest, e.to_string()))?;
-    let mut filled = 0;
-    while filled < out.len() {
-        match dec.read(&mut out[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) => return Err(broken(guest, e.to_string())),
+    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    // Streaming, as qemu does: the stored frame may be followed by garbage (the rest of its
+    // last sector), which a one-shot decode would try to parse as a second frame.
+    let mut dec = Decoder::new().map_err(|e| broken(guest, e.to_string()))?;
+    let mut src = InBuffer::around(input);
+    let mut dst = OutBuffer::around(out);
+    loop {
+        let (in_before, out_before) = (src.pos(), dst.pos());
+        let hint = dec
+            .run(&mut src, &mut dst)
+            .map_err(|e| broken(guest, e.to_string()))?;
+        let full = dst.pos() == dst.capacity();
+        let stuck = src.pos() == in_before && dst.pos() == out_before;
+        if full || hint == 0 || stuck {
+            break;
         }
     }
-    if filled != out.len() {
+    let filled = dst.pos();
+    let want = dst.capacity();
+    if filled != want {
         return Err(broken(
             guest,
-            format!("it yields {filled} bytes instead of {}", out.len()),
+            format!("it yields {filled} bytes instead of {want}"),
         ));
     }
     Ok(())
 }
 
+/// The deflate window qemu compresses with (`-12` in its `deflateInit2`): a 4 KiB history.
+const QEMU_DEFLATE_WINDOW_BITS: u8 = 12;
+
+/// The zstd level qemu uses (it leaves libzstd's default).
+const QEMU_ZSTD_LEVEL: i32 = 3;
+
+thread_local! {
+    // Both compressors keep hundreds of KiB of state; one per thread, reset per cluster,
+    // instead of allocating and initialising it again for every cluster.
+    static DEFLATE: std::cell::RefCell<Compress> = std::cell::RefCell::new(
+        Compress::new_with_window_bits(Compression::default(), false, QEMU_DEFLATE_WINDOW_BITS),
+    );
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Compresses one cluster; `None` when the result would not be smaller than `limit` bytes
 /// (the cluster is then better stored plainly, as QEMU does).
 pub fn compress(kind: CompressionType, input: &[u8], limit: usize) -> Option<Vec<u8>> {
-    let out = match kind {
-        CompressionType::Deflate => {
-            // Raw deflate, no zlib header, as QEMU writes it.
-            let mut c = Compress::new(Compression::default(), false);
-            let mut out = vec![0u8; limit];
+    // Room for the worst case (zlib's deflateBound, stored blocks): zlib-rs 0.6 panics instead
+    // of returning a buffer error when a stored block does not fit in the output buffer.
+    let bound = input.len() + input.len() / 8 + input.len() / 64 + 64;
+    let mut out = vec![0u8; bound.max(limit)];
+    let len = match kind {
+        CompressionType::Deflate => DEFLATE.with(|c| {
+            let mut c = c.borrow_mut();
+            c.reset();
             match c.compress(input, &mut out, FlushCompress::Finish) {
-                Ok(Status::StreamEnd) => {
-                    out.truncate(c.total_out() as usize);
-                    out
-                }
-                _ => return None,
+                // Raw deflate, no zlib header, as QEMU writes it.
+                Ok(Status::StreamEnd) => usize::try_from(c.total_out()).ok(),
+                _ => None,
             }
-        }
-        CompressionType::Zstd => {
-            ruzstd::encoding::compress_to_vec(input, ruzstd::encoding::CompressionLevel::Fastest)
-        }
-    };
-    (out.len() < limit).then_some(out)
+        }),
+        CompressionType::Zstd => ZSTD.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.is_none() {
+                *c = zstd::bulk::Compressor::new(QEMU_ZSTD_LEVEL).ok();
+            }
+            // Incompressible data is caught by the length check below.
+            c.as_mut()?.compress_to_buffer(input, &mut out[..]).ok()
+        }),
+    }?;
+    (len < limit).then(|| {
+        out.truncate(len);
+        out
+    })
 }
 
 #[cfg(test)]
@@ -114,7 +145,11 @@ mod tests {
                 (x >> 24) as u8
             })
             .collect();
-        assert!(compress(CompressionType::Deflate, &noise, 4096).is_none());
+        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+            assert!(compress(kind, &noise, 4096).is_none());
+            // The smallest clusters: incompressible data must be refused, not overflow.
+            assert!(compress(kind, &noise[..512], 512).is_none());
+        }
     }
 
     #[test]

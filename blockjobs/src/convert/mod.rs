@@ -217,7 +217,13 @@ pub fn convert(
     };
     std::thread::scope(|scope| {
         for _ in 0..workers {
-            scope.spawn(|| job.work());
+            scope.spawn(|| {
+                // A panicking worker (a bug, or a panicking dependency) must not leave the
+                // others waiting forever for its turn to write: release them, so the scope
+                // ends and re-raises the panic instead of hanging.
+                let _release = AbortOnUnwind(&job.order);
+                job.work();
+            });
         }
     });
     if let Some(err) = job.error.into_inner() {
@@ -246,6 +252,17 @@ fn granularity(min_sparse: u64, target_alignment: u64) -> usize {
         1u64 << (63 - min_sparse.leading_zeros())
     };
     sparse.max(target_alignment).max(512) as usize
+}
+
+/// Aborts the in-order writes if dropped while its thread unwinds.
+struct AbortOnUnwind<'a>(&'a WriteOrder);
+
+impl Drop for AbortOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.abort();
+        }
+    }
 }
 
 /// State shared by the workers of one copy.

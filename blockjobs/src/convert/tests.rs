@@ -12,6 +12,8 @@ use super::{convert, ConvertOptions, NoProgress};
 struct FailingAt {
     inner: Arc<MemImage>,
     bad: u64,
+    /// Panic instead of returning the error, as a buggy driver or dependency would.
+    panics: bool,
 }
 
 impl BlockDev for FailingAt {
@@ -20,6 +22,7 @@ impl BlockDev for FailingAt {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         if (offset..offset + buf.len() as u64).contains(&self.bad) {
+            assert!(!self.panics, "injected panic at {offset:#x}");
             return Err(Error::io("read", std::io::Error::other("injected")).at_offset(offset));
         }
         self.inner.read_at(buf, offset)
@@ -126,6 +129,7 @@ fn a_failing_read_stops_the_copy_with_its_error() {
         let source: Arc<dyn BlockDev> = Arc::new(FailingAt {
             inner: sample(),
             bad: (1 << 20) + 5,
+            panics: false,
         });
         let target = MemImage::shared((9 << 20) + 512);
         let options = ConvertOptions {
@@ -136,6 +140,30 @@ fn a_failing_read_stops_the_copy_with_its_error() {
             .expect_err("the injected failure must surface");
         assert_eq!(err.op(), "read");
         assert!(err.to_string().contains("injected"));
+    }
+}
+
+#[test]
+fn a_panicking_worker_ends_the_copy_instead_of_hanging_it() {
+    // The chunk after the panicking one waits for its turn to write: without release on
+    // unwind it would wait forever and the scope would never end.
+    for out_of_order in [false, true] {
+        let source: Arc<dyn BlockDev> = Arc::new(FailingAt {
+            inner: sample(),
+            bad: 5,
+            panics: true,
+        });
+        let target = MemImage::shared((9 << 20) + 512);
+        let options = ConvertOptions {
+            out_of_order,
+            parallel: 4,
+            chunk_size: 64 << 10,
+            ..ConvertOptions::default()
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            convert(&[source], target.as_ref(), &options, &NoProgress)
+        }));
+        assert!(outcome.is_err(), "the worker's panic must reach the caller");
     }
 }
 
