@@ -177,6 +177,8 @@ impl Qcow2Image {
         };
         let data_len = match &data {
             DataFile::External(f) => f.len()?,
+            // Learnt at the first read (a read past the known length asks the file).
+            DataFile::Deferred { .. } => 0,
             _ => file_len,
         };
         let cache_bytes = match options
@@ -392,6 +394,30 @@ impl Qcow2Image {
         match &self.data {
             DataFile::Internal => Ok(&self.file),
             DataFile::External(f) => Ok(f),
+            DataFile::Deferred {
+                path,
+                cache,
+                engine,
+                opened,
+            } => {
+                let opened = opened.get_or_init(|| {
+                    HostFile::open(path, false, *cache, *engine)
+                        .map(Arc::new)
+                        .map_err(|e| (e.kind(), e.message().to_string()))
+                });
+                match opened {
+                    Ok(f) => Ok(f),
+                    Err((kind, message)) => Err(Error::new(
+                        *kind,
+                        "read",
+                        format!(
+                            "cannot open the external data file '{}': {message}",
+                            path.display()
+                        ),
+                    )
+                    .with_path(&self.path)),
+                }
+            }
             DataFile::NotOpened { path, reason, kind } => Err(Error::new(
                 *kind,
                 "read",
@@ -542,7 +568,7 @@ impl Qcow2Image {
     fn data_path(&self) -> PathBuf {
         match &self.data {
             DataFile::External(f) => f.path().to_path_buf(),
-            DataFile::NotOpened { path, .. } => path.clone(),
+            DataFile::NotOpened { path, .. } | DataFile::Deferred { path, .. } => path.clone(),
             DataFile::Internal => self.path.clone(),
         }
     }

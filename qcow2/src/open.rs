@@ -11,7 +11,9 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vdisk_block::{BlockDev, Error, ErrorKind, HostFile, OpenOptions, Result};
+use vdisk_block::{
+    BlockDev, CacheMode, EngineChoice, Error, ErrorKind, HostFile, OpenOptions, Result,
+};
 
 /// The deepest backing chain this driver opens; deeper chains are almost certainly hostile
 /// and would otherwise exhaust the stack.
@@ -158,6 +160,9 @@ pub fn open_backing(
 /// How a failure to open a backing file starts, as qemu-img words it.
 const BACKING_FAILED: &str = "Could not open backing file ";
 
+/// A deferred data file once its open was tried: the file, or the error's kind and message.
+pub type Opened = std::result::Result<Arc<HostFile>, (ErrorKind, String)>;
+
 /// The external data file of an image: opened, or refused by the policy (reads then fail
 /// with the reason, while `info` still works without touching the file).
 #[derive(Debug, Clone)]
@@ -166,6 +171,19 @@ pub enum DataFile {
     Internal,
     /// Guest data lives in this file.
     External(Arc<HostFile>),
+    /// Guest data lives in this file, opened only when guest data is first read: a
+    /// read-only open without backing files (what `info` does) does not open the files an
+    /// untrusted image names, as qemu-img info does not since CVE-2024-4467.
+    Deferred {
+        /// The resolved path, which the policy allows.
+        path: PathBuf,
+        /// Cache mode for the open.
+        cache: CacheMode,
+        /// I/O engine for the open.
+        engine: EngineChoice,
+        /// The file once opened, or why it could not be (kind and message).
+        opened: Arc<std::sync::OnceLock<Opened>>,
+    },
     /// The image has a data file that was not opened; the error explains why.
     NotOpened {
         /// The resolved path.
@@ -198,6 +216,14 @@ pub fn open_data_file(image: &Path, name: &str, options: &OpenOptions) -> Result
         .and_then(|()| refuse_special(image, &target, "external data file"))
     {
         return Ok(refused(target, e));
+    }
+    if !options.writable && options.no_backing {
+        return Ok(DataFile::Deferred {
+            path: target,
+            cache: options.cache,
+            engine: options.engine,
+            opened: Arc::default(),
+        });
     }
     let file = HostFile::open(&target, options.writable, options.cache, options.engine)?;
     Ok(DataFile::External(Arc::new(file)))

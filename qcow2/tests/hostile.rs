@@ -512,6 +512,12 @@ fn vdisk_side(c: Case, img: PathBuf, copy: PathBuf) -> Result<CheckReport, Strin
                 VWrite::Skip => unreachable!(),
             }
             if let VWrite::Refused(_) = want {
+                // Nothing of the refused write reached the file, metadata or elsewhere.
+                let after = std::fs::read(&copy).expect("read copy");
+                assert!(
+                    !after.chunks(512).any(|s| s.iter().all(|&x| x == 7)),
+                    "{name}: the refused write's data is in the image"
+                );
                 assert_ne!(incompat(&copy) & 2, 0, "{name}: not marked corrupt");
                 let again = Qcow2Image::open(&copy, &rw()).expect_err("corrupt image opened rw");
                 assert!(again.to_string().contains("corrupt"), "{name}: {again}");
@@ -1567,6 +1573,41 @@ fn class9_external_references() {
             let err = dev.read_at(&mut buf, 0).expect_err("read through a FIFO");
             assert!(err.to_string().contains("FIFO"), "{err}");
         }
+    });
+
+    // A data file that does not exist: info neither opens it nor needs it (as in
+    // qemu-img info); the first read of guest data tries, and fails naming it. An open
+    // for I/O opens it at once and fails there, as qemu's does.
+    let data = s.path("gone.raw");
+    let img = s.path("gone-data.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", st(&data)),
+        st(&img),
+        "1M",
+    ]);
+    qemu_io(&img, &["write -P 1 0 64k"]);
+    std::fs::remove_file(&data).expect("remove data file");
+    assert!(q_info(&img) == Q::Ok, "qemu-img info needs no data file");
+    assert_eq!(q_read_within(&img, "read 0 512", "10"), Some(false));
+    let (i, d) = (img.clone(), data.clone());
+    bounded("missing data file", move || {
+        let dev = Qcow2Image::open(&i, &info_options()).expect("info open");
+        let q = dev.qcow2_info().expect("format-specific info");
+        assert_eq!(q.data_file.as_deref(), d.to_str());
+        dev.info().expect("info");
+        let mut buf = [0u8; 512];
+        let err = dev.read_at(&mut buf, 0).expect_err("no data file");
+        assert!(
+            err.to_string()
+                .contains("cannot open the external data file"),
+            "{err}"
+        );
+        Qcow2Image::open(&i, &options()).expect_err("an I/O open needs the data file");
     });
 
     // A json: backing file name: qemu follows it (and reads the other file's bytes),
