@@ -783,6 +783,11 @@ impl Qcow2Image {
         packed: Option<&[u8]>,
         offset: u64,
     ) -> Result<()> {
+        self.store_compressed(buf, packed, offset)
+            .map_err(|e| self.refcount_damage(e))
+    }
+
+    fn store_compressed(&self, buf: &[u8], packed: Option<&[u8]>, offset: u64) -> Result<()> {
         if buf.is_empty() {
             return self.end_compressed_stream();
         }

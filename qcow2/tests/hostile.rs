@@ -1773,3 +1773,27 @@ fn class5_snapshot_table_too_large() {
         report.messages
     );
 }
+
+/// A compressed write (what `convert -c` does) meets a malformed refcount table entry the
+/// same way a plain write does: refused, and the image marked corrupt.
+#[test]
+fn compressed_write_over_broken_refcounts() {
+    let _serial = serial();
+    let s = Scratch::new("cwrite");
+    let bases = Bases::make(&s, &[Base::Data]);
+    let mut bytes = bases.bytes(Base::Data).to_vec();
+    let at = reftable(&bytes);
+    set64(&mut bytes, at, 0x200);
+    let img = s.path("c.qcow2");
+    std::fs::write(&img, &bytes).expect("write");
+    let i = img.clone();
+    bounded("compressed write", move || {
+        let dev = Qcow2Image::open(&i, &rw()).expect("open");
+        let err = dev
+            .write_compressed(&[1u8; 65536], 65536)
+            .expect_err("broken refcounts");
+        assert!(err.to_string().contains("malformed"), "{err}");
+    });
+    assert_ne!(incompat(&img) & 2, 0, "not marked corrupt");
+    Qcow2Image::open(&img, &rw()).expect_err("corrupt image opened rw");
+}
