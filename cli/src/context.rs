@@ -255,7 +255,20 @@ pub fn open_failure_of(name: &str, path: &str, err: &Error) -> Failure {
         err.kind(),
         ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::Io
     ) && err.op() == "open";
-    let qemu = if os_level {
+    // Drivers say "Could not open backing file 'B': why"; qemu nests the backing file's
+    // own open failure: "Could not open backing file: Could not open 'B': why".
+    let backing = err
+        .message()
+        .strip_prefix("Could not open backing file '")
+        .and_then(|rest| rest.split_once("': "));
+    let qemu = if let Some((target, why)) = backing {
+        let inner = if os_level {
+            format!("Could not open '{target}': {}", without_hint(why))
+        } else {
+            without_hint(why).to_string()
+        };
+        format!("Could not open '{name}': Could not open backing file: {inner}")
+    } else if os_level {
         format!(
             "Could not open '{name}': Could not open '{path}': {}",
             why(err)

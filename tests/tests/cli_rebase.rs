@@ -161,6 +161,8 @@ fn refusals_match_qemu_img() {
         &["rebase", "-c", "-b", "", "x.vhdx"],
         &["rebase", "-b", "", "x.vpc"],
         &["rebase", "-b", "nob.qcow2", "-F", "qcow2", "sub/st.qcow2"],
+        // Safe mode opens the old chain, whose backing file is gone.
+        &["rebase", "-b", "base.qcow2", "-F", "qcow2", "orphan.qcow2"],
     ] {
         let r = t.step(args);
         assert_eq!(r.code, 1, "{args:?} must fail: {r:?}");
