@@ -981,7 +981,7 @@ impl Qcow2Image {
 
     /// Changes the guest-visible size. Growing extends the L1 table when needed (moved to
     /// new contiguous clusters, switched over in one header write); shrinking deallocates
-    /// every cluster past the new end first. Images with internal snapshots are refused.
+    /// every cluster past the new end first. v2 images with internal snapshots are refused.
     pub(crate) fn resize_impl(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
         if !self.writable {
             return Err(self.read_only_error("resize"));
@@ -991,11 +991,16 @@ impl Qcow2Image {
         if new_size == old_size {
             return Ok(());
         }
-        if self.meta.lock().nb_snapshots > 0 {
-            return Err(
-                Error::unsupported("resize", "Can't resize an image which has snapshots")
-                    .with_path(self.path()),
-            );
+        // v3 snapshots record their own virtual size, so the active layer may change size
+        // under them (its clusters shared with a snapshot are released, not freed, and
+        // shared L2 tables are copied before an entry changes); v2 snapshot entries have no
+        // size of their own, which is why qemu refuses those.
+        if self.header.version < 3 && self.meta.lock().nb_snapshots > 0 {
+            return Err(Error::unsupported(
+                "resize",
+                "Can't resize a v2 image which has snapshots",
+            )
+            .with_path(self.path()));
         }
         if new_size > i64::MAX as u64 {
             return Err(Error::invalid(

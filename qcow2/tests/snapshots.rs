@@ -174,3 +174,102 @@ fn apply_reverts_to_a_snapshot() {
         assert_same(&read_all(&open(&img)), &v1, "we read qemu's revert");
     }
 }
+
+/// qemu-img 10 resizes v3 images that have snapshots (each snapshot keeps its own size) and
+/// refuses v2 ones: shrinking and growing the active layer through vdisk must leave every
+/// snapshot as it was, the image clean, and the active layer equal to qemu-img's own resize
+/// of a twin copy.
+#[test]
+fn resize_under_snapshots_matches_qemu() {
+    use vdisk_block::Preallocation;
+    for opts in ["cluster_size=65536", "cluster_size=512,refcount_bits=4"] {
+        let s = Scratch::new("snap-resize");
+        let ours = s.path("ours.qcow2");
+        let twin = s.path("twin.qcow2");
+        let (o, t) = (ours.to_str().expect("u"), twin.to_str().expect("u"));
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, o, "8M"]);
+        // Data on both sides of the new end, and an L2 table wholly past it.
+        qemu_io(
+            &ours,
+            &[
+                "write -P 0x51 0 1m",
+                "write -P 0x52 2900k 300k",
+                "write -P 0x53 7m 1m",
+            ],
+        );
+        qemu_img(&["snapshot", "-c", "before", o]);
+        let before = qemu_contents(&ours, &s);
+        std::fs::copy(&ours, &twin).expect("twin");
+
+        // Cluster-aligned: after an unaligned shrink and a grow, qemu-img shows the stale
+        // tail of the last partial cluster again, where vdisk reads zeroes (on purpose).
+        let shrunk = 3 << 20;
+        {
+            let dev = open_rw(&ours);
+            dev.resize(shrunk, Preallocation::Off).expect("shrink");
+            dev.resize(10 << 20, Preallocation::Off).expect("grow");
+            dev.write_at(&[0x54; 4096], 9 << 20)
+                .expect("write past the old end");
+            dev.flush().expect("flush");
+        }
+        let shrunk_arg = shrunk.to_string();
+        qemu_img(&["resize", "-q", "--shrink", t, &shrunk_arg]);
+        qemu_img(&["resize", "-q", t, "10M"]);
+        qemu_io(&twin, &["write -P 0x54 9m 4k"]);
+
+        let mut snaps = Vec::new();
+        for img in [&ours, &twin] {
+            check_clean(img);
+            // `convert -l` reads a snapshot at the image's current size (10M): the
+            // snapshot's 8M, then zeroes where its L1 table ends.
+            let snap = snapshot_contents(img, "before", &s);
+            assert_eq!(snap.len(), 10 << 20, "{opts}: snapshot read length");
+            assert_same(
+                &snap[..8 << 20],
+                &before,
+                &format!("{opts}: snapshot after resize ({})", img.display()),
+            );
+            assert!(
+                snap[8 << 20..].iter().all(|&b| b == 0),
+                "{opts}: snapshot tail"
+            );
+            snaps.push(snap);
+        }
+        assert_same(
+            &snaps[0],
+            &snaps[1],
+            &format!("{opts}: snapshot, ours and qemu's"),
+        );
+        let ours_now = qemu_contents(&ours, &s);
+        assert_eq!(ours_now.len(), 10 << 20, "{opts}: new size");
+        assert_same(
+            &ours_now,
+            &qemu_contents(&twin, &s),
+            &format!("{opts}: active layer against qemu-img's resize"),
+        );
+        // What was cut off reads as zeroes after growing again, as in qemu.
+        assert!(ours_now[shrunk as usize..9 << 20].iter().all(|&b| b == 0));
+    }
+
+    // v2 snapshot entries have no size: refused, as qemu-img refuses.
+    let s = Scratch::new("snap-resize-v2");
+    let img = s.path("v2.qcow2");
+    let p = img.to_str().expect("u");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", p, "4M"]);
+    qemu_img(&["snapshot", "-c", "s", p]);
+    let err = open_rw(&img)
+        .resize(8 << 20, Preallocation::Off)
+        .expect_err("v2 with snapshots");
+    assert!(
+        err.to_string()
+            .contains("Can't resize a v2 image which has snapshots"),
+        "{err}"
+    );
+    let out = std::process::Command::new("qemu-img")
+        .args(["resize", p, "8M"])
+        .output()
+        .expect("qemu-img resize");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("Can't resize a v2 image which has snapshots"));
+}
