@@ -1,0 +1,215 @@
+//! The `luks` format driver: probe by magic, open with `key-secret`, create as qemu-img
+//! does (aes-256-xts-plain64 and sha256 unless told otherwise).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use vdisk_block::{
+    BlockDev, CreateOptions, EngineChoice, Error, ErrorKind, Format, HostFile, OpenOptions,
+    Preallocation, Result,
+};
+
+use crate::algo::{CipherAlg, CipherMode, CipherSpec, HashAlg, IvGen};
+use crate::header::has_magic;
+use crate::image::{LuksImage, KEY_REQUIRED};
+use crate::{keys, secret};
+
+/// qemu's default `iter-time`, in milliseconds.
+pub const DEFAULT_ITER_TIME_MS: u64 = 2000;
+
+/// The luks format driver.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LuksFormat;
+
+/// What the encryption options of a new volume (`-o` for luks, `encrypt.*` for qcow2) ask
+/// for.
+#[derive(Debug)]
+pub struct NewVolumeOptions {
+    /// The passphrase of slot 0.
+    pub passphrase: zeroize::Zeroizing<Vec<u8>>,
+    /// Cipher, mode and IVs.
+    pub cipher: CipherSpec,
+    /// PBKDF2 and AF hash.
+    pub hash: HashAlg,
+    /// Milliseconds of PBKDF2 per unlock.
+    pub iter_time_ms: u64,
+}
+
+impl NewVolumeOptions {
+    /// Takes the encryption options named `{prefix}key-secret`, `{prefix}cipher-alg`, ...
+    /// out of `options` (prefix `""` for luks, `"encrypt."` for qcow2).
+    pub fn take(options: &mut CreateOptions, prefix: &str) -> Result<Self> {
+        let mut take = |name: &str| options.take(&format!("{prefix}{name}"));
+        let key_secret = take("key-secret");
+        let alg = take("cipher-alg");
+        let mode = take("cipher-mode");
+        let ivgen = take("ivgen-alg");
+        let ivgen_hash = take("ivgen-hash-alg");
+        let hash = take("hash-alg");
+        let iter_time = take("iter-time");
+        let id = key_secret.ok_or_else(|| {
+            Error::invalid(
+                "create luks",
+                KEY_REQUIRED.replace("'key-secret'", &format!("'{prefix}key-secret'")),
+            )
+        })?;
+        let passphrase = secret::lookup(&id)?;
+        let alg = alg
+            .as_deref()
+            .map_or(Ok(CipherAlg::Aes256), CipherAlg::parse)?;
+        let mode = mode
+            .as_deref()
+            .map_or(Ok(CipherMode::Xts), CipherMode::parse)?;
+        let ivgen = match ivgen.as_deref().unwrap_or("plain64") {
+            "plain" => IvGen::Plain,
+            "plain64" => IvGen::Plain64,
+            "essiv" => IvGen::Essiv(
+                ivgen_hash
+                    .as_deref()
+                    .map_or(Ok(HashAlg::Sha256), HashAlg::parse)?,
+            ),
+            other => {
+                return Err(Error::unsupported(
+                    "create luks",
+                    format!("IV generator '{other}' is not supported (plain, plain64 or essiv)"),
+                ))
+            }
+        };
+        let hash = hash
+            .as_deref()
+            .map_or(Ok(HashAlg::Sha256), HashAlg::parse)?;
+        let iter_time_ms = match iter_time {
+            None => DEFAULT_ITER_TIME_MS,
+            Some(t) => t.parse::<u64>().map_err(|_| {
+                Error::invalid(
+                    "create luks",
+                    format!("Parameter '{prefix}iter-time' expects a number"),
+                )
+            })?,
+        };
+        let cipher = CipherSpec { alg, mode, ivgen };
+        cipher.check()?;
+        Ok(NewVolumeOptions {
+            passphrase,
+            cipher,
+            hash,
+            iter_time_ms,
+        })
+    }
+}
+
+impl Format for LuksFormat {
+    fn name(&self) -> &'static str {
+        "luks"
+    }
+
+    fn probe(&self, header: &[u8], _path: &Path) -> u32 {
+        if has_magic(header) {
+            100
+        } else {
+            0
+        }
+    }
+
+    fn open(&self, path: &Path, options: &OpenOptions) -> Result<Arc<dyn BlockDev>> {
+        Ok(Arc::new(LuksImage::open(path, options)?))
+    }
+
+    fn open_option_names(&self) -> &'static [&'static str] {
+        &["key-secret"]
+    }
+
+    fn create(&self, path: &Path, mut options: CreateOptions) -> Result<()> {
+        if options.take("detached-header").is_some() {
+            return Err(Error::invalid(
+                "create luks",
+                "Parameter 'detached-header' is unexpected",
+            ));
+        }
+        let prealloc = options.take_preallocation()?;
+        if prealloc == Preallocation::Metadata {
+            return Err(Error::invalid(
+                "create luks",
+                "Unsupported preallocation mode: metadata (luks images have no metadata; use off, falloc or full)",
+            ));
+        }
+        let volume = NewVolumeOptions::take(&mut options, "")?;
+        options.reject_leftovers("luks")?;
+        if !options.size.is_multiple_of(512) {
+            return Err(Error::invalid(
+                "create luks",
+                "The size of a LUKS image must be a multiple of 512 bytes",
+            ));
+        }
+        let new = keys::new_volume(
+            volume.cipher,
+            volume.hash,
+            volume.iter_time_ms,
+            &volume.passphrase,
+        )?;
+        let total = new
+            .header
+            .payload_bytes()
+            .checked_add(options.size)
+            .ok_or_else(|| Error::invalid("create luks", "image size too large"))?;
+        let file = HostFile::create(path, vdisk_block::CacheMode::Writeback, EngineChoice::Sync)?;
+        // As qemu: preallocation covers the whole file, header area included, and `full`
+        // writes plain zeroes (which read back as noise, as in qemu).
+        match prealloc {
+            Preallocation::Falloc => match file.allocate(0, total) {
+                Err(e) if e.kind() == ErrorKind::Unsupported => {
+                    return Err(Error::unsupported(
+                        "preallocate",
+                        "the file system does not support fallocate: use preallocation=full",
+                    )
+                    .with_path(path))
+                }
+                other => other?,
+            },
+            Preallocation::Full => {
+                file.set_len(total)?;
+                file.write_zero_bytes(0, total)?;
+            }
+            _ => file.set_len(total)?,
+        }
+        file.write_at(&new.header.to_bytes(), 0)?;
+        file.write_at(&new.material, new.header.key_material_offset(0))?;
+        file.flush()
+    }
+
+    fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("size", "Virtual disk size"),
+            (
+                "key-secret",
+                "ID of the secret that provides the keyslot passphrase",
+            ),
+            (
+                "cipher-alg",
+                "Name of encryption cipher algorithm (aes-128, aes-192, aes-256)",
+            ),
+            (
+                "cipher-mode",
+                "Name of encryption cipher mode (xts, cbc, ecb, ctr)",
+            ),
+            (
+                "ivgen-alg",
+                "Name of IV generator algorithm (plain, plain64, essiv)",
+            ),
+            ("ivgen-hash-alg", "Name of IV generator hash algorithm"),
+            (
+                "hash-alg",
+                "Name of encryption hash algorithm (sha1, sha224, sha256, sha384, sha512)",
+            ),
+            ("iter-time", "Time to spend in PBKDF in milliseconds"),
+            (
+                "detached-header",
+                "Create a detached LUKS header (not supported)",
+            ),
+            (
+                "preallocation",
+                "Preallocation mode (allowed values: off, falloc, full)",
+            ),
+        ]
+    }
+}

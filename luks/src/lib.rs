@@ -1,0 +1,27 @@
+//! LUKS1 encryption for vdisk: the standalone `luks` format (qemu's `-f luks`) and the
+//! pieces qcow2's `encrypt.format=luks` shares with it.
+//!
+//! - [`header`]: the LUKS1 header, parsed with qemu's checks and vdisk's bounds;
+//! - [`keys`]: master-key recovery from a passphrase and new volumes, over [`af`] (the
+//!   anti-forensic splitter) and [`kdf`] (PBKDF2 and its timing);
+//! - [`cipher`]: sector encryption ([`algo`] names what is implemented);
+//! - [`secret`]: qemu-style secrets by id;
+//! - [`LuksFormat`] / [`LuksImage`]: the format driver.
+#![forbid(unsafe_code)]
+
+pub mod af;
+pub mod algo;
+pub mod cipher;
+mod format;
+pub mod header;
+mod image;
+pub mod kdf;
+pub mod keys;
+pub mod random;
+pub mod secret;
+
+pub use algo::{CipherAlg, CipherMode, CipherSpec, HashAlg, IvGen};
+pub use cipher::SectorCipher;
+pub use format::LuksFormat;
+pub use header::Header;
+pub use image::LuksImage;
