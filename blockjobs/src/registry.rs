@@ -22,6 +22,7 @@ pub fn formats() -> Vec<&'static dyn Format> {
         &vdisk_vhdx::VhdxFormat,
         &vdisk_vhdx::VpcFormat,
         &vdisk_vmdk::VmdkFormat,
+        &vdisk_luks::LuksFormat,
     ]
 }
 

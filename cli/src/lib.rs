@@ -6,6 +6,7 @@
 
 pub mod cmd;
 pub mod context;
+pub mod object;
 pub mod output;
 pub mod progress;
 

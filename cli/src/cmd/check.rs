@@ -45,6 +45,10 @@ pub struct CheckArgs {
     /// The image file
     #[arg(value_name = "FILENAME")]
     pub files: Vec<String>,
+    /// Define a secret: `secret,id=ID,data=TEXT` or `secret,id=ID,file=PATH`
+    /// (`format=base64` decodes it); options name it by id (`key-secret=ID`)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
 }
 
 /// qemu-img's warning when an image opened for writing was probed as raw.
@@ -54,6 +58,10 @@ const RAW_PROBE_WARNING: &str = "WARNING: Image format was not specified for '{}
 
 /// Runs `check`; returns the exit code.
 pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
+    if let Err(f) = crate::object::define_all(&args.object) {
+        ctx.fail(&f);
+        return 1;
+    }
     let output = match OutputFormat::parse(&args.output) {
         Ok(o) => o,
         Err(msg) => return ctx.usage("check", &msg),

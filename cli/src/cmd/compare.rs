@@ -51,6 +51,10 @@ pub struct CompareArgs {
     /// The two images to compare
     #[arg(value_name = "FILENAME1 FILENAME2")]
     pub files: Vec<String>,
+    /// Define a secret: `secret,id=ID,data=TEXT` or `secret,id=ID,file=PATH`
+    /// (`format=base64` decodes it); options name it by id (`key-secret=ID`)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
 }
 
 /// qemu's progress line: `    (12.34/100%)` followed by a carriage return, printed when the
@@ -86,6 +90,10 @@ impl Progress {
 
 /// Runs `compare`; returns the exit code.
 pub fn run(ctx: &Ctx, args: CompareArgs) -> i32 {
+    if let Err(f) = crate::object::define_all(&args.object) {
+        ctx.fail(&f);
+        return 1;
+    }
     let [name_a, name_b] = args.files.as_slice() else {
         return ctx.usage("compare", "Expecting two image file names");
     };

@@ -84,10 +84,18 @@ pub struct ConvertArgs {
     /// Source image(s), then the target.
     #[arg(value_name = "FILENAME")]
     pub files: Vec<PathBuf>,
+    /// Define a secret: `secret,id=ID,data=TEXT` or `secret,id=ID,file=PATH`
+    /// (`format=base64` decodes it); options name it by id (`key-secret=ID`)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
 }
 
 /// Runs `convert`; returns the exit code (qemu-img uses 1 for every failure).
 pub fn run(ctx: &Ctx, args: ConvertArgs) -> i32 {
+    if let Err(f) = crate::object::define_all(&args.object) {
+        ctx.fail(&f);
+        return 1;
+    }
     if ctx.dropin && !args.snapshot_id_or_name.is_empty() {
         eprintln!("{} convert: invalid option -- 's'", ctx.argv0);
         eprintln!("Try '{} convert --help' for more info", ctx.argv0);

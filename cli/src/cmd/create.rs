@@ -51,6 +51,10 @@ pub struct CreateArgs {
     /// The image to create, then its size (`64M`, `10G`, ...)
     #[arg(value_name = "FILENAME [SIZE]")]
     pub files: Vec<String>,
+    /// Define a secret: `secret,id=ID,data=TEXT` or `secret,id=ID,file=PATH`
+    /// (`format=base64` decodes it); options name it by id (`key-secret=ID`)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
 }
 
 /// How qemu types an option, which decides how it is checked and printed.
@@ -90,6 +94,10 @@ struct Opt {
 
 /// Runs `create`; returns the exit code.
 pub fn run(ctx: &Ctx, args: CreateArgs) -> i32 {
+    if let Err(f) = crate::object::define_all(&args.object) {
+        ctx.fail(&f);
+        return 1;
+    }
     match create(ctx, &args) {
         Ok(()) => 0,
         Err(f) => {

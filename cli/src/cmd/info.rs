@@ -41,10 +41,18 @@ pub struct InfoArgs {
     /// The image file
     #[arg(value_name = "FILENAME")]
     pub files: Vec<String>,
+    /// Define a secret: `secret,id=ID,data=TEXT` or `secret,id=ID,file=PATH`
+    /// (`format=base64` decodes it); options name it by id (`key-secret=ID`)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
 }
 
 /// Runs `info`; returns the exit code.
 pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
+    if let Err(f) = crate::object::define_all(&args.object) {
+        ctx.fail(&f);
+        return 1;
+    }
     let output = match OutputFormat::parse(&args.output) {
         Ok(o) => o,
         Err(msg) => return ctx.usage("info", &msg),

@@ -50,10 +50,18 @@ pub struct MapArgs {
     /// The image file
     #[arg(value_name = "FILENAME")]
     pub files: Vec<String>,
+    /// Define a secret: `secret,id=ID,data=TEXT` or `secret,id=ID,file=PATH`
+    /// (`format=base64` decodes it); options name it by id (`key-secret=ID`)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
 }
 
 /// Runs `map`; returns the exit code.
 pub fn run(ctx: &Ctx, args: MapArgs) -> i32 {
+    if let Err(f) = crate::object::define_all(&args.object) {
+        ctx.fail(&f);
+        return 1;
+    }
     let output = match OutputFormat::parse(&args.output) {
         Ok(o) => o,
         Err(msg) => return ctx.usage("map", &msg),
