@@ -38,6 +38,8 @@ struct Counter<'a> {
     header: &'a Header,
     refs: Vec<u32>,
     report: CheckReport,
+    /// OFLAG_COPIED errors, reported after the refcount comparison as qemu-img does.
+    copied_errors: Vec<String>,
     rc: RefcountReader<'a>,
 }
 
@@ -120,7 +122,10 @@ impl Counter<'_> {
         };
         if let Some(refcount) = refcount {
             if (refcount == 1) != (entry & COPIED != 0) {
-                self.error(format!(
+                // qemu-img check reports these in a pass after the refcount comparison,
+                // so they are printed after its messages (see `count`).
+                self.report.corruptions += 1;
+                self.copied_errors.push(format!(
                     "ERROR OFLAG_COPIED {what} cluster: {detail} refcount={refcount}"
                 ));
             }
@@ -168,7 +173,7 @@ impl Counter<'_> {
             if active {
                 self.check_copied(
                     "L2",
-                    format!("l1_index={i} l1_entry={entry:#x}"),
+                    format!("l1_index={i} l1_entry={entry:x}"),
                     entry,
                     l2 >> self.header.cluster_bits,
                 );
@@ -263,7 +268,7 @@ impl Counter<'_> {
             if active {
                 self.check_copied(
                     "data",
-                    format!("l2_entry={entry:#x}"),
+                    format!("l2_entry={entry:x}"),
                     entry,
                     offset >> h.cluster_bits,
                 );
@@ -408,6 +413,9 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
     // References may point past the end of the file; refcount blocks this repair creates
     // must not land on those clusters either.
     rc.claim_below(refs.len() as u64);
+    // qemu-img check compares the refcounts a second time while repairing and reports every
+    // mismatch again: "Repairing" where it fixes one, its first words where it does not.
+    let mut repairs = Vec::new();
     for (cluster, &reference) in refs.iter().enumerate() {
         let cluster = cluster as u64;
         let reference = u64::from(reference);
@@ -417,7 +425,20 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
             _ => on_disk != reference,
         };
         // Refcount blocks created by this repair describe themselves; never zero them.
-        if fix && !(reference == 0 && rc.is_own_metadata(cluster)) {
+        let own = reference == 0 && rc.is_own_metadata(cluster);
+        if on_disk != reference && !own {
+            let word = if fix {
+                "Repairing"
+            } else if on_disk < reference {
+                "ERROR"
+            } else {
+                "Leaked"
+            };
+            repairs.push(format!(
+                "{word} cluster {cluster} refcount={on_disk} reference={reference}"
+            ));
+        }
+        if fix && !own {
             rc.set(&file, cluster, reference)
                 .map_err(|e| e.with_path(path))?;
         }
@@ -451,6 +472,7 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
     after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
     after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
     let mut messages = before.messages;
+    messages.append(&mut repairs);
     messages.append(&mut after.messages);
     after.messages = messages;
     Ok(after)
@@ -482,6 +504,7 @@ fn count(path: &Path, file: &HostFile) -> Result<(CheckReport, Vec<u32>)> {
         header: &header,
         refs: vec![0; file_clusters as usize],
         report: CheckReport::default(),
+        copied_errors: Vec::new(),
         rc,
     };
     c.inc(0, cs);
@@ -534,6 +557,8 @@ fn count(path: &Path, file: &HostFile) -> Result<(CheckReport, Vec<u32>)> {
     c.bitmaps()?;
     c.refblocks();
     let highest = c.compare();
+    let mut copied = std::mem::take(&mut c.copied_errors);
+    c.report.messages.append(&mut copied);
     let refs = std::mem::take(&mut c.refs);
     let mut report = c.report;
     report.image_end_offset = Some(highest.map_or(0, |h| (h + 1) * cs));

@@ -244,6 +244,11 @@ fn bad(message: impl Into<String>) -> Error {
 
 /// The fixed fields readable from the first bytes, enough to size the read of cluster 0.
 pub fn peek_cluster_bits(start: &[u8]) -> Result<u32> {
+    // qemu reads a short file as if padded with zeroes, so a file without the magic is
+    // "not in qcow2 format" however short it is.
+    if start.get(..4) != Some(&MAGIC.to_be_bytes()[..]) {
+        return Err(bad("Image is not in qcow2 format (bad magic)"));
+    }
     if start.len() < V2_HEADER_LEN as usize {
         return Err(bad(format!(
             "the file is too short for a qcow2 header ({} bytes, need {V2_HEADER_LEN})",
