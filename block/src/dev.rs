@@ -214,6 +214,25 @@ pub struct SnapshotInfo {
     pub icount: Option<u64>,
 }
 
+/// One persistent dirty bitmap as the image stores it (qemu's `BlockDirtyInfo`, reduced to
+/// what an offline tool sees).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmapInfo {
+    /// Unique name.
+    pub name: String,
+    /// Bytes of guest data one bit covers.
+    pub granularity: u64,
+    /// Recording guest writes (qcow2's `auto` flag).
+    pub enabled: bool,
+    /// Found `in_use` when the image was opened (not saved cleanly): only removal is
+    /// allowed.
+    pub inconsistent: bool,
+}
+
+fn no_bitmaps<T>(op: &'static str) -> Result<T> {
+    Err(Error::unsupported(op, "Operation not supported"))
+}
+
 /// An opened disk image or device, shared by many threads.
 ///
 /// Offsets and lengths are bytes of the guest-visible contents. Requests must lie inside
@@ -359,6 +378,62 @@ pub trait BlockDev: Send + Sync {
 
     /// True when the image was opened read-only.
     fn is_read_only(&self) -> bool;
+
+    /// The image's persistent dirty bitmaps (none for formats without them).
+    fn dirty_bitmaps(&self) -> Result<Vec<DirtyBitmapInfo>> {
+        Ok(Vec::new())
+    }
+
+    /// Adds an empty persistent bitmap (`granularity` `None`: the format's default),
+    /// recording writes unless `disabled`.
+    fn dirty_bitmap_add(&self, name: &str, granularity: Option<u64>, disabled: bool) -> Result<()> {
+        let _ = (name, granularity, disabled);
+        no_bitmaps("add bitmap")
+    }
+
+    /// Deletes a bitmap (inconsistent ones too).
+    fn dirty_bitmap_remove(&self, name: &str) -> Result<()> {
+        let _ = name;
+        no_bitmaps("remove bitmap")
+    }
+
+    /// Clears every bit of a bitmap.
+    fn dirty_bitmap_clear(&self, name: &str) -> Result<()> {
+        let _ = name;
+        no_bitmaps("clear bitmap")
+    }
+
+    /// Makes a bitmap record guest writes (`enabled`) or stop recording.
+    fn dirty_bitmap_enable(&self, name: &str, enabled: bool) -> Result<()> {
+        let _ = (name, enabled);
+        no_bitmaps("enable bitmap")
+    }
+
+    /// ORs bitmap `src_name` of `src` (which may be this device) into bitmap `dst`.
+    fn dirty_bitmap_merge(&self, dst: &str, src: &dyn BlockDev, src_name: &str) -> Result<()> {
+        let _ = (dst, src, src_name);
+        no_bitmaps("merge bitmap")
+    }
+
+    /// The dirty ranges of a bitmap as `(offset, len)` in guest bytes, sorted, merged and
+    /// whole granules (the last one cut at the end of the disk).
+    fn dirty_bitmap_ranges(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        let _ = name;
+        no_bitmaps("query bitmap")
+    }
+
+    /// Marks `[offset, offset + len)` dirty (`dirty`) or clean in a bitmap, widened to whole
+    /// granules when setting and narrowed to whole granules when clearing.
+    fn dirty_bitmap_set_range(&self, name: &str, offset: u64, len: u64, dirty: bool) -> Result<()> {
+        let _ = (name, offset, len, dirty);
+        no_bitmaps("set bitmap range")
+    }
+
+    /// Writes the bitmaps back to the image now (they are otherwise stored when the device
+    /// is dropped), so a caller sees the errors.
+    fn store_dirty_bitmaps(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Rejects a request that does not lie inside a device of `size` bytes.

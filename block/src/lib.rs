@@ -20,8 +20,8 @@ pub mod size;
 pub mod testing;
 
 pub use dev::{
-    check_range, BlockDev, BlockStatus, HostLocation, ImageInfo, Preallocation, ReadSegment,
-    SnapshotInfo, ZeroMode,
+    check_range, BlockDev, BlockStatus, DirtyBitmapInfo, HostLocation, ImageInfo, Preallocation,
+    ReadSegment, SnapshotInfo, ZeroMode,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use file::{AlignedBuf, CacheMode, EngineChoice, EngineKind, HostFile, IoOp};

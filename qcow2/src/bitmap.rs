@@ -1,7 +1,10 @@
-//! Persistent dirty bitmaps (read side): the bitmap directory, validated as QEMU does.
-//!
-//! Only listing is implemented; the bitmaps' contents are not read or updated yet, so a
-//! writable open of an image whose bitmaps are in use is refused (see `write.rs`).
+//! Persistent dirty bitmaps: the bitmap directory, validated as QEMU does (here), the bits
+//! in memory (`dirty.rs`), the bitmaps of an open image and their operations (`live.rs`)
+//! and storing them back crash-safely (`store.rs`).
+
+mod dirty;
+pub(crate) mod live;
+mod store;
 
 use vdisk_block::{Error, HostFile, Result};
 

@@ -60,6 +60,8 @@ pub struct Qcow2Image {
     /// Whether block status looks through data clusters to host holes (decided at the first
     /// block status, as QEMU does: see [`crate::prealloc`]).
     pub(crate) look_through: std::sync::OnceLock<bool>,
+    /// Persistent dirty bitmaps (see `bitmap/live.rs`); never locked while `meta` is held.
+    pub(crate) bitmaps: Mutex<crate::bitmap::live::Bitmaps>,
 }
 
 /// The mutable metadata of an image, behind its metadata lock.
@@ -85,6 +87,10 @@ pub(crate) struct Meta {
     /// Host byte ranges whose clusters lose one reference once the tables that stopped
     /// referencing them are durable.
     pub pending_free: Vec<(u64, u64)>,
+    /// The bitmaps extension and autoclear bits as stored now (bitmap stores change them).
+    pub bitmaps_ext: Option<header::BitmapsExt>,
+    /// See `bitmaps_ext`.
+    pub autoclear: u64,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -111,14 +117,15 @@ fn read_be_u64s(bytes: &[u8]) -> Vec<u64> {
 impl Qcow2Image {
     /// Opens `path`. Backing and data files are opened only as `options.policy` allows.
     ///
-    /// A writable open is refused for images marked corrupt, encrypted images and images
-    /// with persistent dirty bitmaps in use (this driver cannot keep those up to date).
+    /// A writable open is refused for images marked corrupt and encrypted images. A
+    /// writable open loads the persistent bitmaps, marks them in use and records every
+    /// guest write in the enabled ones; they are stored when the image is dropped.
     pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
         Self::open_inner(path, options, false)
     }
 
-    /// A writable open for `check` repair, which keeps persistent bitmaps valid (it never
-    /// changes guest data) and so may open images that have them.
+    /// A writable open for `check` repair, which changes no guest data and so leaves the
+    /// persistent bitmaps as they are on disk.
     pub(crate) fn open_for_repair(path: &Path, options: &OpenOptions) -> Result<Self> {
         Self::open_inner(path, options, true)
     }
@@ -126,15 +133,14 @@ impl Qcow2Image {
     fn open_inner(path: &Path, options: &OpenOptions, repair: bool) -> Result<Self> {
         // Before the chain guard: the rebuild opens this same image itself.
         if options.writable {
-            rebuild_if_dirty(path, options, repair)?;
+            rebuild_if_dirty(path, options)?;
         }
         let _chain = ChainGuard::enter(path)?;
         let file = HostFile::open(path, options.writable, options.cache, options.engine)?;
         let file_len = file.len()?;
         let mut header = read_header(&file, file_len).map_err(|e| e.with_path(path))?;
         if options.writable {
-            crate::write::prepare_writable(&file, &mut header, repair)
-                .map_err(|e| e.with_path(path))?;
+            crate::write::prepare_writable(&file, &mut header).map_err(|e| e.with_path(path))?;
         }
         let l1 = read_l1(&file, &header, file_len).map_err(|e| e.with_path(path))?;
         let decoder = Decoder {
@@ -213,6 +219,8 @@ impl Qcow2Image {
                 pending_free: Vec::new(),
                 overlap,
                 compress_cursor: 0,
+                bitmaps_ext: header.extensions.bitmaps,
+                autoclear: header.autoclear_features,
             }),
             data,
             backing,
@@ -222,7 +230,16 @@ impl Qcow2Image {
             last_compressed: Mutex::new(None),
             data_len: AtomicU64::new(data_len),
             size: AtomicU64::new(header.size),
+            bitmaps: Mutex::new(Default::default()),
             header,
+        })
+        .and_then(|img| {
+            // Before any guest write can happen (a repair changes no guest data and leaves
+            // the bitmaps as they are).
+            if options.writable && !repair {
+                img.open_bitmaps_rw()?;
+            }
+            Ok(img)
         })
     }
 
@@ -607,14 +624,10 @@ fn continues(start: Kind, dist: u64, next: Kind) -> bool {
 
 /// A dirty image (lazy refcounts, not closed cleanly) has stale refcounts: like QEMU, a
 /// read/write open recounts them first.
-fn rebuild_if_dirty(path: &Path, options: &OpenOptions, repair: bool) -> Result<()> {
+fn rebuild_if_dirty(path: &Path, options: &OpenOptions) -> Result<()> {
     let dirty = {
         let file = HostFile::open(path, false, options.cache, options.engine)?;
         let header = read_header(&file, file.len()?).map_err(|e| e.with_path(path))?;
-        if !repair {
-            // Refuse before the rebuild writes anything to an image the open will refuse.
-            crate::write::refuse_live_bitmaps(&header).map_err(|e| e.with_path(path))?;
-        }
         header.incompatible_features & header::incompat::DIRTY != 0
             && header.incompatible_features & header::incompat::CORRUPT == 0
     };
@@ -681,14 +694,17 @@ impl BlockDev for Qcow2Image {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.note_guest_write(offset, buf.len() as u64)?;
         self.write_impl(buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        self.note_guest_write(offset, len)?;
         self.write_zeroes_impl(offset, len, mode)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.note_guest_write(offset, len)?;
         self.discard_impl(offset, len)
     }
 
@@ -768,7 +784,9 @@ impl BlockDev for Qcow2Image {
     }
 
     fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
-        self.resize_impl(new_size, prealloc)
+        self.resize_bitmaps_check()?;
+        self.resize_impl(new_size, prealloc)?;
+        self.resize_bitmaps(self.size())
     }
 
     fn info(&self) -> Result<ImageInfo> {
@@ -805,6 +823,7 @@ impl BlockDev for Qcow2Image {
     }
 
     fn write_compressed_unit(&self, buf: &[u8], packed: Option<&[u8]>, offset: u64) -> Result<()> {
+        self.note_guest_write(offset, buf.len() as u64)?;
         self.write_compressed_cluster(buf, packed, offset)
     }
 
@@ -894,6 +913,44 @@ impl BlockDev for Qcow2Image {
 
     fn is_read_only(&self) -> bool {
         !self.writable
+    }
+
+    fn dirty_bitmaps(&self) -> Result<Vec<vdisk_block::DirtyBitmapInfo>> {
+        self.bitmap_list()
+    }
+
+    fn dirty_bitmap_add(&self, name: &str, granularity: Option<u64>, disabled: bool) -> Result<()> {
+        self.add_bitmap(name, granularity, disabled)
+    }
+
+    fn dirty_bitmap_remove(&self, name: &str) -> Result<()> {
+        self.remove_bitmap(name)
+    }
+
+    fn dirty_bitmap_clear(&self, name: &str) -> Result<()> {
+        self.clear_bitmap(name)
+    }
+
+    fn dirty_bitmap_enable(&self, name: &str, enabled: bool) -> Result<()> {
+        self.enable_bitmap(name, enabled)
+    }
+
+    fn dirty_bitmap_merge(&self, dst: &str, src: &dyn BlockDev, src_name: &str) -> Result<()> {
+        self.check_bitmap_usable(dst)?;
+        let ranges = src.dirty_bitmap_ranges(src_name)?;
+        self.merge_bitmap_ranges(dst, src.size(), &ranges)
+    }
+
+    fn dirty_bitmap_ranges(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        self.bitmap_ranges(name)
+    }
+
+    fn dirty_bitmap_set_range(&self, name: &str, offset: u64, len: u64, dirty: bool) -> Result<()> {
+        self.set_bitmap_range(name, offset, len, dirty)
+    }
+
+    fn store_dirty_bitmaps(&self) -> Result<()> {
+        self.store_bitmaps()
     }
 }
 
@@ -995,6 +1052,8 @@ impl Qcow2Image {
         h.l1_table_offset = meta.l1_offset;
         h.snapshots_offset = meta.snapshots_offset;
         h.nb_snapshots = meta.nb_snapshots;
+        h.extensions.bitmaps = meta.bitmaps_ext;
+        h.autoclear_features = meta.autoclear;
         h
     }
 

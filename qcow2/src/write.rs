@@ -50,30 +50,11 @@ struct Mapped {
 /// Header offset of `autoclear_features`.
 const HEADER_AUTOCLEAR: u64 = 88;
 
-/// Refuses a writable open of an image whose persistent dirty bitmaps are in use (the
-/// bitmaps extension is present and its auto-clear bit says it is consistent).
-///
-/// This driver does not update bitmaps yet. Clearing the bit, as the spec allows a writer
-/// that does not know it, would silently turn every bitmap stale and break the next
-/// incremental backup; refusing keeps them intact until the user decides.
-pub(crate) fn refuse_live_bitmaps(header: &Header) -> Result<()> {
-    if header.extensions.bitmaps.is_some() && header.autoclear_features & autoclear::BITMAPS != 0 {
-        return Err(Error::unsupported(
-            "open",
-            "cannot open the image for writing: it has persistent dirty bitmaps, which vdisk \
-             cannot update yet; open read-only or remove them with qemu-img bitmap --remove",
-        ));
-    }
-    Ok(())
-}
-
 /// Checks that this driver can write the image, and clears the auto-clear bits it does not
 /// maintain (as the spec requires of a writer that does not know them).
 ///
-/// Images with live persistent bitmaps are refused (see [`refuse_live_bitmaps`]) unless
-/// `repair` is set: a repair only rewrites refcounts and COPIED flags, never guest data, so
-/// the bitmaps stay true and their bit is kept.
-pub(crate) fn prepare_writable(file: &HostFile, header: &mut Header, repair: bool) -> Result<()> {
+/// Persistent bitmaps are kept up to date (`bitmap/live.rs`), so their bit is kept.
+pub(crate) fn prepare_writable(file: &HostFile, header: &mut Header) -> Result<()> {
     let refuse = |why: &str| {
         Err(Error::unsupported(
             "open",
@@ -94,11 +75,7 @@ pub(crate) fn prepare_writable(file: &HostFile, header: &mut Header, repair: boo
     if header.crypt_method != CryptMethod::None {
         return refuse("writing encrypted images is not implemented yet");
     }
-    if !repair {
-        refuse_live_bitmaps(header)?;
-    }
-    // Without a bitmaps extension the bit means nothing; with one it is kept only by a
-    // repair (above: other writers were refused).
+    // Without a bitmaps extension the bit means nothing.
     let mut keep = header.autoclear_features & autoclear::KNOWN;
     if header.extensions.bitmaps.is_none() {
         keep &= !autoclear::BITMAPS;
@@ -1217,6 +1194,7 @@ impl Drop for Qcow2Image {
         // Best effort: callers that care about errors flush before dropping.
         if self.writable {
             let _ = self.flush_impl();
+            let _ = self.store_bitmaps();
         }
     }
 }

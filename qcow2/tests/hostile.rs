@@ -1242,13 +1242,12 @@ fn class7_overlapping_metadata() {
                 q_write: QWrite::Ok,
                 ..CASE
             },
-            // vdisk does not open images with live bitmaps for writing at all (it cannot
-            // update them), so the overlap cannot be reached.
+            // qemu writes guest data over the bitmap directory; vdisk refuses.
             Case {
                 name: "data on the bitmap directory",
                 base: Base::Bitmaps,
                 mutate: |b| point_data_at(b, bitmap_dir),
-                write: VWrite::OpenErr("persistent dirty bitmaps"),
+                write: VWrite::Refused("overwrite metadata"),
                 q_check: QCheck::Counts(1, 1),
                 q_write: QWrite::Corrupt,
                 ..CASE

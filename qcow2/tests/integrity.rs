@@ -91,40 +91,23 @@ fn be64_at(path: &Path, offset: u64) -> u64 {
 }
 
 #[test]
-fn live_persistent_bitmaps_refuse_writable_opens() {
+fn live_persistent_bitmaps_stay_valid_across_writable_opens() {
     let sc = Scratch::new("bitmaps-rw");
     let img = sc.path("bm.qcow2");
     create(&img, "", "8M");
     qemu_io(&img, &["write -P 0x5a 0 1m"]);
     qemu_img(&["bitmap", "--add", s(&img), "b0"]);
-    let before = std::fs::read(&img).expect("read image");
 
-    let err = Qcow2Image::open(&img, &rw_options()).expect_err("writable open with bitmaps");
-    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
-    for needle in [
-        "persistent dirty bitmaps",
-        "open read-only",
-        "qemu-img bitmap --remove",
-    ] {
-        assert!(err.message().contains(needle), "{err}");
-    }
-    // Through the format too (what the CLI and the VMM use).
-    let err = match Qcow2Format.open(&img, &rw_options()) {
-        Ok(_) => panic!("writable open through the format succeeded"),
-        Err(e) => e,
-    };
-    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
-
-    let dev = open(&img);
-    let data = read_all(&dev);
-    assert!(data[..1 << 20].iter().all(|&b| b == 0x5a));
-    assert!(data[1 << 20..].iter().all(|&b| b == 0));
+    // A writable open (through the format, as the CLI and the VMM do) records the write
+    // in the bitmap and stores it on close with the autoclear bit kept.
+    let dev = Qcow2Format
+        .open(&img, &rw_options())
+        .expect("writable open with bitmaps");
+    dev.write_at(&[1; 512], 3 << 20).expect("write");
+    dev.flush().expect("flush");
     drop(dev);
-    assert!(
-        std::fs::read(&img).expect("read image") == before,
-        "the refused open changed the image"
-    );
     qemu_check_clean(&img);
+    assert_eq!(be64_at(&img, 88) & 1, 1, "bitmaps autoclear bit");
     let bitmaps = &qemu_info(&img)["format-specific"]["data"]["bitmaps"];
     assert_eq!(bitmaps[0]["name"], "b0", "{bitmaps}");
     assert_eq!(
@@ -132,8 +115,16 @@ fn live_persistent_bitmaps_refuse_writable_opens() {
         serde_json::json!(["auto"]),
         "{bitmaps}"
     );
+    let dev = open(&img);
+    assert_eq!(
+        dev.dirty_bitmap_ranges("b0").expect("ranges"),
+        vec![(3 << 20, 65536)]
+    );
+    let data = read_all(&dev);
+    assert!(data[..1 << 20].iter().all(|&b| b == 0x5a));
+    drop(dev);
 
-    // A repair never changes guest data, so it may write and keeps the bitmaps valid.
+    // A repair never changes guest data and leaves the bitmaps as they are.
     let r = Qcow2Format
         .check(&img, &options(), RepairMode::All)
         .expect("repair of an image with bitmaps");
@@ -145,14 +136,10 @@ fn live_persistent_bitmaps_refuse_writable_opens() {
         serde_json::json!(["auto"]),
         "{bitmaps}"
     );
-
-    // Once they are removed the image opens for writing.
-    qemu_img(&["bitmap", "--remove", s(&img), "b0"]);
-    let dev = open_rw(&img);
-    dev.write_at(&[1; 512], 0).expect("write");
-    dev.flush().expect("flush");
-    drop(dev);
-    qemu_check_clean(&img);
+    assert_eq!(
+        open(&img).dirty_bitmap_ranges("b0").expect("ranges"),
+        vec![(3 << 20, 65536)]
+    );
 }
 
 #[test]
