@@ -2,6 +2,7 @@
 //! copy between images (convert today; mirror, commit, stream and backup later).
 #![forbid(unsafe_code)]
 
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod map;

@@ -61,6 +61,15 @@ pub enum Command {
     /// Print the digest of an image's guest-visible contents, independent of format.
     #[command(long_about = cmd::checksum::LONG_ABOUT)]
     Checksum(cmd::checksum::ChecksumArgs),
+    /// Commit the changes of an image into its backing file (or a deeper base with -b).
+    #[command(long_about = cmd::commit::LONG_ABOUT)]
+    Commit(cmd::commit::CommitArgs),
+    /// Copy an image block by block into a new image (if=, of=, bs=, count=, skip=).
+    #[command(long_about = cmd::dd::LONG_ABOUT)]
+    Dd(cmd::dd::DdArgs),
+    /// Run a simple read or write benchmark on an image.
+    #[command(long_about = cmd::bench::LONG_ABOUT)]
+    Bench(cmd::bench::BenchArgs),
 }
 
 /// Runs the command line `args` (including the program name) and returns the exit code.
@@ -91,5 +100,8 @@ where
         Command::Amend(a) => cmd::amend::run(&ctx, a),
         Command::Rebase(a) => cmd::rebase::run(&ctx, a),
         Command::Checksum(a) => cmd::checksum::run(&ctx, a),
+        Command::Commit(a) => cmd::commit::run(&ctx, a),
+        Command::Dd(a) => cmd::dd::run(&ctx, a),
+        Command::Bench(a) => cmd::bench::run(&ctx, a),
     }
 }

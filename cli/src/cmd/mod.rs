@@ -2,11 +2,14 @@
 //! the user gave and turning failures into qemu-img's words.
 
 pub mod amend;
+pub mod bench;
 pub mod check;
 pub mod checksum;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
+pub mod dd;
 pub mod info;
 pub mod map;
 pub mod measure;
