@@ -73,6 +73,26 @@ fn setup(dir: &Path) {
     qemu_io(dir, "qcow2", "small-cl.qcow2", &["write -P 0xc3 6M 10k"]);
     create(&[
         "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=128k",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "xl2.qcow2",
+    ]);
+    qemu_io(
+        dir,
+        "qcow2",
+        "xl2.qcow2",
+        &[
+            "write -P 0xc4 100k 4k",
+            "write -P 0xc5 4200k 8k",
+            "write -z 600k 32k",
+        ],
+    );
+    create(&[
+        "qcow2",
         "-b",
         "gone.qcow2",
         "-F",
@@ -220,6 +240,17 @@ fn safe_rebase_keeps_the_guest_view_like_qemu_img() {
     t.same_image("small-cl.qcow2", "qcow2");
     t.same_map("small-cl.qcow2", "qcow2");
     unchanged(&t, "small-cl.qcow2", "small-cl-before.raw");
+    // Extended L2: writes are widened to 4 KiB subclusters, not 128 KiB clusters.
+    t.each(|dir| snapshot_raw(dir, "xl2.qcow2", "xl2-before.raw"));
+    for args in [
+        &["rebase", "-b", "other.qcow2", "-F", "qcow2", "xl2.qcow2"][..],
+        &["rebase", "-b", "", "xl2.qcow2"],
+    ] {
+        t.step_ok(args);
+        t.same_image("xl2.qcow2", "qcow2");
+        t.same_map("xl2.qcow2", "qcow2");
+        unchanged(&t, "xl2.qcow2", "xl2-before.raw");
+    }
     // A standalone image onto a base: where the base has data, the image must now hold
     // zeroes. qemu-img makes zero clusters; vdisk writes zero data (its qcow2 driver leaves
     // a range that already reads as zeroes unallocated), so only the contents are compared.
