@@ -246,6 +246,25 @@ impl CipherSpec {
         Ok(spec)
     }
 
+    /// Refuses what vdisk must not create: combinations that cannot work, and key material
+    /// that does not fill whole sectors (aes-192 outside xts), which qemu cannot open.
+    pub fn check_new(&self) -> Result<()> {
+        self.check()?;
+        if !(self.key_bytes() * crate::header::STRIPES as usize)
+            .is_multiple_of(crate::cipher::SECTOR_SIZE)
+        {
+            return Err(Error::unsupported(
+                "create luks",
+                format!(
+                    "{} in {} mode gives key material that is not whole sectors, which qemu cannot open; use xts or another key size",
+                    self.alg.name(),
+                    self.mode.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses combinations that cannot work.
     pub fn check(&self) -> Result<()> {
         if let IvGen::Essiv(h) = self.ivgen {

@@ -88,7 +88,7 @@ impl NewVolumeOptions {
             })?,
         };
         let cipher = CipherSpec { alg, mode, ivgen };
-        cipher.check()?;
+        cipher.check_new()?;
         Ok(NewVolumeOptions {
             passphrase,
             cipher,

@@ -49,6 +49,9 @@ pub struct CheckArgs {
     /// (`format=base64` decodes it); options name it by id (`key-secret=ID`)
     #[arg(long = "object", value_name = "OBJECTDEF")]
     pub object: Vec<String>,
+    /// Treat FILENAME as options: driver=FMT,file.filename=PATH[,key=value...]
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
 }
 
 /// qemu-img's warning when an image opened for writing was probed as raw.
@@ -86,7 +89,7 @@ pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
         force_share: args.force_share,
         cache: args.cache.as_deref(),
         no_backing: false,
-        image_opts: false,
+        image_opts: args.image_opts,
     };
     // Opening first gives the same errors as every other command for a bad file.
     let dev = match open(name, &spec) {
@@ -120,7 +123,21 @@ pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
         OpenOptions::read_only()
     };
     options.force_share = args.force_share;
-    let run_check = |mode: RepairMode| driver.check(Path::new(name), &options, mode);
+    let path = if args.image_opts {
+        match super::parse_image_opts(name) {
+            Ok(o) => {
+                options.driver_options.extend(o.options);
+                o.filename
+            }
+            Err(f) => {
+                ctx.fail(&f);
+                return 1;
+            }
+        }
+    } else {
+        name.clone()
+    };
+    let run_check = |mode: RepairMode| driver.check(Path::new(&path), &options, mode);
     let unsupported = |e: &vdisk_block::Error| {
         Failure::new(
             without_hint(e.message()).to_string(),
