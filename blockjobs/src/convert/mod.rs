@@ -36,6 +36,9 @@ use plan::{Chunk, ChunkKind, Planner};
 /// Default size of one data chunk, as qemu-img's `IO_BUF_SIZE`.
 pub const DEFAULT_CHUNK: usize = 2 << 20;
 
+/// Largest chunk of a compressed copy (unless one compression unit is larger).
+const COMPRESSED_CHUNK: usize = 256 << 10;
+
 /// Default shortest zero run that becomes a hole (`-S 4k`).
 pub const DEFAULT_MIN_SPARSE: u64 = 4096;
 
@@ -191,9 +194,16 @@ pub fn convert(
         Some(_) => vec![Arc::new(concat::Concat::new(sources)?)],
         None => Vec::new(),
     };
+    // A compressed copy is CPU-bound: a chunk only has to be long enough to amortise the
+    // planner, and each worker holds its chunk twice (read and compressed), so chunks of a
+    // few clusters keep peak memory near qemu-img's (which compresses cluster by cluster).
+    let chunk_size = match unit {
+        Some(u) => chunk_size.min(COMPRESSED_CHUNK).max(u as usize),
+        None => chunk_size,
+    };
     let (plan_sources, planner) = match unit {
         Some(u) => {
-            let chunk = chunk_size.max(u as usize);
+            let chunk = chunk_size;
             (
                 &concatenated[..],
                 Planner::aligned(&concatenated, chunk as u64, u),
@@ -201,7 +211,6 @@ pub fn convert(
         }
         None => (sources, Planner::new(sources, chunk_size as u64)),
     };
-    let chunk_size = unit.map_or(chunk_size, |u| chunk_size.max(u as usize));
     let job = Job {
         sources: plan_sources,
         target,
