@@ -27,7 +27,13 @@ impl Trio {
         dropin_link(&bin, Path::new(VDISK));
         let dirs = [scratch.sub("q"), scratch.sub("d"), scratch.sub("v")];
         for dir in &dirs {
-            for (fmt, name) in [("qcow2", "b.qcow2"), ("raw", "b.raw"), ("vmdk", "b.vmdk")] {
+            for (fmt, name) in [
+                ("qcow2", "b.qcow2"),
+                ("raw", "b.raw"),
+                ("vmdk", "b.vmdk"),
+                ("vhdx", "b.vhdx"),
+                ("vpc", "b.vpc"),
+            ] {
                 let r = qemu_img(dir, &["create", "-q", "-f", fmt, name, "1M"]);
                 assert_eq!(r.code, 0, "{r:?}");
             }
@@ -289,6 +295,32 @@ fn writes_leave_what_qemu_img_leaves() {
         "b.qcow2",
     ]);
     t.same_images("b.qcow2", "qcow2");
+    t.check(&[
+        "bench",
+        "-c",
+        "100",
+        "-d",
+        "8",
+        "-w",
+        "--pattern=0x42",
+        "-S",
+        "12k",
+        "b.vhdx",
+    ]);
+    t.same_images("b.vhdx", "vhdx");
+    t.check(&[
+        "bench",
+        "-c",
+        "100",
+        "-d",
+        "8",
+        "-w",
+        "--pattern=0x43",
+        "-s",
+        "8k",
+        "b.vpc",
+    ]);
+    t.same_images("b.vpc", "vpc");
     // A read run changes nothing.
     t.check(&["bench", "-c", "64", "-s", "16k", "b.qcow2"]);
     t.same_images("b.qcow2", "qcow2");

@@ -261,3 +261,27 @@ fn bad_operands_fail_like_qemu_img() {
         assert!(!dir.join("x.raw").exists(), "{}", dir.display());
     }
 }
+
+#[test]
+fn copies_into_every_output_format() {
+    let t = Trio::new("formats");
+    // qcow2 and raw outputs are byte for byte qemu-img's (above). VMDK and VHD carry random
+    // identifiers (CID, UUID) and VHDX a layout of its own, so those outputs must read as
+    // qemu-img's and pass its check.
+    for fmt in ["vmdk", "vpc", "vhdx"] {
+        let out = format!("o.{fmt}");
+        let of = format!("of={out}");
+        t.check(&["dd", "-O", fmt, "bs=64k", "if=in.qcow2", &of], None);
+        let want = t.dirs[0].join(&out);
+        let want = want.to_string_lossy();
+        for dir in &t.dirs[1..] {
+            let r = qemu_img(dir, &["compare", "-f", fmt, "-F", fmt, &out, want.as_ref()]);
+            assert_eq!(r.code, 0, "{out} in {}: {r:?}", dir.display());
+            let r = qemu_img(dir, &["check", "-f", fmt, &out]);
+            assert!(
+                r.code == 0 || fmt == "vpc" && r.code == 63,
+                "check {out}: {r:?}"
+            );
+        }
+    }
+}
