@@ -267,11 +267,20 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
             .create(&target_path, options)
             .map_err(|e| convert_create_failure(&target_path, driver.name(), &e))?;
     }
-    let target_opts = OpenOptions {
+    let mut target_opts = OpenOptions {
         cache: settings.target_cache,
         engine: EngineChoice::Sync,
         ..OpenOptions::read_write()
     };
+    // As qemu-img, the target is opened with the -o options its driver takes on open too
+    // (luks' key-secret).
+    if let Ok(given) = CreateOptions::parse_options(&settings.create_options) {
+        target_opts.driver_options.extend(
+            given
+                .into_iter()
+                .filter(|(k, _)| driver.open_option_names().contains(&k.as_str())),
+        );
+    }
     let target = open_image(&target_path, Some(driver.name()), &target_opts)
         .map_err(|e| open_failure(&target_path.to_string_lossy(), &e))?;
     convert::check_target_size(&sources, target.as_ref())
