@@ -18,67 +18,20 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::System;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
+use peakmem_alloc::{PeakMemAlloc, PeakMemAllocTrait, INSTRUMENTED_SYSTEM};
 use vdisk_block::{BlockDev, CheckReport, Format, OpenOptions, RepairMode};
 use vdisk_qcow2::entry::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use vdisk_qcow2::{Qcow2Format, Qcow2Image};
 
-/// Heap bytes live now, and the most live at once since the last reset.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-/// The system allocator, counting live bytes.
-struct Counting;
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the counters are
-// plain atomics and never allocate.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                let grow = new_size - layout.size();
-                let now = LIVE.fetch_add(grow, Ordering::Relaxed) + grow;
-                PEAK.fetch_max(now, Ordering::Relaxed);
-            } else {
-                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-            }
-        }
-        p
-    }
-}
-
+/// Counts heap use so each case's peak can be bounded.
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: &PeakMemAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 /// Most heap one case may use on top of what was live when it started.
 const MEMORY_LIMIT: usize = 64 << 20;
@@ -95,8 +48,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// Runs `f` on a watchdog thread: fails when it panics, takes longer than [`TIME_LIMIT`]
 /// or allocates more than [`MEMORY_LIMIT`] at once.
 fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
+    // The peak is counted from here: bytes allocated since, net of those freed.
+    ALLOCATOR.reset_peak_memory();
     let start = Instant::now();
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
@@ -118,7 +71,7 @@ fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
             std::panic::resume_unwind(panic)
         }
     };
-    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+    let peak = ALLOCATOR.get_peak_memory();
     assert!(
         peak < MEMORY_LIMIT,
         "{what}: peak heap use {peak} bytes (limit {MEMORY_LIMIT})"
