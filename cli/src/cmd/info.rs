@@ -256,9 +256,6 @@ fn node_json(node: &Node) -> Value {
     if let Some(actual) = i.actual_size {
         m.insert("actual-size".into(), json!(actual));
     }
-    if i.encrypted {
-        m.insert("encrypted".into(), json!(true));
-    }
     if let Some(spec) = &node.specific {
         m.insert(
             "format-specific".into(),
@@ -270,6 +267,10 @@ fn node_json(node: &Node) -> Value {
             "full-backing-filename".into(),
             json!(full.display().to_string()),
         );
+    }
+    // qemu-img prints it here, after format-specific (seen with luks and qcow2).
+    if i.encrypted {
+        m.insert("encrypted".into(), json!(true));
     }
     if let Some(b) = &i.backing_filename {
         m.insert("backing-filename".into(), json!(b));
