@@ -10,8 +10,12 @@
 //!
 //! QEMU falls back to discarding every cluster for images that cannot be emptied that way
 //! (version 2, internal snapshots, persistent bitmaps, LUKS, an external data file, or an
-//! L1 table too large for one refcount block); that fallback is not implemented here, and
-//! such images are refused with an error instead of being left half done.
+//! L1 table too large for one refcount block): every L2 entry of the active L1 table
+//! becomes unallocated and the clusters it held lose a reference (freed ones are punched
+//! out of the file). So does [`make_empty`] here, L2 tables first and refcounts after (an
+//! interruption leaks clusters, never loses a referenced one), except where an L2 table is
+//! shared with an internal snapshot (QEMU copies it first) or the image has an external
+//! data file: those are refused with an error instead of being left half done.
 //!
 //! This lives beside the commit job rather than in the qcow2 crate because the crate has no
 //! "make empty" entry point yet; it uses only the crate's header codec.
@@ -20,7 +24,9 @@ use std::fs::OpenOptions as FsOpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use vdisk_block::{Error, Result};
+use vdisk_block::{CacheMode, EngineChoice, Error, HostFile, Result};
+use vdisk_qcow2::alloc::Refcounts;
+use vdisk_qcow2::entry::{Decoder, Kind};
 use vdisk_qcow2::header::{autoclear, incompat, CryptMethod, Header};
 
 /// What emptying did.
@@ -77,13 +83,8 @@ fn make_qcow2_empty(path: &Path) -> Result<()> {
         None
     };
     if let Some(why) = why_not {
-        return Err(Error::unsupported(
-            "make empty",
-            format!(
-                "cannot empty the image: {why}, and emptying such images cluster by cluster is not implemented (the data is committed; the image still holds its own copy)"
-            ),
-        )
-        .with_path(path));
+        drop(file);
+        return discard_everything(path, &header, why);
     }
     // As QEMU does, the image is marked dirty before its tables are overwritten, so an
     // interrupted run leaves an image whose refcounts are rebuilt on the next open rather
@@ -116,6 +117,90 @@ fn make_qcow2_empty(path: &Path) -> Result<()> {
     file.set_len(end).map_err(io("truncate"))?;
     file.sync_all().map_err(io("flush"))?;
     Ok(())
+}
+
+/// QEMU's fallback: every cluster of the active L1 table discarded for good (`why` says
+/// why the quick way does not apply).
+fn discard_everything(path: &Path, header: &Header, why: &str) -> Result<()> {
+    let refuse = |what: &str| {
+        Err(Error::unsupported(
+            "make empty",
+            format!(
+                "cannot empty the image: {why}, and {what} (the data is committed; the image still holds its own copy)"
+            ),
+        )
+        .with_path(path))
+    };
+    if header.has_data_file() {
+        return refuse("emptying an image with an external data file is not implemented");
+    }
+    if header.incompatible_features & incompat::DIRTY != 0 {
+        return refuse("its refcounts need a repair first (run vdisk check -r all)");
+    }
+    let file = HostFile::open(path, true, CacheMode::Writeback, EngineChoice::Sync)?;
+    let cs = header.cluster_size();
+    let decoder = Decoder {
+        cluster_bits: header.cluster_bits,
+        extended_l2: header.extended_l2(),
+        data_file: false,
+    };
+    let entry_bytes: usize = if decoder.extended_l2 { 16 } else { 8 };
+    let mut refcounts = Refcounts::load(&file, header)?;
+    let mut l1 = vec![0u8; header.l1_size as usize * 8];
+    file.read_at(&mut l1, header.l1_table_offset)?;
+    let mut freed: Vec<u64> = Vec::new();
+    let mut l2 = vec![0u8; cs as usize];
+    for (index, raw) in l1.chunks_exact(8).enumerate() {
+        let entry = u64::from_be_bytes(raw.try_into().unwrap_or([0; 8]));
+        let table = decoder.l2_offset(index as u64, entry)?;
+        if table == 0 {
+            continue;
+        }
+        if refcounts.get(&file, table >> header.cluster_bits)? != 1 {
+            return refuse("its L2 tables are shared with internal snapshots, which emptying does not copy yet");
+        }
+        file.read_at(&mut l2, table)?;
+        let mut changed = false;
+        for slot in l2.chunks_exact_mut(entry_bytes) {
+            let e = u64::from_be_bytes(slot[..8].try_into().unwrap_or([0; 8]));
+            let bitmap = match entry_bytes {
+                16 => u64::from_be_bytes(slot[8..16].try_into().unwrap_or([0; 8])),
+                _ => 0,
+            };
+            if e == 0 && bitmap == 0 {
+                continue;
+            }
+            match decoder.classify(e, bitmap, 0, 0)? {
+                Kind::Compressed { offset, len } => {
+                    let last = (offset + len.max(1) - 1) >> header.cluster_bits;
+                    freed.extend((offset >> header.cluster_bits)..=last);
+                }
+                kind => freed.extend(kind.host().map(|h| h >> header.cluster_bits)),
+            }
+            slot.fill(0);
+            changed = true;
+        }
+        if changed {
+            file.write_at(&l2, table)?;
+        }
+    }
+    // The tables no longer point at the clusters before any of them is freed.
+    file.flush()?;
+    for &cluster in &freed {
+        refcounts.adjust(&file, cluster, false)?;
+    }
+    refcounts.write_dirty(&file)?;
+    file.flush()?;
+    freed.sort_unstable();
+    freed.dedup();
+    for cluster in freed {
+        if refcounts.get(&file, cluster)? == 0 {
+            // As QEMU passes the discard of a freed cluster down; a file system without
+            // hole punching keeps the bytes, which is harmless.
+            let _ = file.punch_hole(cluster * cs, cs);
+        }
+    }
+    file.flush()
 }
 
 /// A refcount block whose first `used` entries are 1, entries `bits` wide (qcow2 packs
