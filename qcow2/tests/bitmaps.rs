@@ -67,7 +67,16 @@ struct Nbd {
 impl Drop for Nbd {
     fn drop(&mut self) {
         if let Ok(pid) = std::fs::read_to_string(&self.pid_file) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
+            let pid = pid.trim();
+            let _ = Command::new("kill").arg(pid).status();
+            // Wait until it is gone, so its image lock is free for the next command.
+            for _ in 0..1000 {
+                if gone(pid) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let _ = Command::new("kill").args(["-9", pid]).status();
         }
     }
 }
@@ -636,4 +645,16 @@ fn cuts_around_a_store_leave_no_corruption() {
         }
     }
     assert!(checked > ops.len());
+}
+
+/// True when process `pid` has exited (a zombie left for a reaper counts: it holds no
+/// locks any more).
+fn gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
 }

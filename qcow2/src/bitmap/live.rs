@@ -533,7 +533,10 @@ impl Qcow2Image {
             if src_size != l.map.size() {
                 return Err(Error::invalid(
                     "merge bitmap",
-                    "Bitmaps are incompatible and can't be merged",
+                    format!(
+                        "Bitmaps are of different sizes (destination size is {}, source size is {src_size}) and can't be merged",
+                        l.map.size()
+                    ),
                 ));
             }
             for &(offset, len) in ranges {

@@ -12,12 +12,24 @@
 //! bitmaps are valid and at worst the old clusters leak. Bitmaps found inconsistent at
 //! open keep their directory entry and clusters untouched.
 
-use vdisk_block::{Error, Result};
+use vdisk_block::{Error, HostFile, Result};
+
+use crate::alloc::Refcounts;
 
 use super::live::Entry;
 use super::FLAG_AUTO;
 use crate::header::{autoclear, ext, BitmapsExt};
 use crate::image::{Qcow2Image, HEADER_INCOMPAT};
+
+/// Allocates `n` contiguous clusters, first fit for a single one (as qemu does, so the
+/// clusters an earlier store freed are reused and the file does not grow at every store).
+fn alloc_run(refs: &mut Refcounts, file: &HostFile, n: u64) -> Result<u64> {
+    if n == 1 {
+        refs.alloc(file)
+    } else {
+        refs.alloc_contiguous(file, n)
+    }
+}
 
 impl Qcow2Image {
     /// Writes the in-memory bitmaps to the image (nothing when nothing changed since the
@@ -68,7 +80,7 @@ impl Qcow2Image {
                     }
                     let table_bytes: Vec<u8> = table.iter().flat_map(|t| t.to_be_bytes()).collect();
                     let clusters = (table_bytes.len() as u64).div_ceil(cs).max(1);
-                    let table_offset = refs.alloc_contiguous(file, clusters)? << cb;
+                    let table_offset = alloc_run(refs, file, clusters)? << cb;
                     let mut padded = table_bytes;
                     padded.resize((clusters * cs) as usize, 0);
                     file.write_at(&padded, table_offset)?;
@@ -95,7 +107,7 @@ impl Qcow2Image {
             None
         } else {
             let clusters = (dir.len() as u64).div_ceil(cs);
-            let offset = refs.alloc_contiguous(file, clusters)? << cb;
+            let offset = alloc_run(refs, file, clusters)? << cb;
             let mut padded = dir.clone();
             padded.resize((clusters * cs) as usize, 0);
             file.write_at(&padded, offset)?;
