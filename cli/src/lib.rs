@@ -70,6 +70,9 @@ pub enum Command {
     /// Run a simple read or write benchmark on an image.
     #[command(long_about = cmd::bench::LONG_ABOUT)]
     Bench(cmd::bench::BenchArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps.
+    #[command(long_about = cmd::bitmap::LONG_ABOUT)]
+    Bitmap(cmd::bitmap::BitmapArgs),
 }
 
 /// Runs the command line `args` (including the program name) and returns the exit code.
@@ -103,5 +106,6 @@ where
         Command::Commit(a) => cmd::commit::run(&ctx, a),
         Command::Dd(a) => cmd::dd::run(&ctx, a),
         Command::Bench(a) => cmd::bench::run(&ctx, a),
+        Command::Bitmap(a) => cmd::bitmap::run(&ctx, a),
     }
 }
