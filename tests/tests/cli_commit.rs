@@ -545,6 +545,9 @@ fn tops_qemu_empties_cluster_by_cluster() {
             &["write -P 0x66 0 8M".to_string()],
         );
     };
+    let snapshot = |dir: &Path| {
+        qemu(dir, &["snapshot", "-c", "s1", "top.qcow2"]);
+    };
     let bitmap = |dir: &Path| {
         qemu(dir, &["bitmap", "--add", "top.qcow2", "b0"]);
     };
@@ -553,9 +556,11 @@ fn tops_qemu_empties_cluster_by_cluster() {
         qemu_io(dir, "qcow2", "top.qcow2", &cmds);
     };
     let nothing = |_: &Path| {};
-    let cases: [Variant; 5] = [
+    let cases: [Variant; 6] = [
         ("v2", &["-o", "compat=0.10"], &nothing),
         ("snap", &[], &snapshot_then_write),
+        // Every L2 table shared with the snapshot.
+        ("snap-shared", &[], &snapshot),
         ("bitmap", &[], &bitmap),
         ("compressed", &[], &compressed),
         ("ext-l2", &["-o", "extended_l2=on"], &nothing),
@@ -583,5 +588,15 @@ fn tops_qemu_empties_cluster_by_cluster() {
         };
         // Snapshots and bitmaps stay as qemu-img leaves them.
         assert_eq!(keep(info(&t.d)), keep(info(&t.q)), "{tag}");
+        if tag.starts_with("snap") {
+            let saved = |dir: &Path| {
+                qemu(
+                    dir,
+                    &["convert", "-l", "s1", "-O", "raw", "top.qcow2", "s1.raw"],
+                );
+                fs::read(dir.join("s1.raw")).expect("snapshot contents")
+            };
+            assert!(saved(&t.d) == saved(&t.q), "snapshot s1 of {tag}");
+        }
     }
 }

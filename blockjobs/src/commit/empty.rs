@@ -13,9 +13,10 @@
 //! L1 table too large for one refcount block): every L2 entry of the active L1 table
 //! becomes unallocated and the clusters it held lose a reference (freed ones are punched
 //! out of the file). So does [`make_empty`] here, L2 tables first and refcounts after (an
-//! interruption leaks clusters, never loses a referenced one), except where an L2 table is
-//! shared with an internal snapshot (QEMU copies it first) or the image has an external
-//! data file: those are refused with an error instead of being left half done.
+//! interruption leaks clusters, never loses a referenced one). An L2 table shared with an
+//! internal snapshot is unhooked from the active L1 table instead of being copied and
+//! cleared as QEMU does (both read as unallocated). Images with an external data file are
+//! refused with an error instead of being left half done.
 //!
 //! This lives beside the commit job rather than in the qcow2 crate because the crate has no
 //! "make empty" entry point yet; it uses only the crate's header codec.
@@ -156,9 +157,7 @@ fn discard_everything(path: &Path, header: &Header, why: &str) -> Result<()> {
         if table == 0 {
             continue;
         }
-        if refcounts.get(&file, table >> header.cluster_bits)? != 1 {
-            return refuse("its L2 tables are shared with internal snapshots, which emptying does not copy yet");
-        }
+        let shared = refcounts.get(&file, table >> header.cluster_bits)? != 1;
         file.read_at(&mut l2, table)?;
         let mut changed = false;
         for slot in l2.chunks_exact_mut(entry_bytes) {
@@ -180,7 +179,14 @@ fn discard_everything(path: &Path, header: &Header, why: &str) -> Result<()> {
             slot.fill(0);
             changed = true;
         }
-        if changed {
+        if shared {
+            // A table a snapshot shares is left to the snapshot: QEMU gives the active L1
+            // a private copy and clears it, which reads the same as no table at all. The
+            // table loses the active L1's reference, its clusters the table's.
+            let at = header.l1_table_offset + index as u64 * 8;
+            file.write_at(&0u64.to_be_bytes(), at)?;
+            freed.push(table >> header.cluster_bits);
+        } else if changed {
             file.write_at(&l2, table)?;
         }
     }
