@@ -133,6 +133,9 @@ impl Format for LuksFormat {
                 "Unsupported preallocation mode: metadata (luks images have no metadata; use off, falloc or full)",
             ));
         }
+        // Accepted for compatibility; they tune host file systems vdisk does not touch.
+        options.take("extent_size_hint");
+        options.take("nocow");
         let volume = NewVolumeOptions::take(&mut options, "")?;
         options.reject_leftovers("luks")?;
         if !options.size.is_multiple_of(512) {
@@ -178,38 +181,54 @@ impl Format for LuksFormat {
     }
 
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {
+        // qemu-img's texts, in the order its `-o help` prints them.
         vec![
-            ("size", "Virtual disk size"),
+            ("cipher-alg", "Name of encryption cipher algorithm"),
+            ("cipher-mode", "Name of encryption cipher mode"),
+            ("detached-header", "Create a detached LUKS header"),
+            ("hash-alg", "Name of encryption hash algorithm"),
+            ("iter-time", "Time to spend in PBKDF in milliseconds"),
+            ("ivgen-alg", "Name of IV generator algorithm"),
+            ("ivgen-hash-alg", "Name of IV generator hash algorithm"),
             (
                 "key-secret",
                 "ID of the secret that provides the keyslot passphrase",
             ),
-            (
-                "cipher-alg",
-                "Name of encryption cipher algorithm (aes-128, aes-192, aes-256)",
-            ),
-            (
-                "cipher-mode",
-                "Name of encryption cipher mode (xts, cbc, ecb, ctr)",
-            ),
-            (
-                "ivgen-alg",
-                "Name of IV generator algorithm (plain, plain64, essiv)",
-            ),
-            ("ivgen-hash-alg", "Name of IV generator hash algorithm"),
-            (
-                "hash-alg",
-                "Name of encryption hash algorithm (sha1, sha224, sha256, sha384, sha512)",
-            ),
-            ("iter-time", "Time to spend in PBKDF in milliseconds"),
-            (
-                "detached-header",
-                "Create a detached LUKS header (not supported)",
-            ),
+            ("size", "Virtual disk size"),
+            // The file protocol's, as for raw images.
             (
                 "preallocation",
                 "Preallocation mode (allowed values: off, falloc, full)",
             ),
+            (
+                "extent_size_hint",
+                "Extent size hint for the image file, 0 to disable (accepted, not used)",
+            ),
+            (
+                "nocow",
+                "Turn off copy-on-write (valid only on btrfs; accepted, not used)",
+            ),
         ]
+    }
+
+    fn create_options_shown(&self) -> Vec<(&'static str, Option<&'static str>)> {
+        // qemu's option table order (the luks format's, then the file protocol's).
+        [
+            "size",
+            "key-secret",
+            "cipher-alg",
+            "cipher-mode",
+            "ivgen-alg",
+            "ivgen-hash-alg",
+            "hash-alg",
+            "iter-time",
+            "detached-header",
+            "nocow",
+            "preallocation",
+            "extent_size_hint",
+        ]
+        .into_iter()
+        .map(|n| (n, None))
+        .collect()
     }
 }

@@ -7,6 +7,13 @@
 //! - [`cipher`]: sector encryption ([`algo`] names what is implemented);
 //! - [`secret`]: qemu-style secrets by id;
 //! - [`LuksFormat`] / [`LuksImage`]: the format driver.
+//!
+//! For a LUKS header inside another container (qcow2's encryption region), the pieces work
+//! on offsets relative to the header: [`Header::parse`] and
+//! [`Header::check_key_material_within`], [`keys::unlock`] with a reader of the region,
+//! [`keys::new_volume`] for a new header and slot 0, [`NewVolumeOptions::take`] with the
+//! `encrypt.` prefix, [`SectorCipher`] for the data (with qcow2's own sector numbers) and
+//! [`format_specific_data`] for `info`.
 #![forbid(unsafe_code)]
 
 pub mod af;
@@ -22,6 +29,6 @@ pub mod secret;
 
 pub use algo::{CipherAlg, CipherMode, CipherSpec, HashAlg, IvGen};
 pub use cipher::SectorCipher;
-pub use format::LuksFormat;
+pub use format::{LuksFormat, NewVolumeOptions, DEFAULT_ITER_TIME_MS};
 pub use header::Header;
-pub use image::LuksImage;
+pub use image::{format_specific_data, LuksImage, KEY_REQUIRED};

@@ -65,6 +65,14 @@ impl Bench {
         q
     }
 
+    /// Only qemu-img and drop-in vdisk, for output vdisk's own mode words differently.
+    fn same_dropin(&self, args: &[&str]) {
+        let name = Path::new("qemu-img");
+        let q = run_with_path(self.dir(), None, name, args);
+        let d = run_with_path(self.dir(), self.dropin.parent(), name, args);
+        assert_eq!(d, q, "drop-in vdisk vs qemu-img for {args:?}");
+    }
+
     fn qemu_ok(&self, args: &[&str]) -> Run {
         let r = qemu_img(self.dir(), args);
         assert_eq!(r.code, 0, "qemu-img {args:?}: {}", r.stderr);
@@ -134,6 +142,9 @@ fn create_and_its_errors_match_qemu_img() {
         let r = run(create(o, "e.luks"));
         assert_eq!(r.code, 1, "{o}: {r:?}");
     }
+    // qemu-img's option lists, without and with a file name.
+    b.same_dropin(&["create", "-f", "luks", "-o", "help"]);
+    b.same_dropin(&["create", "-f", "luks", "-o", "help", "a.luks"]);
     // --object errors.
     for object in [
         "secret,data=x",

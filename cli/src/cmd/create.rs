@@ -70,8 +70,8 @@ fn kind(name: &str) -> Kind {
     match name {
         "size" | "extent_size_hint" | "cluster_size" | "block_size" | "log_size" => Kind::Size,
         "nocow" | "lazy_refcounts" | "extended_l2" | "data_file_raw" | "block_state_zero"
-        | "compat6" | "zeroed_grain" => Kind::Bool,
-        "refcount_bits" | "hwversion" => Kind::Number,
+        | "compat6" | "zeroed_grain" | "detached-header" => Kind::Bool,
+        "refcount_bits" | "hwversion" | "iter-time" => Kind::Number,
         _ => Kind::Text,
     }
 }
@@ -403,7 +403,12 @@ fn options_help(ctx: &Ctx, driver: &dyn Format, with_file: bool) -> String {
         let mut s = format!("Supported {} options:\n", driver.name());
         for (n, h) in opts
             .iter()
-            .filter(|(n, _)| *n == "size" || driver.name() != "raw")
+            // Raw's options and luks' preallocation belong to the file protocol.
+            .filter(|(n, _)| match driver.name() {
+                "raw" => *n == "size",
+                "luks" => !["preallocation", "extent_size_hint", "nocow"].contains(n),
+                _ => true,
+            })
         {
             s.push_str(&line(n, h));
         }
