@@ -462,3 +462,140 @@ fn gone(pid: &str) -> bool {
             .is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
     }
 }
+
+#[test]
+fn convert_copies_bitmaps_as_qemu_img() {
+    let t = Twins::new("bitmap-convert", |dir| {
+        setup(dir);
+        ok(
+            &qemu_img(
+                dir,
+                &[
+                    "bitmap",
+                    "--add",
+                    "-g",
+                    "4k",
+                    "--disable",
+                    "src.qcow2",
+                    "off",
+                ],
+            ),
+            "add",
+        );
+        ok(
+            &qemu_img(dir, &["bitmap", "--add", "-g", "512", "src.qcow2", "fine"]),
+            "add",
+        );
+        qemu_io(dir, "src.qcow2", "write 1M 3000");
+        qemu_io(dir, "src.qcow2", "write -z 7M 1M");
+        ok(
+            &qemu_img(dir, &["bitmap", "--add", "small.qcow2", "bad"]),
+            "add",
+        );
+        set_first_in_use(&dir.join("small.qcow2"));
+    });
+    let r = t.both(&[
+        "convert",
+        "--bitmaps",
+        "-O",
+        "qcow2",
+        "src.qcow2",
+        "out.qcow2",
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    t.same("out.qcow2", "convert --bitmaps", true);
+    assert_eq!(
+        names(&bitmaps(&t.d, "out.qcow2")),
+        ["s", "off", "fine"],
+        "copied bitmaps"
+    );
+    // Into an existing target (-n): its own bitmaps stay, a clash is refused as qemu does.
+    t.both(&[
+        "convert",
+        "--bitmaps",
+        "-n",
+        "-O",
+        "qcow2",
+        "small.qcow2",
+        "a.qcow2",
+    ]);
+    t.both(&[
+        "convert",
+        "--bitmaps",
+        "--skip-broken-bitmaps",
+        "-O",
+        "qcow2",
+        "small.qcow2",
+        "skip.qcow2",
+    ]);
+    t.same("skip.qcow2", "skip broken", true);
+    t.both(&[
+        "convert",
+        "--bitmaps",
+        "-n",
+        "-O",
+        "qcow2",
+        "src.qcow2",
+        "out.qcow2",
+    ]);
+    for args in [
+        &[
+            "convert",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "x1.qcow2",
+        ][..],
+        &["convert", "--bitmaps", "-O", "qcow2", "r.raw", "x2.qcow2"],
+        &["convert", "--bitmaps", "-O", "raw", "src.qcow2", "x3.raw"],
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "src.qcow2",
+            "x4.qcow2",
+        ],
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "src.qcow2",
+            "x5.qcow2",
+        ],
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "small.qcow2",
+            "x6.qcow2",
+        ],
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "v2.qcow2",
+            "x7.qcow2",
+        ],
+    ] {
+        let r = t.both(args);
+        assert_ne!(r.code, 0, "{args:?}");
+        for f in [
+            "x1.qcow2", "x2.qcow2", "x3.raw", "x4.qcow2", "x5.qcow2", "x6.qcow2", "x7.qcow2",
+        ] {
+            assert_eq!(
+                t.q.join(f).exists(),
+                t.d.join(f).exists(),
+                "{args:?}: {f} made by one tool only"
+            );
+        }
+    }
+    t.same("out.qcow2", "failures", true);
+}

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use clap::{ArgAction, ArgMatches, Args, FromArgMatches};
+use vdisk_block::dev::InfoValue;
 use vdisk_block::{BlockDev, Error, ErrorKind};
 
 use super::{open, OpenSpec};
@@ -309,4 +310,129 @@ fn op_failure(ctx: &Ctx, op: &Op, name: &str, bitmap: &str, format: &str, e: &Er
             op.name()
         ),
     )
+}
+
+/// True when `dev` can hold persistent bitmaps (qcow2 version 3, as qemu's
+/// `bdrv_supports_persistent_dirty_bitmap`).
+pub fn supports_bitmaps(dev: &dyn BlockDev) -> bool {
+    dev.format_specific().ok().flatten().is_some_and(|fs| {
+        fs.kind == "qcow2"
+            && fs
+                .data
+                .iter()
+                .any(|(k, v)| k == "compat" && *v == InfoValue::Text("1.1".into()))
+    })
+}
+
+/// `convert --bitmaps`, before the target is made: one source that can hold bitmaps, and
+/// no inconsistent one unless `skip_broken` (qemu's `convert_check_bitmaps`).
+pub fn convert_check_source(
+    sources: &[Arc<dyn BlockDev>],
+    skip_broken: bool,
+) -> Result<(), Failure> {
+    let [src] = sources else {
+        return Err(Failure::new(
+            "Copying bitmaps only possible with single source",
+            "convert: --bitmaps copies the bitmaps of a single source; give one source",
+        ));
+    };
+    if !supports_bitmaps(src.as_ref()) {
+        return Err(Failure::new(
+            "Source lacks bitmap support",
+            "convert: --bitmaps needs a source that can hold persistent bitmaps (qcow2 version 3)",
+        ));
+    }
+    let list = src
+        .dirty_bitmaps()
+        .map_err(|e| Failure::same(e.message()))?;
+    // qemu walks its in-memory list, which holds the loaded bitmaps newest first.
+    if let Some(b) = list.iter().rev().find(|b| b.inconsistent && !skip_broken) {
+        return Err(Failure::new(
+            format!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                b.name
+            ),
+            format!(
+                "convert: bitmap '{}' is inconsistent (not saved cleanly); skip it with --skip-broken-bitmaps or delete it with 'vdisk bitmap --remove'",
+                b.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `convert --bitmaps`, once the target is open: it must be able to hold them.
+pub fn convert_check_target(target: &dyn BlockDev, format: &str) -> Result<(), Failure> {
+    if supports_bitmaps(target) {
+        return Ok(());
+    }
+    Err(Failure::new(
+        format!("Format driver '{format}' does not support bitmaps"),
+        format!("convert: --bitmaps needs a target that can hold persistent bitmaps (qcow2 version 3), not {format}"),
+    ))
+}
+
+/// `convert --bitmaps`, after the copy: every consistent bitmap of `src` is added to
+/// `target` (same name, granularity and recording state) and filled from the source; the
+/// target's bitmaps are then stored.
+pub fn convert_copy(
+    ctx: &Ctx,
+    src: &dyn BlockDev,
+    target: &dyn BlockDev,
+    skip_broken: bool,
+) -> Result<(), Failure> {
+    let list = src
+        .dirty_bitmaps()
+        .map_err(|e| Failure::same(e.message()))?;
+    // In qemu's order (see `convert_check_source`); a fresh target then stores them in
+    // the source's order, as qemu's does.
+    for b in list.iter().rev() {
+        if skip_broken && b.inconsistent {
+            if ctx.dropin {
+                ctx.error(format!(
+                    "warning: Skipping inconsistent bitmap '{}'",
+                    b.name
+                ));
+            } else {
+                ctx.error(format!(
+                    "warning: skipping inconsistent bitmap '{}' (it was not saved cleanly)",
+                    b.name
+                ));
+            }
+            continue;
+        }
+        target
+            .dirty_bitmap_add(&b.name, Some(b.granularity), !b.enabled)
+            .map_err(|e| {
+                Failure::new(
+                    format!("Failed to create bitmap {}: {}", b.name, e.message()),
+                    format!(
+                        "convert: cannot create bitmap '{}' in the target: {}",
+                        b.name,
+                        e.message()
+                    ),
+                )
+            })?;
+        target
+            .dirty_bitmap_merge(&b.name, src, &b.name)
+            .map_err(|e| {
+                Failure::new(
+                    format!("Failed to populate bitmap {}: {}", b.name, e.message()),
+                    format!(
+                        "convert: cannot fill bitmap '{}' of the target: {}",
+                        b.name,
+                        e.message()
+                    ),
+                )
+            })?;
+    }
+    target.store_dirty_bitmaps().map_err(|e| {
+        Failure::new(
+            format!("Failed to store bitmaps: {}", e.message()),
+            format!(
+                "convert: storing the target's bitmaps failed: {}",
+                e.message()
+            ),
+        )
+    })
 }

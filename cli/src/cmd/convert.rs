@@ -81,6 +81,12 @@ pub struct ConvertArgs {
     /// -l ID_OR_NAME; qemu-img 10 no longer takes it, so drop-in mode refuses it as qemu-img does)
     #[arg(short = 's', value_name = "SNAPSHOT")]
     pub snapshot_id_or_name: Vec<String>,
+    /// Copy the persistent bitmaps of the source too (qcow2 to qcow2)
+    #[arg(long = "bitmaps")]
+    pub bitmaps: bool,
+    /// With --bitmaps: leave out inconsistent bitmaps instead of failing
+    #[arg(long = "skip-broken-bitmaps")]
+    pub skip_broken_bitmaps: bool,
     /// Source image(s), then the target.
     #[arg(value_name = "FILENAME")]
     pub files: Vec<PathBuf>,
@@ -123,6 +129,12 @@ struct Settings {
 }
 
 fn parse(ctx: &Ctx, args: &ConvertArgs) -> Result<Settings, Failure> {
+    if args.skip_broken_bitmaps && !args.bitmaps {
+        return Err(Failure::new(
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+            "convert: --skip-broken-bitmaps only changes what --bitmaps copies; add --bitmaps",
+        ));
+    }
     let snapshot =
         super::snapshot::parse_source_snapshot(ctx, &args.snapshot, &args.snapshot_id_or_name)?;
     if args.files.len() < 2 {
@@ -231,6 +243,9 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     if let Some(snapshot) = &settings.snapshot {
         super::snapshot::load_source_snapshot(&sources, snapshot)?;
     }
+    if args.bitmaps {
+        super::bitmap::convert_check_source(&sources, args.skip_broken_bitmaps)?;
+    }
     // With --image-opts a source is named by its options; the file is what may collide.
     if args.image_opts {
         for path in settings.sources.iter_mut() {
@@ -283,6 +298,9 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     }
     let target = open_image(&target_path, Some(driver.name()), &target_opts)
         .map_err(|e| open_failure(&target_path.to_string_lossy(), &e))?;
+    if args.bitmaps {
+        super::bitmap::convert_check_target(target.as_ref(), driver.name())?;
+    }
     convert::check_target_size(&sources, target.as_ref())
         .map_err(|e| Failure::same(e.message()))?;
     // A new image reads as zeroes if its format says so; with -S 0 qemu-img still writes
@@ -295,6 +313,14 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     let result = convert::convert(&sources, target.as_ref(), &settings.copy, &progress);
     progress.finish(result.is_ok());
     result.map_err(|e| copy_failure(&e))?;
+    if args.bitmaps {
+        super::bitmap::convert_copy(
+            ctx,
+            sources[0].as_ref(),
+            target.as_ref(),
+            args.skip_broken_bitmaps,
+        )?;
+    }
     Ok(())
 }
 

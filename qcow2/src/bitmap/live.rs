@@ -98,6 +98,9 @@ pub(crate) struct Bitmaps {
     /// The directory has been read (for a read-only open, at the first question).
     pub loaded: bool,
     pub entries: Vec<Entry>,
+    /// How many of `entries` (the first ones) are stored in the image; bitmaps added since
+    /// come after them, newest first, which is the order qemu stores them in.
+    pub stored_count: usize,
     /// Host clusters of the stored bitmaps (directory, tables, data) that the next store
     /// replaces and then frees, as `(offset, len)`.
     pub stored_clusters: Vec<(u64, u64)>,
@@ -230,6 +233,7 @@ pub(crate) fn load(file: &HostFile, h: &Header, size: u64) -> Result<Bitmaps> {
             map,
         }));
     }
+    out.stored_count = out.entries.len();
     Ok(out)
 }
 
@@ -433,11 +437,15 @@ impl Qcow2Image {
         if bm.entries.iter().any(|e| e.name() == name) {
             return Err(Error::invalid(op, format!("Bitmap already exists: {name}")));
         }
-        bm.entries.push(Entry::Loaded(Loaded {
-            name: name.to_string(),
-            enabled: !disabled,
-            map: DirtyMap::new(gran, size, cs),
-        }));
+        let at = bm.stored_count.min(bm.entries.len());
+        bm.entries.insert(
+            at,
+            Entry::Loaded(Loaded {
+                name: name.to_string(),
+                enabled: !disabled,
+                map: DirtyMap::new(gran, size, cs),
+            }),
+        );
         bm.needs_store = true;
         Ok(())
     }
@@ -468,6 +476,9 @@ impl Qcow2Image {
             }
         }
         bm.entries.remove(i);
+        if i < bm.stored_count {
+            bm.stored_count -= 1;
+        }
         bm.stored_flag_at = Vec::new();
         bm.needs_store = true;
         Ok(())

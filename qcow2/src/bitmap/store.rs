@@ -156,6 +156,7 @@ impl Qcow2Image {
         file.flush()?;
         bm.stored_dir = new_ext.map(|e| (e.directory_offset, e.directory_size));
         bm.stored_flag_at = flag_at;
+        bm.stored_count = bm.entries.len();
         bm.marked_in_use = false;
         bm.needs_store = false;
         Ok(())
