@@ -112,8 +112,10 @@ impl Ctx {
     }
 
     /// Reports a command-line parsing error (or help/version output) and returns its exit
-    /// code: 0 for help and version, 1 for a bad command line as qemu-img does.
-    pub fn clap_error(&self, err: clap::Error, cmd: Option<&str>) -> i32 {
+    /// code: 0 for help and version, 1 for a bad command line as qemu-img does. `last_arg` is
+    /// the command line's last word: when an option's value is missing it is the option as
+    /// typed, which decides between getopt's short and long wording.
+    pub fn clap_error(&self, err: clap::Error, cmd: Option<&str>, last_arg: Option<&str>) -> i32 {
         use clap::error::{ContextKind, ContextValue, ErrorKind as K};
         match err.kind() {
             K::DisplayHelp | K::DisplayVersion => {
@@ -163,7 +165,19 @@ impl Ctx {
             K::InvalidValue | K::NoEquals | K::TooFewValues => {
                 let arg = context(ContextKind::InvalidArg).unwrap_or_default();
                 let name = arg.split_whitespace().next().unwrap_or("").to_string();
-                eprintln!("{} {cmd}: option '{name}' requires an argument", self.argv0);
+                // getopt names a short option by its letter ("-c" or a cluster like "-qc"
+                // ending in it), a long one by its name.
+                let short = last_arg
+                    .filter(|a| a.len() >= 2 && a.starts_with('-') && !a.starts_with("--"))
+                    .and_then(|a| a.chars().last());
+                let missing = err.kind() != K::InvalidValue
+                    || context(ContextKind::InvalidValue).is_none_or(|v| v.is_empty());
+                match short {
+                    Some(c) if missing => {
+                        eprintln!("{} {cmd}: option requires an argument -- '{c}'", self.argv0)
+                    }
+                    _ => eprintln!("{} {cmd}: option '{name}' requires an argument", self.argv0),
+                }
                 eprintln!("Try '{} {cmd} --help' for more info", self.argv0);
             }
             _ => {

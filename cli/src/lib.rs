@@ -87,7 +87,8 @@ where
         Ok(cli) => cli,
         Err(e) => {
             let cmd = args.get(1).map(|a| a.to_string_lossy().into_owned());
-            return ctx.clap_error(e, cmd.as_deref());
+            let last = args.last().map(|a| a.to_string_lossy().into_owned());
+            return ctx.clap_error(e, cmd.as_deref(), last.as_deref());
         }
     };
     match cli.command {

@@ -241,6 +241,11 @@ fn unknown_options_and_bad_values() {
         vec!["info", "a.raw", "a.raw"],
         vec!["create", "-f", "raw", "x.raw", "1M", "extra"],
         vec!["compare", "a.raw"],
+        // A missing value: getopt names a short option by its letter, a long one by name.
+        vec!["convert", "-f", "raw", "-O"],
+        vec!["bench", "-c"],
+        vec!["info", "-qf"],
+        vec!["map", "--start-offset"],
     ] {
         assert_eq!(b.check(&args).code, 1, "{args:?}");
     }
