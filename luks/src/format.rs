@@ -5,12 +5,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vdisk_block::{
-    BlockDev, CreateOptions, EngineChoice, Error, ErrorKind, Format, HostFile, OpenOptions,
-    Preallocation, Result,
+    format::Measurement, BlockDev, CreateOptions, EngineChoice, Error, ErrorKind, Format, HostFile,
+    OpenOptions, Preallocation, Result,
 };
 
 use crate::algo::{CipherAlg, CipherMode, CipherSpec, HashAlg, IvGen};
-use crate::header::has_magic;
+use crate::header::{has_magic, new_layout};
 use crate::image::{LuksImage, KEY_REQUIRED};
 use crate::{keys, secret};
 
@@ -178,6 +178,34 @@ impl Format for LuksFormat {
         file.write_at(&new.header.to_bytes(), 0)?;
         file.write_at(&new.material, new.header.key_material_offset(0))?;
         file.flush()
+    }
+
+    fn measure(
+        &self,
+        mut options: CreateOptions,
+        source: Option<&dyn BlockDev>,
+    ) -> Result<Measurement> {
+        // The file protocol's options change nothing here; the encryption options decide
+        // the header's size (and, as in qemu, the secret must exist).
+        for name in [
+            "preallocation",
+            "extent_size_hint",
+            "nocow",
+            "detached-header",
+        ] {
+            options.take(name);
+        }
+        let volume = NewVolumeOptions::take(&mut options, "")?;
+        let (_, payload) = new_layout(volume.cipher.key_bytes() as u32);
+        let size = source.map_or(options.size, |dev| dev.size());
+        let total = (u64::from(payload) * 512)
+            .checked_add(size)
+            .ok_or_else(|| Error::invalid("measure", "image size too large"))?;
+        Ok(Measurement {
+            required: total,
+            fully_allocated: total,
+            bitmaps: None,
+        })
     }
 
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {

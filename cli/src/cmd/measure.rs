@@ -49,10 +49,18 @@ pub struct MeasureArgs {
     /// The image to be converted
     #[arg(value_name = "FILENAME")]
     pub files: Vec<String>,
+    /// Define a secret: `secret,id=ID,data=TEXT` or `secret,id=ID,file=PATH`
+    /// (`format=base64` decodes it); options name it by id (`key-secret=ID`)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
 }
 
 /// Runs `measure`; returns the exit code.
 pub fn run(ctx: &Ctx, args: MeasureArgs) -> i32 {
+    if let Err(f) = crate::object::define_all(&args.object) {
+        ctx.fail(&f);
+        return 1;
+    }
     match measure(ctx, &args) {
         Ok(code) => code,
         Err(f) => {
