@@ -76,7 +76,7 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
     };
     // Named by options, the image is shown by its file name, as qemu-img shows it.
     let shown = match args.image_opts {
-        true => super::parse_image_opts(name).map_or_else(|_| name.clone(), |o| o.filename),
+        true => super::parse_image_opts(name).map_or_else(|_| name.clone(), |o| opts_name(&o)),
         false => name.clone(),
     };
     let chain = match collect(&dev, &shown, args.backing_chain) {
@@ -100,6 +100,20 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
     };
     print(&text);
     0
+}
+
+/// qemu names an image opened by options as JSON when an option changes what it reads
+/// (luks' key-secret; cache sizes and the like do not count), else by its file name.
+fn opts_name(o: &super::ImageOpts) -> String {
+    match (o.driver.as_deref(), o.options.get("key-secret")) {
+        (Some(driver), Some(secret)) => format!(
+            "json:{{\"driver\": {}, \"file\": {{\"driver\": \"file\", \"filename\": {}}}, \"key-secret\": {}}}",
+            json!(driver),
+            json!(o.filename),
+            json!(secret)
+        ),
+        _ => o.filename.clone(),
+    }
 }
 
 /// What `info` shows about one image of the chain.
@@ -205,7 +219,11 @@ fn host_nodes(node: &Node) -> Vec<HostNode> {
     };
     out.push(HostNode {
         role: "file".into(),
-        shown: node.name.clone(),
+        // An image named by JSON options still shows its file by the file's name.
+        shown: match node.name.starts_with("json:") {
+            true => node.info.filename.display().to_string(),
+            false => node.name.clone(),
+        },
         path: node.info.filename.clone(),
         length: node.info.file_length.unwrap_or(0),
         actual: own_actual,
