@@ -658,3 +658,57 @@ fn gone(pid: &str) -> bool {
             .is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
     }
 }
+
+/// The host offset of bitmap 0's table, from the directory.
+fn first_table(path: &Path) -> u64 {
+    let data = std::fs::read(path).expect("read");
+    let be = |at: usize, n: usize| {
+        data[at..at + n]
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+    };
+    let mut at = 112usize;
+    loop {
+        let (kind, len) = (be(at, 4), be(at + 4, 4) as usize);
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            return be(be(at + 24, 8) as usize, 8);
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+/// A table entry of 1 (a data cluster of all ones that is not stored) reads as qemu reads
+/// it, survives a store and stays in qemu's view.
+#[test]
+fn an_all_ones_table_entry_reads_as_qemu_reads_it() {
+    let sc = Scratch::new("bm-ones");
+    let img = sc.path("a.qcow2");
+    // 512-byte clusters and granularity: one table entry covers 2 MiB of guest data.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        s(&img),
+        "5M",
+    ]);
+    qemu_img(&["bitmap", "--add", "-g", "512", s(&img), "b"]);
+    let table = first_table(&img);
+    let f = File::options().write(true).open(&img).expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &1u64.to_be_bytes(), table + 8).expect("poke");
+    drop(f);
+    assert_clean(&img, "entry 1");
+    let want = vec![(2 << 20, 2 << 20)];
+    assert_eq!(qemu_dirty_ranges(&img, "b", &sc), want);
+    assert_eq!(open(&img).dirty_bitmap_ranges("b").expect("ranges"), want);
+    {
+        let dev = rw(&img);
+        dev.write_at(&[3; 512], 0).expect("write");
+    }
+    assert_clean(&img, "stored");
+    let want = vec![(0, 512), (2 << 20, 2 << 20)];
+    assert_eq!(qemu_dirty_ranges(&img, "b", &sc), want);
+}
