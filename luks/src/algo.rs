@@ -89,7 +89,7 @@ impl CipherMode {
             "ecb" => Ok(Self::Ecb),
             "ctr" => Ok(Self::Ctr),
             other => Err(unsupported(format!(
-                "Cipher mode '{other}' is not supported (vdisk implements xts, cbc, ecb and ctr)"
+                "Cipher mode '{other}' not supported (vdisk implements xts, cbc, ecb and ctr)"
             ))),
         }
     }
@@ -153,7 +153,7 @@ impl HashAlg {
             "sha384" => Ok(Self::Sha384),
             "sha512" => Ok(Self::Sha512),
             other => Err(unsupported(format!(
-                "Hash algorithm '{other}' is not supported (vdisk implements sha1, sha224, sha256, sha384 and sha512)"
+                "Hash algorithm '{other}' not supported (vdisk implements sha1, sha224, sha256, sha384 and sha512)"
             ))),
         }
     }
@@ -229,18 +229,17 @@ impl CipherSpec {
             }
         };
         let per_cipher = match mode {
-            CipherMode::Xts if key_bytes.is_multiple_of(2) => key_bytes / 2,
-            CipherMode::Xts => 0,
+            CipherMode::Xts => key_bytes / 2,
             _ => key_bytes,
         };
-        let alg = CipherAlg::aes_with_key_len(per_cipher as usize).ok_or_else(|| {
-            Error::corrupt(
-                "open luks",
-                format!(
-                    "LUKS key length {key_bytes} bytes does not fit cipher aes in {mode_name} mode"
-                ),
-            )
-        })?;
+        let alg = CipherAlg::aes_with_key_len(per_cipher as usize)
+            .filter(|_| mode != CipherMode::Xts || key_bytes.is_multiple_of(2))
+            .ok_or_else(|| {
+                Error::corrupt(
+                    "open luks",
+                    format!("Algorithm 'aes' with key size {per_cipher} bytes not supported"),
+                )
+            })?;
         let spec = CipherSpec { alg, mode, ivgen };
         spec.check()?;
         Ok(spec)

@@ -35,6 +35,39 @@ pub struct NewVolumeOptions {
     pub iter_time_ms: u64,
 }
 
+/// The values qemu's enums take for each encryption option.
+fn qemu_enum(option: &str) -> &'static [&'static str] {
+    match option {
+        "cipher-alg" => &[
+            "aes-128",
+            "aes-192",
+            "aes-256",
+            "des",
+            "3des",
+            "cast5-128",
+            "serpent-128",
+            "serpent-192",
+            "serpent-256",
+            "twofish-128",
+            "twofish-192",
+            "twofish-256",
+            "sm4",
+        ],
+        "cipher-mode" => &["ecb", "cbc", "xts", "ctr"],
+        "ivgen-alg" => &["plain", "plain64", "essiv"],
+        _ => &[
+            "md5",
+            "sha1",
+            "sha224",
+            "sha256",
+            "sha384",
+            "sha512",
+            "ripemd160",
+            "sm3",
+        ],
+    }
+}
+
 impl NewVolumeOptions {
     /// Takes the encryption options named `{prefix}key-secret`, `{prefix}cipher-alg`, ...
     /// out of `options` (prefix `""` for luks, `"encrypt."` for qcow2).
@@ -53,6 +86,24 @@ impl NewVolumeOptions {
                 KEY_REQUIRED.replace("'key-secret'", &format!("'{prefix}key-secret'")),
             )
         })?;
+        // qemu's QAPI enums refuse unknown names in its own words; a name qemu knows but
+        // vdisk does not implement (twofish, md5, ...) gets vdisk's words below.
+        for (name, value) in [
+            ("cipher-alg", &alg),
+            ("cipher-mode", &mode),
+            ("ivgen-alg", &ivgen),
+            ("ivgen-hash-alg", &ivgen_hash),
+            ("hash-alg", &hash),
+        ] {
+            if let Some(v) = value {
+                if !qemu_enum(name).contains(&v.as_str()) {
+                    return Err(Error::invalid(
+                        "create luks",
+                        format!("Parameter '{prefix}{name}' does not accept value '{v}'"),
+                    ));
+                }
+            }
+        }
         let passphrase = secret::lookup(&id)?;
         let alg = alg
             .as_deref()

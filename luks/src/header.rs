@@ -87,7 +87,7 @@ fn c_string<'a>(field: &'a [u8], what: &str) -> Result<&'a str> {
     let end = field
         .iter()
         .position(|&c| c == 0)
-        .ok_or_else(|| Error::corrupt(OP, format!("LUKS {what} is not NUL terminated")))?;
+        .ok_or_else(|| Error::corrupt(OP, format!("LUKS header {what} is not NUL terminated")))?;
     std::str::from_utf8(&field[..end])
         .map_err(|_| Error::corrupt(OP, format!("LUKS {what} is not valid text")))
 }
@@ -125,14 +125,11 @@ impl Header {
         let hash_spec = c_string(&bytes[72..104], "hash spec")?;
         let payload_offset = be32(bytes, 104);
         let key_bytes = be32(bytes, 108);
-        let cipher = CipherSpec::from_header(cipher_name, cipher_mode, key_bytes)?;
-        let hash = HashAlg::parse(hash_spec)?;
         let mut mk_digest = [0u8; DIGEST_LEN];
         mk_digest.copy_from_slice(&bytes[112..132]);
         let mut mk_salt = [0u8; SALT_LEN];
         mk_salt.copy_from_slice(&bytes[132..164]);
         let mk_iterations = be32(bytes, 164);
-        check_iterations(mk_iterations, "master key")?;
         let uuid = String::from_utf8_lossy(
             bytes[168..208]
                 .split(|&c| c == 0)
@@ -152,6 +149,11 @@ impl Header {
                 stripes: be32(b, 44),
             }
         });
+        // qemu's order: the layout first, then the algorithms, then the digest.
+        check_layout(payload_offset, key_bytes, &slots)?;
+        let cipher = CipherSpec::from_header(cipher_name, cipher_mode, key_bytes)?;
+        let hash = HashAlg::parse(hash_spec)?;
+        check_iterations(mk_iterations, "key")?;
         let header = Header {
             cipher,
             hash,
@@ -163,72 +165,7 @@ impl Header {
             uuid,
             slots,
         };
-        header.check_layout()?;
         Ok(header)
-    }
-
-    /// qemu's layout checks: the payload after the header, every slot of 4000 stripes
-    /// between the header and the payload, no two slots overlapping.
-    fn check_layout(&self) -> Result<()> {
-        let header_sectors = (HEADER_LEN as u64).div_ceil(SECTOR_SIZE as u64);
-        let payload = u64::from(self.payload_offset);
-        if payload < header_sectors {
-            return Err(Error::corrupt(
-                OP,
-                "LUKS payload is overlapping with the header",
-            ));
-        }
-        for (i, slot) in self.slots.iter().enumerate() {
-            if slot.stripes != STRIPES {
-                return Err(Error::corrupt(
-                    OP,
-                    format!(
-                        "Keyslot {i} is corrupted (stripes {} != {STRIPES})",
-                        slot.stripes
-                    ),
-                ));
-            }
-            if slot.active {
-                if slot.iterations == 0 {
-                    return Err(Error::corrupt(
-                        OP,
-                        format!("Keyslot {i} iteration count is zero"),
-                    ));
-                }
-                check_iterations(slot.iterations, "key slot")?;
-            }
-            let (start, len) = self.slot_sectors(i);
-            if start < header_sectors {
-                return Err(Error::corrupt(
-                    OP,
-                    format!("Keyslot {i} is overlapping with the LUKS header"),
-                ));
-            }
-            if start + len > payload {
-                return Err(Error::corrupt(
-                    OP,
-                    format!("Keyslot {i} is overlapping with the encrypted payload"),
-                ));
-            }
-            for j in i + 1..NUM_SLOTS {
-                let (start2, len2) = self.slot_sectors(j);
-                if start + len > start2 && start2 + len2 > start {
-                    return Err(Error::corrupt(
-                        OP,
-                        format!("Keyslots {i} and {j} are overlapping in the header"),
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn slot_sectors(&self, i: usize) -> (u64, u64) {
-        let slot = &self.slots[i];
-        (
-            u64::from(slot.key_offset),
-            split_key_sectors(self.key_bytes, slot.stripes),
-        )
     }
 
     /// Bytes of one slot's (split) key material.
@@ -295,6 +232,69 @@ impl Header {
         }
         b
     }
+}
+
+/// qemu's layout checks: the payload after the header, every slot of 4000 stripes
+/// between the header and the payload, no two slots overlapping; active slots iterate.
+fn check_layout(payload_offset: u32, key_bytes: u32, slots: &[KeySlot; NUM_SLOTS]) -> Result<()> {
+    let header_sectors = (HEADER_LEN as u64).div_ceil(SECTOR_SIZE as u64);
+    let payload = u64::from(payload_offset);
+    if payload < header_sectors {
+        return Err(Error::corrupt(
+            OP,
+            "LUKS payload is overlapping with the header",
+        ));
+    }
+    for (i, slot) in slots.iter().enumerate() {
+        if slot.stripes != STRIPES {
+            // qemu prints the count signed; the last parenthesis is vdisk's hint.
+            let message = format!(
+                "Keyslot {i} is corrupted (stripes {} != {STRIPES}) (a LUKS1 key slot has {STRIPES} stripes)",
+                slot.stripes as i32
+            );
+            return Err(Error::corrupt(OP, message));
+        }
+        if slot.active {
+            if slot.iterations == 0 {
+                return Err(Error::corrupt(
+                    OP,
+                    format!("Keyslot {i} iteration count is zero"),
+                ));
+            }
+            check_iterations(slot.iterations, "key slot")?;
+        }
+        let (start, len) = slot_sectors(key_bytes, slot);
+        if start < header_sectors {
+            return Err(Error::corrupt(
+                OP,
+                format!("Keyslot {i} is overlapping with the LUKS header"),
+            ));
+        }
+        if start + len > payload {
+            return Err(Error::corrupt(
+                OP,
+                format!("Keyslot {i} is overlapping with the encrypted payload"),
+            ));
+        }
+        for (j, other) in slots.iter().enumerate().skip(i + 1) {
+            let (start2, len2) = slot_sectors(key_bytes, other);
+            if start + len > start2 && start2 + len2 > start {
+                return Err(Error::corrupt(
+                    OP,
+                    format!("Keyslots {i} and {j} are overlapping in the header"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Start and length of a slot's key material, in sectors.
+fn slot_sectors(key_bytes: u32, slot: &KeySlot) -> (u64, u64) {
+    (
+        u64::from(slot.key_offset),
+        split_key_sectors(key_bytes, slot.stripes),
+    )
 }
 
 fn check_iterations(n: u32, what: &str) -> Result<()> {

@@ -366,3 +366,67 @@ fn convert_to_luks_opens_in_qemu() {
     let r = b.same(&["convert", "-O", "luks", "src.raw", "u.luks"]);
     assert_eq!(r.code, 1);
 }
+
+#[test]
+fn hostile_headers_are_refused_in_qemus_words() {
+    let b = Bench::new("luks-hostile");
+    b.vdisk_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "luks",
+        "--object",
+        SECRET,
+        "-o",
+        "key-secret=sec0,iter-time=10",
+        "good.luks",
+        "1M",
+    ]);
+    let good = std::fs::read(b.dir().join("good.luks")).expect("image");
+    let be32 = |bytes: &mut Vec<u8>, at: usize, v: u32| {
+        bytes[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    };
+    type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("version", Box::new(|b| b[7] = 2)),
+        ("magic", Box::new(|b| b[0] = b'X')),
+        (
+            "mode",
+            Box::new(|b| b[40..52].copy_from_slice(b"gcm-plain64\0")),
+        ),
+        (
+            "hash",
+            Box::new(|b| b[72..82].copy_from_slice(b"whirlpool\0")),
+        ),
+        ("no NUL", Box::new(|b| b[72..104].fill(b'a'))),
+        ("key bytes", Box::new(move |b| be32(b, 108, u32::MAX))),
+        ("key size", Box::new(move |b| be32(b, 108, 16))),
+        (
+            "stripes",
+            Box::new(move |b| be32(b, 208 + 3 * 48 + 44, u32::MAX)),
+        ),
+        ("slot in header", Box::new(move |b| be32(b, 208 + 40, 0))),
+        (
+            "slots overlap",
+            Box::new(move |b| be32(b, 208 + 48 + 40, 9)),
+        ),
+        ("payload in header", Box::new(move |b| be32(b, 104, 0))),
+        ("digest iterations", Box::new(move |b| be32(b, 164, 0))),
+    ];
+    for (name, mutate) in cases {
+        let mut bytes = good.clone();
+        mutate(&mut bytes);
+        std::fs::write(b.dir().join("bad.luks"), &bytes).expect("write");
+        let r = b.same(&[
+            "convert",
+            "--object",
+            SECRET,
+            "--image-opts",
+            &opts("bad.luks"),
+            "-O",
+            "raw",
+            "out.raw",
+        ]);
+        assert_eq!(r.code, 1, "{name}");
+    }
+}
