@@ -21,6 +21,8 @@ pub const NUM_SLOTS: usize = 8;
 pub const STRIPES: u32 = 4000;
 /// Bytes of the master-key digest.
 pub const DIGEST_LEN: usize = 20;
+/// Bytes of the UUID field.
+pub const UUID_LEN: usize = 40;
 /// Bytes of a salt.
 pub const SALT_LEN: usize = 32;
 /// A slot's `active` value when it holds a key.
@@ -70,8 +72,9 @@ pub struct Header {
     pub mk_salt: [u8; SALT_LEN],
     /// Iterations of that digest.
     pub mk_iterations: u32,
-    /// The volume UUID as text.
-    pub uuid: String,
+    /// The volume UUID field as stored (text, NUL-padded; kept as bytes so a header written
+    /// back is the header read).
+    pub uuid: [u8; UUID_LEN],
     /// The key slots.
     pub slots: [KeySlot; NUM_SLOTS],
 }
@@ -130,13 +133,8 @@ impl Header {
         let mut mk_salt = [0u8; SALT_LEN];
         mk_salt.copy_from_slice(&bytes[132..164]);
         let mk_iterations = be32(bytes, 164);
-        let uuid = String::from_utf8_lossy(
-            bytes[168..208]
-                .split(|&c| c == 0)
-                .next()
-                .unwrap_or_default(),
-        )
-        .into_owned();
+        let mut uuid = [0u8; UUID_LEN];
+        uuid.copy_from_slice(&bytes[168..208]);
         let slots = std::array::from_fn(|i| {
             let b = &bytes[208 + i * 48..208 + (i + 1) * 48];
             let mut salt = [0u8; SALT_LEN];
@@ -166,6 +164,12 @@ impl Header {
             slots,
         };
         Ok(header)
+    }
+
+    /// The UUID as text: up to the first NUL.
+    pub fn uuid_text(&self) -> String {
+        let end = self.uuid.iter().position(|&c| c == 0).unwrap_or(UUID_LEN);
+        String::from_utf8_lossy(&self.uuid[..end]).into_owned()
     }
 
     /// Bytes of one slot's (split) key material.
@@ -216,7 +220,7 @@ impl Header {
         b[112..132].copy_from_slice(&self.mk_digest);
         b[132..164].copy_from_slice(&self.mk_salt);
         b[164..168].copy_from_slice(&self.mk_iterations.to_be_bytes());
-        put_string(&mut b[168..208], &self.uuid);
+        b[168..208].copy_from_slice(&self.uuid);
         for (i, slot) in self.slots.iter().enumerate() {
             let s = &mut b[208 + i * 48..208 + (i + 1) * 48];
             let state = if slot.active {
@@ -328,6 +332,35 @@ pub fn new_layout(key_bytes: u32) -> ([u32; NUM_SLOTS], u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_corruption_never_panics_and_bounds_hold() {
+        let v = crate::keys::new_volume(CipherSpec::DEFAULT, HashAlg::Sha256, 1, b"pw")
+            .expect("volume");
+        let good = v.header.to_bytes();
+        let mut rng = vdisk_block::testing::Rng::new(5);
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            let mut b = good;
+            for _ in 0..=rng.below(4) {
+                let at = rng.below(HEADER_LEN as u64) as usize;
+                b[at] = rng.next_u64() as u8;
+            }
+            if let Ok(h) = Header::parse(&b) {
+                accepted += 1;
+                // What an accepted header lets an open allocate and compute stays small.
+                assert!(h.split_key_len() <= 64 * STRIPES as usize);
+                assert!(h.mk_iterations <= MAX_ITERATIONS);
+                assert!(h
+                    .slots
+                    .iter()
+                    .all(|s| !s.active || s.iterations <= MAX_ITERATIONS));
+                assert_eq!(Header::parse(&h.to_bytes()).expect("round trip"), h);
+            }
+        }
+        // Salts, digests and the UUID take any bytes, so some survive.
+        assert!(accepted > 0);
+    }
 
     #[test]
     fn layout_is_qemus() {

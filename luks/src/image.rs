@@ -434,7 +434,7 @@ pub fn format_specific_data(header: &Header, with_format: bool) -> Vec<(String, 
     data.push(("detached-header".into(), InfoValue::Bool(false)));
     data.push(("hash-alg".into(), text(header.hash.name())));
     data.push(("cipher-alg".into(), text(header.cipher.alg.name())));
-    data.push(("uuid".into(), text(&header.uuid)));
+    data.push(("uuid".into(), text(&header.uuid_text())));
     if let crate::algo::IvGen::Essiv(h) = header.cipher.ivgen {
         data.push(("ivgen-hash-alg".into(), text(h.name())));
     }

@@ -162,7 +162,12 @@ pub fn new_volume(
         mk_digest,
         mk_salt,
         mk_iterations,
-        uuid: random::uuid()?,
+        uuid: {
+            let text = random::uuid()?;
+            let mut field = [0u8; crate::header::UUID_LEN];
+            field[..text.len()].copy_from_slice(text.as_bytes());
+            field
+        },
         slots,
     };
     debug_assert_eq!(material.len() % 16, 0);
