@@ -207,6 +207,10 @@ fn plan(options: &mut CreateOptions) -> Result<Plan> {
 /// Creates a qcow2 image at `path`.
 pub fn create(path: &Path, mut options: CreateOptions) -> Result<()> {
     let size = options.size;
+    if !size.is_multiple_of(512) {
+        // qemu's qcow2_co_create (qemu-img create rounds the size up before it asks).
+        return Err(invalid("Image size must be a multiple of 512 bytes").with_path(path));
+    }
     let p = plan(&mut options).map_err(|e| e.with_path(path))?;
     if size > i64::MAX as u64 {
         return Err(invalid(format!("Image size {size} is too large")).with_path(path));

@@ -103,6 +103,29 @@ fn backing_reads_zero(backing: &dyn BlockDev, start: u64, len: u64) -> Result<bo
     Ok(true)
 }
 
+/// Makes `[offset, offset + len)` of `file` read as zeroes: a hole where the file system
+/// can punch one (what QEMU's discard passthrough does to freed clusters), else zeroed in
+/// place, never past the end of the file.
+fn zero_host(file: &HostFile, offset: u64, len: u64) -> Result<()> {
+    match file.punch_hole(offset, len) {
+        Err(e) if e.kind() == ErrorKind::Unsupported => {}
+        done => return done,
+    }
+    zero_in_place(file, offset, len)
+}
+
+/// Zeroes `[offset, offset + len)` of `file` keeping it allocated, within the file's length.
+fn zero_in_place(file: &HostFile, offset: u64, len: u64) -> Result<()> {
+    let end = (offset + len).min(file.len()?);
+    if end <= offset {
+        return Ok(());
+    }
+    match file.zero_range(offset, end - offset) {
+        Err(e) if e.kind() == ErrorKind::Unsupported => file.write_zero_bytes(offset, end - offset),
+        done => done,
+    }
+}
+
 fn table_bytes(words: &[u64]) -> Vec<u8> {
     let mut raw = Vec::with_capacity(words.len() * 8);
     for w in words {
@@ -380,31 +403,6 @@ impl Qcow2Image {
         self.set_entry_bitmap(&mut meta, l2, idx, host | COPIED, new_bitmap)
     }
 
-    /// Makes a whole cluster of an extended-L2 image read as zeroes, or discards it.
-    fn clear_subclusters(&self, pos: u64, discard: bool, mode: ZeroMode) -> Result<()> {
-        let cs = self.header.cluster_size();
-        let has_backing = self.header.backing_file.is_some();
-        let mut meta = self.meta.lock();
-        let (kind, _) = self.lookup_locked(&mut meta, pos, cs)?;
-        if kind == Kind::Unallocated && (discard || !has_backing) {
-            return Ok(());
-        }
-        let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
-        let (entry, _) = self.entry_bitmap_at(&mut meta, l2, idx)?;
-        let compressed = entry & COMPRESSED != 0;
-        let host0 = entry & OFFSET_MASK;
-        let has_host = !compressed && host0 != 0;
-        let private = has_host && entry & COPIED != 0;
-        let old = self.classify(entry, 0, 0, pos)?;
-        if !discard && mode == ZeroMode::KeepAllocated && private {
-            return self.set_entry_bitmap(&mut meta, l2, idx, host0 | COPIED, ALL_ZERO);
-        }
-        let bitmap = if discard && !has_backing { 0 } else { ALL_ZERO };
-        self.set_entry_bitmap(&mut meta, l2, idx, 0, bitmap)?;
-        Self::release(&mut meta, old, cs);
-        Ok(())
-    }
-
     /// Queues the host storage of `kind` to lose one reference at the next write-back.
     fn release(meta: &mut Meta, kind: Kind, cluster_size: u64) {
         match kind {
@@ -472,63 +470,197 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Makes one whole guest cluster read as zeroes (or fall through, for discard).
+    /// L2 entry and subcluster bitmap of guest `pos` without allocating or copying any
+    /// table: `(0, 0)` where no L2 table covers it.
+    fn peek_entry(&self, meta: &mut Meta, pos: u64) -> Result<(u64, u64)> {
+        let cb = self.header.cluster_bits;
+        let l1_index = (pos >> self.header.l1_entry_shift()) as usize;
+        let idx = ((pos >> cb) & (self.header.l2_entries() - 1)) as usize;
+        let l1 = *meta.l1.get(l1_index).ok_or_else(|| {
+            Error::corrupt("write", format!("L1 index {l1_index} is past the L1 table"))
+        })?;
+        let l2 = self.l2_offset(l1_index as u64, l1)?;
+        if l2 == 0 {
+            return Ok((0, 0));
+        }
+        self.entry_bitmap_at(meta, l2, idx)
+    }
+
+    /// Makes `[offset, offset + len)` of a raw external data file read as zeroes, as QEMU
+    /// does before it zeroes the clusters, so the data file stays the guest disk.
+    fn zero_raw_data_file(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        if !self.header.data_file_raw() {
+            return Ok(());
+        }
+        let data = self.data_file()?;
+        match mode {
+            ZeroMode::MayUnmap => zero_host(data, offset, len),
+            ZeroMode::KeepAllocated => zero_in_place(data, offset, len),
+        }
+    }
+
+    /// Drops the reference an L2 entry that stopped mapping `old` held: a refcount lowered
+    /// at the next write-back, or, in an external data file (which has no refcounts), the
+    /// range discarded there as QEMU's `qcow2_free_any_cluster` does.
+    fn free_mapping(&self, meta: &mut Meta, entry: u64, old: Kind) -> Result<()> {
+        let cs = self.header.cluster_size();
+        if !self.header.has_data_file() {
+            Self::release(meta, old, cs);
+            return Ok(());
+        }
+        match old {
+            Kind::Normal { host } | Kind::ZeroAlloc { host } | Kind::UnallocatedAlloc { host } => {
+                debug_assert_eq!(host, entry & OFFSET_MASK);
+                zero_host(self.data_file()?, host, cs)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes one whole guest cluster read as zeroes, or discards it, with the L2 entries
+    /// QEMU's `zero_in_l2_slice` and `discard_in_l2_slice` write:
+    /// - zeroes (version 3): the zero flag (or, with extended L2, every subcluster zero)
+    ///   on the entry as it is; with `MayUnmap` an allocated cluster is freed first, and a
+    ///   compressed one always is;
+    /// - discard: an allocated cluster (or any cluster over a backing file) is freed and
+    ///   reads as zeroes (zero flag, all-zero subclusters; version 2: unallocated);
+    /// - zeroes on version 2, which has no zero flag: deallocated where nothing shows
+    ///   through, else written as zero bytes.
+    ///
+    /// Clusters freed in an external data file are discarded there; a raw data file is
+    /// zeroed first so that it keeps reading as the guest disk.
     fn clear_cluster(&self, pos: u64, discard: bool, mode: ZeroMode) -> Result<()> {
         let cs = self.header.cluster_size();
         let has_backing = self.header.backing_file.is_some();
         let v3 = self.header.version >= 3;
-        if self.header.has_data_file() {
-            // Zeroes go into the data file itself, which keeps a raw data file valid;
-            // discard is advisory and keeps the data.
-            if discard {
-                return Ok(());
-            }
-            let n = (self.size() - pos).min(cs);
-            return self.write_cluster(&vec![0u8; n as usize], pos);
-        }
-        if self.decoder.extended_l2 {
-            return self.clear_subclusters(pos, discard, mode);
+        let ext = self.decoder.extended_l2;
+        let data_file = self.header.has_data_file();
+        if !discard {
+            self.zero_raw_data_file(pos, (self.size() - pos).min(cs), mode)?;
         }
         let mut meta = self.meta.lock();
-        let (kind, _) = self.lookup_locked(&mut meta, pos, cs)?;
-        let new_entry = match (kind, discard) {
-            // Already what we want, without touching any table.
-            (Kind::ZeroPlain, _) => return Ok(()),
-            (Kind::Unallocated, _) if !has_backing => return Ok(()),
-            (Kind::Unallocated, true) => return Ok(()),
-            // Keep the allocation: mark the private cluster zero in place.
-            (Kind::Normal { host } | Kind::ZeroAlloc { host }, false)
-                if v3 && mode == ZeroMode::KeepAllocated =>
-            {
-                let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
-                let entry = self.entry_at(&mut meta, l2, idx)?;
-                if entry & COPIED != 0 {
-                    let host = host & !(cs - 1);
-                    return self.set_entry(&mut meta, l2, idx, host | COPIED | ZERO);
-                }
-                ZERO
+        let (entry, bitmap) = self.peek_entry(&mut meta, pos)?;
+        // A contradictory entry is corruption even when it is about to be replaced.
+        self.classify(entry, bitmap, 0, pos)?;
+        let compressed = entry & COMPRESSED != 0;
+        let host = entry & OFFSET_MASK;
+        let allocated = compressed || host != 0 || (data_file && entry & COPIED != 0);
+        let (new_entry, new_bitmap) = if discard {
+            match (has_backing || allocated, ext, v3) {
+                (false, _, _) => (entry, bitmap),
+                (true, true, _) => (0, ALL_ZERO),
+                (true, false, true) => (ZERO, 0),
+                (true, false, false) => (0, 0),
             }
-            _ if v3 => {
-                if discard && !has_backing {
-                    0
-                } else {
-                    ZERO
-                }
+        } else if v3 {
+            let unmap = compressed || (mode == ZeroMode::MayUnmap && allocated);
+            let kept = if unmap { 0 } else { entry };
+            if ext {
+                (kept, ALL_ZERO)
+            } else {
+                (kept | ZERO, 0)
             }
-            // Version 2 has no zero flag: deallocate when nothing shows through.
-            _ if !has_backing => 0,
-            (_, true) => return Ok(()),
-            _ => {
-                drop(meta);
-                return self.write_cluster(&vec![0u8; cs as usize], pos);
-            }
+        } else if has_backing {
+            drop(meta);
+            return self.write_cluster(&vec![0u8; (self.size() - pos).min(cs) as usize], pos);
+        } else {
+            (0, 0)
         };
+        if (new_entry, new_bitmap) == (entry, bitmap) {
+            return Ok(());
+        }
         let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
-        let entry = self.entry_at(&mut meta, l2, idx)?;
-        let old = self.classify(entry, 0, 0, pos)?;
-        self.set_entry(&mut meta, l2, idx, new_entry)?;
-        Self::release(&mut meta, old, cs);
+        self.set_entry_bitmap(&mut meta, l2, idx, new_entry, new_bitmap)?;
+        let still_maps = new_entry & OFFSET_MASK != 0 || (data_file && new_entry & COPIED != 0);
+        if allocated && !still_maps {
+            let old = self.classify(entry, 0, 0, pos)?;
+            self.free_mapping(&mut meta, entry, old)?;
+        }
         Ok(())
+    }
+
+    /// Write-zeroes of a part of one cluster of an extended-L2 image, as QEMU splits it:
+    /// whole subclusters are marked zero in the bitmap (a compressed cluster is written
+    /// instead); a piece of a subcluster marks it zero whole only when the rest of it
+    /// already reads as zeroes without data, and is otherwise written as zero bytes.
+    fn zero_subcluster_piece(&self, pos: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        let sc = self.decoder.subcluster_size();
+        let size = self.size();
+        let end = pos + len;
+        let aligned = |x: u64| x.is_multiple_of(sc) || x == size;
+        let head_end = if aligned(pos) {
+            pos
+        } else {
+            pos.next_multiple_of(sc).min(end)
+        };
+        if head_end > pos {
+            self.zero_partial_subcluster(pos, head_end - pos, mode)?;
+        }
+        if head_end == end {
+            return Ok(());
+        }
+        // `head_end` is a subcluster boundary here, so the tail starts at or after it.
+        let tail_start = if aligned(end) { end } else { end - end % sc };
+        if tail_start > head_end {
+            self.zero_subcluster_range(head_end, tail_start, mode)?;
+        }
+        if end > tail_start {
+            self.zero_partial_subcluster(tail_start, end - tail_start, mode)?;
+        }
+        Ok(())
+    }
+
+    /// One piece of a single subcluster (see [`Self::zero_subcluster_piece`]).
+    fn zero_partial_subcluster(&self, pos: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        let sc = self.decoder.subcluster_size();
+        let start = pos - pos % sc;
+        let end = (start + sc).min(self.size());
+        let (kind, _) = self.lookup(start, end - start)?;
+        let no_data = match kind {
+            Kind::ZeroPlain | Kind::ZeroAlloc { .. } => true,
+            Kind::Unallocated | Kind::UnallocatedAlloc { .. } => {
+                match (&self.backing, self.header.backing_file.is_some()) {
+                    (_, false) => true,
+                    (Some(backing), true) => {
+                        backing_reads_zero(backing.as_ref(), start, pos - start)?
+                            && backing_reads_zero(backing.as_ref(), pos + len, end - pos - len)?
+                    }
+                    (None, true) => false,
+                }
+            }
+            _ => false,
+        };
+        if no_data {
+            self.zero_subcluster_range(start, end, mode)
+        } else {
+            self.write_cluster(&vec![0u8; len as usize], pos)
+        }
+    }
+
+    /// Marks the whole subclusters of `[from, to)` (inside one cluster; `to` may be the
+    /// disk's end) zero, as QEMU's `zero_l2_subclusters`.
+    fn zero_subcluster_range(&self, from: u64, to: u64, mode: ZeroMode) -> Result<()> {
+        let sc = self.decoder.subcluster_size();
+        let cs = self.header.cluster_size();
+        let start = from & !(cs - 1);
+        let first = (from - start) / sc;
+        let count = (to - start).div_ceil(sc) - first;
+        self.zero_raw_data_file(from, to - from, mode)?;
+        let mut meta = self.meta.lock();
+        let (entry, bitmap) = self.peek_entry(&mut meta, from)?;
+        self.classify(entry, bitmap, 0, start)?;
+        if entry & COMPRESSED != 0 {
+            // A compressed cluster cannot be zeroed in part: QEMU writes the zeroes.
+            drop(meta);
+            return self.write_cluster(&vec![0u8; (to - from) as usize], from);
+        }
+        let mask = ((1u64 << count) - 1) << first;
+        let new = (bitmap | (mask << 32)) & !mask;
+        if new == bitmap {
+            return Ok(());
+        }
+        let (l2, idx) = self.ensure_l2(&mut meta, from)?;
+        self.set_entry_bitmap(&mut meta, l2, idx, entry, new)
     }
 
     /// Splits `[offset, offset + len)` into per-cluster pieces: `(pos, len, whole)`, where
@@ -679,6 +811,8 @@ impl Qcow2Image {
         for (pos, n, whole) in self.pieces(offset, len) {
             if whole {
                 self.clear_cluster(pos, false, mode)?;
+            } else if self.decoder.extended_l2 && self.header.version >= 3 {
+                self.zero_subcluster_piece(pos, n, mode)?;
             } else if self.zero_without_data(pos & !(cs - 1))? {
                 self.clear_cluster(pos & !(cs - 1), false, mode)?;
             } else {
@@ -693,7 +827,7 @@ impl Qcow2Image {
     /// only: version 2 cannot show zeroes over one) the backing file must report zeroes
     /// for the whole cluster.
     fn zero_without_data(&self, start: u64) -> Result<bool> {
-        if self.decoder.extended_l2 || self.header.has_data_file() {
+        if self.decoder.extended_l2 {
             return Ok(false);
         }
         let cs = self.header.cluster_size();
@@ -870,6 +1004,9 @@ impl Qcow2Image {
     fn preallocate_range(&self, from: u64, to: u64, mode: Preallocation) -> Result<()> {
         let cs = self.header.cluster_size();
         let external = self.header.has_data_file();
+        // A free cluster inside the file may still hold old data (freed by a tool that
+        // did not punch it); past the old end every cluster reads as zeroes.
+        let old_end = self.file().len()?;
         let mut meta = self.meta.lock();
         let mut runs: Vec<(u64, u64)> = Vec::new();
         // Host offset of the last cluster of the range and whether it was allocated here.
@@ -889,7 +1026,13 @@ impl Qcow2Image {
                     cluster_start
                 } else {
                     let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
-                    refs.alloc(self.file())? << self.header.cluster_bits
+                    let host = refs.alloc(self.file())? << self.header.cluster_bits;
+                    // Zeroed before any table points to it.
+                    if host < old_end {
+                        self.guard_image_file(&mut meta, host, cs)?;
+                        zero_host(self.file(), host, cs)?;
+                    }
+                    host
                 };
                 self.set_entry_bitmap(&mut meta, l2, idx, host | COPIED, bitmap)?;
                 if !external {
@@ -985,6 +1128,13 @@ impl Qcow2Image {
                 format!("size {new_size} is too large"),
             ));
         }
+        if !new_size.is_multiple_of(512) {
+            // qemu's words: the qcow2 driver takes whole sectors only.
+            return Err(
+                Error::invalid("resize", "The new size must be a multiple of 512")
+                    .with_path(self.path()),
+            );
+        }
         if new_size < old_size && prealloc != Preallocation::Off {
             return Err(Error::invalid(
                 "resize",
@@ -1010,9 +1160,7 @@ impl Qcow2Image {
                         let (entry, _) = self.entry_bitmap_at(&mut meta, l2, idx)?;
                         let old = self.classify(entry, 0, 0, at)?;
                         self.set_entry_bitmap(&mut meta, l2, idx, 0, 0)?;
-                        if !self.header.has_data_file() {
-                            Self::release(&mut meta, old, cs);
-                        }
+                        self.free_mapping(&mut meta, entry, old)?;
                         at = (at & !(cs - 1)) + cs;
                     }
                 }
@@ -1169,12 +1317,21 @@ impl Qcow2Image {
             return Ok(());
         }
         let cb = self.header.cluster_bits;
+        let cs = self.header.cluster_size();
+        // Clusters whose last reference went, punched as QEMU's discard passthrough does,
+        // so a later allocation that assumes a new cluster reads as zeroes (metadata
+        // preallocation) cannot show their old contents.
+        let mut freed: Vec<(u64, u64)> = Vec::new();
         for (offset, len) in std::mem::take(&mut meta.pending_free) {
             let first = offset >> cb;
             let last = (offset + len.max(1) - 1) >> cb;
             for cluster in first..=last {
                 refs.adjust(file, cluster, false)?;
                 if refs.get(file, cluster)? == 0 {
+                    match freed.last_mut() {
+                        Some((start, n)) if *start + *n == cluster << cb => *n += cs,
+                        _ => freed.push((cluster << cb, cs)),
+                    }
                     meta.l2.remove(cluster << cb);
                     meta.overlap.remove(cluster);
                     if meta.compress_cursor >> cb == cluster {
@@ -1185,6 +1342,9 @@ impl Qcow2Image {
         }
         *self.last_compressed.lock() = None;
         refs.write_dirty(file)?;
+        for (start, len) in freed {
+            zero_host(file, start, len)?;
+        }
         Ok(())
     }
 }

@@ -446,7 +446,8 @@ fn resize_grow_and_shrink() {
     assert_same(&qemu_contents(&img, &s), &expect, "grown");
     {
         let dev = open_rw(&img);
-        dev.resize((3 << 20) + 100, Preallocation::Off)
+        // Whole sectors only, as qemu takes them.
+        dev.resize((3 << 20) + 512, Preallocation::Off)
             .expect("shrink");
         dev.resize(8 << 20, Preallocation::Off).expect("grow again");
         dev.flush().expect("flush");
@@ -486,10 +487,11 @@ fn resize_grow_and_shrink() {
     assert!(st.allocated && st.data, "preallocated: {st:?}");
 
     qemu_img(&["snapshot", "-c", "s", b.to_str().expect("u")]);
-    let err = open_rw(&b)
+    // v3 snapshots keep their own size: qemu-img 10 resizes such images, and so do we.
+    open_rw(&b)
         .resize(8 << 20, Preallocation::Off)
-        .expect_err("snapshots");
-    assert_eq!(err.kind(), vdisk_block::ErrorKind::Unsupported);
+        .expect("v3 image with snapshots");
+    qemu_check_clean(&b);
 }
 
 #[test]
