@@ -24,14 +24,31 @@ impl std::fmt::Debug for Object {
     }
 }
 
-/// Parses and defines every `--object` of a command line, in order.
-pub fn define_all(objects: &[String]) -> Result<(), Failure> {
+/// The secrets one command line defined; dropping it removes (and zeroes) them, so a
+/// command run twice in one process starts from no secrets, as a new qemu-img would.
+#[derive(Debug, Default)]
+#[must_use = "the secrets are removed when this is dropped"]
+pub struct Secrets(Vec<String>);
+
+impl Drop for Secrets {
+    fn drop(&mut self) {
+        for id in &self.0 {
+            vdisk_luks::secret::remove(id);
+        }
+    }
+}
+
+/// Parses and defines every `--object` of a command line, in order; they stay defined
+/// while the returned [`Secrets`] lives.
+pub fn define_all(objects: &[String]) -> Result<Secrets, Failure> {
+    let mut defined = Secrets::default();
     for text in objects {
         let object = parse(text)?;
         vdisk_luks::secret::define(&object.id, object.value)
             .map_err(|e| Failure::same(e.message()))?;
+        defined.0.push(object.id);
     }
-    Ok(())
+    Ok(defined)
 }
 
 fn is_identifier(id: &str) -> bool {
@@ -167,6 +184,23 @@ fn decode_base64(text: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_live_as_long_as_the_command() {
+        let objects = vec!["secret,id=object-test,data=x".to_string()];
+        let secrets = define_all(&objects).expect("define");
+        assert!(
+            define_all(&objects).is_err(),
+            "a second definition of one id"
+        );
+        assert_eq!(
+            &vdisk_luks::secret::lookup("object-test").expect("defined")[..],
+            b"x"
+        );
+        drop(secrets);
+        assert!(vdisk_luks::secret::lookup("object-test").is_err());
+        drop(define_all(&objects).expect("defined again after the first run"));
+    }
 
     #[test]
     fn parses_secrets_as_qemu_does() {

@@ -61,10 +61,13 @@ const RAW_PROBE_WARNING: &str = "WARNING: Image format was not specified for '{}
 
 /// Runs `check`; returns the exit code.
 pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
-    if let Err(f) = crate::object::define_all(&args.object) {
-        ctx.fail(&f);
-        return 1;
-    }
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     let output = match OutputFormat::parse(&args.output) {
         Ok(o) => o,
         Err(msg) => return ctx.usage("check", &msg),

@@ -90,10 +90,13 @@ impl Progress {
 
 /// Runs `compare`; returns the exit code.
 pub fn run(ctx: &Ctx, args: CompareArgs) -> i32 {
-    if let Err(f) = crate::object::define_all(&args.object) {
-        ctx.fail(&f);
-        return 1;
-    }
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     let [name_a, name_b] = args.files.as_slice() else {
         return ctx.usage("compare", "Expecting two image file names");
     };

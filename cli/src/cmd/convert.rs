@@ -98,10 +98,13 @@ pub struct ConvertArgs {
 
 /// Runs `convert`; returns the exit code (qemu-img uses 1 for every failure).
 pub fn run(ctx: &Ctx, args: ConvertArgs) -> i32 {
-    if let Err(f) = crate::object::define_all(&args.object) {
-        ctx.fail(&f);
-        return 1;
-    }
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     if ctx.dropin && !args.snapshot_id_or_name.is_empty() {
         eprintln!("{} convert: invalid option -- 's'", ctx.argv0);
         eprintln!("Try '{} convert --help' for more info", ctx.argv0);

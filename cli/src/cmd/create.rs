@@ -94,10 +94,13 @@ struct Opt {
 
 /// Runs `create`; returns the exit code.
 pub fn run(ctx: &Ctx, args: CreateArgs) -> i32 {
-    if let Err(f) = crate::object::define_all(&args.object) {
-        ctx.fail(&f);
-        return 1;
-    }
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     match create(ctx, &args) {
         Ok(()) => 0,
         Err(f) => {

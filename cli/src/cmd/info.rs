@@ -49,10 +49,13 @@ pub struct InfoArgs {
 
 /// Runs `info`; returns the exit code.
 pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
-    if let Err(f) = crate::object::define_all(&args.object) {
-        ctx.fail(&f);
-        return 1;
-    }
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     let output = match OutputFormat::parse(&args.output) {
         Ok(o) => o,
         Err(msg) => return ctx.usage("info", &msg),

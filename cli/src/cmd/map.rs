@@ -58,10 +58,13 @@ pub struct MapArgs {
 
 /// Runs `map`; returns the exit code.
 pub fn run(ctx: &Ctx, args: MapArgs) -> i32 {
-    if let Err(f) = crate::object::define_all(&args.object) {
-        ctx.fail(&f);
-        return 1;
-    }
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     let output = match OutputFormat::parse(&args.output) {
         Ok(o) => o,
         Err(msg) => return ctx.usage("map", &msg),

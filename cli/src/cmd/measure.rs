@@ -57,10 +57,13 @@ pub struct MeasureArgs {
 
 /// Runs `measure`; returns the exit code.
 pub fn run(ctx: &Ctx, args: MeasureArgs) -> i32 {
-    if let Err(f) = crate::object::define_all(&args.object) {
-        ctx.fail(&f);
-        return 1;
-    }
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     match measure(ctx, &args) {
         Ok(code) => code,
         Err(f) => {
