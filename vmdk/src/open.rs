@@ -128,7 +128,7 @@ fn text_descriptor(file: &Source) -> Result<Descriptor> {
         return Err(Error::corrupt(
             OP,
             format!(
-                "not a VMDK: no sparse header, and at {len} bytes too large for a descriptor (at most {MAX_DESCRIPTOR_BYTES})"
+                "invalid VMDK image descriptor (no sparse header, and at {len} bytes the file is too large for a descriptor, at most {MAX_DESCRIPTOR_BYTES})"
             ),
         )
         .with_path(file.path()));

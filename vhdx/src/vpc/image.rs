@@ -77,7 +77,10 @@ fn corrupt(path: &Path, why: impl Into<String>) -> Error {
 pub(crate) fn read_footer(file: &HostFile, path: &Path) -> Result<Footer> {
     let len = file.len()?;
     if len < FOOTER_SIZE as u64 {
-        return Err(corrupt(path, "the file is too short for a VHD footer"));
+        return Err(corrupt(
+            path,
+            "invalid VPC image (the file is too short for a VHD footer)",
+        ));
     }
     let mut buf = vec![0u8; FOOTER_SIZE];
     file.read_at(&mut buf, 0)?;
