@@ -310,6 +310,13 @@ fn sequences_match_qemu_img() {
         &["bitmap", "--add", "-g", "2G", "a.qcow2", "huge"],
         &["bitmap", "--add", "-g", "6G", "a.qcow2", "wrapped"],
         &["bitmap", "--add", "-g", "0", "a.qcow2", "zero-gran"],
+        &[
+            "bitmap",
+            "--add",
+            "--image-opts",
+            "driver=qcow2,file.filename=a.qcow2",
+            "by-opts",
+        ],
     ];
     for (i, args) in steps.iter().enumerate() {
         let r = t.both(args);

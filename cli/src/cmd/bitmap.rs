@@ -66,8 +66,8 @@ pub struct BitmapOpts {
     /// Name the image by options instead of a file name: driver=FMT,file.filename=PATH
     #[arg(long = "image-opts")]
     pub image_opts: bool,
-    /// QEMU user-creatable object (accepted for compatibility; vdisk needs none)
-    #[arg(long = "object", value_name = "OBJDEF")]
+    /// Define a secret: `secret,id=ID,data=TEXT` or `secret,id=ID,file=PATH`
+    #[arg(long = "object", value_name = "OBJECTDEF")]
     pub object: Vec<String>,
     /// FILENAME BITMAP
     #[arg(value_name = "FILENAME BITMAP")]
@@ -168,6 +168,10 @@ const NODE: &str = "#block0";
 
 /// Runs `bitmap`; returns the exit code.
 pub fn run(ctx: &Ctx, args: BitmapArgs) -> i32 {
+    if let Err(f) = crate::object::define_all(&args.opts.object) {
+        ctx.fail(&f);
+        return 1;
+    }
     match bitmap(ctx, &args) {
         Ok(()) => 0,
         Err(f) => {

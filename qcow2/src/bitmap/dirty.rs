@@ -107,14 +107,7 @@ impl DirtyMap {
             *entry = Chunk::Bits(vec![0xffu8; chunk_bytes].into_boxed_slice());
         }
         if let Chunk::Bits(bytes) = entry {
-            for b in lo..hi {
-                let (byte, mask) = ((b / 8) as usize, 1u8 << (b % 8));
-                if value {
-                    bytes[byte] |= mask;
-                } else {
-                    bytes[byte] &= !mask;
-                }
-            }
+            set_bit_range(bytes, lo, hi, value);
             if bytes.iter().all(|&b| b == 0) {
                 self.chunks.remove(&index);
             }
@@ -294,6 +287,28 @@ impl DirtyMap {
     }
 }
 
+/// Sets or clears bits `[lo, hi)` of `bytes` (LSB first), whole bytes at a time in the
+/// middle.
+fn set_bit_range(bytes: &mut [u8], lo: u64, hi: u64, value: bool) {
+    let mut b = lo;
+    while b < hi {
+        let byte = (b / 8) as usize;
+        if b & 7 == 0 && hi - b >= 8 {
+            let whole = ((hi - b) / 8) as usize;
+            bytes[byte..byte + whole].fill(if value { 0xff } else { 0 });
+            b += whole as u64 * 8;
+            continue;
+        }
+        let mask = 1u8 << (b % 8);
+        if value {
+            bytes[byte] |= mask;
+        } else {
+            bytes[byte] &= !mask;
+        }
+        b += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +324,15 @@ mod tests {
         m.unmark(1024, 1000);
         assert_eq!(m.ranges()[1], (1536, 1024));
         assert!(!m.bit(2));
+    }
+
+    #[test]
+    fn bit_ranges_fill_whole_bytes() {
+        let mut b = vec![0u8; 4];
+        set_bit_range(&mut b, 3, 29, true);
+        assert_eq!(b, [0xf8, 0xff, 0xff, 0x1f]);
+        set_bit_range(&mut b, 8, 16, false);
+        assert_eq!(b, [0xf8, 0, 0xff, 0x1f]);
     }
 
     #[test]
