@@ -101,6 +101,12 @@ impl Refcounts {
         self.end
     }
 
+    /// Records that the file was cut to `end` clusters, past its last cluster in use, so
+    /// new tables go right after that again.
+    pub fn truncated(&mut self, end: u64) {
+        self.end = end;
+    }
+
     /// Declares every cluster below `end` possibly in use, so that no refcount block or
     /// table is ever created there (a repair that knows references past the end of the
     /// file calls this before it sets any refcount).

@@ -1179,6 +1179,7 @@ impl Qcow2Image {
             }
             self.writeback(&mut meta)?;
             self.file().flush()?;
+            self.cut_unused_tail(&mut meta)?;
             self.write_size(new_size, meta.l1.len() as u64, meta.l1_offset)?;
             self.size
                 .store(new_size, std::sync::atomic::Ordering::Release);
@@ -1249,6 +1250,24 @@ impl Qcow2Image {
         let mut meta = self.meta.lock();
         self.writeback(&mut meta)?;
         self.file().flush()
+    }
+
+    /// Cuts the image file after its last cluster in use, as QEMU does after a shrink
+    /// (the freed clusters at the end would otherwise keep the file long).
+    fn cut_unused_tail(&self, meta: &mut Meta) -> Result<()> {
+        let cs = self.header.cluster_size();
+        let file = self.file();
+        let len = file.len()?;
+        let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
+        let mut end = len.div_ceil(cs);
+        while end > 0 && refs.get(file, end - 1)? == 0 {
+            end -= 1;
+        }
+        if end * cs < len {
+            file.set_len(end * cs)?;
+            refs.truncated(end);
+        }
+        Ok(())
     }
 
     /// Records a new guest size.

@@ -258,15 +258,9 @@ fn data_file_zeroes_and_discard_match_qemu() {
 /// must not show their old data.
 #[test]
 fn shrink_then_metadata_preallocation_reads_zeroes() {
-    let scratch = Scratch::new("fid-shrink");
-    let q = scratch.path("q.qcow2");
-    let v = scratch.path("v.qcow2");
-    for img in [&q, &v] {
-        qemu_img(&["create", "-q", "-f", "qcow2", s(img), "4M"]);
-        qemu_io(img, &["write -P 0xa5 0 4M"]);
-    }
-    // (size, shrink, preallocation) as qemu-img resize takes them.
-    let steps: [(u64, bool, &str); 6] = [
+    // (size, shrink, preallocation) as qemu-img resize takes them: the sequence that
+    // showed old data at 8M..9M, and a regrow straight over the shrunk range.
+    let long: &[(u64, bool, &str)] = &[
         (4 * M + 3 * M / 2, false, "off"),
         (2048 * K, true, "off"),
         (6 * M, false, "off"),
@@ -274,9 +268,28 @@ fn shrink_then_metadata_preallocation_reads_zeroes() {
         (8 * M, false, "off"),
         (9 * M, false, "metadata"),
     ];
+    let short: &[(u64, bool, &str)] = &[(M, true, "off"), (4 * M, false, "metadata")];
+    for options in ["compat=1.1", "extended_l2=on", "data_file={data}"] {
+        // With an external data file the freed clusters are discarded in the data file.
+        shrink_then_regrow(options, long, 8 * M);
+        shrink_then_regrow(options, short, M);
+    }
+}
+
+/// Runs `steps` on qemu's twin with qemu-img resize and on ours; from `zero_from` on the
+/// disk must read as zeroes.
+fn shrink_then_regrow(options: &str, steps: &[(u64, bool, &str)], zero_from: u64) {
+    let scratch = Scratch::new("fid-shrink");
+    let q = scratch.path("q.qcow2");
+    let v = scratch.path("v.qcow2");
+    for (img, data) in [(&q, "q.data"), (&v, "v.data")] {
+        let o = options.replace("{data}", s(&scratch.path(data)));
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, s(img), "4M"]);
+        qemu_io(img, &["write -P 0xa5 0 4M"]);
+    }
     {
         let dev = open_rw(&v);
-        for (size, shrink, prealloc) in steps {
+        for &(size, shrink, prealloc) in steps {
             let mut args = vec!["resize", "-q", "-f", "qcow2"];
             let p = format!("--preallocation={prealloc}");
             if shrink {
@@ -297,8 +310,8 @@ fn shrink_then_metadata_preallocation_reads_zeroes() {
     }
     let ours = read_all(&open(&v));
     assert!(
-        ours[(8 * M) as usize..].iter().all(|&b| b == 0),
-        "bytes 8M..9M show old data after shrink and metadata preallocation"
+        ours[zero_from as usize..].iter().all(|&b| b == 0),
+        "-o {options}, {steps:?}: old data past {zero_from} after shrink and preallocation"
     );
     let strip = |m: serde_json::Value| -> Vec<serde_json::Value> {
         m.as_array()
@@ -311,17 +324,33 @@ fn shrink_then_metadata_preallocation_reads_zeroes() {
             })
             .collect()
     };
-    assert_eq!(strip(map(&v)), strip(map(&q)), "map without host offsets");
+    assert_eq!(
+        strip(map(&v)),
+        strip(map(&q)),
+        "-o {options}: map without host offsets"
+    );
     check_clean(&q);
     check_clean(&v);
     compare_same(&q, &v);
     assert_map_matches(&v);
+    let len = |p: &Path| std::fs::metadata(p).expect("stat").len();
+    assert_eq!(
+        len(&v),
+        len(&q),
+        "-o {options}, {steps:?}: image file length"
+    );
 }
 
 /// Metadata preallocation into free clusters that still hold data (left by another tool,
 /// or freed without a discard passed down) must not expose it.
 #[test]
-fn metadata_preallocation_never_reuses_stale_clusters_as_is() {
+fn preallocation_never_reuses_stale_clusters_as_is() {
+    for mode in [Preallocation::Metadata, Preallocation::Falloc] {
+        stale_clusters_stay_hidden(mode);
+    }
+}
+
+fn stale_clusters_stay_hidden(mode: Preallocation) {
     let scratch = Scratch::new("fid-stale");
     let v = scratch.path("v.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&v), "2M"]);
@@ -343,14 +372,14 @@ fn metadata_preallocation_never_reuses_stale_clusters_as_is() {
     check_clean(&v);
     {
         let dev = open_rw(&v);
-        dev.resize(2 * M, Preallocation::Metadata).expect("resize");
+        dev.resize(2 * M, mode).expect("resize");
         dev.flush().expect("flush");
     }
     check_clean(&v);
     let got = qemu_contents(&v, &scratch);
     assert!(
         got[(64 * K) as usize..].iter().all(|&b| b == 0),
-        "metadata preallocation exposed stale bytes of free clusters"
+        "{mode:?} preallocation exposed stale bytes of free clusters"
     );
 }
 
