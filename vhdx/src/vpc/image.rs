@@ -91,6 +91,22 @@ pub(crate) fn read_footer(file: &HostFile, path: &Path) -> Result<Footer> {
 }
 
 impl VpcImage {
+    /// Whether the host range `[host, host + len)` starts in a hole of the file, and how
+    /// far that answer holds (at least one byte). File systems that cannot tell report data.
+    fn host_hole(&self, host: u64, len: u64) -> Result<(bool, u64)> {
+        let end = host + len;
+        match self.file.next_data(host) {
+            Err(e) if e.kind() == ErrorKind::Unsupported => Ok((false, len)),
+            Err(e) => Err(e),
+            Ok(None) => Ok((true, len)),
+            Ok(Some(data)) if data > host => Ok((true, data.min(end) - host)),
+            Ok(Some(_)) => {
+                let hole = self.file.next_hole(host)?.unwrap_or(end);
+                Ok((false, hole.clamp(host + 1, end) - host))
+            }
+        }
+    }
+
     /// Opens `path`; a differencing image's parent is opened through `options.opener`
     /// within `options.policy`. Driver option `force_size_calc` (`chs` or `current_size`)
     /// overrides the size rule, as in qemu.
@@ -526,6 +542,13 @@ impl BlockDev for VpcImage {
                     file: self.path.clone(),
                     offset: host,
                 });
+                // qemu passes a fixed VHD's ranges through to the host file (raw), so a
+                // hole in the file reads as zeroes there; a dynamic block is plain data.
+                if self.dynamic.is_none() {
+                    let (zero, n) = self.host_hole(host, run)?;
+                    st.zero = zero;
+                    st.len = n;
+                }
             }
             // A dynamic disk without a parent decides its own unallocated blocks: they are
             // zeroes of this layer, which is how qemu-img map reports them (present).
