@@ -101,6 +101,10 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Share the image with another writer (qemu-img's `-U`): skip locking.
     pub force_share: bool,
+    /// The caller reads only metadata, never guest data (qemu's `BDRV_O_NO_IO`, used by
+    /// `info`): a driver may then skip what only data needs, such as unlocking an encrypted
+    /// image, and fail the first data access instead.
+    pub metadata_only: bool,
     /// Driver-specific options (`--image-opts` style `key=value`).
     pub driver_options: BTreeMap<String, String>,
     /// How to open backing files and parents; `None` means the image cannot open any (a
@@ -117,6 +121,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("policy", &self.policy)
             .field("no_backing", &self.no_backing)
             .field("force_share", &self.force_share)
+            .field("metadata_only", &self.metadata_only)
             .field("driver_options", &self.driver_options)
             .field("opener", &self.opener.is_some())
             .finish()
@@ -132,6 +137,7 @@ impl Default for OpenOptions {
             policy: FollowPolicy::SameFolder,
             no_backing: false,
             force_share: false,
+            metadata_only: false,
             driver_options: BTreeMap::new(),
             opener: None,
         }

@@ -2,9 +2,9 @@
 //! sectors numbered from the payload start.
 //!
 //! Opening for data unlocks the master key at once, so a bad or missing passphrase fails the
-//! open as in qemu. A read-only open without backing files (what `info` does, qemu's
-//! `BDRV_O_NO_IO`) needs no passphrase: it shows the header, and unlocks only if data is
-//! read after all.
+//! open as in qemu. A metadata-only open ([`OpenOptions::metadata_only`], what `info` does,
+//! qemu's `BDRV_O_NO_IO`) needs no passphrase: it shows the header, and unlocks only if
+//! data is read after all.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,7 +89,7 @@ impl LuksImage {
         let len = file.len()?;
         let header = read_header(&file, len)?;
         let payload = header.payload_bytes();
-        let metadata_only = !options.writable && options.no_backing;
+        let metadata_only = options.metadata_only && !options.writable;
         let passphrase = match options.driver_options.get("key-secret") {
             // qemu looks the secret up only when it unlocks.
             Some(id) if metadata_only => secret::lookup(id).ok(),

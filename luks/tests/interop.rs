@@ -196,7 +196,7 @@ fn assert_same_info(path: &Path) {
     .expect("qemu-img JSON");
     // Without the key, as qemu-img info.
     let mut o = options(false, None);
-    o.no_backing = true;
+    o.metadata_only = true;
     let dev = LuksFormat.open(path, &o).expect("open without key");
     let fs = dev
         .format_specific()
@@ -387,7 +387,7 @@ fn info_needs_no_key_and_data_does() {
     let path = dir.join("i.luks");
     create_ours(&path, "cipher-mode=cbc,ivgen-alg=essiv");
     let mut o = options(false, None);
-    o.no_backing = true;
+    o.metadata_only = true;
     let dev = LuksFormat.open(&path, &o).expect("metadata-only open");
     assert_eq!(dev.size(), SIZE);
     let err = dev.read_at(&mut [0u8; 512], 0).expect_err("no key");
@@ -397,7 +397,7 @@ fn info_needs_no_key_and_data_does() {
     );
     // With a key, a metadata-only open unlocks when data is read after all.
     let mut o = options(false, Some(secret_id()));
-    o.no_backing = true;
+    o.metadata_only = true;
     let dev = LuksFormat.open(&path, &o).expect("open");
     dev.read_at(&mut [0u8; 512], 0).expect("deferred unlock");
 }
@@ -577,7 +577,7 @@ fn hostile_headers_are_refused_quickly() {
         std::fs::write(&path, &bytes).expect("write");
         for (writable, key) in [(false, None), (true, Some(secret_id()))] {
             let mut o = options(writable, key);
-            o.no_backing = !writable;
+            o.metadata_only = !writable;
             let start = Instant::now();
             let err = match LuksFormat.open(&path, &o) {
                 Ok(_) => panic!("{name}: opened"),

@@ -206,6 +206,7 @@ fn info_map_compare_convert_check_match_qemu_img() {
     b.same(&["info", "q.luks"]);
     b.same(&["info", "--output=json", "q.luks"]);
     b.same(&["info", "-f", "luks", "--output=json", "q.luks"]);
+    b.same(&["info", "--backing-chain", "q.luks"]);
     // Named by options with a key-secret (even an undefined one: info never unlocks), qemu
     // names the image by JSON.
     let unknown = "driver=luks,key-secret=nope,file.filename=q.luks";

@@ -6,9 +6,9 @@ use clap::Args;
 use serde_json::{json, Map, Value};
 use vdisk_block::dev::{FormatSpecific, InfoValue};
 use vdisk_block::size::human_size;
-use vdisk_block::{BlockDev, ImageInfo, SnapshotInfo};
+use vdisk_block::{BlockDev, ImageInfo, OpenOptions, SnapshotInfo};
 
-use super::{open, print, sectors, OpenSpec};
+use super::{print, sectors, OpenSpec};
 use crate::context::Failure;
 use crate::output::{qemu_json, OutputFormat};
 use crate::Ctx;
@@ -70,7 +70,12 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
         no_backing: !args.backing_chain,
         ..OpenSpec::default()
     };
-    let dev = match open(name, &spec) {
+    // qemu-img info opens with BDRV_O_NO_IO: encrypted images show without their key.
+    let metadata = OpenOptions {
+        metadata_only: true,
+        ..OpenOptions::read_only()
+    };
+    let dev = match super::open_with(name, &spec, metadata) {
         Ok(d) => d,
         Err(f) => {
             ctx.fail(&f);
