@@ -171,7 +171,9 @@ pub(crate) fn load(file: &HostFile, h: &Header, size: u64) -> Result<Bitmaps> {
             .get(pos..pos + 24)
             .ok_or_else(|| bad("bitmap directory entry is incomplete".into()))?;
         let extra = u32::from_be_bytes([e[20], e[21], e[22], e[23]]) as usize;
-        let len = (24 + extra + b.name.len()).next_multiple_of(8);
+        // The stored name length: `b.name` was decoded lossily and may be longer.
+        let name_size = usize::from(u16::from_be_bytes([e[18], e[19]]));
+        let len = (24 + extra + name_size).next_multiple_of(8);
         let raw = dir
             .get(pos..(pos + len).min(dir.len()))
             .ok_or_else(|| bad("bitmap directory entry is incomplete".into()))?
