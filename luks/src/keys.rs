@@ -7,7 +7,8 @@ use zeroize::Zeroizing;
 use crate::algo::{CipherSpec, HashAlg};
 use crate::cipher::{SectorCipher, SECTOR_SIZE};
 use crate::header::{
-    new_layout, Header, KeySlot, DIGEST_LEN, MAX_ITERATIONS, NUM_SLOTS, SALT_LEN, STRIPES,
+    check_iteration_limit, new_layout, Header, KeySlot, DIGEST_LEN, MAX_ITERATIONS, NUM_SLOTS,
+    SALT_LEN, STRIPES,
 };
 use crate::kdf::{iterations_for, pbkdf2, MIN_ITERATIONS};
 use crate::{af, random};
@@ -63,10 +64,12 @@ pub fn unlock(
     passphrase: &[u8],
     read: &mut ReadFn<'_>,
 ) -> Result<Zeroizing<Vec<u8>>> {
+    check_iteration_limit(header.mk_iterations, "key")?;
     for i in 0..NUM_SLOTS {
         if !header.slots[i].active {
             continue;
         }
+        check_iteration_limit(header.slots[i].iterations, &format!("keyslot {i}"))?;
         if let Some(key) = try_slot(header, i, passphrase, read)? {
             return Ok(key);
         }
