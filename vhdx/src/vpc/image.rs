@@ -627,7 +627,9 @@ impl BlockDev for VpcImage {
     }
 
     fn has_zero_init(&self) -> bool {
-        self.dynamic.as_ref().is_some_and(|d| !d.differencing)
+        // A new fixed VHD is a sparse file with a footer: it reads as zeroes, as qemu's
+        // vpc_has_zero_init says by asking the file.
+        self.dynamic.as_ref().is_none_or(|d| !d.differencing)
     }
 
     fn is_read_only(&self) -> bool {
