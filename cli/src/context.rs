@@ -232,10 +232,32 @@ fn why(err: &Error) -> String {
 /// qemu-img's messages have no hints; ours may end in a parenthesised hint, which drop-in
 /// mode removes so the wording matches qemu-img's.
 pub fn without_hint(text: &str) -> &str {
-    match text.rfind(" (") {
-        Some(cut) if text.ends_with(')') => &text[..cut],
-        _ => text,
+    // A few of qemu's own messages end in a parenthesis; those stay whole.
+    const QEMU_OWN: [&str; 2] = ["(use version=v3 or greater)", "(use compat=1.1 or greater)"];
+    if QEMU_OWN.iter().any(|own| text.ends_with(own)) {
+        return text;
     }
+    if !text.ends_with(')') {
+        return text;
+    }
+    // The hint is the parenthesis that closes at the end, nested ones included.
+    let mut depth = 0usize;
+    for (i, c) in text.char_indices().rev() {
+        match c {
+            ')' => depth += 1,
+            '(' => {
+                depth -= 1;
+                if depth == 0 {
+                    return match text[..i].strip_suffix(' ') {
+                        Some(head) => head,
+                        None => text,
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+    text
 }
 
 /// The explanation a source error adds (the registry puts hints there), if any.

@@ -9,13 +9,12 @@ run qemu-img convert -O vmdk guest.qcow2 sparse.vmdk
 run qemu-img convert -O vmdk -o subformat=streamOptimized guest.qcow2 ova-disk1.vmdk
 run qemu-img convert -O vmdk -o subformat=monolithicFlat guest.qcow2 flat.vmdk
 run qemu-img convert -O vhdx guest.qcow2 hyperv.vhdx
-# A dynamic VHD: vdisk fills the zero ranges of a fixed one (see tests/tests/parity.rs).
-run qemu-img convert -O vpc guest.qcow2 azure.vhd
+run qemu-img convert -O vpc -o subformat=fixed,force_size=on guest.qcow2 azure.vhd
 for f in sparse.vmdk ova-disk1.vmdk flat.vmdk hyperv.vhdx; do
     run_layout qemu-img info "$f"
     run qemu-img compare guest.qcow2 "$f"
 done
-run_info qemu-img info -f vpc --output=json azure.vhd
+run qemu-img info -f vpc --output=json azure.vhd
 run qemu-img compare -F vpc guest.qcow2 azure.vhd
 for f in sparse.vmdk ova-disk1.vmdk flat.vmdk azure.vhd; do
     fmt=vmdk
