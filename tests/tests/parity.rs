@@ -106,10 +106,6 @@ pub const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
          human 'image:' line and JSON 'filename'; vdisk prints the file name",
     ),
     (
-        "measure --image-opts (so measure of a LUKS image)",
-        "vdisk: 'qemu-img measure: unrecognized option '--image-opts''",
-    ),
-    (
         "resize --object ... --image-opts driver=luks,...",
         "vdisk: 'No secret with id 'sec0'' (resize does not take --object yet)",
     ),
@@ -1358,6 +1354,25 @@ fn luks_images_and_passphrases() {
         &["info", "--output=json", "l.luks"],
         &["info", "-f", "luks", "l.luks"],
         &[
+            "measure",
+            "--object",
+            SECRET,
+            "-O",
+            "qcow2",
+            "--image-opts",
+            opts,
+        ],
+        &[
+            "measure",
+            "--output=json",
+            "--object",
+            SECRET,
+            "-O",
+            "raw",
+            "--image-opts",
+            opts,
+        ],
+        &[
             "map",
             "--output=json",
             "--object",
@@ -1386,6 +1401,17 @@ fn luks_images_and_passphrases() {
         &["map", "--object", wrong, "--image-opts", opts],
         &["map", "--image-opts", opts],
         &["map", "l.luks"],
+        &[
+            "measure",
+            "--object",
+            wrong,
+            "-O",
+            "raw",
+            "--image-opts",
+            opts,
+        ],
+        &["measure", "-O", "raw", "--image-opts", opts],
+        &["measure", "--image-opts", "-O", "raw", "--size", "1M"],
     ] {
         b.same_code(args, 1);
     }

@@ -46,6 +46,9 @@ pub struct MeasureArgs {
     /// Open the image in shared mode, even while another process uses it
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// FILENAME is a `driver=FMT,file.filename=PATH,key=value` list, as qemu's --image-opts
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The image to be converted
     #[arg(value_name = "FILENAME")]
     pub files: Vec<String>,
@@ -195,6 +198,11 @@ fn measure(ctx: &Ctx, args: &MeasureArgs) -> Result<i32, Failure> {
         return Err(Failure::same("At most one filename argument is allowed."));
     }
     let file = args.files.first();
+    if file.is_none() && (args.image_opts || args.format.is_some() || args.snapshot.is_some()) {
+        return Err(Failure::same(
+            "--image-opts, -f, and -l require a filename argument.",
+        ));
+    }
     match (size, file) {
         (Some(_), Some(_)) => {
             return Err(Failure::same(
@@ -215,6 +223,7 @@ fn measure(ctx: &Ctx, args: &MeasureArgs) -> Result<i32, Failure> {
             let spec = OpenSpec {
                 format: args.format.as_deref(),
                 force_share: args.force_share,
+                image_opts: args.image_opts,
                 ..OpenSpec::default()
             };
             let dev = open(name, &spec)?;
