@@ -523,7 +523,8 @@ impl Qcow2Image {
     ///   on the entry as it is; with `MayUnmap` an allocated cluster is freed first, and a
     ///   compressed one always is;
     /// - discard: an allocated cluster (or any cluster over a backing file) is freed and
-    ///   reads as zeroes (zero flag, all-zero subclusters; version 2: unallocated);
+    ///   reads as zeroes (zero flag, all-zero subclusters; version 2: unallocated, and
+    ///   nothing at all over a backing file);
     /// - zeroes on version 2, which has no zero flag: deallocated where nothing shows
     ///   through, else written as zero bytes.
     ///
@@ -548,6 +549,8 @@ impl Qcow2Image {
         let (new_entry, new_bitmap) = if discard {
             match (has_backing || allocated, ext, v3) {
                 (false, _, _) => (entry, bitmap),
+                // qemu refuses (ENOTSUP): the backing file would show through.
+                (true, false, false) if has_backing => (entry, bitmap),
                 (true, true, _) => (0, ALL_ZERO),
                 (true, false, true) => (ZERO, 0),
                 (true, false, false) => (0, 0),
