@@ -168,10 +168,14 @@ const NODE: &str = "#block0";
 
 /// Runs `bitmap`; returns the exit code.
 pub fn run(ctx: &Ctx, args: BitmapArgs) -> i32 {
-    if let Err(f) = crate::object::define_all(&args.opts.object) {
-        ctx.fail(&f);
-        return 1;
-    }
+    // Held to the end: dropping it removes the secrets again.
+    let _secrets = match crate::object::define_all(&args.opts.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     match bitmap(ctx, &args) {
         Ok(()) => 0,
         Err(f) => {
