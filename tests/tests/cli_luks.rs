@@ -431,3 +431,59 @@ fn hostile_headers_are_refused_in_qemus_words() {
         assert_eq!(r.code, 1, "{name}");
     }
 }
+
+/// The commands that change an image take `--object` too: resize of a LUKS image through
+/// `--image-opts` with its key, and the refusal of a wrong or missing secret, as qemu-img.
+#[test]
+fn resize_takes_secrets_like_qemu_img() {
+    let b = Bench::new("luks-resize");
+    for name in ["q.luks", "d.luks"] {
+        b.qemu_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            SECRET,
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            name,
+            "4M",
+        ]);
+    }
+    let (q, d) = (opts("q.luks"), opts("d.luks"));
+    let name = Path::new("qemu-img");
+    for (secret, size) in [
+        (WRONG, "8M"),
+        ("secret,id=other,data=x", "8M"),
+        (SECRET, "8M"),
+    ] {
+        let rq = run_with_path(
+            b.dir(),
+            None,
+            name,
+            &["resize", "--object", secret, "--image-opts", &q, size],
+        );
+        let rd = run_with_path(
+            b.dir(),
+            b.dropin.parent(),
+            name,
+            &["resize", "--object", secret, "--image-opts", &d, size],
+        );
+        assert_eq!(
+            (rd.code, &rd.stdout, rd.stderr.replace("d.luks", "q.luks")),
+            (rq.code, &rq.stdout, rq.stderr.clone()),
+            "resize with {secret}"
+        );
+    }
+    let info = |f: &str| -> Value {
+        let r = b.qemu_ok(&["info", "--output=json", f]);
+        serde_json::from_str(&r.stdout).expect("info JSON")
+    };
+    assert_eq!(
+        info("d.luks")["virtual-size"],
+        info("q.luks")["virtual-size"]
+    );
+    assert_eq!(info("d.luks")["virtual-size"], 8 << 20);
+    b.qemu_io("d.luks", &["write -P 0x3c 7m 1m", "read -P 0x3c 7m 1m"]);
+}

@@ -29,7 +29,7 @@ pub const LONG_ABOUT: &str = "Change format-specific options of an existing imag
 /// Arguments of `amend`.
 #[derive(Debug, Args)]
 pub struct AmendArgs {
-    /// QEMU user-creatable object (accepted for compatibility; vdisk needs none)
+    /// Define a QEMU object, e.g. secret,id=sec0,data=PASSPHRASE (or file=PATH)
     #[arg(long = "object", value_name = "OBJDEF")]
     pub object: Vec<String>,
     /// FILENAME is an option list: driver=FMT,file.filename=PATH,...
@@ -134,6 +134,14 @@ fn amend_options(format: &str) -> Option<&'static [AmendOption]> {
 
 /// Runs `amend`; returns the exit code.
 pub fn run(ctx: &Ctx, args: AmendArgs) -> i32 {
+    // Held to the end: dropping it removes the secrets again.
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     for list in &args.options {
         if !is_valid_option_list(list) {
             ctx.fail(&Failure::new(

@@ -59,7 +59,7 @@ pub struct CommitArgs {
     /// Quiet: no progress and no "Image committed." message
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
-    /// QEMU user-creatable object (accepted for compatibility; vdisk needs none)
+    /// Define a QEMU object, e.g. secret,id=sec0,data=PASSPHRASE (or file=PATH)
     #[arg(long = "object", value_name = "OBJDEF")]
     pub object: Vec<String>,
     /// The image to commit
@@ -74,6 +74,14 @@ const RAW_PROBE_WARNING: &str = "WARNING: Image format was not specified for '{}
 
 /// Runs `commit`; returns the exit code.
 pub fn run(ctx: &Ctx, args: CommitArgs) -> i32 {
+    // Held to the end: dropping it removes the secrets again.
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     let rate = match args
         .rate
         .as_deref()

@@ -35,7 +35,7 @@ pub const LONG_ABOUT: &str = "Change the backing file of an image.\n\n\
 /// Arguments of `rebase`.
 #[derive(Debug, Args)]
 pub struct RebaseArgs {
-    /// QEMU user-creatable object (accepted for compatibility; vdisk needs none)
+    /// Define a QEMU object, e.g. secret,id=sec0,data=PASSPHRASE (or file=PATH)
     #[arg(long = "object", value_name = "OBJDEF")]
     pub object: Vec<String>,
     /// FILENAME is an option list: driver=FMT,file.filename=PATH,...
@@ -81,6 +81,14 @@ const IO_BUF_SIZE: u64 = 2 << 20;
 
 /// Runs `rebase`; returns the exit code.
 pub fn run(ctx: &Ctx, args: RebaseArgs) -> i32 {
+    // Held to the end: dropping it removes the secrets again.
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     let [name] = args.files.as_slice() else {
         return ctx.usage("rebase", "Expecting one image file name");
     };

@@ -22,7 +22,7 @@ pub const LONG_ABOUT: &str = "Change the virtual size of an image to SIZE, or by
 /// Arguments of `resize`.
 #[derive(Debug, Args)]
 pub struct ResizeArgs {
-    /// QEMU user-creatable object (accepted for compatibility; vdisk needs none)
+    /// Define a QEMU object, e.g. secret,id=sec0,data=PASSPHRASE (or file=PATH)
     #[arg(long = "object", value_name = "OBJDEF")]
     pub object: Vec<String>,
     /// FILENAME is an option list: driver=FMT,file.filename=PATH,...
@@ -66,6 +66,14 @@ pub fn run(ctx: &Ctx, mut args: ResizeArgs) -> i32 {
                 return 1;
             }
             return ctx.usage("resize", &what);
+        }
+    };
+    // Held to the end: dropping it removes the secrets again.
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
         }
     };
     match resize(ctx, &args, &name, &size) {

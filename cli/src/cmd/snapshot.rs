@@ -65,7 +65,7 @@ pub struct SnapshotArgs {
     /// Quiet operation
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
-    /// QEMU user-creatable object (accepted for compatibility; vdisk needs none)
+    /// Define a QEMU object, e.g. secret,id=sec0,data=PASSPHRASE (or file=PATH)
     #[arg(long = "object", value_name = "OBJDEF")]
     pub object: Vec<String>,
     /// The image file
@@ -92,6 +92,14 @@ const RAW_PROBE_WARNING: &str = "WARNING: Image format was not specified for '{}
 
 /// Runs `snapshot`; returns the exit code.
 pub fn run(ctx: &Ctx, args: SnapshotArgs) -> i32 {
+    // Held to the end: dropping it removes the secrets again.
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     let ops = usize::from(args.list) + args.apply.len() + args.create.len() + args.delete.len();
     if ops > 1 {
         return ctx.usage("snapshot", "Cannot mix '-l', '-a', '-c', '-d'");
