@@ -293,25 +293,6 @@ pub(crate) fn warn_if_probed_raw(dev: &dyn BlockDev, name: &str, probed: bool) {
 fn resize_failure(name: &str, dev: &dyn BlockDev, err: &vdisk_block::Error) -> Failure {
     let format = dev.info().map(|i| i.format).unwrap_or_default();
     let vdisk = format!("resize '{name}': {}", err.message());
-    if err.kind() == ErrorKind::Unsupported && err.message().contains("snapshots") {
-        let v2 = dev
-            .format_specific()
-            .ok()
-            .flatten()
-            .and_then(|s| {
-                s.data
-                    .iter()
-                    .find(|(k, _)| k == "compat")
-                    .map(|(_, v)| *v == vdisk_block::dev::InfoValue::Text("0.10".into()))
-            })
-            .unwrap_or(false);
-        let qemu = if v2 {
-            "Can't resize a v2 image which has snapshots".to_string()
-        } else {
-            without_hint(err.message()).to_string()
-        };
-        return Failure::new(qemu, vdisk);
-    }
     // qemu's vpc driver has no resize at all; vdisk's says it is not built yet.
     if err.kind() == ErrorKind::Unsupported && (format == "vpc" || format == "vmdk") {
         return Failure::new("Image format driver does not support resize", vdisk);
