@@ -1465,6 +1465,23 @@ fn mkfifo(path: &Path) {
 }
 
 /// Creates `name` (1 MiB) with `opts`, `-u` so qemu-img does not open the backing file.
+/// A 1M qcow2 at `img` with an external data file at `data`, written by qemu-io, whose data
+/// file is then deleted (the cases put something else, or nothing, in its place).
+fn written_then_data_file_removed(img: &Path, data: &Path) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", st(data)),
+        st(img),
+        "1M",
+    ]);
+    qemu_io(img, &["write -P 1 0 64k"]);
+    std::fs::remove_file(data).expect("remove data file");
+}
+
 fn create_unsafe(s: &Scratch, name: &str, opts: &[&str]) -> PathBuf {
     let img = s.path(name);
     let mut args = vec!["create", "-q", "-f", "qcow2", "-u"];
@@ -1505,18 +1522,7 @@ fn class9_external_references() {
     // An external data file that is a FIFO: info works, reads fail instead of hanging.
     let data = s.path("fifo-data.raw");
     let img = s.path("fifo-data.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={}", st(&data)),
-        st(&img),
-        "1M",
-    ]);
-    qemu_io(&img, &["write -P 1 0 64k"]);
-    std::fs::remove_file(&data).expect("remove data file");
+    written_then_data_file_removed(&img, &data);
     mkfifo(&data);
     assert!(q_info(&img) == Q::Ok, "qemu-img info opens no data file");
     assert_eq!(
@@ -1541,18 +1547,7 @@ fn class9_external_references() {
     // for I/O opens it at once and fails there, as qemu's does.
     let data = s.path("gone.raw");
     let img = s.path("gone-data.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={}", st(&data)),
-        st(&img),
-        "1M",
-    ]);
-    qemu_io(&img, &["write -P 1 0 64k"]);
-    std::fs::remove_file(&data).expect("remove data file");
+    written_then_data_file_removed(&img, &data);
     assert!(q_info(&img) == Q::Ok, "qemu-img info needs no data file");
     assert_eq!(q_read_within(&img, "read 0 512", "10"), Some(false));
     let (i, d) = (img.clone(), data.clone());
