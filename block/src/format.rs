@@ -405,4 +405,20 @@ pub trait Format: Send + Sync {
             ),
         ))
     }
+
+    /// [`Format::amend`] with what the command line gives besides `-o`: the driver options
+    /// the image is opened with (`--image-opts` keys, such as luks's `key-secret`: changing
+    /// key slots needs the master key) and qemu-img's `--force` (luks: erase the last
+    /// active key slot, overwrite an active one). By default a driver needs neither and
+    /// this is [`Format::amend`].
+    fn amend_with(
+        &self,
+        path: &Path,
+        driver_options: &BTreeMap<String, String>,
+        force: bool,
+        options: CreateOptions,
+    ) -> Result<()> {
+        let _ = (driver_options, force);
+        self.amend(path, options)
+    }
 }

@@ -1,6 +1,8 @@
 //! The `luks` format driver: probe by magic, open with `key-secret`, create as qemu-img
-//! does (aes-256-xts-plain64 and sha256 unless told otherwise).
+//! does (aes-256-xts-plain64 and sha256 unless told otherwise), and amend key slots
+//! ([`crate::amend`]).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -10,8 +12,10 @@ use vdisk_block::{
 };
 
 use crate::algo::{CipherAlg, CipherMode, CipherSpec, HashAlg, IvGen};
+use crate::amend::{amend_slots, AmendOptions};
 use crate::header::{has_magic, new_layout};
-use crate::image::{LuksImage, KEY_REQUIRED};
+use crate::image::{read_header, LuksImage, KEY_REQUIRED};
+use crate::keys::FileRegion;
 use crate::{keys, secret};
 
 /// qemu's default `iter-time`, in milliseconds.
@@ -257,6 +261,46 @@ impl Format for LuksFormat {
             fully_allocated: total,
             bitmaps: None,
         })
+    }
+
+    fn amend(&self, path: &Path, options: CreateOptions) -> Result<()> {
+        self.amend_with(path, &BTreeMap::new(), false, options)
+    }
+
+    /// qemu's luks amend: `state`, `new-secret`, `old-secret`, `keyslot`, `iter-time`
+    /// change key slots; the image's `key-secret` (a driver option, as for opening) gives
+    /// the master key.
+    fn amend_with(
+        &self,
+        path: &Path,
+        driver_options: &BTreeMap<String, String>,
+        force: bool,
+        mut options: CreateOptions,
+    ) -> Result<()> {
+        let file = HostFile::open(
+            path,
+            true,
+            vdisk_block::CacheMode::Writeback,
+            EngineChoice::Sync,
+        )?;
+        let len = file.len()?;
+        let mut header = read_header(&file, len)?;
+        let id = driver_options
+            .get("key-secret")
+            .ok_or_else(|| Error::invalid("amend luks", KEY_REQUIRED).with_path(path))?;
+        let passphrase = secret::lookup(id)?;
+        let master_key = keys::unlock(&header, &passphrase, &mut |off, buf| file.read_at(buf, off))
+            .map_err(|e| e.with_path(path))?;
+        // qemu types the options only once the image is open with its key.
+        let request = AmendOptions::take(&mut options, "")?;
+        options.reject_leftovers("luks")?;
+        amend_slots(
+            &mut FileRegion::new(&file, 0),
+            &mut header,
+            &master_key,
+            &request,
+            force,
+        )
     }
 
     fn create_options_help(&self) -> Vec<(&'static str, &'static str)> {

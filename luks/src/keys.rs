@@ -1,5 +1,11 @@
-//! The master key: recovering it from a passphrase through the key slots, and making a new
-//! one with its header and first key slot, as qemu does.
+//! The master key: recovering it from a passphrase through the key slots, making a new one
+//! with its header and first key slot, and adding or erasing key slots of an existing header,
+//! as qemu does.
+//!
+//! Changing slots works on a [`Region`]: the header and its key material at offsets counted
+//! from the header start (the whole file for `-f luks`, the encryption region for qcow2).
+//! Writes go in qemu's crash-safe order: the key material first, then the slot's entry in
+//! the header, each flushed, so a crash in between leaves either the old slot or the new one.
 
 use vdisk_block::{Error, ErrorKind, Result};
 use zeroize::Zeroizing;
@@ -7,8 +13,8 @@ use zeroize::Zeroizing;
 use crate::algo::{CipherSpec, HashAlg};
 use crate::cipher::{SectorCipher, SECTOR_SIZE};
 use crate::header::{
-    check_iteration_limit, new_layout, Header, KeySlot, DIGEST_LEN, MAX_ITERATIONS, NUM_SLOTS,
-    SALT_LEN, STRIPES,
+    check_iteration_limit, new_layout, Header, KeySlot, DIGEST_LEN, HEADER_LEN, MAX_ITERATIONS,
+    NUM_SLOTS, SALT_LEN, STRIPES,
 };
 use crate::kdf::{iterations_for, pbkdf2, MIN_ITERATIONS};
 use crate::{af, random};
@@ -98,6 +104,164 @@ impl std::fmt::Debug for NewVolume {
             .field("header", &self.header)
             .finish_non_exhaustive()
     }
+}
+
+/// The bytes of a LUKS header and its key material, addressed from the header start.
+pub trait Region {
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Writes `buf` at `offset`.
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Makes what was written durable.
+    fn flush(&mut self) -> Result<()>;
+}
+
+/// A [`Region`] inside a host file, starting `base` bytes into it.
+#[derive(Debug)]
+pub struct FileRegion<'a> {
+    file: &'a vdisk_block::HostFile,
+    base: u64,
+}
+
+impl<'a> FileRegion<'a> {
+    /// The region of `file` whose header starts at byte `base`.
+    pub fn new(file: &'a vdisk_block::HostFile, base: u64) -> Self {
+        FileRegion { file, base }
+    }
+
+    fn at(&self, offset: u64) -> Result<u64> {
+        self.base
+            .checked_add(offset)
+            .ok_or_else(|| Error::corrupt("luks key slots", "key material offset overflows"))
+    }
+}
+
+impl Region for FileRegion<'_> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let at = self.at(offset)?;
+        self.file.read_at(buf, at)
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        let at = self.at(offset)?;
+        self.file.write_at(buf, at)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Whether `passphrase` opens active slot `i` (qemu's test of an `old-secret`).
+pub fn slot_opens(
+    header: &Header,
+    i: usize,
+    passphrase: &[u8],
+    region: &mut dyn Region,
+) -> Result<bool> {
+    if i >= NUM_SLOTS || !header.slots[i].active {
+        return Ok(false);
+    }
+    check_iteration_limit(header.mk_iterations, "key")?;
+    check_iteration_limit(header.slots[i].iterations, &format!("keyslot {i}"))?;
+    let mut read = |off: u64, buf: &mut [u8]| region.read_at(off, buf);
+    Ok(try_slot(header, i, passphrase, &mut read)?.is_some())
+}
+
+/// Where slot `i`'s entry lies in the header: only those 48 bytes are rewritten, so a torn
+/// write cannot damage another slot.
+fn slot_entry(i: usize) -> std::ops::Range<usize> {
+    let start = 208 + i * 48;
+    start..start + 48
+}
+
+fn check_slot_index(i: usize) -> Result<()> {
+    if i >= NUM_SLOTS {
+        return Err(Error::invalid(
+            "luks key slots",
+            format!(
+                "Invalid keyslot {i} specified, must be between 0 and {}",
+                NUM_SLOTS - 1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes slot `i`'s entry of `header` and flushes.
+fn store_slot_entry(header: &Header, i: usize, region: &mut dyn Region) -> Result<()> {
+    let bytes = header.to_bytes();
+    debug_assert_eq!(bytes.len(), HEADER_LEN);
+    let range = slot_entry(i);
+    region.write_at(range.start as u64, &bytes[range])?;
+    region.flush()
+}
+
+/// Puts `passphrase` into slot `slot` for `master_key` (which the caller recovered with
+/// [`unlock`]): new salt, PBKDF2 iterations for `iter_time_ms` (at least qemu's 1000), the
+/// key split and encrypted into the slot's key material, then the slot marked active. An
+/// active slot is overwritten: refusing that (unless forced) is the caller's choice, as in
+/// qemu.
+pub fn add_slot(
+    region: &mut dyn Region,
+    header: &mut Header,
+    master_key: &[u8],
+    passphrase: &[u8],
+    slot: usize,
+    iter_time_ms: u64,
+) -> Result<()> {
+    check_slot_index(slot)?;
+    if master_key.len() != header.key_bytes as usize {
+        return Err(Error::invalid(
+            "luks key slots",
+            format!(
+                "master key of {} bytes for a header of {}-byte keys",
+                master_key.len(),
+                header.key_bytes
+            ),
+        ));
+    }
+    let iterations = scaled_iterations(header.hash, master_key.len(), iter_time_ms, 1)?;
+    let mut salt = [0u8; SALT_LEN];
+    random::fill(&mut salt)?;
+    let mut slot_key = Zeroizing::new(vec![0u8; master_key.len()]);
+    pbkdf2(header.hash, passphrase, &salt, iterations, &mut slot_key);
+    let mut material = af::split(master_key, STRIPES, header.hash)?;
+    SectorCipher::new(&header.cipher, &slot_key)?.encrypt(0, &mut material)?;
+    // The material goes where no active slot points yet (or over the slot being replaced);
+    // only the header entry written after it makes it count.
+    region.write_at(header.key_material_offset(slot), &material)?;
+    region.flush()?;
+    let old = &header.slots[slot];
+    header.slots[slot] = KeySlot {
+        active: true,
+        iterations,
+        salt,
+        key_offset: old.key_offset,
+        stripes: STRIPES,
+    };
+    store_slot_entry(header, slot, region)
+}
+
+/// Erases slot `slot`: its key material is overwritten with random bytes (which destroys
+/// the key, the AF split needing every stripe), then its header entry is cleared as qemu
+/// clears it (inactive, no iterations, zero salt; offset and stripes kept). One pass: on a
+/// file, more passes would not reach older copies of the blocks anyway.
+pub fn erase_slot(region: &mut dyn Region, header: &mut Header, slot: usize) -> Result<()> {
+    check_slot_index(slot)?;
+    let mut garbage = vec![0u8; header.split_key_len()];
+    random::fill(&mut garbage)?;
+    region.write_at(header.key_material_offset(slot), &garbage)?;
+    region.flush()?;
+    let old = &header.slots[slot];
+    header.slots[slot] = KeySlot {
+        active: false,
+        iterations: 0,
+        salt: [0u8; SALT_LEN],
+        key_offset: old.key_offset,
+        stripes: old.stripes,
+    };
+    store_slot_entry(header, slot, region)
 }
 
 /// Iterations for `iter_time_ms`, refused when vdisk could not open the result.

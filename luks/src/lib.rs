@@ -2,8 +2,10 @@
 //! pieces qcow2's `encrypt.format=luks` shares with it.
 //!
 //! - [`header`]: the LUKS1 header, parsed with qemu's checks and vdisk's bounds;
-//! - [`keys`]: master-key recovery from a passphrase and new volumes, over [`af`] (the
-//!   anti-forensic splitter) and [`kdf`] (PBKDF2 and its timing);
+//! - [`keys`]: master-key recovery from a passphrase, new volumes and adding or erasing key
+//!   slots, over [`af`] (the anti-forensic splitter) and [`kdf`] (PBKDF2 and its timing);
+//! - [`amend`]: qemu's key-slot options of `amend` (`state`, `new-secret`, `old-secret`,
+//!   `keyslot`, `iter-time`) and their checks;
 //! - [`cipher`]: sector encryption ([`algo`] names what is implemented);
 //! - [`secret`]: qemu-style secrets by id;
 //! - [`LuksFormat`] / [`LuksImage`]: the format driver.
@@ -12,12 +14,14 @@
 //! on offsets relative to the header: [`Header::parse`] and
 //! [`Header::check_key_material_within`], [`keys::unlock`] with a reader of the region,
 //! [`keys::new_volume`] for a new header and slot 0, [`NewVolumeOptions::take`] with the
-//! `encrypt.` prefix, [`SectorCipher`] for the data (with qcow2's own sector numbers) and
+//! `encrypt.` prefix, [`amend::AmendOptions::take`] (same prefix) and [`amend::amend_slots`]
+//! over a [`keys::Region`] for key-slot changes, [`SectorCipher`] for the data (with qcow2's own sector numbers) and
 //! [`format_specific_data`] for `info`.
 #![forbid(unsafe_code)]
 
 pub mod af;
 pub mod algo;
+pub mod amend;
 pub mod cipher;
 mod format;
 pub mod header;
