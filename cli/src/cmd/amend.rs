@@ -23,7 +23,8 @@ use crate::Ctx;
 pub const LONG_ABOUT: &str = "Change format-specific options of an existing image in place.\n\n\
      Options go in -o as key=value pairs separated by commas; '-o help' lists the ones the \
      format can change (qcow2: compat, lazy_refcounts, refcount_bits, data_file, \
-     data_file_raw, size). The backing file is changed with 'rebase', not here.\n\n\
+     data_file_raw, size; luks: key slots with state, new-secret, old-secret, keyslot, \
+     iter-time and the image's key-secret). The backing file is changed with 'rebase', not here.\n\n\
      Example: vdisk amend -o compat=1.1,lazy_refcounts=on disk.qcow2";
 
 /// Arguments of `amend`.
@@ -47,7 +48,8 @@ pub struct AmendArgs {
     /// Cache mode for the image (writeback, none, writethrough, directsync, unsafe)
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     pub cache: Option<String>,
-    /// Allow certain unsafe operations (accepted; no vdisk driver needs it)
+    /// Allow certain unsafe operations (luks: erase the last active key slot, overwrite an
+    /// active one)
     #[arg(long = "force")]
     pub force: bool,
     /// Options to change, key=value,... ('-o help' lists them); may repeat
@@ -127,9 +129,42 @@ const QCOW2_AMEND: &[AmendOption] = &[
     opt("size", Kind::Size, "Virtual disk size"),
 ];
 
+/// qemu's luks `amend_opts` (key slots), sorted as `-o help` prints them.
+const LUKS_AMEND: &[AmendOption] = &[
+    opt(
+        "iter-time",
+        Kind::Num,
+        "Time to spend in PBKDF in milliseconds",
+    ),
+    opt(
+        "keyslot",
+        Kind::Num,
+        "Select a single keyslot to modify explicitly",
+    ),
+    opt(
+        "new-secret",
+        Kind::Str,
+        "New secret to set in the matching keyslots. Empty string to erase",
+    ),
+    opt(
+        "old-secret",
+        Kind::Str,
+        "Select all keyslots that match this password",
+    ),
+    opt(
+        "state",
+        Kind::Str,
+        "Select new state of affected keyslots (active/inactive)",
+    ),
+];
+
 /// The options `format` can amend, or `None` when its driver cannot amend at all.
 fn amend_options(format: &str) -> Option<&'static [AmendOption]> {
-    (format == "qcow2").then_some(QCOW2_AMEND)
+    match format {
+        "qcow2" => Some(QCOW2_AMEND),
+        "luks" => Some(LUKS_AMEND),
+        _ => None,
+    }
 }
 
 /// Runs `amend`; returns the exit code.
@@ -219,23 +254,41 @@ fn amend(args: &AmendArgs, progress: &QemuProgress) -> Result<(), Failure> {
         return Err(not_amendable(&format));
     };
     let values = parse_items(name, &format, known, &items)?;
-    let path = match args.image_opts {
-        true => PathBuf::from(parse_image_opts(name)?.filename),
-        false => PathBuf::from(host_path(name)),
+    // The driver options go to the driver too: luks needs `key-secret` for its key slots.
+    let (path, driver_options) = match args.image_opts {
+        true => {
+            let opts = parse_image_opts(name)?;
+            (PathBuf::from(opts.filename), opts.options)
+        }
+        false => (PathBuf::from(host_path(name)), Default::default()),
     };
     progress.print(0.0, 0.0);
-    let result = driver_stage(name, &path, &info, dev, &spec, values, progress);
+    let driver = Driver {
+        options: &driver_options,
+        force: args.force,
+    };
+    let result = driver_stage(name, &path, &info, dev, &spec, driver, values, progress);
     progress.print(100.0, 0.0);
     result
 }
 
+/// What the driver gets besides the `-o` values.
+struct Driver<'a> {
+    /// The `--image-opts` driver options.
+    options: &'a std::collections::BTreeMap<String, String>,
+    /// `--force`.
+    force: bool,
+}
+
 /// What qemu's driver does: its own checks of the values, then the changes.
+#[allow(clippy::too_many_arguments)]
 fn driver_stage(
     name: &str,
     path: &std::path::Path,
     info: &vdisk_block::dev::ImageInfo,
     dev: std::sync::Arc<dyn vdisk_block::BlockDev>,
     spec: &OpenSpec<'_>,
+    driver: Driver<'_>,
     mut values: std::collections::BTreeMap<String, String>,
     progress: &QemuProgress,
 ) -> Result<(), Failure> {
@@ -279,7 +332,7 @@ fn driver_stage(
             progress.print(percent, 0.0);
         }
     }
-    apply(name, path, &info.format, spec, values, new_size)
+    apply(name, path, &info.format, spec, driver, values, new_size)
 }
 
 /// The qcow2 compat level of `dev` (`0.10` or `1.1`), if it has one.
@@ -296,6 +349,7 @@ fn apply(
     path: &std::path::Path,
     format: &str,
     spec: &OpenSpec<'_>,
+    given: Driver<'_>,
     values: std::collections::BTreeMap<String, String>,
     new_size: Option<u64>,
 ) -> Result<(), Failure> {
@@ -303,8 +357,10 @@ fn apply(
         .map_err(|e| Failure::same(e.message().to_string()))?;
     if !values.is_empty() {
         driver
-            .amend(
+            .amend_with(
                 path,
+                given.options,
+                given.force,
                 CreateOptions {
                     size: 0,
                     options: values,
@@ -331,7 +387,10 @@ fn amend_failure(name: &str, err: &vdisk_block::Error) -> Failure {
     let qemu = err
         .message()
         .replace("(use version=v3 or greater)", "(use compat=1.1 or greater)");
-    Failure::new(qemu, format!("amend '{name}': {}", err.message()))
+    Failure::new(
+        qemu,
+        format!("amend '{name}': {}", err.message().trim_end()),
+    )
 }
 
 fn not_amendable(format: &str) -> Failure {
@@ -388,15 +447,44 @@ fn check_value(key: &str, value: &str, kind: Kind) -> Result<String, Failure> {
                 format!("amend: option {key} takes on or off, not '{value}'"),
             )),
         },
-        Kind::Num => match value.parse::<u64>() {
+        // The text goes on unchanged: qemu's driver reads it again with its own parser.
+        Kind::Num => match qemu_strtou64(value) {
             Ok(_) => Ok(value.to_string()),
-            Err(_) => Err(Failure::new(
+            Err(true) => Err(Failure::new(
+                format!("Value '{value}' is too large for parameter '{key}'"),
+                format!("amend: option {key} is too large: '{value}'"),
+            )),
+            Err(false) => Err(Failure::new(
                 format!("Parameter '{key}' expects a number"),
                 format!("amend: option {key} takes a number, not '{value}'"),
             )),
         },
         Kind::Size => qemu_size_option(key, value).map(|v| v.to_string()),
     }
+}
+
+/// qemu's `qemu_strtou64` with base 0, as its option parser checks a number: leading white
+/// space, a sign (a negative number wraps), `0x` hex, a leading `0` octal, nothing after
+/// the digits. `Err(true)` is a value out of range, `Err(false)` one that is no number.
+fn qemu_strtou64(text: &str) -> Result<u64, bool> {
+    let t = text.trim_start_matches([' ', '\t', '\n', '\u{b}', '\u{c}', '\r']);
+    let (negative, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) = if let Some(hex) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
+        (16, hex)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(false);
+    }
+    let n = u64::from_str_radix(digits, radix).map_err(|_| true)?;
+    Ok(if negative { n.wrapping_neg() } else { n })
 }
 
 /// Parses the `-o` items against the amendable options (the last of a repeated key wins).
@@ -446,10 +534,23 @@ const QCOW2_CREATE_ONLY: &[(&str, Kind)] = &[
     ("preallocation", Kind::Str),
 ];
 
+/// qemu's luks options that only `create` takes (the file protocol's are not among them).
+const LUKS_CREATE_ONLY: &[(&str, Kind)] = &[
+    ("cipher-alg", Kind::Str),
+    ("cipher-mode", Kind::Str),
+    ("detached-header", Kind::Bool),
+    ("hash-alg", Kind::Str),
+    ("ivgen-alg", Kind::Str),
+    ("ivgen-hash-alg", Kind::Str),
+    ("key-secret", Kind::Str),
+    ("size", Kind::Size),
+];
+
 /// Whether every item is an amend or a create option of `format` with a well-typed value.
 fn parses_as_create(format: &str, known: &[AmendOption], items: &[String]) -> bool {
     let create_only = match format {
         "qcow2" => QCOW2_CREATE_ONLY,
+        "luks" => LUKS_CREATE_ONLY,
         _ => &[],
     };
     items.iter().filter(|i| !i.is_empty()).all(|item| {
