@@ -37,8 +37,16 @@ macro_rules! with_hash {
     };
 }
 
-/// Fills `out` with PBKDF2-HMAC-`hash` of `password` and `salt` over `iterations` rounds.
+/// The most PBKDF2 iterations a fuzzing build runs: qemu's floor, so seeds made with
+/// `iter-time=0` still unlock, while a mutated count cannot slow every execution down.
+#[cfg(fuzzing)]
+pub const FUZZING_MAX_ITERATIONS: u32 = MIN_ITERATIONS;
+
+/// Fills `out` with PBKDF2-HMAC-`hash` of `password` and `salt` over `iterations` rounds
+/// (capped at [`FUZZING_MAX_ITERATIONS`] in fuzzing builds).
 pub fn pbkdf2(hash: HashAlg, password: &[u8], salt: &[u8], iterations: u32, out: &mut [u8]) {
+    #[cfg(fuzzing)]
+    let iterations = iterations.min(FUZZING_MAX_ITERATIONS);
     with_hash!(hash, H => pbkdf2::pbkdf2_hmac::<H>(password, salt, iterations, out))
 }
 
@@ -64,6 +72,18 @@ const MEASURE_FOR: Duration = Duration::from_millis(40);
 /// milliseconds on this machine, never fewer than [`MIN_ITERATIONS`], as qemu's
 /// `qcrypto_pbkdf2_count_iters` scaled by the iteration time.
 pub fn iterations_for(hash: HashAlg, out_len: usize, iter_time_ms: u64) -> Result<u64> {
+    // No timing in fuzzing builds: it would cost every execution that adds a key slot.
+    #[cfg(fuzzing)]
+    {
+        let _ = (hash, out_len, iter_time_ms);
+        Ok(u64::from(MIN_ITERATIONS))
+    }
+    #[cfg(not(fuzzing))]
+    measured_iterations(hash, out_len, iter_time_ms)
+}
+
+#[cfg_attr(fuzzing, allow(dead_code))]
+fn measured_iterations(hash: HashAlg, out_len: usize, iter_time_ms: u64) -> Result<u64> {
     let salt = [0u8; 32];
     let password = [0u8; 32];
     let mut out = Zeroizing::new(vec![0u8; out_len]);

@@ -8,7 +8,8 @@
 //!   `keyslot`, `iter-time`) and their checks;
 //! - [`cipher`]: sector encryption ([`algo`] names what is implemented);
 //! - [`secret`]: qemu-style secrets by id;
-//! - [`LuksFormat`] / [`LuksImage`]: the format driver.
+//! - [`LuksFormat`] / [`LuksImage`]: the format driver;
+//! - [`fuzzing`]: the entry point of the `luks_header` cargo-fuzz target.
 //!
 //! For a LUKS header inside another container (qcow2's encryption region), the pieces work
 //! on offsets relative to the header: [`Header::parse`] and
@@ -24,6 +25,7 @@ pub mod algo;
 pub mod amend;
 pub mod cipher;
 mod format;
+pub mod fuzzing;
 pub mod header;
 mod image;
 pub mod kdf;
