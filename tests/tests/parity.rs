@@ -76,19 +76,6 @@ pub const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
          the host file lengths differ",
     ),
     (
-        "convert -B backing (and -F with it)",
-        "vdisk: 'qemu-img convert: invalid option -- 'B''; qemu makes the output an overlay",
-    ),
-    (
-        "convert -S 0",
-        "qemu writes every zero cluster (the whole disk is data); vdisk keeps zero ranges \
-         unallocated",
-    ),
-    (
-        "measure -l SNAPSHOT",
-        "vdisk: 'measuring an internal snapshot (-l) of a qcow2 image is not implemented'",
-    ),
-    (
         "stdout/stderr interleaving on one pipe",
         "qemu-img buffers stdout when it is not a terminal, so with 2>&1 its error lines \
          come before its stdout (e.g. map of a streamOptimized VMDK); vdisk writes stdout \
@@ -790,6 +777,46 @@ fn measure_from_every_format() {
             0,
         );
     }
+    // An internal snapshot by name, by id, by snapshot.* options; one that is not there.
+    for (snap, code) in [
+        ("first", 0),
+        ("2", 0),
+        ("snapshot.id=1", 0),
+        ("snapshot.name=second", 0),
+        ("snapshot.id=1,snapshot.name=second", 1),
+        ("nosuch", 1),
+        ("snapshot.foo=1", 1),
+    ] {
+        for out in ["qcow2", "raw"] {
+            b.same_code(&["measure", "-O", out, "-l", snap, "snap.qcow2"], code);
+            b.same_code(
+                &[
+                    "measure",
+                    "--output=json",
+                    "-O",
+                    out,
+                    "-l",
+                    snap,
+                    "snap.qcow2",
+                ],
+                code,
+            );
+        }
+    }
+    b.same_code(
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "-l",
+            "first",
+            "snap.qcow2",
+        ],
+        0,
+    );
+    b.same_code(&["measure", "-O", "qcow2", "-l", "first", "a.raw"], 1);
     for size in ["0", "1M", "100G", "1T"] {
         b.same_code(&["measure", "-O", "qcow2", "--size", size], 0);
         b.same_code(
@@ -1028,6 +1055,511 @@ fn convert_between_formats() {
 
 /// A command that writes, the images to compare after it, and its exit code.
 type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], i32);
+
+/// `convert -B` / `-o backing_file` (the target becomes an overlay: only what the source's
+/// top layer holds is written, zeroes past the backing file's end are left out), with -n,
+/// -c and -S 0, qemu-img's refusals; and `convert -S 0`, which writes every byte as data
+/// (holes and zero clusters of the source too, even with -c or --target-is-zero).
+#[test]
+fn convert_backing_and_fully_allocated() {
+    let b = Bench::new("convert-backing");
+    // A backing file half the size of the sources: the top's zeroes past 4M need no write.
+    oracle_ok(
+        &b.src,
+        &["create", "-q", "-f", "qcow2", "small.qcow2", "4M"],
+    );
+    // A top with zero clusters inside and past 4M, over v2.qcow2.
+    oracle_ok(
+        &b.src,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "v2.qcow2",
+            "-F",
+            "qcow2",
+            "ztop.qcow2",
+        ],
+    );
+    qemu_io(
+        &b.src,
+        "qcow2",
+        "ztop.qcow2",
+        &["write -z 0 64k", "write -P 0x5a 2M 64k", "write -z 6M 128k"],
+    );
+    settle(&b.src.join("ztop.qcow2"));
+    let out = [("out.qcow2", "qcow2")];
+    let cases: &[Case] = &[
+        (
+            &[
+                "convert",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "v2.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "ztop.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "small.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "ztop.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "a.raw",
+                "-F",
+                "raw",
+                "-O",
+                "qcow2",
+                "rtop.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        // A source without a backing file: its holes become zero clusters over the backing.
+        (
+            &[
+                "convert",
+                "-B",
+                "v3.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "a.raw",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "small.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "v3.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-c",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-S",
+                "0",
+                "-B",
+                "small.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "ztop.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=4k",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "backing_file=mid.qcow2,backing_fmt=qcow2",
+                "top.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        // -B wins over -o backing_file, -F over -o backing_fmt.
+        (
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "backing_file=v2.qcow2,backing_fmt=raw",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "sparse.vmdk",
+                "-F",
+                "vmdk",
+                "-O",
+                "vmdk",
+                "top.qcow2",
+                "out.vmdk",
+            ],
+            &[("out.vmdk", "vmdk")],
+            0,
+        ),
+        // An existing target keeps its own (no) backing file; only the top is written.
+        (
+            &[
+                "convert",
+                "-n",
+                "-B",
+                "mid.qcow2",
+                "-O",
+                "qcow2",
+                "ztop.qcow2",
+                "diff.qcow2",
+            ],
+            &[("diff.qcow2", "qcow2")],
+            0,
+        ),
+        // qemu-img 10 prints this error, copies nothing and exits 0.
+        (
+            &[
+                "convert",
+                "-n",
+                "--target-is-zero",
+                "-B",
+                "mid.qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "diff.qcow2",
+            ],
+            &[("diff.qcow2", "qcow2")],
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "mid.qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            1,
+        ),
+        (
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "backing_file=mid.qcow2",
+                "top.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            1,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "raw",
+                "top.qcow2",
+                "out.raw",
+            ],
+            &[("out.raw", "raw")],
+            1,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "vhdx",
+                "top.qcow2",
+                "out.vhdx",
+            ],
+            &[("out.vhdx", "vhdx")],
+            1,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "vpc",
+                "top.qcow2",
+                "out.vpc",
+            ],
+            &[("out.vpc", "vpc")],
+            1,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "vmdk",
+                "top.qcow2",
+                "out.vmdk",
+            ],
+            &[("out.vmdk", "vmdk")],
+            1,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "a.raw",
+                "out.qcow2",
+            ],
+            &out,
+            1,
+        ),
+        (
+            &[
+                "convert",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            1,
+        ),
+        (
+            &[
+                "convert",
+                "-F",
+                "qcow2",
+                "-O",
+                "raw",
+                "top.qcow2",
+                "out.raw",
+            ],
+            &[("out.raw", "raw")],
+            1,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "bogus",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            1,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "nothere.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "out.qcow2",
+            ],
+            &[],
+            1,
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "nothere.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            1,
+        ),
+        // -S 0: fully allocated, whatever the source holds.
+        (
+            &["convert", "-S", "0", "-O", "raw", "v3.qcow2", "out.raw"],
+            &[("out.raw", "raw")],
+            0,
+        ),
+        (
+            &["convert", "-S", "0", "-O", "raw", "top.qcow2", "out.raw"],
+            &[("out.raw", "raw")],
+            0,
+        ),
+        (
+            &["convert", "-S", "0", "-O", "qcow2", "a.raw", "out.qcow2"],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-S",
+                "0",
+                "-O",
+                "qcow2",
+                "ztop.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-S",
+                "0",
+                "-c",
+                "-O",
+                "qcow2",
+                "v3.qcow2",
+                "out.qcow2",
+            ],
+            &out,
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-S",
+                "0",
+                "-O",
+                "vmdk",
+                "sparse.vmdk",
+                "out.vmdk",
+            ],
+            &[("out.vmdk", "vmdk")],
+            0,
+        ),
+        (
+            &[
+                "convert",
+                "-S",
+                "0",
+                "-n",
+                "--target-is-zero",
+                "-O",
+                "qcow2",
+                "v3.qcow2",
+                "diff.qcow2",
+            ],
+            &[("diff.qcow2", "qcow2")],
+            0,
+        ),
+    ];
+    for (n, (args, outputs, code)) in cases.iter().enumerate() {
+        let q = b.same_write(&format!("b{n}"), args, outputs);
+        assert_eq!(q.code, *code, "{args:?}: {q:?}");
+    }
+}
 
 #[test]
 fn snapshot_resize_amend_rebase() {

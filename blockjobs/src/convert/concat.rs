@@ -112,6 +112,16 @@ impl BlockDev for Concat {
         Ok(st)
     }
 
+    /// One source's backing device (`convert -B` takes only one source), so that a
+    /// compressed copy onto a target with a backing file sees where the source's falls
+    /// through.
+    fn backing(&self) -> Option<Arc<dyn BlockDev>> {
+        match self.sources.as_slice() {
+            [only] => only.backing(),
+            _ => None,
+        }
+    }
+
     fn resize(&self, _new_size: u64, _prealloc: Preallocation) -> Result<()> {
         Err(Self::read_only())
     }

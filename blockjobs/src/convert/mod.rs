@@ -11,7 +11,10 @@
 //! 4. `parallel` workers copy at once, each with one buffer, so memory stays at
 //!    `parallel × chunk_size`; writes happen in target order unless `out_of_order`
 //!    ([`order`]);
-//! 5. the target is flushed once at the end (a no-op when it was opened with cache mode
+//! 5. with `-S 0` nothing is left to zero detection or holes: zero ranges are written as
+//!    data, as qemu-img does; with a target backing file (`-B`) what the source's top layer
+//!    does not hold is not written at all ([`plan::ChunkKind::Backing`]);
+//! 6. the target is flushed once at the end (a no-op when it was opened with cache mode
 //!    `unsafe`).
 //!
 //! A compressed copy (`-c`) plans whole target clusters over the concatenated sources
@@ -68,6 +71,12 @@ pub struct ConvertOptions {
     pub chunk_size: usize,
     /// Write compressed clusters (`-c`) when the target takes them.
     pub compress: bool,
+    /// The target has a backing file (`-B`, or an existing target's own with `-n`): only
+    /// what the top layer of the source holds is copied, the rest is left to that file.
+    pub target_has_backing: bool,
+    /// With [`Self::target_has_backing`], the backing file's size when known (qemu-img
+    /// knows it for a new target only): zero ranges at or past it are left unallocated.
+    pub target_backing_size: Option<u64>,
 }
 
 impl Default for ConvertOptions {
@@ -79,6 +88,8 @@ impl Default for ConvertOptions {
             target_is_zero: false,
             chunk_size: DEFAULT_CHUNK,
             compress: false,
+            target_has_backing: false,
+            target_backing_size: None,
         }
     }
 }
@@ -201,7 +212,7 @@ pub fn convert(
         Some(u) => chunk_size.min(COMPRESSED_CHUNK).max(u as usize),
         None => chunk_size,
     };
-    let (plan_sources, planner) = match unit {
+    let (plan_sources, mut planner) = match unit {
         Some(u) => {
             let chunk = chunk_size;
             (
@@ -211,6 +222,9 @@ pub fn convert(
         }
         None => (sources, Planner::new(sources, chunk_size as u64)),
     };
+    if options.target_has_backing {
+        planner = planner.with_target_backing(options.target_backing_size);
+    }
     let job = Job {
         sources: plan_sources,
         target,
@@ -327,6 +341,52 @@ impl Job<'_> {
             Error::invalid("convert", "planner produced a chunk of an unknown source")
         })?;
         match chunk.kind {
+            ChunkKind::Backing => {
+                if !self.order.wait_turn(chunk.seq) {
+                    return Ok(());
+                }
+                self.counters
+                    .skipped
+                    .fetch_add(chunk.len, Ordering::Relaxed);
+            }
+            // qemu-img -S 0 writes zero ranges as data too (even onto a target known to
+            // read as zeroes, and compressed with -c): every cluster ends up allocated.
+            ChunkKind::Zero if self.options.min_sparse == 0 => {
+                let piece = (self.chunk_size as u64).min(chunk.len) as usize;
+                let zeroes = buf.get_mut(..piece).ok_or_else(|| {
+                    Error::invalid("convert", "chunk larger than the worker's buffer")
+                })?;
+                zeroes.fill(0);
+                // Every whole piece compresses the same: do it once, before the turn.
+                let packed = match self.unit {
+                    Some(unit) => Some(self.compress_units(zeroes, unit)?),
+                    None => None,
+                };
+                if !self.order.wait_turn(chunk.seq) {
+                    return Ok(());
+                }
+                let mut at = chunk.dst_offset;
+                let end = chunk.dst_offset + chunk.len;
+                while at < end {
+                    // Sector padding past the end of an unaligned target has nowhere to go.
+                    let room = self.target.size().saturating_sub(at);
+                    let n = (piece as u64).min(end - at).min(room) as usize;
+                    if n == 0 {
+                        break;
+                    }
+                    match (self.unit, &packed) {
+                        (Some(unit), Some(p)) if n == piece => {
+                            self.write_units(zeroes, unit, at, p)?
+                        }
+                        (Some(unit), _) => {
+                            let p = self.compress_units(&zeroes[..n], unit)?;
+                            self.write_units(&zeroes[..n], unit, at, &p)?
+                        }
+                        (None, _) => self.write_data(&zeroes[..n], at)?,
+                    }
+                    at += n as u64;
+                }
+            }
             ChunkKind::Zero => {
                 if !self.order.wait_turn(chunk.seq) {
                     return Ok(());
@@ -442,13 +502,9 @@ impl Job<'_> {
             self.counters.skipped.fetch_add(len, Ordering::Relaxed);
             return Ok(());
         }
-        // With -S 0 the target must stay fully allocated, so holes are not allowed.
-        let mode = if self.options.min_sparse == 0 {
-            ZeroMode::KeepAllocated
-        } else {
-            ZeroMode::MayUnmap
-        };
-        self.target.write_zeroes(offset, len, mode)?;
+        // Only reached with zero detection on (-S 0 writes zeroes as data), so holes may
+        // be punched.
+        self.target.write_zeroes(offset, len, ZeroMode::MayUnmap)?;
         self.counters.zeroed.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }

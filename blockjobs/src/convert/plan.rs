@@ -34,6 +34,9 @@ pub enum ChunkKind {
     Data,
     /// Known to read as zeroes; never read.
     Zero,
+    /// Left to the target's backing file (`convert -B`): the source's top layer does not
+    /// hold the range, or it reads as zeroes past the end of the target's backing file.
+    Backing,
 }
 
 /// One unit of work.
@@ -65,6 +68,12 @@ pub struct Planner<'a> {
     seq: u64,
     /// Chunks start and end on multiples of this (but the end of a source), 1 for none.
     unit: u64,
+    /// The target has a backing file: what the source's top layer does not hold is left
+    /// to it ([`ChunkKind::Backing`]).
+    target_backing: bool,
+    /// Size of the target's backing file when known: zero ranges at or past it need no
+    /// write either.
+    target_backing_size: Option<u64>,
 }
 
 impl<'a> Planner<'a> {
@@ -79,7 +88,18 @@ impl<'a> Planner<'a> {
             extent: None,
             seq: 0,
             unit: 1,
+            target_backing: false,
+            target_backing_size: None,
         }
+    }
+
+    /// Plans for a target with a backing file (`convert -B`), as qemu-img does: ranges the
+    /// top layer of a source does not hold become [`ChunkKind::Backing`], and so do zero
+    /// ranges at or past `backing_size` (the backing file's size, when known).
+    pub fn with_target_backing(mut self, backing_size: Option<u64>) -> Self {
+        self.target_backing = true;
+        self.target_backing_size = backing_size;
+        self
     }
 
     /// A planner whose chunks cover whole units of `unit` bytes (a power of two dividing
@@ -128,7 +148,7 @@ impl<'a> Planner<'a> {
                 // Offsets stay on unit boundaries: every chunk ends on one or at the end.
                 let whole = ext_end / u * u;
                 match kind {
-                    ChunkKind::Zero if whole >= self.offset + u => {
+                    ChunkKind::Zero | ChunkKind::Backing if whole >= self.offset + u => {
                         len = (whole - self.offset).min(MAX_ZERO_CHUNK / u * u);
                     }
                     _ => {
@@ -140,7 +160,17 @@ impl<'a> Planner<'a> {
             }
             match kind {
                 ChunkKind::Data => len = len.min(self.chunk_size),
-                ChunkKind::Zero => len = len.min(MAX_ZERO_CHUNK),
+                ChunkKind::Zero | ChunkKind::Backing => len = len.min(MAX_ZERO_CHUNK),
+            }
+            // Zeroes past the end of the target's backing file read as zeroes there anyway.
+            // Whole units only: the unit holding the end is written as zeroes.
+            if let (ChunkKind::Zero, Some(end)) = (kind, self.target_backing_size) {
+                let end = end.checked_next_multiple_of(self.unit).unwrap_or(end);
+                if dst_offset >= end {
+                    kind = ChunkKind::Backing;
+                } else {
+                    len = len.min(end - dst_offset);
+                }
             }
             let chunk = Chunk {
                 seq: self.seq,
@@ -177,8 +207,16 @@ impl<'a> Planner<'a> {
         // reading them through the image is the only correct way to copy them.
         let kind = if status.zero {
             ChunkKind::Zero
-        } else {
+        } else if status.data || status.allocated || !self.target_backing {
             ChunkKind::Data
+        } else {
+            // The read would fall through to the source's backing file, which the target's
+            // backing stands in for; past that file's end (or without one) the range reads
+            // as zeroes, as qemu's block status says.
+            match source.backing() {
+                Some(backing) if self.offset < backing.size() => ChunkKind::Backing,
+                _ => ChunkKind::Zero,
+            }
         };
         Ok((end, kind))
     }

@@ -112,15 +112,20 @@ fn target_is_zero_writes_no_zeroes_and_s0_writes_all() {
     assert_eq!(stats.zeroed, 0);
     assert!(stats.skipped >= 3 << 20);
 
-    let target = MemImage::shared(len as u64);
-    let options = ConvertOptions {
-        min_sparse: 0,
-        ..ConvertOptions::default()
-    };
-    let stats = copy(&options, &target).expect("convert");
-    // Everything read is written as data; only the source's hole becomes write_zeroes.
-    assert_eq!(stats.written, stats.read);
-    assert_eq!(stats.skipped, 0);
+    // As qemu-img -S 0: every byte is written as data, the source's hole too, even onto
+    // a target known to read as zeroes.
+    for target_is_zero in [false, true] {
+        let target = MemImage::shared(len as u64);
+        let options = ConvertOptions {
+            min_sparse: 0,
+            target_is_zero,
+            ..ConvertOptions::default()
+        };
+        let stats = copy(&options, &target).expect("convert");
+        assert_eq!(stats.written, len as u64);
+        assert!(stats.read < stats.written, "known zeroes are not read");
+        assert_eq!((stats.zeroed, stats.skipped), (0, 0));
+    }
 }
 
 #[test]

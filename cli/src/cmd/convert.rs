@@ -28,6 +28,13 @@ pub struct ConvertArgs {
     /// Format of the target image.
     #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
     pub target_format: String,
+    /// Make the new target an overlay of this backing file (qcow2 and VMDK targets): only
+    /// what the source's top layer holds is copied, the rest is left to the backing file
+    #[arg(short = 'B', value_name = "BACKING_FILE")]
+    pub backing_file: Option<String>,
+    /// Format of the -B backing file (required with -B when the target is created)
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    pub backing_format: Option<String>,
     /// Creation options of the target (`-o help` lists them); may repeat.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
@@ -258,6 +265,11 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
         }
     }
     let total = convert::total_size(&sources).map_err(|e| Failure::same(e.message()))?;
+    let backing = match target_backing(ctx, args, driver.name(), &mut settings)? {
+        Backing::Refused => return Ok(()),
+        Backing::To(name) => name,
+    };
+    settings.copy.target_has_backing = backing.is_some();
 
     let target_path = settings.target.clone();
     // Without this, creating the target would truncate a source before it is read.
@@ -308,8 +320,19 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::same(e.message()))?;
     // A new image reads as zeroes if its format says so; with -S 0 qemu-img still writes
     // every zero range so the target ends up fully allocated, and so do we.
-    if !args.no_create && settings.copy.min_sparse != 0 && target.has_zero_init() {
+    // Behind a backing file the new image reads as the backing file, not as zeroes.
+    if !args.no_create
+        && settings.copy.min_sparse != 0
+        && backing.is_none()
+        && target.has_zero_init()
+    {
         settings.copy.target_is_zero = true;
+    }
+    // qemu-img knows the backing file's size only for a target it created.
+    if backing.is_some() && !args.no_create {
+        settings.copy.target_backing_size = target
+            .backing()
+            .map(|b| b.size().checked_next_multiple_of(512).unwrap_or(b.size()));
     }
 
     let progress = ProgressReporter::new(args.progress, args.quiet, total);
@@ -327,6 +350,157 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// What `-B` / `-o backing_file` leave the copy with.
+enum Backing {
+    /// The target's backing file, if any.
+    To(Option<String>),
+    /// qemu-img prints an error but copies nothing and exits 0 (--target-is-zero with a
+    /// backing file); drop-in mode does the same.
+    Refused,
+}
+
+/// The formats qemu-img creates with a backing file (`backing_file` among their creation
+/// options); vdisk's VHDX and VPC drivers take one too, but qemu-img refuses them.
+const BACKING_FORMATS: &[&str] = &["qcow2", "vmdk"];
+
+/// qemu 10's block driver names (its `BlockdevDriver` enumeration), which a qcow2
+/// image's backing format must be one of.
+const QEMU_DRIVERS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkreplay",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "snapshot-access",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "io_uring",
+    "iscsi",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "nvme-io_uring",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "virtio-blk-vfio-pci",
+    "virtio-blk-vhost-user",
+    "virtio-blk-vhost-vdpa",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
+
+/// Checks `-B`/`-F` (and `-o backing_file`) in qemu-img's order and adds them to the
+/// creation options; returns the target's backing file name.
+fn target_backing(
+    ctx: &Ctx,
+    args: &ConvertArgs,
+    format: &str,
+    settings: &mut Settings,
+) -> Result<Backing, Failure> {
+    let mut backing = args.backing_file.clone();
+    let mut has_format = false;
+    if !args.no_create {
+        let mut options = CreateOptions::parse_options(&settings.create_options)
+            .map_err(|e| Failure::same(e.message()))?;
+        let takes_backing = BACKING_FORMATS.contains(&format);
+        let refuse = |what: &str, flag: &str| {
+            Failure::new(
+                format!("{what} not supported for file format '{format}'"),
+                format!(
+                    "convert: {flag}: {format} images have no backing file (qcow2 and vmdk do)"
+                ),
+            )
+        };
+        if let Some(file) = &args.backing_file {
+            if !takes_backing {
+                return Err(refuse("Backing file", "-B"));
+            }
+            options.insert("backing_file".into(), file.clone());
+        }
+        if let Some(fmt) = &args.backing_format {
+            if !takes_backing {
+                return Err(refuse("Backing file format", "-F"));
+            }
+            // qcow2's creation checks the name against every driver qemu has.
+            if format == "qcow2" && !QEMU_DRIVERS.contains(&fmt.as_str()) {
+                return Err(Failure::new(
+                    format!(
+                        "{}: error while converting qcow2: Parameter 'backing-fmt' does not \
+                         accept value '{fmt}'",
+                        settings.target.display()
+                    ),
+                    format!("convert: -F: unknown format '{fmt}'"),
+                ));
+            }
+            options.insert("backing_fmt".into(), fmt.clone());
+        }
+        if args.backing_file.is_some() || args.backing_format.is_some() {
+            settings.create_options = options
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.replace(',', ",,")))
+                .collect::<Vec<_>>()
+                .join(",");
+        }
+        // -B wins over -o backing_file (it is set after -o is read, as in qemu-img).
+        if takes_backing {
+            backing = options.get("backing_file").cloned();
+        }
+        has_format = options.contains_key("backing_fmt");
+    }
+    if backing.is_some() && args.target_is_zero {
+        let text = "Cannot use --target-is-zero when the destination image has a backing file";
+        if ctx.dropin {
+            // qemu-img 10 prints this but returns success without copying anything.
+            ctx.error(text);
+            return Ok(Backing::Refused);
+        }
+        return Err(Failure::new(
+            text,
+            "convert: --target-is-zero: a target with a backing file reads as that file, \
+             not as zeroes",
+        ));
+    }
+    if backing.is_some() && settings.sources.len() > 1 {
+        return Err(Failure::same(
+            "Having a backing file for the target makes no sense when concatenating multiple \
+             input images",
+        ));
+    }
+    if backing.is_some() && !args.no_create && !has_format {
+        return Err(Failure::new(
+            "Use of backing file requires explicit backing format",
+            "convert: a backing file needs its format too: add -F FMT (or -o backing_fmt=FMT)",
+        ));
+    }
+    Ok(Backing::To(backing))
+}
+
 /// qemu-img words a failed creation inside convert as `NAME: error while converting FMT: ...`.
 fn convert_create_failure(path: &Path, format: &str, err: &Error) -> Failure {
     let name = path.to_string_lossy();
@@ -335,6 +509,13 @@ fn convert_create_failure(path: &Path, format: &str, err: &Error) -> Failure {
         // An unknown -o option: qemu-img rejects it before creating, and says only that.
         failure.qemu = err.message().to_string();
     } else if let Some(rest) = failure.qemu.strip_prefix(&format!("{name}: ")) {
+        // qemu-img create checks this itself; under convert the qcow2 driver words it.
+        let rest = match rest {
+            "Backing format specified without backing file" => {
+                "Backing format cannot be used without backing file"
+            }
+            other => other,
+        };
         failure.qemu = format!("{name}: error while converting {format}: {rest}");
     }
     failure

@@ -227,20 +227,17 @@ fn measure(ctx: &Ctx, args: &MeasureArgs) -> Result<i32, Failure> {
                 ..OpenSpec::default()
             };
             let dev = open(name, &spec)?;
-            if args.snapshot.is_some() {
-                let format = dev
-                    .info()
-                    .map(|i| i.format)
-                    .unwrap_or_else(|_| "raw".to_string());
-                if format == "raw" {
-                    return Err(Failure::new(
-                        "Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
-                        "measure: this image format has no internal snapshots",
-                    ));
-                }
-                return Err(Failure::same(format!(
-                    "measure: measuring an internal snapshot (-l) of a {format} image is not implemented"
-                )));
+            // As qemu-img: a name or id (ids first), or snapshot.id=ID[,snapshot.name=NAME].
+            let params: Vec<String> = args.snapshot.iter().cloned().collect();
+            if let Some(which) = super::snapshot::parse_source_snapshot(ctx, &params, &[])? {
+                super::snapshot::load_source_snapshot(std::slice::from_ref(&dev), &which).map_err(
+                    |mut f| {
+                        if let Some(rest) = f.vdisk.strip_prefix("convert: ") {
+                            f.vdisk = format!("measure: {rest}");
+                        }
+                        f
+                    },
+                )?;
             }
             Some(dev)
         }
