@@ -284,6 +284,9 @@ pub struct CheckReport {
     pub compressed_clusters: Option<u64>,
     /// One line per finding, as qemu-img prints them on stderr.
     pub messages: Vec<String>,
+    /// Set when the check stopped with this error after printing `messages`, reporting no
+    /// counts (qemu-img's "Check failed: ..."), as a repair that cannot proceed does.
+    pub failed: Option<String>,
 }
 
 /// What `check` may repair.

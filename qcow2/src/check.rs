@@ -41,6 +41,24 @@ struct Counter<'a> {
     /// OFLAG_COPIED errors, reported after the refcount comparison as qemu-img does.
     copied_errors: Vec<String>,
     rc: RefcountReader<'a>,
+    /// Set where only a new refcount structure can repair the image (qemu's `rebuild`):
+    /// a used cluster with a refcount of 0, or a refcount block that is malformed or
+    /// shared.
+    rebuild: bool,
+}
+
+/// What counting the references of an image found.
+struct Counted {
+    /// The report; its messages end with the OFLAG_COPIED findings.
+    report: CheckReport,
+    /// How many of the report's last messages are OFLAG_COPIED findings (qemu checks the
+    /// COPIED flags only once the refcounts are settled, so a repair that stops or
+    /// rebuilds first does not print them).
+    copied: usize,
+    /// The reference count of every host cluster.
+    refs: Vec<u32>,
+    /// See [`Counter::rebuild`].
+    rebuild: bool,
 }
 
 fn read_u64s(file: &HostFile, offset: u64, count: u64) -> Result<Vec<u64>> {
@@ -328,6 +346,7 @@ impl Counter<'_> {
                 self.error(format!(
                     "ERROR refcount table entry {i} has reserved bits set"
                 ));
+                self.rebuild = true;
                 continue;
             }
             if offset == 0 {
@@ -337,6 +356,7 @@ impl Counter<'_> {
                 self.error(format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
+                self.rebuild = true;
                 continue;
             }
             let cluster = offset >> self.header.cluster_bits;
@@ -351,6 +371,7 @@ impl Counter<'_> {
             let counted = self.refs.get(cluster as usize).copied().unwrap_or(0);
             if counted != 1 {
                 self.error(format!("ERROR refcount block {i} refcount={counted}"));
+                self.rebuild = true;
             }
         }
     }
@@ -368,6 +389,11 @@ impl Counter<'_> {
             }
             if refcount == reference {
                 continue;
+            }
+            if refcount == 0 {
+                // Setting the refcount in place could put it in a refcount block that
+                // does not exist, allocated over a cluster in use: qemu rebuilds instead.
+                self.rebuild = true;
             }
             if refcount < reference {
                 self.error(format!(
@@ -388,15 +414,17 @@ impl Counter<'_> {
 ///
 /// Repair sets every on-disk refcount to the number of references counted (`Leaks`: only
 /// where the refcount is too high), clears the dirty bit, and checks again; the report then
-/// gives what was fixed and what remains. Refcount structures that cannot be read (a
-/// malformed refcount table) are not rebuilt yet: the repair fails with that error.
+/// gives what was fixed and what remains. Where setting refcounts in place is not safe (a
+/// used cluster with a refcount of 0, a malformed or shared refcount block), `All` builds a
+/// new refcount structure from the counted references, as qemu-img does, and `Leaks`
+/// stops with qemu's "need to rebuild" error in [`CheckReport::failed`].
 pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {
-    let (before, refs) = {
+    let counted = {
         let file = HostFile::open(path, false, options.cache, options.engine)?;
         count(path, &file)?
     };
     if repair == RepairMode::None {
-        return Ok(before);
+        return Ok(counted.report);
     }
     let file = HostFile::open(path, true, options.cache, options.engine)?;
     let header = crate::image::read_header(&file, file.len()?).map_err(|e| e.with_path(path))?;
@@ -409,6 +437,10 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
         )
         .with_path(path));
     }
+    if counted.rebuild {
+        return rebuild_and_check(path, options, &file, &header, counted, repair);
+    }
+    let (before, refs) = (counted.report, counted.refs);
     let mut rc = Refcounts::load(&file, &header).map_err(|e| e.with_path(path))?;
     // References may point past the end of the file; refcount blocks this repair creates
     // must not land on those clusters either.
@@ -445,6 +477,28 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
     }
     rc.write_dirty(&file)?;
     file.flush()?;
+    finish_repair(path, options, &file, &header, repair)?;
+    drop(file);
+    let file = HostFile::open(path, false, options.cache, options.engine)?;
+    let mut after = count(path, &file)?.report;
+    after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
+    after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
+    let mut messages = before.messages;
+    messages.append(&mut repairs);
+    messages.append(&mut after.messages);
+    after.messages = messages;
+    Ok(after)
+}
+
+/// Clears the dirty bit (and with `All` the corrupt bit) and, with `All`, sets the COPIED
+/// flags from the now correct refcounts.
+fn finish_repair(
+    path: &Path,
+    options: &OpenOptions,
+    file: &HostFile,
+    header: &Header,
+    repair: RepairMode,
+) -> Result<()> {
     let clear = crate::header::incompat::DIRTY
         | if repair == RepairMode::All {
             crate::header::incompat::CORRUPT
@@ -456,9 +510,7 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
         file.write_at(&features.to_be_bytes(), 72)?;
         file.flush()?;
     }
-    drop(file);
     if repair == RepairMode::All {
-        // With the refcounts right, the COPIED flags can be set from them.
         let rw = OpenOptions {
             writable: true,
             no_backing: true,
@@ -467,20 +519,247 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
         };
         crate::image::Qcow2Image::open_for_repair(path, &rw)?.repair_copied()?;
     }
-    let file = HostFile::open(path, false, options.cache, options.engine)?;
-    let (mut after, _) = count(path, &file)?;
-    after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
-    after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
+    Ok(())
+}
+
+/// The repair of an image whose refcounts cannot be set in place, as qemu-img's: `Leaks`
+/// stops with "need to rebuild"; `All` writes a new refcount structure from the counted
+/// references, frees the old one as leaked and repairs the COPIED flags.
+fn rebuild_and_check(
+    path: &Path,
+    options: &OpenOptions,
+    file: &HostFile,
+    header: &Header,
+    counted: Counted,
+    repair: RepairMode,
+) -> Result<CheckReport> {
+    let Counted {
+        report: before,
+        copied,
+        refs,
+        ..
+    } = counted;
     let mut messages = before.messages;
-    messages.append(&mut repairs);
+    messages.truncate(messages.len() - copied);
+    // qemu's counts before the OFLAG_COPIED pass, which it never reaches here.
+    let corruptions = before.corruptions - copied as u64;
+    if repair != RepairMode::All {
+        messages.push("ERROR need to rebuild refcount structures".to_string());
+        return Ok(CheckReport {
+            corruptions,
+            leaks: before.leaks,
+            check_errors: before.check_errors + 1,
+            failed: Some("Input/output error".to_string()),
+            messages,
+            ..CheckReport::default()
+        });
+    }
+    messages.push("Rebuilding refcount structure".to_string());
+    rebuild(file, header, refs).map_err(|e| e.with_path(path))?;
+    file.flush()?;
+    let header = crate::image::read_header(file, file.len()?).map_err(|e| e.with_path(path))?;
+    // The old refcount table and blocks are counted in the new structure but no longer
+    // referenced: leaks, fixed (and discarded) at once as qemu does.
+    let recount = count(path, file)?;
+    let mut rc = Refcounts::load(file, &header).map_err(|e| e.with_path(path))?;
+    let mut freed = Vec::new();
+    for (cluster, &reference) in recount.refs.iter().enumerate() {
+        let (cluster, reference) = (cluster as u64, u64::from(reference));
+        let on_disk = rc.get(file, cluster).map_err(|e| e.with_path(path))?;
+        if on_disk > reference {
+            messages.push(format!(
+                "Repairing cluster {cluster} refcount={on_disk} reference={reference}"
+            ));
+            rc.set(file, cluster, reference)
+                .map_err(|e| e.with_path(path))?;
+            if reference == 0 {
+                freed.push(cluster);
+            }
+        } else if on_disk < reference {
+            messages.push(format!(
+                "ERROR cluster {cluster} refcount={on_disk} reference={reference}"
+            ));
+        }
+    }
+    if recount.rebuild {
+        messages.push("ERROR rebuilt refcount structure is still broken".to_string());
+    }
+    rc.write_dirty(file)?;
+    file.flush()?;
+    let cs = header.cluster_size();
+    for cluster in freed {
+        // Best effort, as qemu's discard of a freed cluster: the bytes may stay.
+        let _ = file.punch_hole(cluster * cs, cs);
+    }
+    // The COPIED flags qemu then repairs, in its words.
+    let settled = count(path, file)?;
+    let fixed_copied = settled.copied as u64;
+    let report_messages = &settled.report.messages;
+    messages.extend(
+        report_messages[report_messages.len() - settled.copied..]
+            .iter()
+            .map(|m| m.replacen("ERROR", "Repairing", 1)),
+    );
+    finish_repair(path, options, file, &header, repair)?;
+    let reader = HostFile::open(path, false, options.cache, options.engine)?;
+    let mut after = count(path, &reader)?.report;
+    // As qemu counts: what the counting pass still finds stays, the rest was fixed.
+    let still = recount.report.corruptions - recount.copied as u64;
+    after.corruptions_fixed = corruptions.saturating_sub(still) + fixed_copied;
+    after.leaks_fixed = before.leaks;
     messages.append(&mut after.messages);
     after.messages = messages;
     Ok(after)
 }
 
-/// Counts references in the image open as `file`; returns the report and the reference
-/// count of every host cluster.
-fn count(path: &Path, file: &HostFile) -> Result<(CheckReport, Vec<u32>)> {
+/// Writes a new refcount structure for the reference counts `refs` (one per host cluster)
+/// and points the header at it, as qemu's `rebuild_refcount_structure`: refcount blocks
+/// and then the table go to the first clusters no reference uses (so nothing in use is
+/// overwritten), and the old structure is left for the caller to free.
+fn rebuild(file: &HostFile, header: &Header, mut refs: Vec<u32>) -> Result<()> {
+    let cs = header.cluster_size();
+    let order = header.refcount_order;
+    let max = crate::refcount::max_refcount(order);
+    let per_block = (8 * cs) >> order;
+    let mut table: Vec<u64> = Vec::new();
+    let grew = write_refblocks(
+        file, cs, order, max, per_block, &mut refs, &mut table, 0, None,
+    )?;
+    if !grew {
+        return Err(Error::corrupt(
+            "rebuild refcounts",
+            "no cluster of the image is in use, not even its header",
+        ));
+    }
+    let (offset, clusters) = loop {
+        let clusters = (table.len() as u64 * 8).div_ceil(cs);
+        let mut first_free = 0;
+        let at = alloc_counted(&mut refs, clusters, &mut first_free)?;
+        // The clusters the table takes now have a refcount: the blocks describing them
+        // are written again (and the table may grow, needing a new place).
+        let grew = write_refblocks(
+            file,
+            cs,
+            order,
+            max,
+            per_block,
+            &mut refs,
+            &mut table,
+            at,
+            Some(at + clusters),
+        )?;
+        if !grew {
+            break (at * cs, clusters);
+        }
+    };
+    let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+    file.write_at(&raw, offset)?;
+    file.flush()?;
+    let mut fields = [0u8; 12];
+    fields[..8].copy_from_slice(&offset.to_be_bytes());
+    fields[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+    file.write_at(&fields, HEADER_REFTABLE)?;
+    file.flush()?;
+    Ok(())
+}
+
+/// Where the refcount table offset and its length in clusters are in the header.
+const HEADER_REFTABLE: u64 = 48;
+
+/// Takes the first `count` contiguous clusters with no references at or after
+/// `first_free` (growing past the end), gives them one reference each, and returns the
+/// first. `first_free` moves to the first free cluster seen.
+fn alloc_counted(refs: &mut Vec<u32>, count: u64, first_free: &mut u64) -> Result<u64> {
+    let mut cluster = *first_free;
+    let mut run = 0u64;
+    let mut first_gap = true;
+    while cluster < refs.len() as u64 && run < count {
+        if refs[cluster as usize] == 0 {
+            run += 1;
+            if first_gap {
+                *first_free = cluster;
+                first_gap = false;
+            }
+        } else {
+            run = 0;
+        }
+        cluster += 1;
+    }
+    if run < count {
+        let end = cluster + count - run;
+        if end > MAX_TRACKED_CLUSTERS {
+            return Err(Error::unsupported(
+                "rebuild refcounts",
+                format!(
+                    "the new refcount structure would reach past cluster {MAX_TRACKED_CLUSTERS}"
+                ),
+            ));
+        }
+        refs.resize(end as usize, 0);
+    }
+    let start = cluster - run;
+    for c in start..start + count {
+        refs[c as usize] = 1;
+    }
+    Ok(start)
+}
+
+/// Writes the refcount block of every cluster in use in `[first, end)` (`None`: to the end
+/// of `refs`), allocating the blocks that `table` has no place for yet; true when `table`
+/// had to grow.
+#[allow(clippy::too_many_arguments)]
+fn write_refblocks(
+    file: &HostFile,
+    cs: u64,
+    order: u32,
+    max: u64,
+    per_block: u64,
+    refs: &mut Vec<u32>,
+    table: &mut Vec<u64>,
+    first: u64,
+    end: Option<u64>,
+) -> Result<bool> {
+    let mut end = end.unwrap_or(refs.len() as u64);
+    let mut first_free = 0u64;
+    let mut grew = false;
+    let mut cluster = first;
+    while cluster < end {
+        if refs.get(cluster as usize).copied().unwrap_or(0) == 0 {
+            cluster += 1;
+            continue;
+        }
+        let index = cluster / per_block;
+        let start = index * per_block;
+        let offset = match table.get(index as usize) {
+            Some(&at) if at != 0 => at,
+            _ => {
+                // Never inside a block already written: its refcounts would be stale.
+                first_free = first_free.max(start);
+                let at = alloc_counted(refs, 1, &mut first_free)?;
+                end = end.max(at + 1);
+                if table.len() as u64 <= index {
+                    let entries = ((index + 1) * 8).div_ceil(cs) * cs / 8;
+                    table.resize(entries as usize, 0);
+                    grew = true;
+                }
+                table[index as usize] = at * cs;
+                at * cs
+            }
+        };
+        let mut block = vec![0u8; cs as usize];
+        for i in 0..per_block {
+            if let Some(&r) = refs.get((start + i) as usize) {
+                crate::refcount::set(&mut block, i, order, u64::from(r).min(max));
+            }
+        }
+        file.write_at(&block, offset)?;
+        cluster = start + per_block;
+    }
+    Ok(grew)
+}
+
+/// Counts references in the image open as `file`.
+fn count(path: &Path, file: &HostFile) -> Result<Counted> {
     let file_len = file.len()?;
     let header = crate::image::read_header(file, file_len).map_err(|e| e.with_path(path))?;
     let cs = header.cluster_size();
@@ -506,6 +785,7 @@ fn count(path: &Path, file: &HostFile) -> Result<(CheckReport, Vec<u32>)> {
         report: CheckReport::default(),
         copied_errors: Vec::new(),
         rc,
+        rebuild: false,
     };
     c.inc(0, cs);
     c.l1(header.l1_table_offset, header.l1_size, true)?;
@@ -558,8 +838,10 @@ fn count(path: &Path, file: &HostFile) -> Result<(CheckReport, Vec<u32>)> {
     c.refblocks();
     let highest = c.compare();
     let mut copied = std::mem::take(&mut c.copied_errors);
+    let copied_count = copied.len();
     c.report.messages.append(&mut copied);
     let refs = std::mem::take(&mut c.refs);
+    let rebuild = c.rebuild;
     let mut report = c.report;
     report.image_end_offset = Some(highest.map_or(0, |h| (h + 1) * cs));
     // QEMU counts whole 512-byte sectors of the virtual size.
@@ -571,7 +853,12 @@ fn count(path: &Path, file: &HostFile) -> Result<(CheckReport, Vec<u32>)> {
     ] {
         field.get_or_insert(0);
     }
-    Ok((report, refs))
+    Ok(Counted {
+        report,
+        copied: copied_count,
+        refs,
+        rebuild,
+    })
 }
 
 #[cfg(test)]
@@ -610,7 +897,7 @@ mod tests {
 
         let file = HostFile::open(&path, false, CacheMode::Writeback, EngineChoice::Sync)
             .expect("open file");
-        let (report, refs) = count(&path, &file).expect("count");
+        let Counted { report, refs, .. } = count(&path, &file).expect("count");
         assert!(report.corruptions >= 1, "{report:?}");
         assert!(
             report

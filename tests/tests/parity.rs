@@ -58,11 +58,6 @@ pub const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
          not open 'x': the file is N bytes long, too short for a VHDX header section'",
     ),
     (
-        "check -r leaks / -r all of a qcow2 with a refcount of 0 for a used cluster",
-        "qemu: 'ERROR need to rebuild refcount structures' (exit 1) or rebuilds; vdisk fixes \
-         the refcount in place (exit 2 / other counts)",
-    ),
-    (
         "qcow2 whose L1 entry points past the end of the file",
         "qemu reads the L2 table as zeroes (map, measure, compare work); vdisk fails",
     ),

@@ -169,6 +169,13 @@ pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
     for line in &report.messages {
         eprintln!("{line}");
     }
+    if let Some(why) = &report.failed {
+        ctx.fail(&Failure::new(
+            format!("Check failed: {why}"),
+            format!("check '{name}': {why}"),
+        ));
+        return 1;
+    }
     let say = |text: &str| {
         if !args.quiet {
             print(text);
