@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use vdisk_tests::{dropin_link, run_with_path, settle, Run, Scratch};
+use vdisk_tests::{dropin_link, run_in, run_with_path, settle, Run, Scratch};
 
 const VDISK: &str = env!("CARGO_BIN_EXE_vdisk-under-test");
 
@@ -80,10 +80,6 @@ pub const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
         "info --image-opts (LUKS or any driver)",
         "qemu names the image 'json:{\"driver\": \"luks\", \"file\": {...}, ...}' in the \
          human 'image:' line and JSON 'filename'; vdisk prints the file name",
-    ),
-    (
-        "resize --object ... --image-opts driver=luks,...",
-        "vdisk: 'No secret with id 'sec0'' (resize does not take --object yet)",
     ),
     (
         "writes of part of a new qcow2 cluster (seen with bench -w -s 4k)",
@@ -1895,6 +1891,7 @@ fn luks_images_and_passphrases() {
         ],
     );
     let opts = "driver=luks,file.filename=l.luks,key-secret=sec0";
+    let dd_in = format!("if={opts}");
     let wrong = "secret,id=sec0,data=not-the-passphrase";
     for args in [
         &["info", "l.luks"][..],
@@ -2048,11 +2045,123 @@ fn luks_images_and_passphrases() {
             &[],
             1,
         ),
+        // dd takes --object: the decrypted blocks come out.
+        (
+            &[
+                "dd",
+                "--object",
+                SECRET,
+                "--image-opts",
+                "bs=64k",
+                "count=40",
+                &dd_in,
+                "of=n.raw",
+            ],
+            &[("n.raw", "raw")],
+            0,
+        ),
+        (
+            &[
+                "dd",
+                "--object",
+                SECRET,
+                "--image-opts",
+                "-O",
+                "qcow2",
+                "bs=1M",
+                &dd_in,
+                "of=n.qcow2",
+            ],
+            &[("n.qcow2", "qcow2")],
+            0,
+        ),
+        (
+            &["dd", "--object", wrong, "--image-opts", &dd_in, "of=n.raw"],
+            &[],
+            1,
+        ),
+        (&["dd", "--image-opts", &dd_in, "of=n.raw"], &[], 1),
+        (
+            &["dd", "--object", "secret,id=sec0", "if=l.luks", "of=n.raw"],
+            &[],
+            1,
+        ),
     ];
     for (n, (args, outputs, code)) in cases.iter().enumerate() {
         let q = b.same_write(&format!("l{n}"), args, outputs);
         assert_eq!(q.code, *code, "{args:?}: {q:?}");
     }
+    // qemu-img 10's bench has no --object: a drop-in refuses it the same way.
+    b.same_code(
+        &[
+            "bench",
+            "--object",
+            SECRET,
+            "--image-opts",
+            "-c",
+            "10",
+            opts,
+        ],
+        1,
+    );
+    b.same_code(
+        &["bench", &format!("--object={SECRET}"), "-c", "10", "l.luks"],
+        1,
+    );
+    // Under its own name vdisk benchmarks a LUKS image: a write test lands encrypted.
+    let dir = b.copy_of("bench-native");
+    let bench = |args: &[&str]| run_in(&dir, Path::new(VDISK), args);
+    let r = bench(&[
+        "bench",
+        "--object",
+        SECRET,
+        "--image-opts",
+        "-c",
+        "10",
+        opts,
+    ]);
+    ok(&r, "vdisk bench of a LUKS image");
+    assert!(r.stdout.starts_with("Sending 10 read requests"), "{r:?}");
+    let r = bench(&[
+        "bench",
+        "--object",
+        SECRET,
+        "--image-opts",
+        "-w",
+        "--pattern",
+        "90",
+        "-s",
+        "64k",
+        "-c",
+        "16",
+        "-d",
+        "4",
+        opts,
+    ]);
+    ok(&r, "vdisk bench -w of a LUKS image");
+    let check = run_with_path(
+        &dir,
+        None,
+        Path::new("qemu-io"),
+        &[
+            "--object",
+            SECRET,
+            "--image-opts",
+            "-c",
+            "read -P 90 0 1M",
+            "-c",
+            "read -P 0x22 1M 64k",
+            opts,
+        ],
+    );
+    ok(&check, "qemu-io read-back");
+    assert!(
+        !check.stdout.contains("fail"),
+        "bench wrote other bytes: {check:?}"
+    );
+    let r = bench(&["bench", "--object", wrong, "--image-opts", "-c", "10", opts]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("Invalid password"), "{r:?}");
 }
 
 #[test]

@@ -43,6 +43,9 @@ pub struct DdArgs {
     /// Open the input in shared mode, even while another process uses it
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Define a QEMU object, e.g. secret,id=sec0,data=PASSPHRASE (or file=PATH)
+    #[arg(long = "object", value_name = "OBJDEF")]
+    pub object: Vec<String>,
     /// Operands: if=INPUT of=OUTPUT [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS]
     #[arg(value_name = "OPERAND")]
     pub operands: Vec<String>,
@@ -64,6 +67,14 @@ const MAX_PIECE: u64 = 1 << 20;
 
 /// Runs `dd`; returns the exit code.
 pub fn run(ctx: &Ctx, args: DdArgs) -> i32 {
+    // Held to the end: dropping it removes the secrets again.
+    let _secrets = match crate::object::define_all(&args.object) {
+        Ok(s) => s,
+        Err(f) => {
+            ctx.fail(&f);
+            return 1;
+        }
+    };
     match dd(ctx, &args) {
         Ok(()) => 0,
         Err(f) => {
