@@ -419,6 +419,7 @@ impl Counter<'_> {
 /// new refcount structure from the counted references, as qemu-img does, and `Leaks`
 /// stops with qemu's "need to rebuild" error in [`CheckReport::failed`].
 pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {
+    crate::crypto::require_key(path, options)?;
     let counted = {
         let file = HostFile::open(path, false, options.cache, options.engine)?;
         count(path, &file)?

@@ -47,6 +47,30 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ),
     ("extended_l2", "Extended L2 tables"),
     (
+        "encryption",
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    ),
+    (
+        "encrypt.format",
+        "Encrypt the image, format choices: 'aes', 'luks'",
+    ),
+    (
+        "encrypt.key-secret",
+        "ID of secret providing qcow AES key or LUKS passphrase",
+    ),
+    ("encrypt.cipher-alg", "Name of encryption cipher algorithm"),
+    ("encrypt.cipher-mode", "Name of encryption cipher mode"),
+    ("encrypt.ivgen-alg", "Name of IV generator algorithm"),
+    (
+        "encrypt.ivgen-hash-alg",
+        "Name of IV generator hash algorithm",
+    ),
+    ("encrypt.hash-alg", "Name of encryption hash algorithm"),
+    (
+        "encrypt.iter-time",
+        "Time to spend in PBKDF in milliseconds",
+    ),
+    (
         "extent_size_hint",
         "Extent size hint for the image file, 0 to disable (accepted, not used)",
     ),
@@ -73,6 +97,8 @@ struct Plan {
     data_file: Option<String>,
     data_file_raw: bool,
     prealloc: Preallocation,
+    /// `encrypt.format=luks`: what the new LUKS header asks for.
+    luks: Option<vdisk_luks::NewVolumeOptions>,
 }
 
 fn plan(options: &mut CreateOptions) -> Result<Plan> {
@@ -179,12 +205,7 @@ fn plan(options: &mut CreateOptions) -> Result<Plan> {
         // metadata, so the L2 tables must map every cluster one to one.
         prealloc = Preallocation::Metadata;
     }
-    if options.options.keys().any(|k| k.starts_with("encrypt")) {
-        return Err(Error::unsupported(
-            "create",
-            "creating encrypted qcow2 images is not implemented yet",
-        ));
-    }
+    let luks = crate::crypto::take_create_options(options)?;
     // Host file system tuning qemu-img accepts; nothing to do for them here.
     options.take("extent_size_hint");
     options.take("nocow");
@@ -201,6 +222,7 @@ fn plan(options: &mut CreateOptions) -> Result<Plan> {
         data_file,
         data_file_raw,
         prealloc,
+        luks,
     })
 }
 
@@ -227,6 +249,13 @@ pub fn create(path: &Path, mut options: CreateOptions) -> Result<()> {
     if p.data_file.is_some() {
         incompatible |= incompat::DATA_FILE;
     }
+    let volume = match &p.luks {
+        Some(v) => Some(
+            vdisk_luks::keys::new_volume(v.cipher, v.hash, v.iter_time_ms, &v.passphrase)
+                .map_err(|e| e.with_path(path))?,
+        ),
+        None => None,
+    };
     let mut header = Header {
         version: p.version,
         backing_file_offset: 0,
@@ -297,8 +326,22 @@ pub fn create(path: &Path, mut options: CreateOptions) -> Result<()> {
     // QEMU's own layout: header, one reftable cluster, one refblock, then the L1 table,
     // all counted by that first refblock.
     let simple = table_clusters == 1 && blocks == 1;
-    if let Some(layout) = Layout::plan(&header, l1_size, p.prealloc, p.data_file.is_some()) {
-        return write_layout(path, header, &layout, &p);
+    let crypto_len = volume.as_ref().map(|v| v.header.payload_bytes());
+    if let Some(layout) = Layout::plan(
+        &header,
+        l1_size,
+        p.prealloc,
+        p.data_file.is_some(),
+        crypto_len,
+    ) {
+        return write_layout(path, header, &layout, &p, volume.as_ref());
+    }
+    if volume.is_some() {
+        return Err(Error::unsupported(
+            "create",
+            "an encrypted image this large is not supported (its layout could not be planned)",
+        )
+        .with_path(path));
     }
     header.refcount_table_offset = cs;
     header.refcount_table_clusters = table_clusters as u32;
@@ -591,6 +634,9 @@ struct Layout {
     l2: Vec<(u64, Option<u64>, u64)>,
     /// `falloc`/`full` data area (first cluster, count) of an image without a data file.
     data_area: Option<(u64, u64)>,
+    /// First cluster of the LUKS header region, allocated last as qemu's
+    /// `qcow2_set_up_encryption` does.
+    crypto_at: Option<u64>,
 }
 
 impl Layout {
@@ -602,6 +648,7 @@ impl Layout {
         l1_size: u64,
         prealloc: Preallocation,
         external: bool,
+        crypto_len: Option<u64>,
     ) -> Option<Layout> {
         let cb = header.cluster_bits;
         let cs = 1u64 << cb;
@@ -658,21 +705,39 @@ impl Layout {
                 }
             }
         }
+        let crypto_at = match crypto_len {
+            Some(len) => Some(model.alloc(len.div_ceil(cs))?),
+            None => None,
+        };
         Some(Layout {
             model,
             l1_at,
             l2,
             data_area,
+            crypto_at,
         })
     }
 }
 
 /// Writes the image `layout` describes, then grows the data file (if any) as QEMU's
 /// preallocation does.
-fn write_layout(path: &Path, mut header: Header, layout: &Layout, p: &Plan) -> Result<()> {
+fn write_layout(
+    path: &Path,
+    mut header: Header,
+    layout: &Layout,
+    p: &Plan,
+    volume: Option<&vdisk_luks::keys::NewVolume>,
+) -> Result<()> {
     let m = &layout.model;
     let cb = header.cluster_bits;
     let cs = 1u64 << cb;
+    if let (Some(at), Some(v)) = (layout.crypto_at, volume) {
+        header.crypt_method = CryptMethod::Luks;
+        header.extensions.crypto = Some(crate::header::CryptoExt {
+            offset: at << cb,
+            length: v.header.payload_bytes(),
+        });
+    }
     header.refcount_table_offset = m.table_at << cb;
     header.refcount_table_clusters =
         u32::try_from(m.table_clusters).map_err(|_| invalid("refcount table too large"))?;
@@ -754,6 +819,9 @@ fn write_layout(path: &Path, mut header: Header, layout: &Layout, p: &Plan) -> R
         }
         None => None,
     };
+    if let (Some(at), Some(v)) = (layout.crypto_at, volume) {
+        crate::crypto::write_new_region(&file, at << cb, cs, v)?;
+    }
     match (&data_file, layout.l2.last()) {
         (None, Some(&(_, Some(run), n))) if layout.data_area.is_none() => {
             let within = size - ((size - 1) & !(cs - 1));

@@ -44,7 +44,13 @@ impl Format for Qcow2Format {
     }
 
     fn open_option_names(&self) -> &'static [&'static str] {
-        &["data-file", "l2-cache-size", "cache-size"]
+        &[
+            "data-file",
+            "l2-cache-size",
+            "cache-size",
+            crate::crypto::KEY_SECRET,
+            crate::crypto::FORMAT,
+        ]
     }
 
     fn supports_compression(&self) -> bool {
@@ -56,6 +62,13 @@ impl Format for Qcow2Format {
         vec![
             ("encryption", None),
             ("encrypt.format", None),
+            ("encrypt.key-secret", None),
+            ("encrypt.cipher-alg", None),
+            ("encrypt.cipher-mode", None),
+            ("encrypt.ivgen-alg", None),
+            ("encrypt.ivgen-hash-alg", None),
+            ("encrypt.hash-alg", None),
+            ("encrypt.iter-time", None),
             ("cluster_size", Some("65536")),
             ("extended_l2", Some("off")),
             ("preallocation", None),

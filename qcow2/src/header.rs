@@ -507,9 +507,11 @@ impl Header {
                 "the raw external data autoclear bit is set without the external data file bit",
             ));
         }
-        if self.has_data_file() && self.crypt_method != CryptMethod::None {
+        // An external data file with LUKS is allowed (qemu makes them: the data file's
+        // offsets are the host offsets of the IVs); legacy AES predates data files.
+        if self.has_data_file() && self.crypt_method == CryptMethod::Aes {
             return Err(bad(
-                "an external data file cannot be combined with encryption",
+                "an external data file cannot be combined with legacy AES encryption",
             ));
         }
         Ok(())
@@ -847,16 +849,17 @@ impl Header {
             out.resize(header_length as usize, 0);
         }
         let e = &self.extensions;
-        if let Some(c) = e.crypto {
-            let mut d = c.offset.to_be_bytes().to_vec();
-            d.extend_from_slice(&c.length.to_be_bytes());
-            push_ext(&mut out, ext::CRYPTO, &d);
-        }
+        // qemu's order: backing format, data file, encryption, feature names, bitmaps.
         if let Some(f) = &e.backing_format {
             push_ext(&mut out, ext::BACKING_FORMAT, f.as_bytes());
         }
         if let Some(d) = &e.data_file {
             push_ext(&mut out, ext::DATA_FILE, d.as_bytes());
+        }
+        if let Some(c) = e.crypto {
+            let mut d = c.offset.to_be_bytes().to_vec();
+            d.extend_from_slice(&c.length.to_be_bytes());
+            push_ext(&mut out, ext::CRYPTO, &d);
         }
         if !e.feature_names.is_empty() {
             let mut d = Vec::with_capacity(e.feature_names.len() * 48);

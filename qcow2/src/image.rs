@@ -62,6 +62,8 @@ pub struct Qcow2Image {
     pub(crate) look_through: std::sync::OnceLock<bool>,
     /// Persistent dirty bitmaps (see `bitmap/live.rs`); never locked while `meta` is held.
     pub(crate) bitmaps: Mutex<crate::bitmap::live::Bitmaps>,
+    /// Encryption of guest data (see `crypto.rs`).
+    pub(crate) crypto: Option<crate::crypto::Crypto>,
 }
 
 /// The mutable metadata of an image, behind its metadata lock.
@@ -117,7 +119,9 @@ fn read_be_u64s(bytes: &[u8]) -> Vec<u64> {
 impl Qcow2Image {
     /// Opens `path`. Backing and data files are opened only as `options.policy` allows.
     ///
-    /// A writable open is refused for images marked corrupt and encrypted images. A
+    /// A writable open is refused for images marked corrupt and legacy AES-encrypted
+    /// images; an encrypted image needs its passphrase (`encrypt.key-secret`) except for a
+    /// metadata-only open. A
     /// writable open loads the persistent bitmaps, marks them in use and records every
     /// guest write in the enabled ones; they are stored when the image is dropped.
     pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
@@ -139,6 +143,8 @@ impl Qcow2Image {
         let file = HostFile::open(path, options.writable, options.cache, options.engine)?;
         let file_len = file.len()?;
         let mut header = read_header(&file, file_len).map_err(|e| e.with_path(path))?;
+        let crypto = crate::crypto::Crypto::open(&file, file_len, &header, options)
+            .map_err(|e| e.with_path(path))?;
         if options.writable {
             crate::write::prepare_writable(&file, &mut header).map_err(|e| e.with_path(path))?;
         }
@@ -231,6 +237,7 @@ impl Qcow2Image {
             data_len: AtomicU64::new(data_len),
             size: AtomicU64::new(header.size),
             bitmaps: Mutex::new(Default::default()),
+            crypto,
             header,
         })
         .and_then(|img| {
@@ -523,30 +530,14 @@ impl Qcow2Image {
                 Kind::ZeroPlain | Kind::ZeroAlloc { .. } => chunk.fill(0),
                 Kind::Normal { host } => {
                     let file = self.data_file()?;
-                    self.read_host(file, chunk, host)?
+                    self.read_host(file, chunk, host)?;
+                    self.decrypt_data(pos, host, chunk)?
                 }
                 Kind::Compressed { offset: h, len } => self.read_compressed(chunk, pos, h, len)?,
             }
             done += run as usize;
         }
         Ok(())
-    }
-
-    fn refuse_encrypted(&self, op: &'static str) -> Result<()> {
-        if self.header.crypt_method == CryptMethod::None {
-            return Ok(());
-        }
-        Err(Error::unsupported(
-            op,
-            format!(
-                "the image is encrypted ({}); reading encrypted qcow2 images is not implemented yet",
-                match self.header.crypt_method {
-                    CryptMethod::Aes => "legacy AES",
-                    _ => "LUKS",
-                }
-            ),
-        )
-        .with_path(&self.path))
     }
 
     pub(crate) fn read_only_error(&self, op: &'static str) -> Error {
@@ -688,8 +679,17 @@ impl BlockDev for Qcow2Image {
         if buf.is_empty() {
             return Ok(());
         }
-        self.refuse_encrypted("read")?;
         let _io = self.io.read();
+        if self.encrypted() && (!offset.is_multiple_of(512) || !buf.len().is_multiple_of(512)) {
+            // Encrypted data is read in whole sectors (qemu's request alignment).
+            let start = offset / 512 * 512;
+            let end = (offset + buf.len() as u64).next_multiple_of(512);
+            let mut whole = zeroize::Zeroizing::new(vec![0u8; (end - start) as usize]);
+            self.read_locked(&mut whole, start)?;
+            let from = (offset - start) as usize;
+            buf.copy_from_slice(&whole[from..from + buf.len()]);
+            return Ok(());
+        }
         self.read_locked(buf, offset)
     }
 
@@ -731,7 +731,7 @@ impl BlockDev for Qcow2Image {
             }
             run += more;
         }
-        let encrypted = self.header.crypt_method != CryptMethod::None;
+        let encrypted = self.encrypted();
         let host = |h: u64| {
             (!encrypted).then(|| HostLocation {
                 file: self.data_path(),
@@ -828,7 +828,22 @@ impl BlockDev for Qcow2Image {
     }
 
     fn format_specific(&self) -> Result<Option<FormatSpecific>> {
-        Ok(Some(self.qcow2_info()?.format_specific()))
+        let mut specific = self.qcow2_info()?.format_specific();
+        if let Some(encrypt) = self.encrypt_info() {
+            // qemu's QDict order: after refcount-bits and data-file, before the rest.
+            let at = specific
+                .data
+                .iter()
+                .position(|(k, _)| k == "refcount-bits")
+                .map_or(specific.data.len(), |i| i + 1);
+            let at = if specific.data.get(at).is_some_and(|(k, _)| k == "data-file") {
+                at + 1
+            } else {
+                at
+            };
+            specific.data.insert(at, ("encrypt".into(), encrypt));
+        }
+        Ok(Some(specific))
     }
 
     fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
@@ -878,7 +893,7 @@ impl BlockDev for Qcow2Image {
         // The segments are only valid until the next write; callers that write concurrently
         // must order their own requests, as with any disk.
         let _io = self.io.read();
-        let encrypted = self.header.crypt_method != CryptMethod::None;
+        let encrypted = self.encrypted();
         let mut out: Vec<ReadSegment> = Vec::new();
         let mut done = 0u64;
         while done < len {

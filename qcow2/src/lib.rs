@@ -7,6 +7,7 @@
 //! - [`refcount`]: refcount tables and blocks of every width;
 //! - [`alloc`]: cluster allocation and refcount updates for writable images;
 //! - [`image`]: [`Qcow2Image`], the opened image as a `BlockDev` (read path);
+//! - [`crypto`]: LUKS and legacy AES encryption of guest data;
 //! - [`check`]: a metadata check that counts leaks and corruptions like `qemu-img check`;
 //! - [`measure`]: the host space a new image needs, computed as `qemu-img measure` does;
 //! - [`format`]: [`Qcow2Format`], the driver the registry lists;
@@ -17,9 +18,8 @@
 //! compressed clusters, refcount table growth, overlap checks), resize, internal snapshots
 //! (create, delete, apply, list), `create` and `amend` with qemu-img's options (amend also
 //! downgrades to compat=0.10 and changes the refcount width), `check`
-//! with refcount repair, and listing of persistent bitmaps. Not implemented yet: encryption
-//! (encrypted images open for `info` only), bitmap contents, and rebuilding broken refcount
-//! structures; those fail clearly.
+//! with refcount repair, persistent bitmaps, and LUKS encryption (`encrypt.format=luks`;
+//! legacy AES images are read only).
 #![forbid(unsafe_code)]
 
 pub mod alloc;
@@ -29,6 +29,7 @@ pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod crypto;
 pub mod entry;
 pub mod format;
 /// Entry points for the cargo-fuzz targets in `fuzz/` (outside the workspace build).

@@ -35,6 +35,8 @@ struct Target {
     prealloc: Preallocation,
     has_backing_file: bool,
     size: u64,
+    /// Host bytes of the LUKS header region (`encrypt.format=luks`), whole clusters.
+    luks_region: u64,
 }
 
 fn target(mut options: CreateOptions) -> Result<Target> {
@@ -88,6 +90,16 @@ fn target(mut options: CreateOptions) -> Result<Target> {
             "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
         ));
     }
+    // qemu sizes the LUKS header with the real options (so the secret must exist).
+    let luks_region = match crate::crypto::take_new_encryption(&mut options)
+        .map_err(|e| Error::invalid("measure", e.message().to_string()))?
+    {
+        crate::crypto::NewEncryption::Luks(v) => {
+            let (_, payload) = vdisk_luks::header::new_layout(v.cipher.key_bytes() as u32);
+            (u64::from(payload) * 512).next_multiple_of(1u64 << cluster_bits)
+        }
+        _ => 0,
+    };
     let prealloc = match options.take("preallocation") {
         None => Preallocation::Off,
         Some(v) => match v.as_str() {
@@ -120,6 +132,7 @@ fn target(mut options: CreateOptions) -> Result<Target> {
         prealloc,
         has_backing_file,
         size,
+        luks_region,
     })
 }
 
@@ -155,7 +168,8 @@ pub fn measure(options: CreateOptions, source: Option<&dyn BlockDev>) -> Result<
     .ok_or_else(too_large)?;
     // The metadata of the fully allocated image stays counted: qemu overestimates the
     // required size the same way.
-    let required = fully_allocated - virtual_size + required;
+    let required = fully_allocated - virtual_size + required + t.luks_region;
+    let fully_allocated = fully_allocated + t.luks_region;
     let bitmaps = match source {
         Some(dev) if t.version >= 3 => {
             source_bitmaps(dev)?.map(|list| bitmaps_size(&list, dev.size(), cs))

@@ -72,8 +72,8 @@ pub(crate) fn prepare_writable(file: &HostFile, header: &mut Header) -> Result<(
             "its refcounts need a rebuild (dirty bit set), which is not implemented yet",
         );
     }
-    if header.crypt_method != CryptMethod::None {
-        return refuse("writing encrypted images is not implemented yet");
+    if header.crypt_method == CryptMethod::Aes {
+        return refuse("legacy AES-encrypted images are read only here (convert them to LUKS)");
     }
     // Without a bitmaps extension the bit means nothing.
     let mut keep = header.autoclear_features & autoclear::KNOWN;
@@ -363,7 +363,7 @@ impl Qcow2Image {
                 refs.alloc(self.file())? << self.header.cluster_bits
             };
             self.guard(&mut meta, host, valid)?;
-            self.data_file()?.write_at(&full[..valid as usize], host)?;
+            self.put_data(self.data_file()?, &full[..valid as usize], start, host)?;
             self.set_entry_bitmap(&mut meta, l2, idx, host | COPIED, ALL_ALLOCATED)?;
             if !data_file {
                 Self::release(&mut meta, old, cs);
@@ -397,7 +397,7 @@ impl Qcow2Image {
             refs.alloc(self.file())? << self.header.cluster_bits
         };
         self.guard(&mut meta, host + span.0, payload.len() as u64)?;
-        self.data_file()?.write_at(payload, host + span.0)?;
+        self.put_data(self.data_file()?, payload, start + span.0, host + span.0)?;
         let mask = (((1u64 << (last - first + 1)) - 1) << first) & 0xffff_ffff;
         let new_bitmap = (bitmap | mask) & !(mask << 32);
         self.set_entry_bitmap(&mut meta, l2, idx, host | COPIED, new_bitmap)
@@ -430,6 +430,9 @@ impl Qcow2Image {
         if let (Kind::Normal { host }, true) = (kind, copied) {
             self.guard(&mut meta, host + within as u64, data.len() as u64)?;
             drop(meta);
+            if self.encrypted() {
+                return self.write_sectors_in_place(data, pos, host + within as u64);
+            }
             return self.data_file()?.write_at(data, host + within as u64);
         }
         // Build the whole new cluster: its current contents with `data` on top.
@@ -451,20 +454,20 @@ impl Qcow2Image {
         };
         if let (Kind::ZeroAlloc { host }, true) = (kind, copied) {
             self.guard(&mut meta, host, cs)?;
-            self.data_file()?.write_at(&full, host)?;
+            self.put_data(self.data_file()?, &full, start, host)?;
             return self.set_entry(&mut meta, l2, idx, host | COPIED);
         }
         if self.header.has_data_file() {
             // Data clusters of an external data file sit at their guest offset and carry
             // no refcount: nothing to allocate or release.
             let valid = (self.size() - start).min(cs) as usize;
-            self.data_file()?.write_at(&full[..valid], start)?;
+            self.put_data(self.data_file()?, &full[..valid], start, start)?;
             return self.set_entry(&mut meta, l2, idx, start | COPIED);
         }
         let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
         let host = refs.alloc(self.file())? << self.header.cluster_bits;
         self.guard(&mut meta, host, cs)?;
-        self.file().write_at(&full, host)?;
+        self.put_data(self.file(), &full, start, host)?;
         self.set_entry(&mut meta, l2, idx, host | COPIED)?;
         Self::release(&mut meta, kind, cs);
         Ok(())
@@ -570,6 +573,14 @@ impl Qcow2Image {
             (0, 0)
         };
         if (new_entry, new_bitmap) == (entry, bitmap) {
+            // qemu takes the L2 table for writing before it looks at the entry (its
+            // `get_cluster_table`): one that is missing is allocated empty, one shared
+            // with a snapshot is copied, even when no entry changes. Doing the same keeps
+            // every later allocation at qemu's host offsets. Only a version 2 discard over
+            // a backing file is refused before that.
+            if !(discard && !v3 && has_backing) {
+                self.ensure_l2(&mut meta, pos)?;
+            }
             return Ok(());
         }
         let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
@@ -659,10 +670,11 @@ impl Qcow2Image {
         }
         let mask = ((1u64 << count) - 1) << first;
         let new = (bitmap | (mask << 32)) & !mask;
+        // The table is taken for writing first, as in `clear_cluster`.
+        let (l2, idx) = self.ensure_l2(&mut meta, from)?;
         if new == bitmap {
             return Ok(());
         }
-        let (l2, idx) = self.ensure_l2(&mut meta, from)?;
         self.set_entry_bitmap(&mut meta, l2, idx, entry, new)
     }
 
@@ -777,8 +789,8 @@ impl Qcow2Image {
                 j += 1;
             }
             let end = batch[j - 1].at + batch[j - 1].len;
-            self.file()
-                .write_at(&buf[batch[i].at..end], batch[i].host)?;
+            // Guest offsets only matter to legacy AES, which is never written.
+            self.put_data(self.file(), &buf[batch[i].at..end], 0, batch[i].host)?;
             i = j;
         }
         let cs = self.header.cluster_size();
@@ -912,6 +924,13 @@ impl Qcow2Image {
             return Err(Error::invalid(
                 "write compressed",
                 "a compressed write must cover exactly one whole cluster",
+            )
+            .at_offset(offset));
+        }
+        if self.encrypted() {
+            return Err(Error::unsupported(
+                "write compressed",
+                "Compression and encryption not supported at the same time",
             )
             .at_offset(offset));
         }
