@@ -71,15 +71,15 @@ pub const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
          the host file lengths differ",
     ),
     (
+        "--image-opts driver=raw,offset=N / size=N",
+        "qemu opens the slice (and info names it json:{\"offset\": ...}); vdisk: 'Block format \
+         'raw' does not support the option 'offset''",
+    ),
+    (
         "stdout/stderr interleaving on one pipe",
         "qemu-img buffers stdout when it is not a terminal, so with 2>&1 its error lines \
          come before its stdout (e.g. map of a streamOptimized VMDK); vdisk writes stdout \
          first. The scenario scripts capture the two streams apart",
-    ),
-    (
-        "info --image-opts (LUKS or any driver)",
-        "qemu names the image 'json:{\"driver\": \"luks\", \"file\": {...}, ...}' in the \
-         human 'image:' line and JSON 'filename'; vdisk prints the file name",
     ),
     (
         "writes of part of a new qcow2 cluster (seen with bench -w -s 4k)",
@@ -626,6 +626,18 @@ fn info_for_every_format_and_option() {
         }
     }
     b.same_code(&["info", "--output=human", "leak.qcow2"], 0);
+    // Named by options: by the file name, unless an option changes what the image reads.
+    for opts in [
+        "driver=qcow2,file.filename=top.qcow2",
+        "driver=qcow2,file.driver=file,file.filename=v3.qcow2",
+        "file.filename=sparse.vmdk",
+        "driver=vpc,file.filename=dyn.vpc,force_size_calc=chs",
+        "driver=raw,file.filename=a.raw",
+    ] {
+        b.same_code(&["info", "--image-opts", opts], 0);
+        b.same_code(&["info", "--output=json", "--image-opts", opts], 0);
+        b.same_code(&["info", "--backing-chain", "--image-opts", opts], 0);
+    }
 }
 
 #[test]
@@ -1921,6 +1933,29 @@ fn luks_images_and_passphrases() {
             "--output=json",
             "--object",
             SECRET,
+            "--image-opts",
+            opts,
+        ],
+        // Named by options with a key-secret, qemu names the image json:{...}.
+        &["info", "--object", SECRET, "--image-opts", opts],
+        &[
+            "info",
+            "--output=json",
+            "--object",
+            SECRET,
+            "--image-opts",
+            opts,
+        ],
+        &[
+            "info",
+            "--image-opts",
+            "file.filename=l.luks,key-secret=sec0",
+        ],
+        &["info", "--image-opts", "driver=luks,file.filename=l.luks"],
+        &[
+            "info",
+            "--output=json",
+            "--backing-chain",
             "--image-opts",
             opts,
         ],

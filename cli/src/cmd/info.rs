@@ -84,7 +84,10 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
     };
     // Named by options, the image is shown by its file name, as qemu-img shows it.
     let shown = match args.image_opts {
-        true => super::parse_image_opts(name).map_or_else(|_| name.clone(), |o| opts_name(&o)),
+        true => {
+            let format = dev.info().map(|i| i.format).unwrap_or_default();
+            super::parse_image_opts(name).map_or_else(|_| name.clone(), |o| opts_name(&o, &format))
+        }
         false => name.clone(),
     };
     let chain = match collect(&dev, &shown, args.backing_chain) {
@@ -110,18 +113,62 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
     0
 }
 
-/// qemu names an image opened by options as JSON when an option changes what it reads
-/// (luks' key-secret; cache sizes and the like do not count), else by its file name.
-fn opts_name(o: &super::ImageOpts) -> String {
-    match (o.driver.as_deref(), o.options.get("key-secret")) {
-        (Some(driver), Some(secret)) => format!(
-            "json:{{\"driver\": {}, \"file\": {{\"driver\": \"file\", \"filename\": {}}}, \"key-secret\": {}}}",
-            json!(driver),
-            json!(o.filename),
-            json!(secret)
-        ),
-        _ => o.filename.clone(),
+/// The options of each format that change what the image reads (qemu's
+/// `strong_runtime_opts`): given one of them, qemu can no longer name the image by its
+/// file alone and names it by a JSON description instead.
+const STRONG_OPTIONS: &[(&str, &[&str])] = &[
+    ("luks", &["key-secret"]),
+    ("qcow2", &["encrypt.key-secret"]),
+    ("raw", &["offset", "size"]),
+    ("vpc", &["force_size_calc"]),
+];
+
+/// How qemu names an image opened by options (`bdrv_refresh_filename`): its file name,
+/// unless a strong option is given; then `json:{...}` with the driver, those options and
+/// the file child, in the order qemu's QDict hash table lists keys.
+fn opts_name(o: &super::ImageOpts, format: &str) -> String {
+    let driver = o.driver.as_deref().unwrap_or(format);
+    let strong = STRONG_OPTIONS
+        .iter()
+        .find(|(f, _)| *f == driver)
+        .map_or(&[][..], |(_, names)| *names);
+    let given: Vec<(&str, &String)> = strong
+        .iter()
+        .filter_map(|k| o.options.get(*k).map(|v| (*k, v)))
+        .collect();
+    if given.is_empty() {
+        return o.filename.clone();
     }
+    let file = qdict_json(&[("driver", json!("file")), ("filename", json!(o.filename))]);
+    let mut entries = vec![("driver", json!(driver).to_string()), ("file", file)];
+    entries.extend(given.into_iter().map(|(k, v)| (k, json!(v).to_string())));
+    format!("json:{}", qdict_text(entries))
+}
+
+/// `{"k": v, ...}` of plain values in QDict order.
+fn qdict_json(entries: &[(&str, Value)]) -> String {
+    qdict_text(entries.iter().map(|(k, v)| (*k, v.to_string())).collect())
+}
+
+/// `{"k": TEXT, ...}` of values already in JSON, in the order qemu lists a QDict's keys.
+fn qdict_text(mut entries: Vec<(&str, String)>) -> String {
+    // Within a bucket qemu lists the last key inserted first; these keys never share one.
+    entries.sort_by_key(|(k, _)| qdict_bucket(k));
+    let body: Vec<String> = entries
+        .iter()
+        .map(|(k, v)| format!("{}: {v}", json!(k)))
+        .collect();
+    format!("{{{}}}", body.join(", "))
+}
+
+/// The bucket of `key` in qemu's QDict (512 buckets, the TDB hash), which decides the order
+/// qemu prints a dictionary's keys in.
+fn qdict_bucket(key: &str) -> u32 {
+    let mut value = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
+    for (i, byte) in key.bytes().enumerate() {
+        value = value.wrapping_add(u32::from(byte) << ((i * 5) % 24));
+    }
+    1_103_515_243u32.wrapping_mul(value).wrapping_add(12345) % 512
 }
 
 /// What `info` shows about one image of the chain.
@@ -377,11 +424,11 @@ fn node_human(node: &Node) -> String {
         size_line(node.virtual_size),
         disk_size(i.actual_size)
     );
-    if let Some(c) = i.cluster_size {
-        s.push_str(&format!("cluster_size: {c}\n"));
-    }
     if i.encrypted {
         s.push_str("encrypted: yes\n");
+    }
+    if let Some(c) = i.cluster_size {
+        s.push_str(&format!("cluster_size: {c}\n"));
     }
     if i.dirty {
         s.push_str("cleanly shut down: no\n");
