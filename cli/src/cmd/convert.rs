@@ -230,6 +230,18 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
                 "Compression not supported for this file format",
             ));
         }
+        // qemu-img refuses before it creates anything: encrypted clusters cannot be
+        // compressed.
+        if let Ok(o) = CreateOptions::parse_options(&settings.create_options) {
+            let alias = o
+                .get("encryption")
+                .is_some_and(|v| vdisk_block::format::parse_bool("encryption", v).unwrap_or(false));
+            if alias || o.contains_key("encrypt.format") {
+                return Err(Failure::same(
+                    "Compression and encryption not supported at the same time",
+                ));
+            }
+        }
         settings.copy.compress = true;
     }
 
