@@ -59,7 +59,21 @@ impl Qcow2Image {
     /// Adds one reference to every L2 table and data cluster under `l1`.
     fn raise_tree(&self, meta: &mut Meta, l1: &[u64]) -> Result<()> {
         let cb = self.header.cluster_bits;
-        for (cluster_offset, len) in self.tree_clusters(meta, l1)? {
+        let tree = self.tree_clusters(meta, l1)?;
+        // A range starting a cluster or more past the end of the file (qemu's check calls
+        // that corruption) would grow the refcount structures out there before anything
+        // failed; refuse before any refcount changes.
+        let end = self
+            .file()
+            .len()?
+            .next_multiple_of(self.header.cluster_size());
+        if let Some(&(offset, _)) = tree.iter().find(|&&(offset, _)| offset >= end) {
+            return Err(Error::corrupt(
+                "snapshot",
+                format!("the L1 tree references host offset {offset:#x}, past the end of the file"),
+            ));
+        }
+        for (cluster_offset, len) in tree {
             let first = cluster_offset >> cb;
             let last = (cluster_offset + len.max(1) - 1) >> cb;
             let refs = meta
