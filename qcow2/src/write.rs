@@ -573,6 +573,14 @@ impl Qcow2Image {
             (0, 0)
         };
         if (new_entry, new_bitmap) == (entry, bitmap) {
+            // qemu takes the L2 table for writing before it looks at the entry (its
+            // `get_cluster_table`): one that is missing is allocated empty, one shared
+            // with a snapshot is copied, even when no entry changes. Doing the same keeps
+            // every later allocation at qemu's host offsets. Only a version 2 discard over
+            // a backing file is refused before that.
+            if !(discard && !v3 && has_backing) {
+                self.ensure_l2(&mut meta, pos)?;
+            }
             return Ok(());
         }
         let (l2, idx) = self.ensure_l2(&mut meta, pos)?;
@@ -662,10 +670,11 @@ impl Qcow2Image {
         }
         let mask = ((1u64 << count) - 1) << first;
         let new = (bitmap | (mask << 32)) & !mask;
+        // The table is taken for writing first, as in `clear_cluster`.
+        let (l2, idx) = self.ensure_l2(&mut meta, from)?;
         if new == bitmap {
             return Ok(());
         }
-        let (l2, idx) = self.ensure_l2(&mut meta, from)?;
         self.set_entry_bitmap(&mut meta, l2, idx, entry, new)
     }
 

@@ -3,7 +3,9 @@
 //! clean `qemu-img check`, and the same contents by `qemu-img compare`. Each case here is a
 //! difference found against qemu 10: clusters freed by a shrink and reused by metadata
 //! preallocation, sizes that are not whole sectors, write-zeroes on unallocated clusters,
-//! and zeroes and discards in images with an external data file.
+//! zeroes and discards in images with an external data file, and the L2 tables qemu
+//! allocates (or copies from a snapshot) for a zero or discard request that changes no
+//! entry, which decide where every later cluster goes.
 
 mod common;
 
@@ -232,7 +234,8 @@ fn write_zeroes_and_discard_match_qemu_v3_extended_l2() {
 #[test]
 fn write_zeroes_and_discard_match_qemu_v2() {
     // Version 2 has no zero flag; qemu deallocates where nothing shows through. Only what
-    // qemu shows (map, check, contents) is compared: qemu also adds an empty L2 table.
+    // qemu shows (map, check, contents) is compared here; the empty L2 table qemu adds is
+    // compared in `zeroes_and_discard_take_the_l2_table_as_qemu_does`.
     for cmd in ZERO_CMDS.iter().chain(&DISCARD_CMDS) {
         for prep in [&[][..], &PREP[..]] {
             let scratch = Scratch::new("fid2");
@@ -513,4 +516,84 @@ fn sizes_must_be_whole_sectors() {
         assert!(e.to_string().contains(qemu_says), "{size}: {e}");
     }
     assert_eq!(dev.size(), M);
+}
+
+/// The active L1 table: for each entry, whether it points to an L2 table, and where.
+fn l1_table(image: &Path) -> Vec<u64> {
+    let f = std::fs::read(image).expect("read image");
+    let l1 = be64(&f, 40) as usize;
+    let n = u32::from_be_bytes(f[36..40].try_into().expect("4 bytes")) as usize;
+    (0..n).map(|i| be64(&f, l1 + 8 * i)).collect()
+}
+
+/// qemu takes the L2 table for writing before it looks at the entries a whole-cluster
+/// write-zeroes or discard changes: an L2 table that is missing is allocated (empty where
+/// no entry changes: version 2, a discard without backing file), one shared with a
+/// snapshot is copied. Ours must do the same, or every later allocation lands elsewhere:
+/// after each request and after one more write by qemu-io on both twins, the L1 tables,
+/// the file lengths and `qemu-img map` with host offsets are qemu's.
+#[test]
+fn zeroes_and_discard_take_the_l2_table_as_qemu_does() {
+    let scratch = Scratch::new("fid-l2");
+    let base = scratch.path("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+    qemu_io(&base, &["write -P 0x77 0 4M"]);
+    // 4 KiB clusters: one L2 table covers 2 MiB, so the requests cross tables.
+    let cmds = [
+        "write -z 0 64k",
+        "write -z -u 0 64k",
+        "write -z 0 2k",
+        "write -z 0 3M",
+        "write -z -u 1M 2M",
+        "discard 0 4k",
+        "discard 0 3M",
+        "discard 2M 1M",
+    ];
+    for compat in ["1.1", "0.10", "1.1,extended_l2=on"] {
+        for backing in [false, true] {
+            for snapshot in [false, true] {
+                for cmd in cmds {
+                    let q = scratch.path("q.qcow2");
+                    let v = scratch.path("v.qcow2");
+                    for img in [&q, &v] {
+                        let _ = std::fs::remove_file(img);
+                        // Extended L2 needs 16 KiB clusters for 512-byte subclusters.
+                        let cluster = if compat.contains("extended_l2") {
+                            "16k"
+                        } else {
+                            "4k"
+                        };
+                        let mut o = format!("compat={compat},cluster_size={cluster}");
+                        if backing {
+                            o.push_str(",backing_file=base.qcow2,backing_fmt=qcow2");
+                        }
+                        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, s(img), "4M"]);
+                        if snapshot {
+                            // L2 tables shared with a snapshot, over data and holes.
+                            qemu_io(img, &["write -P 0x11 0 8k", "write -P 0x22 2M 8k"]);
+                            qemu_img(&["snapshot", "-c", "s1", s(img)]);
+                        }
+                    }
+                    {
+                        let dev = open_rw(&v);
+                        apply(cmd, &q, &dev);
+                    }
+                    let what =
+                        format!("compat={compat} backing={backing} snapshot={snapshot}, {cmd:?}");
+                    assert_eq!(l1_table(&v), l1_table(&q), "{what}: L1 table");
+                    let len = |p: &Path| std::fs::metadata(p).expect("stat").len();
+                    assert_eq!(len(&v), len(&q), "{what}: file length");
+                    assert_eq!(map(&v), map(&q), "{what}: qemu-img map");
+                    check_clean(&v);
+                    compare_same(&q, &v);
+                    for img in [&q, &v] {
+                        qemu_io(img, &["write -P 0x5a 3M 12k"]);
+                    }
+                    assert_eq!(map(&v), map(&q), "{what}, then a write: qemu-img map");
+                    check_clean(&v);
+                    compare_same(&q, &v);
+                }
+            }
+        }
+    }
 }
