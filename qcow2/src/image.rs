@@ -881,11 +881,12 @@ impl BlockDev for Qcow2Image {
 
     fn has_zero_init(&self) -> bool {
         // A fresh image without backing or data file reads as zeroes; an external data
-        // file may hold anything.
+        // file may hold anything. An encrypted one does too unless it was preallocated
+        // (qemu's test: a first L2 table), whose clusters decrypt to noise.
         self.backing.is_none()
             && self.header.backing_file.is_none()
             && !self.header.has_data_file()
-            && self.header.crypt_method == CryptMethod::None
+            && (!self.encrypted() || self.meta.lock().l1.first().is_none_or(|&e| e == 0))
     }
 
     fn resolve_read(&self, offset: u64, len: u64) -> Result<Vec<ReadSegment>> {

@@ -627,3 +627,46 @@ fn luks_hostile_crypto_extensions_are_refused_cleanly() {
     // The original still opens.
     let _ = Arc::new(open_keyed(&img));
 }
+
+#[test]
+fn luks_with_an_external_data_file_reads_and_writes_as_qemu() {
+    let sc = Scratch::new("luks-datafile");
+    let img = sc.path("img.qcow2");
+    let data_file = sc.path("img.data");
+    qemu_create(&img, &format!(",data_file={}", s(&data_file)), "4M");
+    qemu_io_luks(&img, WORKLOAD);
+    let o = OpenOptions {
+        policy: vdisk_block::FollowPolicy::Anything,
+        ..options()
+    };
+    let dev = Qcow2Image::open(&img, &keyed(o.clone(), "sec0")).expect("open");
+    let mut model = read_all(&dev);
+    assert_same(
+        &model,
+        &qemu_contents_luks(&img, &sc),
+        "qemu-made, data file",
+    );
+    drop(dev);
+    let rw = OpenOptions {
+        writable: true,
+        ..o
+    };
+    let dev = Qcow2Image::open(&img, &keyed(rw, "sec0")).expect("open rw");
+    for (at, len, v) in [(5usize, 700usize, 0xe1u8), (3 << 20, 70_000, 0xe2)] {
+        dev.write_at(&vec![v; len], at as u64).expect("write");
+        model[at..at + len].fill(v);
+    }
+    dev.flush().expect("flush");
+    drop(dev);
+    assert_same(
+        &qemu_contents_luks(&img, &sc),
+        &model,
+        "vdisk writes, data file",
+    );
+    qemu_check_clean(&img);
+    let data = std::fs::read(&data_file).expect("data file");
+    assert!(
+        !data.windows(64).any(|w| w.iter().all(|&b| b == 0xe2)),
+        "plaintext in the data file"
+    );
+}

@@ -239,6 +239,20 @@ fn cli_qcow2_luks_convert_both_ways_compare_map() {
         b.read("back2.raw") == data,
         "vdisk reads qemu's encrypted image"
     );
+    // The same allocation as qemu's copy (unwritten ranges stay unallocated).
+    let map = |img: &str| {
+        b.qemu_ok(&[
+            "map",
+            "--output=json",
+            "--object",
+            SECRET,
+            "--image-opts",
+            &opts(img),
+        ])
+        .stdout
+    };
+    assert_eq!(map("v.qcow2"), map("q.qcow2"), "map of vdisk's and qemu's copies");
+    assert_eq!(b.read("v.qcow2").len(), b.read("q.qcow2").len(), "file lengths");
     // Both tools agree on compare, map and the failures without the right key.
     for img in ["v.qcow2", "q.qcow2"] {
         b.same(&[
