@@ -6,7 +6,7 @@
 //! `(100.00/100%)` with a newline.
 
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::Mutex;
@@ -15,18 +15,22 @@ use vdisk_blockjobs::convert::Progress;
 /// Shows how far a command is; safe to call from several threads.
 #[derive(Debug)]
 pub struct ProgressReporter {
-    total: u64,
+    total: AtomicU64,
     done: AtomicU64,
     mode: Mode,
+    finished: AtomicBool,
 }
 
 #[derive(Debug)]
 enum Mode {
     Off,
     Bar(ProgressBar),
-    /// The last percentage printed, in hundredths.
-    Plain(Mutex<Option<u64>>),
+    /// The percentage printed last, as qemu keeps it (a C float).
+    Plain(Mutex<f32>),
 }
+
+/// qemu-img prints again once the percentage moved by more than this.
+const MIN_SKIP: f32 = 1.0;
 
 impl ProgressReporter {
     /// A reporter for `total` bytes; prints nothing unless `enabled` and not `quiet`.
@@ -43,27 +47,35 @@ impl ProgressReporter {
             bar.set_style(style);
             Mode::Bar(bar)
         } else {
-            Mode::Plain(Mutex::new(None))
+            Mode::Plain(Mutex::new(0.0))
         };
         let reporter = ProgressReporter {
-            total,
+            total: AtomicU64::new(total),
             done: AtomicU64::new(0),
             mode,
+            finished: AtomicBool::new(false),
         };
-        reporter.print_plain(0, false);
+        reporter.print_plain(0.0);
         reporter
     }
 
     /// Ends the display: the bar is cleared, plain output gets its final 100% line. After a
     /// failure (`completed` false) the bar stops where it was and no 100% is claimed.
+    /// Only the first call counts; a reporter dropped unfinished finishes as failed.
     pub fn finish(&self, completed: bool) {
+        if self.finished.swap(true, Ordering::Relaxed) {
+            return;
+        }
         match &self.mode {
             Mode::Off => {}
             Mode::Bar(bar) if completed => bar.finish_and_clear(),
             Mode::Bar(bar) => bar.abandon(),
-            Mode::Plain(_) if completed => self.print_plain(10_000, true),
             Mode::Plain(_) => {
-                // End the carriage-return line so the error message starts on its own line.
+                if completed {
+                    self.print_plain(100.0);
+                }
+                // qemu ends the carriage-return line either way, so an error message
+                // starts on its own line.
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out);
                 let _ = out.flush();
@@ -71,49 +83,65 @@ impl ProgressReporter {
         }
     }
 
-    /// Prints qemu-img's `    (NN.NN/100%)` when at least one more percent is done.
-    fn print_plain(&self, hundredths: u64, last: bool) {
-        let Mode::Plain(printed) = &self.mode else {
+    /// qemu's `qemu_progress_print`: `    (NN.NN/100%)` and a carriage return when the
+    /// percentage moved by more than one point since the last line, and always at 0 and
+    /// 100, computed in C float as qemu does so the same figures come out.
+    fn print_plain(&self, current: f32) {
+        let Mode::Plain(last) = &self.mode else {
             return;
         };
-        let Ok(mut printed) = printed.lock() else {
+        let Ok(mut last) = last.lock() else {
             return;
         };
-        let due = match *printed {
-            None => true,
-            Some(prev) => last || hundredths >= prev + 100,
-        };
+        let due = current - *last > MIN_SKIP
+            || current < *last - MIN_SKIP
+            || current == 100.0
+            || current == 0.0;
         if !due {
             return;
         }
-        *printed = Some(hundredths);
+        *last = current;
         let mut out = std::io::stdout().lock();
-        let end = if last { "\r\n" } else { "\r" };
         // Progress is best effort: a closed stdout must not fail the copy.
-        let _ = write!(
-            out,
-            "    ({}.{:02}/100%){end}",
-            hundredths / 100,
-            hundredths % 100
-        );
+        let _ = write!(out, "    ({:.2}/100%)\r", f64::from(current));
         let _ = out.flush();
+    }
+}
+
+impl Drop for ProgressReporter {
+    /// A command that fails after the progress started ends its line, as qemu-img does.
+    fn drop(&mut self) {
+        self.finish(false);
     }
 }
 
 impl Progress for ProgressReporter {
     fn advance(&self, bytes: u64) {
         let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let total = self.total.load(Ordering::Relaxed);
         match &self.mode {
             Mode::Off => {}
-            Mode::Bar(bar) => bar.set_position(done.min(self.total)),
+            Mode::Bar(bar) => bar.set_position(done.min(total)),
             Mode::Plain(_) => {
-                let hundredths = if self.total == 0 {
-                    10_000
+                let current = if total == 0 {
+                    100.0
                 } else {
-                    (u128::from(done.min(self.total)) * 10_000 / u128::from(self.total)) as u64
+                    // qemu: 100.0 * done / total in double, handed on as a float.
+                    (100.0 * done.min(total) as f64 / total as f64) as f32
                 };
-                self.print_plain(hundredths, false);
+                self.print_plain(current);
             }
+        }
+    }
+
+    fn wants_total(&self) -> bool {
+        !matches!(self.mode, Mode::Off)
+    }
+
+    fn set_total(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        if let Mode::Bar(bar) = &self.mode {
+            bar.set_length(total);
         }
     }
 }

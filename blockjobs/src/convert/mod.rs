@@ -115,6 +115,18 @@ impl ConvertOptions {
 pub trait Progress: Sync {
     /// `bytes` more of the guest range are done.
     fn advance(&self, bytes: u64);
+
+    /// True when the job should count first what [`Progress::advance`] will add up to and
+    /// pass it to [`Progress::set_total`] (a walk over the allocation map, as qemu-img
+    /// makes for its progress).
+    fn wants_total(&self) -> bool {
+        false
+    }
+
+    /// What the calls to [`Progress::advance`] will add up to.
+    fn set_total(&self, total: u64) {
+        let _ = total;
+    }
 }
 
 /// Progress that nobody watches.
@@ -196,11 +208,24 @@ pub fn convert(
     let chunk_size = options.chunk_size.max(target_alignment).next_power_of_two();
     let granularity = granularity(options.min_sparse, target_alignment as u64);
     let workers = options.parallel.clamp(1, MAX_PARALLEL);
-    let unit = options
-        .compress
+    // A target that compresses every write (VMDK streamOptimized) takes the compressed path
+    // without -c too: otherwise it would compress each chunk during its turn, on one core.
+    let unit = (options.compress || target.compresses_every_write())
         .then(|| target.compressed_unit())
         .flatten()
         .filter(|u| u.is_power_of_two());
+    // Compressing every unit is CPU work: a worker per core (and one to cover the waits for
+    // a turn to write) keeps the cores busy, and each further worker only holds memory
+    // (its buffers and deflate state); qemu-img does the same work in one thread.
+    let workers = match unit {
+        Some(_) if target.compresses_every_write() => workers.min(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                + 1,
+        ),
+        _ => workers,
+    };
     let concatenated: Vec<Arc<dyn BlockDev>> = match unit {
         Some(_) => vec![Arc::new(concat::Concat::new(sources)?)],
         None => Vec::new(),
@@ -212,19 +237,33 @@ pub fn convert(
         Some(u) => chunk_size.min(COMPRESSED_CHUNK).max(u as usize),
         None => chunk_size,
     };
-    let (plan_sources, mut planner) = match unit {
-        Some(u) => {
-            let chunk = chunk_size;
-            (
-                &concatenated[..],
-                Planner::aligned(&concatenated, chunk as u64, u),
-            )
-        }
-        None => (sources, Planner::new(sources, chunk_size as u64)),
+    let plan_sources = match unit {
+        Some(_) => &concatenated[..],
+        None => sources,
     };
-    if options.target_has_backing {
-        planner = planner.with_target_backing(options.target_backing_size);
+    let new_planner = || {
+        let planner = match unit {
+            Some(u) => Planner::aligned(plan_sources, chunk_size as u64, u),
+            None => Planner::new(plan_sources, chunk_size as u64),
+        };
+        match options.target_has_backing {
+            true => planner.with_target_backing(options.target_backing_size),
+            false => planner,
+        }
+    };
+    if progress.wants_total() {
+        // As qemu-img: progress counts the ranges that are copied as data, so a first walk
+        // over the map adds them up.
+        let mut counting = new_planner();
+        let mut counted = 0u64;
+        while let Some(chunk) = counting.next_chunk()? {
+            if counts_for_progress(chunk.kind, options) {
+                counted += chunk.len;
+            }
+        }
+        progress.set_total(counted);
     }
+    let planner = new_planner();
     let job = Job {
         sources: plan_sources,
         target,
@@ -277,6 +316,16 @@ fn granularity(min_sparse: u64, target_alignment: u64) -> usize {
     sparse.max(target_alignment).max(512) as usize
 }
 
+/// Whether a chunk counts for progress: what qemu-img copies as data (zero ranges too with
+/// `-S 0`); ranges left to zero-init or a backing file do not.
+fn counts_for_progress(kind: ChunkKind, options: &ConvertOptions) -> bool {
+    match kind {
+        ChunkKind::Data => true,
+        ChunkKind::Zero => options.min_sparse == 0,
+        ChunkKind::Backing => false,
+    }
+}
+
 /// Aborts the in-order writes if dropped while its thread unwinds.
 struct AbortOnUnwind<'a>(&'a WriteOrder);
 
@@ -322,7 +371,6 @@ impl Job<'_> {
             if let Err(e) = self.copy(&chunk, buf.as_mut_slice()) {
                 return self.fail(e);
             }
-            self.progress.advance(chunk.len);
         }
     }
 
@@ -368,13 +416,11 @@ impl Job<'_> {
                 let mut at = chunk.dst_offset;
                 let end = chunk.dst_offset + chunk.len;
                 while at < end {
+                    let step = (piece as u64).min(end - at);
                     // Sector padding past the end of an unaligned target has nowhere to go.
-                    let room = self.target.size().saturating_sub(at);
-                    let n = (piece as u64).min(end - at).min(room) as usize;
-                    if n == 0 {
-                        break;
-                    }
+                    let n = step.min(self.target.size().saturating_sub(at)) as usize;
                     match (self.unit, &packed) {
+                        _ if n == 0 => {}
                         (Some(unit), Some(p)) if n == piece => {
                             self.write_units(zeroes, unit, at, p)?
                         }
@@ -384,8 +430,12 @@ impl Job<'_> {
                         }
                         (None, _) => self.write_data(&zeroes[..n], at)?,
                     }
-                    at += n as u64;
+                    // Progress goes piece by piece, as qemu-img cuts these ranges.
+                    self.progress.advance(step);
+                    at += step;
                 }
+                self.order.done(chunk.seq);
+                return Ok(());
             }
             ChunkKind::Zero => {
                 if !self.order.wait_turn(chunk.seq) {
@@ -412,6 +462,11 @@ impl Job<'_> {
                     self.write_data(data, chunk.dst_offset)?;
                 }
             }
+        }
+        // Before the next chunk may write, so the running total grows in target order and
+        // the percentages shown do not depend on thread timing.
+        if counts_for_progress(chunk.kind, self.options) {
+            self.progress.advance(chunk.len);
         }
         self.order.done(chunk.seq);
         Ok(())

@@ -215,15 +215,19 @@ fn parse(ctx: &Ctx, args: &ConvertArgs) -> Result<Settings, Failure> {
 fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     let mut settings = parse(ctx, args)?;
     let driver = format_by_name(&args.target_format)
-        .map_err(|_| Failure::same(format!("Unknown file format '{}'", args.target_format)))?;
+        .map_err(|_| Failure::same(format!("Unknown file format '{}'", args.target_format)));
     if settings
         .create_options
         .split(',')
         .any(|item| item == "help" || item == "?")
     {
-        print_create_help(driver.create_options_help());
+        print_create_help(driver?.create_options_help());
         return Ok(());
     }
+    // qemu-img starts its progress here, once the command line is read: every later
+    // failure ends the progress line first. The engine counts the total.
+    let progress = ProgressReporter::new(args.progress, args.quiet, 0);
+    let driver = driver?;
     if args.compress {
         if !driver.supports_compression() {
             return Err(Failure::same(
@@ -278,7 +282,11 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     }
     let total = convert::total_size(&sources).map_err(|e| Failure::same(e.message()))?;
     let backing = match target_backing(ctx, args, driver.name(), &mut settings)? {
-        Backing::Refused => return Ok(()),
+        Backing::Refused => {
+            // qemu-img takes this for success: its progress ends at 100%.
+            progress.finish(true);
+            return Ok(());
+        }
         Backing::To(name) => name,
     };
     settings.copy.target_has_backing = backing.is_some();
@@ -347,7 +355,6 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
             .map(|b| b.size().checked_next_multiple_of(512).unwrap_or(b.size()));
     }
 
-    let progress = ProgressReporter::new(args.progress, args.quiet, total);
     let result = convert::convert(&sources, target.as_ref(), &settings.copy, &progress);
     progress.finish(result.is_ok());
     result.map_err(|e| copy_failure(&e))?;
