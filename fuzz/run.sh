@@ -3,7 +3,7 @@
 #
 #   fuzz/run.sh [SECONDS] [TARGET...]
 #
-# SECONDS (default 300) is the run time of each target; TARGETs default to all of them.
+# SECONDS (default 300) is the run time of each target; TARGETs default to all six.
 # FUZZ_SANITIZER=none builds without the address sanitizer (see README.md).
 # Seeds are made fresh on every run (qemu-img/qemu-io images and the shared fixtures) and
 # copied into corpus/<target>/; nothing here is committed (see .gitignore).
@@ -13,7 +13,7 @@ secs=${1:-300}
 shift || true
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
-all=(qcow2 vhdx vmdk_descriptor vmdk_image)
+all=(qcow2 vhdx vmdk_descriptor vmdk_image luks_header qcow2_snapshot_bitmap)
 if [ $# -gt 0 ]; then targets=("$@"); else targets=("${all[@]}"); fi
 fixtures=${VDISK_FIXTURES:-$here/../../shared/fixtures}
 sanitizer=${FUZZ_SANITIZER:-address}
@@ -33,6 +33,9 @@ max_len() {
         vhdx) echo $((9 << 20)) ;;
         vmdk_descriptor) echo 65536 ;;
         vmdk_image) echo $((1 << 20)) ;;
+        # aes-256 key material makes the header region of a luks image 2 MiB.
+        luks_header) echo $((5 << 19)) ;;
+        qcow2_snapshot_bitmap) echo $((1 << 20)) ;;
     esac
 }
 
@@ -194,6 +197,54 @@ seed_vmdk() {
     seed vmdk_descriptor "$work"/vmdk-desc/*
 }
 
+# luks: qemu-img images with the passphrase the target tries ("fuzz") and iter-time=0, so
+# their PBKDF2 counts are qemu's floor of 1000, which the fuzzing build does not cap: they
+# unlock. Each cipher, mode and hash family vdisk implements once; one with two key slots.
+seed_luks() {
+    local d=$work/luks n=0 opts
+    mkdir -p "$d"
+    for opts in \
+        "" \
+        cipher-alg=aes-128,ivgen-alg=plain \
+        cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256,hash-alg=sha1 \
+        cipher-alg=aes-192,hash-alg=sha512 \
+        cipher-alg=aes-128,cipher-mode=ecb,hash-alg=sha224; do
+        n=$((n + 1))
+        qemu-img create -q -f luks --object secret,id=k,data=fuzz \
+            -o "key-secret=k,iter-time=0${opts:+,$opts}" "$d/$n.luks" 64k
+    done
+    qemu-img amend --object secret,id=k,data=fuzz --object secret,id=k2,data=other \
+        --image-opts "driver=luks,file.filename=$d/3.luks,key-secret=k" \
+        -o state=active,new-secret=k2,keyslot=5,iter-time=0
+    seed luks_header "$d"/*.luks
+}
+
+# qcow2 with internal snapshots and persistent bitmaps, small clusters so the tables are a
+# large share of each input.
+seed_qcow2_snapshot_bitmap() {
+    local d=$work/qcow2-snap cs
+    mkdir -p "$d"
+    for cs in 512 4096; do
+        qemu-img create -q -f qcow2 -o cluster_size=$cs "$d/sb-$cs.qcow2" 1M
+        qio qcow2 "$d/sb-$cs.qcow2" "write -P 1 0 64k"
+        qemu-img snapshot -c first "$d/sb-$cs.qcow2"
+        qemu-img bitmap --add -g 4096 "$d/sb-$cs.qcow2" dirty
+        qemu-img bitmap --add --disable "$d/sb-$cs.qcow2" off
+        qio qcow2 "$d/sb-$cs.qcow2" "write -P 2 32k 8k" "write -P 3 512k 4k"
+        qemu-img snapshot -c second "$d/sb-$cs.qcow2"
+        qio qcow2 "$d/sb-$cs.qcow2" "write -z 0 4k"
+    done
+    # A v2 image has snapshots but no bitmaps; one image has bitmaps only.
+    qemu-img create -q -f qcow2 -o cluster_size=512,compat=0.10 "$d/v2.qcow2" 1M
+    qio qcow2 "$d/v2.qcow2" "write -P 4 0 16k"
+    qemu-img snapshot -c old "$d/v2.qcow2"
+    qemu-img create -q -f qcow2 -o cluster_size=1024 "$d/bitmaps.qcow2" 1M
+    qemu-img bitmap --add -g 512 "$d/bitmaps.qcow2" a
+    qio qcow2 "$d/bitmaps.qcow2" "write -P 5 0 12k"
+    qemu-img bitmap --add "$d/bitmaps.qcow2" b
+    seed qcow2_snapshot_bitmap "$d"/*.qcow2
+}
+
 need_vhdx=false
 need_vmdk=false
 for t in "${targets[@]}"; do
@@ -201,6 +252,8 @@ for t in "${targets[@]}"; do
         qcow2) seed_qcow2 ;;
         vhdx) need_vhdx=true ;;
         vmdk_descriptor | vmdk_image) need_vmdk=true ;;
+        luks_header) seed_luks ;;
+        qcow2_snapshot_bitmap) seed_qcow2_snapshot_bitmap ;;
         *)
             echo "unknown target $t (targets: ${all[*]})" >&2
             exit 2
