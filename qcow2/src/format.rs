@@ -50,6 +50,9 @@ impl Format for Qcow2Format {
             "cache-size",
             crate::crypto::KEY_SECRET,
             crate::crypto::FORMAT,
+            // The key of an encrypted backing file (qcow2, or luks), passed on to it.
+            "backing.encrypt.key-secret",
+            "backing.key-secret",
         ]
     }
 

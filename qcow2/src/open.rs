@@ -135,10 +135,16 @@ pub fn open_backing(
         )
         .with_path(image)
     })?;
-    // Backing files are only ever read; driver options belong to the top image.
+    // Backing files are only ever read; driver options belong to the top image, except
+    // those given as `backing.NAME` (qemu's spelling, e.g. the key of an encrypted
+    // backing file: `backing.encrypt.key-secret`).
     let backing_options = OpenOptions {
         writable: false,
-        driver_options: Default::default(),
+        driver_options: options
+            .driver_options
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("backing.")?.to_string(), v.clone())))
+            .collect(),
         ..options.clone()
     };
     opener

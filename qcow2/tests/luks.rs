@@ -670,3 +670,53 @@ fn luks_with_an_external_data_file_reads_and_writes_as_qemu() {
         "plaintext in the data file"
     );
 }
+
+#[test]
+fn luks_overlay_of_an_encrypted_backing_file_takes_its_key_as_backing_option() {
+    define_secrets();
+    let sc = Scratch::new("luks-enc-backing");
+    let base = sc.path("base.qcow2");
+    qemu_create(&base, "", "2M");
+    qemu_io_luks(&base, &["write -P 0x6b 0 2M"]);
+    let top = sc.path("top.qcow2");
+    vdisk_create(
+        &top,
+        2 << 20,
+        &[("backing_file", "base.qcow2"), ("backing_fmt", "qcow2")],
+    );
+    // Without the backing file's key the chain does not open.
+    let rw = OpenOptions {
+        writable: true,
+        ..options()
+    };
+    let err = Qcow2Image::open(&top, &keyed(rw.clone(), "sec0")).expect_err("no backing key");
+    assert!(err.message().contains("encrypt.key-secret"), "{err}");
+    let mut o = keyed(rw, "sec0");
+    o.driver_options
+        .insert("backing.encrypt.key-secret".into(), "sec0".into());
+    let dev = Qcow2Image::open(&top, &o).expect("open with both keys");
+    // Partial-cluster writes copy the backing file's decrypted data, re-encrypted here.
+    let mut model = vec![0x6bu8; 2 << 20];
+    for (at, len) in [(100usize, 10usize), (65_536 + 511, 2), (1_500_000, 70_000)] {
+        dev.write_at(&vec![0x17; len], at as u64).expect("write");
+        model[at..at + len].fill(0x17);
+    }
+    dev.flush().expect("flush");
+    drop(dev);
+    let raw = sc.path("out.raw");
+    qemu_img(&[
+        "convert",
+        "--object",
+        OBJECT,
+        "--image-opts",
+        &format!("{},backing.encrypt.key-secret=sec0", opts_of(&top)),
+        "-O",
+        "raw",
+        s(&raw),
+    ]);
+    assert_same(
+        &std::fs::read(&raw).expect("read"),
+        &model,
+        "qemu reads the chain",
+    );
+}

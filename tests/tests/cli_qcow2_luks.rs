@@ -251,8 +251,16 @@ fn cli_qcow2_luks_convert_both_ways_compare_map() {
         ])
         .stdout
     };
-    assert_eq!(map("v.qcow2"), map("q.qcow2"), "map of vdisk's and qemu's copies");
-    assert_eq!(b.read("v.qcow2").len(), b.read("q.qcow2").len(), "file lengths");
+    assert_eq!(
+        map("v.qcow2"),
+        map("q.qcow2"),
+        "map of vdisk's and qemu's copies"
+    );
+    assert_eq!(
+        b.read("v.qcow2").len(),
+        b.read("q.qcow2").len(),
+        "file lengths"
+    );
     // Both tools agree on compare, map and the failures without the right key.
     for img in ["v.qcow2", "q.qcow2"] {
         b.same(&[
@@ -455,4 +463,73 @@ fn cli_qcow2_luks_legacy_aes_reads_as_qemu_reads_it() {
     let v = run_in(b.dir(), Path::new(VDISK), &args);
     assert_eq!(q.code, 1, "{q:?}");
     assert_eq!((v.code, &v.stdout), (q.code, &q.stdout), "{v:?}");
+}
+
+#[test]
+fn cli_qcow2_luks_encrypted_backing_file_takes_its_key_as_backing_option() {
+    let b = Bench::new("qluks-enc-backing");
+    b.qemu_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        SECRET,
+        "-o",
+        LUKS,
+        "base.qcow2",
+        "2M",
+    ]);
+    b.qemu_io("base.qcow2", &["write -P 0x6b 0 1M"]);
+    b.qemu_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "2M",
+    ]);
+    let top = "driver=qcow2,file.filename=top.qcow2,backing.encrypt.key-secret=sec0";
+    b.same(&["info", "--output=json", "--backing-chain", "top.qcow2"]);
+    let r = b.same(&[
+        "convert",
+        "--object",
+        SECRET,
+        "-O",
+        "raw",
+        "top.qcow2",
+        "t.raw",
+    ]);
+    assert_eq!(r.code, 1, "the backing file needs its key");
+    let r = b.same(&[
+        "convert",
+        "--object",
+        SECRET,
+        "--image-opts",
+        top,
+        "-O",
+        "raw",
+        "t.raw",
+    ]);
+    assert_eq!(r.code, 0);
+    b.same(&[
+        "compare",
+        "--object",
+        SECRET,
+        "--image-opts",
+        top,
+        &opts("base.qcow2"),
+    ]);
+    b.same(&[
+        "map",
+        "--output=json",
+        "--object",
+        SECRET,
+        "--image-opts",
+        top,
+    ]);
 }
