@@ -8,6 +8,7 @@
 //! - [`alloc`]: cluster allocation and refcount updates for writable images;
 //! - [`image`]: [`Qcow2Image`], the opened image as a `BlockDev` (read path);
 //! - [`crypto`]: LUKS and legacy AES encryption of guest data;
+//! - [`empty`]: [`make_empty`], emptying an image as a commit does to the top of a chain;
 //! - [`check`]: a metadata check that counts leaks and corruptions like `qemu-img check`;
 //! - [`measure`]: the host space a new image needs, computed as `qemu-img measure` does;
 //! - [`format`]: [`Qcow2Format`], the driver the registry lists;
@@ -30,6 +31,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod crypto;
+pub mod empty;
 pub mod entry;
 pub mod format;
 /// Entry points for the cargo-fuzz targets in `fuzz/` (outside the workspace build).
@@ -45,6 +47,7 @@ pub mod snapshot;
 mod snapshot_write;
 mod write;
 
+pub use empty::make_empty;
 pub use format::Qcow2Format;
 pub use header::Header;
 pub use image::Qcow2Image;
