@@ -6,6 +6,7 @@
 use clap::Args;
 use vdisk_blockjobs::compare::{compare, CompareError, Event, Outcome};
 
+use super::rebase::QemuProgress;
 use super::{open, print, OpenSpec};
 use crate::context::Failure;
 use crate::Ctx;
@@ -57,37 +58,6 @@ pub struct CompareArgs {
     pub object: Vec<String>,
 }
 
-/// qemu's progress line: `    (12.34/100%)` followed by a carriage return, printed when the
-/// percentage moved by more than two points (and at 0 and 100).
-struct Progress {
-    enabled: bool,
-    current: f32,
-    last_print: f32,
-}
-
-impl Progress {
-    fn step(&mut self, delta: f32) {
-        let current = (self.current + delta).min(100.0);
-        self.current = current;
-        if current > self.last_print + 2.0
-            || current < self.last_print - 2.0
-            || current == 0.0
-            || current == 100.0
-        {
-            self.last_print = current;
-            if self.enabled {
-                print(&format!("    ({current:3.2}/100%)\r"));
-            }
-        }
-    }
-
-    fn end(&self) {
-        if self.enabled {
-            print("\n");
-        }
-    }
-}
-
 /// Runs `compare`; returns the exit code.
 pub fn run(ctx: &Ctx, args: CompareArgs) -> i32 {
     let _secrets = match crate::object::define_all(&args.object) {
@@ -100,12 +70,9 @@ pub fn run(ctx: &Ctx, args: CompareArgs) -> i32 {
     let [name_a, name_b] = args.files.as_slice() else {
         return ctx.usage("compare", "Expecting two image file names");
     };
-    let mut progress = Progress {
-        enabled: args.progress && !args.quiet,
-        current: 0.0,
-        last_print: 0.0,
-    };
-    let code = compare_files(ctx, &args, name_a, name_b, &mut progress);
+    // qemu-img compare prints when the percentage moved by more than two points.
+    let progress = QemuProgress::new(args.progress && !args.quiet, 2.0);
+    let code = compare_files(ctx, &args, name_a, name_b, &progress);
     progress.end();
     code
 }
@@ -115,7 +82,7 @@ fn compare_files<'a>(
     args: &'a CompareArgs,
     name_a: &str,
     name_b: &str,
-    progress: &mut Progress,
+    progress: &QemuProgress,
 ) -> i32 {
     let say = |text: &str| {
         if !args.quiet {
@@ -143,9 +110,11 @@ fn compare_files<'a>(
             return 2;
         }
     };
-    progress.step(0.0);
+    progress.print(0.0, 100.0);
     let mut events = |event: Event| match event {
-        Event::Progress { chunk, total } => progress.step((chunk as f32 / total as f32) * 100.0),
+        Event::Progress { chunk, total } => {
+            progress.print((chunk as f32 / total as f32) * 100.0, 100.0)
+        }
         Event::TailStart => say("Warning: Image size mismatch!"),
     };
     let names = [name_a, name_b];

@@ -505,22 +505,36 @@ fn write_compressed(
 /// qemu-img's own progress output (`qemu_progress_*` in its simple mode), printed on stdout
 /// so scripts that read qemu-img's progress read the same lines: `    (NN.NN/100%)` and a
 /// carriage return whenever the percentage moved more than `min_skip` (and at 0 and 100), and
-/// a newline at the end.
+/// a newline at the end. On a terminal (stderr) an indicatif bar with the percentage, the
+/// time so far and an ETA is drawn instead.
 #[derive(Debug)]
 pub(crate) struct QemuProgress {
     enabled: bool,
     min_skip: f32,
     /// The current percentage and the one printed last.
     state: Mutex<(f32, f32)>,
+    /// The bar on a terminal, in hundredths of a percent.
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl QemuProgress {
     /// A progress display, silent unless `enabled`.
     pub(crate) fn new(enabled: bool, min_skip: f32) -> Self {
+        use std::io::IsTerminal;
+        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(10_000);
+            let style = indicatif::ProgressStyle::with_template(
+                "{wide_bar} {percent:>3}% {elapsed_precise} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar
+        });
         QemuProgress {
             enabled,
             min_skip,
             state: Mutex::new((0.0, 0.0)),
+            bar,
         }
     }
 
@@ -542,6 +556,10 @@ impl QemuProgress {
         if *current > 100.0 {
             *current = 100.0;
         }
+        if let Some(bar) = &self.bar {
+            bar.set_position((f64::from(*current) * 100.0) as u64);
+            return;
+        }
         if *current > *last + self.min_skip
             || *current < *last - self.min_skip
             || *current == 0.0
@@ -552,10 +570,12 @@ impl QemuProgress {
         }
     }
 
-    /// Ends the display with a newline.
+    /// Ends the display with a newline (or clears the bar).
     pub(crate) fn end(&self) {
-        if self.enabled {
-            super::print("\n");
+        match &self.bar {
+            Some(bar) => bar.finish_and_clear(),
+            None if self.enabled => super::print("\n"),
+            None => {}
         }
     }
 }
