@@ -68,7 +68,9 @@ fn parse_i64(text: &str) -> Option<i64> {
 impl AmendOptions {
     /// Takes `{prefix}state`, `{prefix}new-secret`, `{prefix}old-secret`, `{prefix}keyslot`
     /// and `{prefix}iter-time` out of `options` (names and types already checked by the
-    /// command line; this is qemu's second look, which types them for the driver).
+    /// command line; this is qemu's second look, which types them for the driver). Its
+    /// messages name the options without the prefix, as qemu's do for qcow2 too
+    /// (`Parameter 'state' is missing` for `encrypt.state`).
     pub fn take(options: &mut CreateOptions, prefix: &str) -> Result<Self> {
         let mut take = |name: &str| options.take(&format!("{prefix}{name}"));
         let state = take("state");
@@ -82,21 +84,16 @@ impl AmendOptions {
             Some(other) => {
                 return Err(Error::invalid(
                     OP,
-                    format!("Parameter '{prefix}state' does not accept value '{other}'"),
+                    format!("Parameter 'state' does not accept value '{other}'"),
                 ))
             }
-            None => {
-                return Err(Error::invalid(
-                    OP,
-                    format!("Parameter '{prefix}state' is missing"),
-                ))
-            }
+            None => return Err(Error::invalid(OP, "Parameter 'state' is missing")),
         };
         let number = |name: &str, value: Option<String>| -> Result<Option<i64>> {
             value
                 .map(|v| {
                     parse_i64(&v).ok_or_else(|| {
-                        Error::invalid(OP, format!("Parameter '{prefix}{name}' expects integer"))
+                        Error::invalid(OP, format!("Parameter '{name}' expects integer"))
                     })
                 })
                 .transpose()
@@ -300,6 +297,14 @@ mod tests {
         o.options.insert("encrypt.keyslot".into(), "-2".into());
         let a = AmendOptions::take(&mut o, "encrypt.").expect("take");
         assert_eq!(a.keyslot, Some(4_294_967_294));
+        let mut o = CreateOptions::default();
+        o.options.insert("encrypt.new-secret".into(), "s".into());
+        assert_eq!(
+            AmendOptions::take(&mut o, "encrypt.")
+                .expect_err("no state")
+                .message(),
+            "Parameter 'state' is missing"
+        );
         assert_eq!(
             slot_index(a.keyslot).expect_err("range").message(),
             "Invalid keyslot 4294967294 specified, must be between 0 and 7"
