@@ -22,7 +22,7 @@ pub const MAX_ZERO_CHUNK: u64 = 1 << 30;
 /// compressed qcow2). qemu-img reads such data one cluster at a time; whole chunks of the
 /// default size held by every worker would cost far more memory than qemu-img uses, and
 /// inflating is CPU work that gains nothing from longer reads.
-pub const COMPRESSED_DATA_CHUNK: u64 = 256 << 10;
+pub const COMPRESSED_DATA_CHUNK: u64 = 64 << 10;
 
 /// qemu's sector: every device size is seen rounded up to a multiple of it.
 pub const SECTOR: u64 = 512;
@@ -252,6 +252,40 @@ impl<'a> Planner<'a> {
 mod tests {
     use super::*;
     use vdisk_block::{MemImage, ZeroMode};
+
+    #[test]
+    fn zeroes_past_the_target_backing_file_are_left_to_it() {
+        let a = MemImage::shared(8 << 20);
+        a.write_at(&[1u8; 65536], 0).expect("write");
+        a.write_at(&[2u8; 4096], 6 << 20).expect("write");
+        let sources: Vec<Arc<dyn BlockDev>> = vec![a];
+        for unit in [None, Some(65536)] {
+            let backing_end = (4 << 20) + 512;
+            let p = match unit {
+                Some(u) => Planner::aligned(&sources, 2 << 20, u),
+                None => Planner::new(&sources, 2 << 20),
+            };
+            let mut p = p.with_target_backing(Some(backing_end));
+            let mut next = 0;
+            let mut kinds = Vec::new();
+            while let Some(c) = p.next_chunk().expect("plan") {
+                assert_eq!(c.dst_offset, next);
+                next += c.len;
+                let end = c.dst_offset + c.len;
+                match c.kind {
+                    // A zero chunk never reaches past the backing file (its unit, with -c).
+                    ChunkKind::Zero => assert!(end <= backing_end.next_multiple_of(65536)),
+                    ChunkKind::Backing => assert!(c.dst_offset >= backing_end),
+                    ChunkKind::Data => {}
+                }
+                kinds.push((c.dst_offset, c.kind));
+            }
+            assert_eq!(next, 8 << 20);
+            assert_eq!(kinds.first(), Some(&(0, ChunkKind::Data)));
+            assert!(kinds.contains(&(6 << 20, ChunkKind::Data)), "{kinds:?}");
+            assert!(kinds.iter().any(|k| k.1 == ChunkKind::Backing), "{kinds:?}");
+        }
+    }
 
     #[test]
     fn chunks_cover_concatenated_sources_in_order() {
