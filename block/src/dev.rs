@@ -279,6 +279,13 @@ pub trait BlockDev: Send + Sync {
         None
     }
 
+    /// True when the image stores every write compressed, `-c` or not (a VMDK
+    /// streamOptimized target): a copy then takes the compressed path, so whole units are
+    /// compressed by many threads before their turn to be written.
+    fn compresses_every_write(&self) -> bool {
+        false
+    }
+
     /// Compresses one unit of guest data (see [`BlockDev::compressed_unit`]) for a later
     /// [`BlockDev::write_compressed_unit`]. Only CPU work, no I/O and no lock, so many
     /// threads can compress while the writes themselves still go in order. `None`: the data

@@ -184,6 +184,17 @@ impl VmdkImage {
             .min(self.extents.len().saturating_sub(1))
     }
 
+    /// The stream writer, when the image is one streamOptimized extent open for writing.
+    fn stream(&self) -> Option<&crate::stream::StreamWriter> {
+        match self.extents.as_slice() {
+            [Extent {
+                data: ExtentData::Stream(stream),
+                ..
+            }] => Some(stream),
+            _ => None,
+        }
+    }
+
     fn read_only(&self, op: &'static str) -> Error {
         Error::new(ErrorKind::ReadOnly, op, "the image is open read-only").with_path(&self.path)
     }
@@ -304,6 +315,43 @@ impl BlockDev for VmdkImage {
                 self.read_fallthrough(fill, start + off)
             })
         })
+    }
+
+    fn compressed_unit(&self) -> Option<u64> {
+        self.stream().map(|s| s.reader().grain_bytes())
+    }
+
+    fn compresses_every_write(&self) -> bool {
+        self.stream().is_some()
+    }
+
+    fn compress_unit(&self, buf: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.stream() {
+            Some(stream) => stream.compress_grain(buf),
+            None => Err(Error::unsupported(
+                "write compressed",
+                "Operation not supported",
+            )),
+        }
+    }
+
+    fn write_compressed_unit(&self, buf: &[u8], packed: Option<&[u8]>, offset: u64) -> Result<()> {
+        let Some(stream) = self.stream() else {
+            return Err(Error::unsupported(
+                "write compressed",
+                "Operation not supported",
+            ));
+        };
+        // The end of a compressed copy: the closing block is written at the flush.
+        if buf.is_empty() {
+            return Ok(());
+        }
+        check_range("write", self.size, offset, buf.len() as u64)?;
+        {
+            let _guard = self.write_lock.lock();
+            self.before_write("write")?;
+        }
+        stream.write_packed(buf, packed, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {

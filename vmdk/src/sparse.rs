@@ -457,7 +457,13 @@ impl SparseExtent {
             let at = offset + done as u64;
             let left = (buf.len() - done) as u64;
             // Plain grains that follow each other in the file are read with one request.
-            if let (Grain::Data(host), run) = self.status(at, left)? {
+            // Only a plain grain starts such a run: scanning ahead from every compressed
+            // grain would look up each grain of the request once per grain before it.
+            let status = match self.grain(at / grain_bytes)? {
+                Grain::Data(_) => Some(self.status(at, left)?),
+                _ => None,
+            };
+            if let Some((Grain::Data(host), run)) = status {
                 if run > grain_bytes - at % grain_bytes {
                     if host + run > self.file_len() {
                         return Err(corrupt(
@@ -514,15 +520,14 @@ impl SparseExtent {
                 return Ok(Arc::clone(data));
             }
         }
-        let input = self.compressed_stream(grain, at)?;
-        let data = Arc::new(
-            inflate_grain(&input, self.grain_bytes() as usize).map_err(|why| {
+        let data = Arc::new(self.with_compressed(grain, at, |input| {
+            inflate_grain(input, self.grain_bytes() as usize).map_err(|why| {
                 corrupt(
                     &self.file,
                     format!("compressed grain {grain} at byte {at}: {why}"),
                 )
-            })?,
-        );
+            })
+        })?);
         *self.last_grain.lock() = Some((at, Arc::clone(&data)));
         Ok(data)
     }
@@ -530,12 +535,13 @@ impl SparseExtent {
     /// Inflates the whole grain at `at` straight into `out` (one grain long), skipping the
     /// one-grain cache that partial reads need.
     fn inflate_whole(&self, grain: u64, at: u64, out: &mut [u8]) -> Result<()> {
-        let input = self.compressed_stream(grain, at)?;
-        let produced = inflate_into(&input, out).map_err(|why| {
-            corrupt(
-                &self.file,
-                format!("compressed grain {grain} at byte {at}: {why}"),
-            )
+        let produced = self.with_compressed(grain, at, |input| {
+            inflate_into(input, out).map_err(|why| {
+                corrupt(
+                    &self.file,
+                    format!("compressed grain {grain} at byte {at}: {why}"),
+                )
+            })
         })?;
         if produced != out.len() {
             return Err(corrupt(
@@ -549,9 +555,35 @@ impl SparseExtent {
         Ok(())
     }
 
-    /// The zlib stream of compressed grain `grain` at `at`: behind its marker when the extent
-    /// has markers (one read when it is small, as most are), else up to two grains' worth.
-    fn compressed_stream(&self, grain: u64, at: u64) -> Result<Vec<u8>> {
+    /// Calls `f` with the zlib stream of compressed grain `grain` at `at`, read into this
+    /// thread's buffer: a copy inflates grain after grain on every worker, and a fresh
+    /// buffer per grain only churns the allocator's per-thread arenas.
+    fn with_compressed<R>(
+        &self,
+        grain: u64,
+        at: u64,
+        f: impl FnOnce(&[u8]) -> Result<R>,
+    ) -> Result<R> {
+        thread_local! {
+            static INPUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        INPUT.with(|cell| {
+            // A nested call (none today) gets a buffer of its own rather than a panic.
+            let mut own = Vec::new();
+            let mut guard = cell.try_borrow_mut();
+            let buf = match guard.as_deref_mut() {
+                Ok(buf) => buf,
+                Err(_) => &mut own,
+            };
+            self.compressed_stream(grain, at, buf)?;
+            f(buf)
+        })
+    }
+
+    /// Reads the zlib stream of compressed grain `grain` at `at` into `buf`: behind its
+    /// marker when the extent has markers (one read when it is small, as most are), else up
+    /// to two grains' worth.
+    fn compressed_stream(&self, grain: u64, at: u64, buf: &mut Vec<u8>) -> Result<()> {
         /// Bytes read with the marker: most compressed grains fit.
         const FIRST_READ: u64 = 32 << 10;
         let file_len = self.file_len();
@@ -559,9 +591,9 @@ impl SparseExtent {
         // reads two grains' worth, which bounds the compressed size the same way.
         let max_compressed = 2 * self.grain_bytes();
         if !self.header.markers() {
-            let mut input = vec![0u8; max_compressed.min(file_len.saturating_sub(at)) as usize];
-            self.file.read_at(&mut input, at)?;
-            return Ok(input);
+            buf.clear();
+            buf.resize(max_compressed.min(file_len.saturating_sub(at)) as usize, 0);
+            return self.file.read_at(buf, at);
         }
         if at + 12 > file_len {
             return Err(corrupt(
@@ -572,8 +604,9 @@ impl SparseExtent {
             ));
         }
         let first = (file_len - at).min(FIRST_READ) as usize;
-        let mut buf = vec![0u8; first];
-        self.file.read_at(&mut buf, at)?;
+        buf.clear();
+        buf.resize(first, 0);
+        self.file.read_at(buf, at)?;
         let lba = u64::from_le_bytes([
             buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7],
         ]);
@@ -604,7 +637,7 @@ impl SparseExtent {
             buf.resize(size, 0);
             self.file.read_at(&mut buf[have..], at + first as u64)?;
         }
-        Ok(buf)
+        Ok(())
     }
 
     /// The length of the extent's file (including what a writer allocated since open).
@@ -623,7 +656,25 @@ pub fn inflate_grain(input: &[u8], limit: usize) -> std::result::Result<Vec<u8>,
 
 /// Inflates one zlib stream into `out`, which it must not overflow; returns the bytes made.
 pub fn inflate_into(input: &[u8], out: &mut [u8]) -> std::result::Result<usize, String> {
-    let mut z = Decompress::new(true);
+    thread_local! {
+        static INFLATER: std::cell::RefCell<Option<Decompress>> = const { std::cell::RefCell::new(None) };
+    }
+    // One inflate state per thread, reset for each stream, instead of one allocated per grain.
+    INFLATER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut slot) => {
+            let z = slot.get_or_insert_with(|| Decompress::new(true));
+            z.reset(true);
+            inflate_with(z, input, out)
+        }
+        Err(_) => inflate_with(&mut Decompress::new(true), input, out),
+    })
+}
+
+fn inflate_with(
+    z: &mut Decompress,
+    input: &[u8],
+    out: &mut [u8],
+) -> std::result::Result<usize, String> {
     let damaged = |e: flate2::DecompressError| format!("the deflate stream is damaged ({e})");
     // `None`, not `Finish`: a stream that does not fit is then reported as such rather than
     // as an error, and the probe below can tell "ends here" from "goes on".

@@ -142,21 +142,42 @@ fn write_closing(
 }
 
 /// Compresses one grain into a zlib stream.
+///
+/// Each thread keeps its compressor and scratch buffer: building a deflate state costs
+/// about 300 KiB of allocations, and doing that per grain on many threads leaves the
+/// allocator's per-thread arenas holding far more than the working set.
 fn deflate(data: &[u8]) -> Result<Vec<u8>> {
-    let mut z = Compress::new(Compression::default(), true);
-    // Incompressible data grows by a few bytes per 16 KiB block plus the zlib wrapper.
-    let mut out = vec![0u8; data.len() + data.len() / 64 + 64];
-    match z.compress(data, &mut out, FlushCompress::Finish) {
-        Ok(Status::StreamEnd) => {
-            out.truncate(z.total_out() as usize);
-            Ok(out)
-        }
-        other => Err(Error::new(
-            vdisk_block::ErrorKind::Io,
-            OP,
-            format!("deflate failed: {other:?}"),
-        )),
+    struct Deflater {
+        z: Compress,
+        out: Vec<u8>,
     }
+    thread_local! {
+        static DEFLATER: std::cell::RefCell<Option<Deflater>> = const { std::cell::RefCell::new(None) };
+    }
+    DEFLATER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = slot.get_or_insert_with(|| Deflater {
+            z: Compress::new(Compression::default(), true),
+            out: Vec::new(),
+        });
+        d.z.reset();
+        // Incompressible data grows by a few bytes per 16 KiB block plus the zlib wrapper.
+        let room = data.len() + data.len() / 64 + 64;
+        if d.out.len() < room {
+            d.out.resize(room, 0);
+        }
+        match d
+            .z
+            .compress(data, &mut d.out[..room], FlushCompress::Finish)
+        {
+            Ok(Status::StreamEnd) => Ok(d.out[..d.z.total_out() as usize].to_vec()),
+            other => Err(Error::new(
+                vdisk_block::ErrorKind::Io,
+                OP,
+                format!("deflate failed: {other:?}"),
+            )),
+        }
+    })
 }
 
 /// A grain being filled in memory.
@@ -359,6 +380,34 @@ impl StreamWriter {
             done += n;
         }
         Ok(())
+    }
+
+    /// Compresses a whole grain for [`Self::write_packed`], with no lock held; `None` for
+    /// a grain of zeroes, which is not stored.
+    pub fn compress_grain(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        if data.iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        deflate(data).map(Some)
+    }
+
+    /// Writes `buf` at extent offset `offset`, appending `packed` as its compressed form
+    /// when [`Self::compress_grain`] made it from exactly one whole grain at a grain
+    /// boundary; anything else goes through [`Self::write`].
+    pub fn write_packed(&self, buf: &[u8], packed: Option<&[u8]>, offset: u64) -> Result<()> {
+        let grain_bytes = self.grain_bytes();
+        let grain = offset / grain_bytes;
+        let whole = offset.is_multiple_of(grain_bytes) && buf.len() as u64 == grain_bytes;
+        let Some(packed) = packed.filter(|_| whole && grain_bytes <= self.grain_len(grain)) else {
+            return self.write(buf, offset);
+        };
+        let mut state = self.state.lock();
+        if Self::entry(&state, &self.header, grain) != 0 || state.pending.contains_key(&grain) {
+            // Written already, or partly: write() gives the answer it always gives.
+            drop(state);
+            return self.write(buf, offset);
+        }
+        self.append(&mut state, grain, packed)
     }
 
     fn write_partial(&self, grain: u64, within: u64, piece: &[u8]) -> Result<()> {

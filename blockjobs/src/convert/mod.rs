@@ -208,11 +208,24 @@ pub fn convert(
     let chunk_size = options.chunk_size.max(target_alignment).next_power_of_two();
     let granularity = granularity(options.min_sparse, target_alignment as u64);
     let workers = options.parallel.clamp(1, MAX_PARALLEL);
-    let unit = options
-        .compress
+    // A target that compresses every write (VMDK streamOptimized) takes the compressed path
+    // without -c too: otherwise it would compress each chunk during its turn, on one core.
+    let unit = (options.compress || target.compresses_every_write())
         .then(|| target.compressed_unit())
         .flatten()
         .filter(|u| u.is_power_of_two());
+    // Compressing every unit is CPU work: a worker per core (and one to cover the waits for
+    // a turn to write) keeps the cores busy, and each further worker only holds memory
+    // (its buffers and deflate state); qemu-img does the same work in one thread.
+    let workers = match unit {
+        Some(_) if target.compresses_every_write() => workers.min(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                + 1,
+        ),
+        _ => workers,
+    };
     let concatenated: Vec<Arc<dyn BlockDev>> = match unit {
         Some(_) => vec![Arc::new(concat::Concat::new(sources)?)],
         None => Vec::new(),

@@ -18,6 +18,12 @@ use vdisk_block::{BlockDev, Error, Result};
 /// The largest zero range handed out at once; it bounds how coarse progress can get.
 pub const MAX_ZERO_CHUNK: u64 = 1 << 30;
 
+/// The largest chunk of data the source stores compressed (a streamOptimized VMDK, a
+/// compressed qcow2). qemu-img reads such data one cluster at a time; whole chunks of the
+/// default size held by every worker would cost far more memory than qemu-img uses, and
+/// inflating is CPU work that gains nothing from longer reads.
+pub const COMPRESSED_DATA_CHUNK: u64 = 64 << 10;
+
 /// qemu's sector: every device size is seen rounded up to a multiple of it.
 pub const SECTOR: u64 = 512;
 
@@ -65,6 +71,8 @@ pub struct Planner<'a> {
     dst_base: u64,
     /// The current extent of the current source: where it ends and what it is.
     extent: Option<(u64, ChunkKind)>,
+    /// The current extent is data the source stores compressed.
+    extent_compressed: bool,
     seq: u64,
     /// Chunks start and end on multiples of this (but the end of a source), 1 for none.
     unit: u64,
@@ -86,6 +94,7 @@ impl<'a> Planner<'a> {
             offset: 0,
             dst_base: 0,
             extent: None,
+            extent_compressed: false,
             seq: 0,
             unit: 1,
             target_backing: false,
@@ -159,6 +168,10 @@ impl<'a> Planner<'a> {
                 }
             }
             match kind {
+                // Aligned chunks of a compressed copy are short already.
+                ChunkKind::Data if self.extent_compressed && self.unit == 1 => {
+                    len = len.min(self.chunk_size).min(COMPRESSED_DATA_CHUNK)
+                }
                 ChunkKind::Data => len = len.min(self.chunk_size),
                 ChunkKind::Zero | ChunkKind::Backing => len = len.min(MAX_ZERO_CHUNK),
             }
@@ -187,7 +200,7 @@ impl<'a> Planner<'a> {
     }
 
     /// Asks the source what the extent at the current offset is.
-    fn query(&self, source: &Arc<dyn BlockDev>, size: u64) -> Result<(u64, ChunkKind)> {
+    fn query(&mut self, source: &Arc<dyn BlockDev>, size: u64) -> Result<(u64, ChunkKind)> {
         let status = source.block_status(self.offset, size - self.offset)?;
         if status.offset != self.offset || status.len == 0 {
             return Err(Error::corrupt(
@@ -203,6 +216,7 @@ impl<'a> Planner<'a> {
             .at_offset(self.offset));
         }
         let end = self.offset.saturating_add(status.len).min(size);
+        self.extent_compressed = status.compressed;
         let falls_through = !status.zero && !status.data && !status.allocated;
         if falls_through && !self.target_backing && source.backing().is_some() {
             // Unallocated ranges fall through to the backing chain: ask it, as qemu-img
