@@ -12,13 +12,17 @@
 //! Two exceptions to "nothing written": a dirty image is repaired first, as QEMU repairs
 //! it when it opens it, even when the amend is then refused for what the clusters hold (a
 //! refcount too wide for the new width, zstd-compressed clusters in a downgrade).
-//! Encrypted images are refused as QEMU refuses them without their key.
+//! Encrypted images need their key (`encrypt.key-secret` among the driver options), as
+//! QEMU opens them; LUKS key slots then change through `encrypt.state`, `encrypt.new-secret`,
+//! `encrypt.old-secret`, `encrypt.keyslot` and `encrypt.iter-time` (vdisk-luks's
+//! `amend_slots` on the header region), before any other change, in QEMU's order.
 
 mod refblocks;
 mod rewrite;
 mod state;
 mod zero;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use vdisk_block::{
@@ -82,7 +86,8 @@ struct Request {
     data_file_raw: Option<bool>,
     backing_file: Option<String>,
     backing_fmt: Option<String>,
-    encrypt: bool,
+    /// The `encrypt.*` options, typed only once the image is unlocked (as QEMU does).
+    encrypt: Option<CreateOptions>,
     size: Option<u64>,
 }
 
@@ -134,17 +139,35 @@ fn parse(options: &mut CreateOptions) -> Result<Request> {
     let keys: Vec<String> = options.options.keys().cloned().collect();
     for k in keys {
         if k.starts_with("encrypt.") {
-            options.take(&k);
-            r.encrypt = true;
+            if let Some(v) = options.take(&k) {
+                r.encrypt
+                    .get_or_insert_with(|| CreateOptions {
+                        size: 0,
+                        options: Default::default(),
+                    })
+                    .options
+                    .insert(k, v);
+            }
         }
     }
     options.reject_leftovers("qcow2")?;
     Ok(r)
 }
 
-/// Applies `options` to the image at `path`.
-pub fn amend(path: &Path, mut options: CreateOptions) -> Result<()> {
-    let req = parse(&mut options).map_err(|e| e.with_path(path))?;
+/// Applies `options` to the image at `path` (an unencrypted one: no key is given).
+pub fn amend(path: &Path, options: CreateOptions) -> Result<()> {
+    amend_with(path, &BTreeMap::new(), false, options)
+}
+
+/// Applies `options` to the image at `path`, opened with `driver_options` (an encrypted
+/// image's `encrypt.key-secret`); `force` is qemu-img's `--force` for key slots.
+pub fn amend_with(
+    path: &Path,
+    driver_options: &BTreeMap<String, String>,
+    force: bool,
+    mut options: CreateOptions,
+) -> Result<()> {
+    let mut req = parse(&mut options).map_err(|e| e.with_path(path))?;
     let file = open_rw(path)?;
     let old = read_header(&file, path)?;
     if old.incompatible_features & incompat::CORRUPT != 0 {
@@ -157,15 +180,10 @@ pub fn amend(path: &Path, mut options: CreateOptions) -> Result<()> {
         )
         .with_path(path));
     }
-    if old.crypt_method != CryptMethod::None {
-        // QEMU cannot open an encrypted image for amend without its key, and this
-        // interface carries no secrets.
-        return Err(invalid(format!(
-            "Could not open '{}': Parameter 'encrypt.key-secret' is required for cipher",
-            path.display()
-        ))
-        .with_path(path));
-    }
+    let key = match old.crypt_method {
+        CryptMethod::None => None,
+        _ => Some(unlock(path, &file, &old, driver_options)?),
+    };
     let target = plan(&old, &req).map_err(|e| e.with_path(path))?;
     if old.incompatible_features & incompat::DIRTY != 0 {
         // As QEMU does when it opens a dirty image read-write: repair the refcounts.
@@ -174,27 +192,133 @@ pub fn amend(path: &Path, mut options: CreateOptions) -> Result<()> {
             writable: true,
             no_backing: true,
             policy: FollowPolicy::Nothing,
+            driver_options: driver_options.clone(),
             ..OpenOptions::default()
         };
         crate::check::check(path, &opts, RepairMode::All)?;
-        return amend_clean(path, &req);
+        let file = open_rw(path)?;
+        let old = read_header(&file, path)?;
+        let target = plan(&old, &req).map_err(|e| e.with_path(path))?;
+        return apply(path, &file, &old, target, &mut req, key.as_ref(), force);
     }
-    apply(path, &file, &old, target, &req)
+    apply(path, &file, &old, target, &mut req, key.as_ref(), force)
 }
 
-fn amend_clean(path: &Path, req: &Request) -> Result<()> {
-    let file = open_rw(path)?;
-    let old = read_header(&file, path)?;
-    let target = plan(&old, req).map_err(|e| e.with_path(path))?;
-    apply(path, &file, &old, target, req)
+/// The master key of an encrypted image and what its data is encrypted with.
+struct Unlocked {
+    /// The LUKS header and its region (LUKS images only).
+    luks: Option<(vdisk_luks::Header, crate::header::CryptoExt)>,
+    master_key: zeroize::Zeroizing<Vec<u8>>,
+    cipher: vdisk_luks::SectorCipher,
 }
 
-fn apply(path: &Path, file: &HostFile, old: &Header, target: Header, req: &Request) -> Result<()> {
+/// Unlocks an encrypted image with the key `driver_options` name, in QEMU's words when it
+/// cannot (the image is then left as it was).
+fn unlock(
+    path: &Path,
+    file: &HostFile,
+    header: &Header,
+    driver_options: &BTreeMap<String, String>,
+) -> Result<Unlocked> {
+    let could_not_open = |e: Error| {
+        Error::new(
+            e.kind(),
+            "amend",
+            format!("Could not open '{}': {}", path.display(), e.message()),
+        )
+        .with_path(path)
+    };
+    let Some(id) = driver_options.get(crate::crypto::KEY_SECRET) else {
+        return Err(could_not_open(invalid(crate::crypto::KEY_REQUIRED)));
+    };
+    let passphrase = vdisk_luks::secret::lookup(id).map_err(could_not_open)?;
+    if header.crypt_method == CryptMethod::Aes {
+        let mut key = zeroize::Zeroizing::new(vec![0u8; 16]);
+        let n = passphrase.len().min(16);
+        key[..n].copy_from_slice(&passphrase[..n]);
+        let cipher = vdisk_luks::SectorCipher::new(&crate::crypto::legacy_aes_spec(), &key)?;
+        return Ok(Unlocked {
+            luks: None,
+            master_key: key,
+            cipher,
+        });
+    }
+    let ext = header.extensions.crypto.ok_or_else(|| {
+        could_not_open(Error::corrupt(
+            "amend",
+            "Missing CRYPTO header for crypt method 2 (LUKS)",
+        ))
+    })?;
+    let luks =
+        crate::crypto::read_luks_header(file, file.len()?, header, ext).map_err(could_not_open)?;
+    let master_key = vdisk_luks::keys::unlock(&luks, &passphrase, &mut |off, buf| {
+        if off.saturating_add(buf.len() as u64) > ext.length {
+            return Err(Error::corrupt(
+                "unlock luks",
+                "Request for data outside of extension header",
+            ));
+        }
+        file.read_at(buf, ext.offset + off)
+    })
+    .map_err(could_not_open)?;
+    let cipher = vdisk_luks::SectorCipher::new(&luks.cipher, &master_key)?;
+    Ok(Unlocked {
+        luks: Some((luks, ext)),
+        master_key,
+        cipher,
+    })
+}
+
+fn apply(
+    path: &Path,
+    file: &HostFile,
+    old: &Header,
+    target: Header,
+    req: &mut Request,
+    key: Option<&Unlocked>,
+    force: bool,
+) -> Result<()> {
+    // QEMU changes the key slots before anything else.
+    if let Some(mut opts) = req.encrypt.take() {
+        let Some((header, ext)) = key.and_then(|k| k.luks.clone()) else {
+            return Err(unsupported("Only LUKS encryption options can be amended").with_path(path));
+        };
+        let mut header = header;
+        let request = vdisk_luks::amend::AmendOptions::take(&mut opts, "encrypt.")
+            .map_err(|e| e.with_path(path))?;
+        opts.reject_leftovers("qcow2")?;
+        let master_key = key.map(|k| &k.master_key[..]).unwrap_or_default();
+        vdisk_luks::amend::amend_slots(
+            &mut vdisk_luks::keys::FileRegion::new(file, ext.offset),
+            &mut header,
+            master_key,
+            &request,
+            force,
+        )
+        .map_err(|e| e.with_path(path))?;
+    }
     let downgrade = target.version < old.version;
     if downgrade || target.refcount_order != old.refcount_order {
         let state = state::State::load(file, old).map_err(|e| e.with_path(path))?;
-        rewrite::run(file, &state, rewrite::Rewrite { target, downgrade })
-            .map_err(|e| e.with_path(path))?;
+        let zero_fill = match key {
+            None => rewrite::ZeroFill::Plain,
+            Some(Unlocked {
+                luks: Some(_),
+                cipher,
+                ..
+            }) => rewrite::ZeroFill::Luks(cipher),
+            Some(_) => rewrite::ZeroFill::Refuse,
+        };
+        rewrite::run(
+            file,
+            &state,
+            rewrite::Rewrite {
+                target,
+                downgrade,
+                zero_fill,
+            },
+        )
+        .map_err(|e| e.with_path(path))?;
     } else if target != *old {
         encode_header(&target, old)
             .map_err(|e| e.with_path(path))?
@@ -218,11 +342,13 @@ fn read_header(file: &HostFile, path: &Path) -> Result<Header> {
 /// The header `req` leads to from `old`, or QEMU's refusal.
 fn plan(old: &Header, req: &Request) -> Result<Header> {
     let mut h = old.clone();
-    if req.encrypt {
-        // Encrypted images were refused when opened (no key).
+    if req.encrypt.is_some() && old.crypt_method == CryptMethod::None {
         return Err(invalid(
             "Can't amend encryption options - encryption not present",
         ));
+    }
+    if req.encrypt.is_some() && old.crypt_method != CryptMethod::Luks {
+        return Err(unsupported("Only LUKS encryption options can be amended"));
     }
     let bits = req.refcount_bits.unwrap_or(u64::from(old.refcount_bits()));
     if bits == 0 || bits > 64 || !bits.is_power_of_two() {

@@ -276,7 +276,7 @@ impl Crypto {
 }
 
 /// qcow2's legacy AES: AES-128-CBC with plain64 IVs.
-fn legacy_aes_spec() -> CipherSpec {
+pub(crate) fn legacy_aes_spec() -> CipherSpec {
     CipherSpec {
         alg: CipherAlg::Aes128,
         mode: CipherMode::Cbc,

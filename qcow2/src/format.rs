@@ -103,6 +103,18 @@ impl Format for Qcow2Format {
         crate::amend::amend(path, options)
     }
 
+    /// An encrypted image's key comes with the driver options (`encrypt.key-secret`), as
+    /// for opening it; `force` is for its LUKS key slots.
+    fn amend_with(
+        &self,
+        path: &Path,
+        driver_options: &std::collections::BTreeMap<String, String>,
+        force: bool,
+        options: CreateOptions,
+    ) -> Result<()> {
+        crate::amend::amend_with(path, driver_options, force, options)
+    }
+
     fn set_backing(&self, path: &Path, name: Option<&str>, format: Option<&str>) -> Result<()> {
         crate::amend::set_backing(path, name, format)
     }

@@ -303,7 +303,7 @@ fn driver_stage(
             ));
         }
     }
-    if values.keys().any(|k| k.starts_with("encrypt.")) {
+    if !info.encrypted && values.keys().any(|k| k.starts_with("encrypt.")) {
         return Err(Failure::new(
             "Can't amend encryption options - encryption not present",
             format!("amend '{name}': the image is not encrypted, so it has no encryption options"),

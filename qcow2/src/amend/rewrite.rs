@@ -23,11 +23,25 @@ use crate::header::{CompressionType, Header};
 use crate::refcount::RefcountReader;
 
 /// What the rewrite does besides writing `target`'s options.
-pub(crate) struct Rewrite {
+pub(crate) struct Rewrite<'a> {
     /// The header to end with (offsets of the tables are filled in here).
     pub target: Header,
     /// Expand zero clusters and drop bitmaps (a downgrade to version 2).
     pub downgrade: bool,
+    /// What an expanded zero cluster holds on disk.
+    pub zero_fill: ZeroFill<'a>,
+}
+
+/// The bytes of a zero cluster made real by a downgrade.
+#[derive(Clone, Copy)]
+pub(crate) enum ZeroFill<'a> {
+    /// Plain zeroes (unencrypted images).
+    Plain,
+    /// Zeroes encrypted as a LUKS qcow2 stores them (IVs from host sectors): plain zeroes
+    /// would decrypt to garbage.
+    Luks(&'a vdisk_luks::SectorCipher),
+    /// Legacy AES, whose IVs come from guest sectors that the expansion does not track.
+    Refuse,
 }
 
 /// Rewrites the image in `file` from `old` to `job.target`.
@@ -83,6 +97,13 @@ pub(crate) fn run(file: &HostFile, old: &State, job: Rewrite) -> Result<()> {
     } else {
         Expansion::default()
     };
+    let expands = !exp.fill.is_empty() || !exp.new_data.is_empty();
+    if expands && matches!(job.zero_fill, ZeroFill::Refuse) {
+        return Err(Error::unsupported(
+            "amend",
+            "Cannot downgrade a legacy AES-encrypted image that has zero clusters",
+        ));
+    }
     if job.downgrade && exp.has_compressed && h.compression_type == CompressionType::Zstd {
         return Err(Error::unsupported(
             "amend",
@@ -169,8 +190,20 @@ pub(crate) fn run(file: &HostFile, old: &State, job: Rewrite) -> Result<()> {
     if file.len()? < end {
         file.set_len(end)?;
     }
-    for &at in &exp.fill {
-        file.write_zero_bytes(at, cs)?;
+    match job.zero_fill {
+        ZeroFill::Luks(cipher) => {
+            let mut sealed = zeroize::Zeroizing::new(vec![0u8; cs as usize]);
+            for &at in exp.fill.iter().chain(&exp.new_data) {
+                sealed.fill(0);
+                cipher.encrypt(at / 512, &mut sealed)?;
+                file.write_at(&sealed, at)?;
+            }
+        }
+        ZeroFill::Plain | ZeroFill::Refuse => {
+            for &at in &exp.fill {
+                file.write_zero_bytes(at, cs)?;
+            }
+        }
     }
     for (&at, table) in &exp.overlay {
         file.write_at(&encode_u64s(table), at)?;
