@@ -357,6 +357,14 @@ impl Qcow2Image {
     /// switches to it; the old active tree loses it afterwards.
     pub fn snapshot_apply(&self, which: &str) -> Result<()> {
         self.snapshot_preconditions("apply snapshot")?;
+        // The bitmaps would not record what the revert changes, so an incremental backup
+        // taken from them would miss it. QEMU refuses for any bitmap, enabled or not.
+        if !self.bitmap_list()?.is_empty() {
+            return Err(Error::invalid(
+                "apply snapshot",
+                "Device has active dirty bitmaps",
+            ));
+        }
         let existing = self.snapshots()?;
         let snap = self
             .find_snapshot(&existing, which, "apply snapshot")?

@@ -769,3 +769,51 @@ fn unusual_names_list_as_qemu_img_lists_them() {
         );
     }
 }
+
+/// qemu-img refuses to revert an image that has persistent bitmaps (enabled or not): they
+/// would not record what the revert changes. vdisk refuses the same way, and the guest
+/// contents stay as they were.
+#[test]
+fn apply_is_refused_while_bitmaps_exist() {
+    let scratch = Scratch::new("snapshot-apply-bitmaps");
+    let dropin = dropin_link(&scratch.sub("bin"), Path::new(VDISK));
+    let base = scratch.sub("base");
+    ok(
+        &qemu_img(&base, &["create", "-q", "-f", "qcow2", "img.qcow2", "4M"]),
+        "create",
+    );
+    ok(
+        &qemu_img(&base, &["snapshot", "-c", "s1", "img.qcow2"]),
+        "snapshot",
+    );
+    ok(
+        &qemu_img(&base, &["bitmap", "--add", "--disable", "img.qcow2", "b0"]),
+        "bitmap",
+    );
+    qemu_io(&base, "img.qcow2", "write -P 0x33 0 64k");
+    let args = ["snapshot", "-a", "s1", "img.qcow2"];
+    let mut runs = Vec::new();
+    for (tag, bin) in [("q", None), ("d", dropin.parent())] {
+        let dir = scratch.sub(tag);
+        fs::copy(base.join("img.qcow2"), dir.join("img.qcow2")).expect("copy");
+        runs.push(run_with_path(&dir, bin, Path::new("qemu-img"), &args));
+        // qemu rewrites the bitmap directory when it opens the image read-write, so the
+        // bytes may change; the guest contents must not.
+        assert!(
+            qemu_contents(&dir, "img.qcow2", None) == qemu_contents(&base, "img.qcow2", None),
+            "a refused apply changed the contents ({tag})"
+        );
+    }
+    assert_eq!(runs[0].code, 1, "{:?}", runs[0]);
+    assert_eq!(
+        runs[0].stderr,
+        "qemu-img: Could not apply snapshot 's1': Device has active dirty bitmaps\n"
+    );
+    assert_eq!(
+        (runs[1].code, &runs[1].stdout, &runs[1].stderr),
+        (runs[0].code, &runs[0].stdout, &runs[0].stderr)
+    );
+    let own = vdisk(&scratch.sub("d"), &args);
+    assert_eq!(own.code, 1);
+    assert!(own.stderr.contains("vdisk bitmap --remove"), "{own:?}");
+}

@@ -268,8 +268,10 @@ fn create_failure(name: &str, snap: &str, format: &str, e: &Error) -> Failure {
 
 fn apply_failure(name: &str, snap: &str, format: &str, e: &Error) -> Failure {
     let default_refusal = "Block driver does not support snapshots";
-    let qemu = if e.message() == default_refusal {
-        default_refusal.to_string()
+    // qemu checks these before it loads anything, and says them as they are.
+    let verbatim = [default_refusal, "Device has active dirty bitmaps"];
+    let qemu = if verbatim.contains(&e.message()) {
+        e.message().to_string()
     } else {
         format!("Failed to load snapshot: {}", errno_text(e))
     };
@@ -280,6 +282,9 @@ fn apply_failure(name: &str, snap: &str, format: &str, e: &Error) -> Failure {
         _ if e.message() == default_refusal => {
             format!("apply snapshot '{snap}' to '{name}': format '{format}' has no internal snapshots")
         }
+        _ if e.message() == verbatim[1] => format!(
+            "apply snapshot '{snap}' to '{name}': the image has persistent dirty bitmaps, which would not record what the revert changes (remove them with 'vdisk bitmap --remove' first)"
+        ),
         _ => format!("apply snapshot '{snap}' to '{name}': {}", e.message()),
     };
     Failure::new(format!("Could not apply snapshot '{snap}': {qemu}"), vdisk)
