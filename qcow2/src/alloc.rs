@@ -42,8 +42,12 @@ pub struct Refcounts {
     table: Vec<u64>,
     table_offset: u64,
     blocks: HashMap<u64, Block>,
-    /// No free cluster lies below this index.
+    /// Where the search for a free cluster starts (qemu's `free_cluster_index`): lowered
+    /// when a cluster is freed, moved past every cluster an allocation looked at.
     free_hint: u64,
+    /// Clusters taken by [`Refcounts::reserve_run`] that [`Refcounts::alloc`] hands out
+    /// next: `(next, end)`.
+    reserved: Option<(u64, u64)>,
     /// One past the highest cluster known to be in use or inside the file.
     end: u64,
     /// Metadata clusters this module freed itself (an old refcount table), for the owner's
@@ -67,6 +71,7 @@ impl Refcounts {
             table_offset: header.refcount_table_offset,
             blocks: HashMap::new(),
             free_hint: 1,
+            reserved: None,
             end: file.len()?.div_ceil(cs),
             released: Vec::new(),
         })
@@ -223,8 +228,13 @@ impl Refcounts {
         self.set(file, cluster, new)
     }
 
-    /// Allocates one free cluster and sets its refcount to 1.
+    /// Allocates one free cluster and sets its refcount to 1 (the next cluster of a
+    /// reserved run, if there is one).
     pub fn alloc(&mut self, file: &HostFile) -> Result<u64> {
+        if let Some((next, end)) = self.reserved {
+            self.reserved = (next + 1 < end).then_some((next + 1, end));
+            return Ok(next);
+        }
         let mut c = self.free_hint.max(1);
         while self.get(file, c)? != 0 {
             c += 1;
@@ -239,6 +249,60 @@ impl Refcounts {
         self.set(file, c, 1)?;
         self.free_hint = c + 1;
         Ok(c)
+    }
+
+    /// Takes the first `n` contiguous free clusters from where the search for free clusters
+    /// starts, as qemu's allocation for one write does (a hole too small for them is
+    /// passed over), sets their refcounts to 1 and reserves them for the next `n` calls of
+    /// [`Refcounts::alloc`]. [`Refcounts::release_reserved`] frees what is left unused.
+    pub fn reserve_run(&mut self, file: &HostFile, n: u64) -> Result<()> {
+        self.release_reserved(file)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut from = self.free_hint.max(1);
+        'search: loop {
+            let mut run = 0;
+            while run < n {
+                let c = from + run;
+                if c > self.end.saturating_add(MAX_SCAN_PAST_END) {
+                    return Err(corrupt(format!(
+                        "no {n} free clusters within {MAX_SCAN_PAST_END} clusters past the end of the image; its refcounts look corrupt"
+                    )));
+                }
+                if self.get(file, c)? != 0 {
+                    from = c + 1;
+                    continue 'search;
+                }
+                run += 1;
+            }
+            let mut taken = 0;
+            while taken < n {
+                // Setting a refcount may create a refcount block, which can land inside
+                // the run (it describes itself): the run then ends there, and the
+                // clusters still needed are allocated one by one after it. Searching on
+                // for an undisturbed run would never end where every run crosses into a
+                // range without a refcount block yet.
+                if self.get(file, from + taken)? != 0 {
+                    break;
+                }
+                self.set(file, from + taken, 1)?;
+                taken += 1;
+            }
+            self.free_hint = from + taken;
+            self.reserved = (taken > 0).then_some((from, from + taken));
+            return Ok(());
+        }
+    }
+
+    /// Frees the reserved clusters no allocation took.
+    pub fn release_reserved(&mut self, file: &HostFile) -> Result<()> {
+        if let Some((next, end)) = self.reserved.take() {
+            for c in next..end {
+                self.set(file, c, 0)?;
+            }
+        }
+        Ok(())
     }
 
     /// Allocates `n` contiguous clusters at the end of the used area (for tables that must

@@ -726,12 +726,30 @@ impl Qcow2Image {
     }
 
     fn write_batched(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let written = self.write_pieces(buf, offset);
+        // Clusters reserved for a run that an error cut short go back.
+        let released = match self.meta.lock().refs.as_mut() {
+            Some(refs) => refs.release_reserved(self.file()),
+            None => Ok(()),
+        };
+        written.and(released)?;
+        self.after_op()
+    }
+
+    fn write_pieces(&self, buf: &[u8], offset: u64) -> Result<()> {
         // Whole clusters need no copy-on-write reads: they are mapped in one batch, their
         // data goes out in as few host writes as the mapping allows, and only then do the
         // L2 entries change (data before the reference).
         let batchable = !self.decoder.extended_l2 && !self.header.has_data_file();
+        let pieces: Vec<(u64, u64, bool)> = self.pieces(offset, buf.len() as u64).collect();
         let mut batch: Vec<Mapped> = Vec::new();
-        for (pos, n, whole) in self.pieces(offset, buf.len() as u64) {
+        // Pieces left in the current run of clusters needing allocation.
+        let mut in_run = 0usize;
+        for (i, &(pos, n, whole)) in pieces.iter().enumerate() {
+            if batchable && in_run == 0 {
+                in_run = self.reserve_for_run(&pieces[i..])?;
+            }
+            in_run = in_run.saturating_sub(1);
             let at = (pos - offset) as usize;
             if batchable && whole {
                 batch.push(self.map_whole_cluster(pos, at, n)?);
@@ -741,8 +759,45 @@ impl Qcow2Image {
             self.write_cluster(&buf[at..at + n as usize], pos)
                 .map_err(|e| e.with_path(self.path()))?;
         }
-        self.commit_batch(buf, &mut batch)?;
-        self.after_op()
+        self.commit_batch(buf, &mut batch)
+    }
+
+    /// True when a write to the guest cluster at `pos` needs a new host cluster (it is not
+    /// an allocated cluster of this image's own with COPIED set).
+    fn needs_cluster(&self, meta: &mut Meta, pos: u64) -> Result<bool> {
+        let cs = self.header.cluster_size();
+        let (entry, _) = self.peek_entry(meta, pos)?;
+        let kind = self.classify(entry, 0, 0, pos & !(cs - 1))?;
+        Ok(!matches!(
+            (kind, entry & COPIED != 0),
+            (Kind::Normal { .. }, true) | (Kind::ZeroAlloc { .. }, true)
+        ))
+    }
+
+    /// As qemu allocates for one write: when the first of `pieces` needs a new host
+    /// cluster, so do the ones after it up to the first that does not or the end of its
+    /// L2 table, and they all get one contiguous run of host clusters, taken after their
+    /// L2 table (allocated or copied first, as qemu's `handle_alloc` does). Returns how
+    /// many pieces the run covers (0: the first needs no cluster).
+    fn reserve_for_run(&self, pieces: &[(u64, u64, bool)]) -> Result<usize> {
+        let Some(&(first, _, _)) = pieces.first() else {
+            return Ok(0);
+        };
+        let shift = self.header.l1_entry_shift();
+        let mut meta = self.meta.lock();
+        let mut count = 0usize;
+        for &(pos, _, _) in pieces {
+            if pos >> shift != first >> shift || !self.needs_cluster(&mut meta, pos)? {
+                break;
+            }
+            count += 1;
+        }
+        if count > 1 {
+            self.ensure_l2(&mut meta, first)?;
+            let refs = meta.refs.as_mut().ok_or_else(|| self.refs_missing())?;
+            refs.reserve_run(self.file(), count as u64)?;
+        }
+        Ok(count)
     }
 
     /// Finds (or allocates) the host cluster a whole-cluster write of guest `pos` goes to;
