@@ -25,11 +25,9 @@ use vdisk_tests::{dropin_link, run_in, run_with_path, settle, Run, Scratch};
 const VDISK: &str = env!("CARGO_BIN_EXE_vdisk-under-test");
 
 /// Sub-commands or cases not in the matrix yet, and why. Move an entry into the matrix
-/// once its command works.
-pub const NOT_COVERED: &[(&str, &str)] = &[(
-    "LUKS inside qcow2 (-o encrypt.format=luks)",
-    "vdisk: 'Invalid parameter 'encrypt.format''; only the standalone luks format works",
-)];
+/// once its command works. (LUKS inside qcow2 has its own side-by-side suites:
+/// `cli_qcow2_luks.rs` and `cli_qcow2_luks_amend.rs`.)
+pub const NOT_COVERED: &[(&str, &str)] = &[];
 
 /// Cases where drop-in vdisk does not (yet) print what qemu-img prints; kept out of the
 /// assertions. Deliberate ones are marked so.
@@ -60,10 +58,6 @@ pub const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
     (
         "qcow2 whose L1 entry points past the end of the file",
         "qemu reads the L2 table as zeroes (map, measure, compare work); vdisk fails",
-    ),
-    (
-        "resize / amend -o size= growing a qcow2 with snapshots",
-        "qemu 10 grows it; vdisk: 'Can't resize an image which has snapshots'",
     ),
     (
         "resize --shrink of qcow2; amend -o compat=0.10",
