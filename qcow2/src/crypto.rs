@@ -113,7 +113,7 @@ pub fn read_luks_header(
             )));
         }
     }
-    let mut bytes = [0u8; HEADER_LEN];
+    let mut bytes = vec![0u8; HEADER_LEN];
     file.read_at(&mut bytes, ext.offset)?;
     let luks = vdisk_luks::Header::parse(&bytes)?;
     luks.check_key_material_within(ext.length)?;
@@ -123,6 +123,8 @@ pub fn read_luks_header(
 impl Crypto {
     /// The encryption of the image `header` describes, or `None` when it has none. Checks
     /// the `encrypt.format` option against the header and finds the passphrase.
+    // Not inlined: its frame would sit in every level of a deep backing chain's open.
+    #[inline(never)]
     pub(crate) fn open(
         file: &HostFile,
         file_len: u64,
@@ -313,7 +315,7 @@ impl Qcow2Image {
 
     /// The LUKS header of a LUKS-encrypted image.
     pub fn luks_header(&self) -> Option<&vdisk_luks::Header> {
-        self.crypto.as_ref().and_then(Crypto::luks_header)
+        self.crypto.as_deref().and_then(Crypto::luks_header)
     }
 
     /// Decrypts guest data just read from host `host` for guest `guest` (no-op for
@@ -496,5 +498,21 @@ pub fn take_create_options(
             "vdisk does not create legacy AES-encrypted qcow2 images (AES-CBC keyed by the bare \
              passphrase, no key check; qemu-img 10 still can): use encrypt.format=luks",
         )),
+    }
+}
+
+impl Qcow2Image {
+    /// A read of an encrypted image that does not cover whole sectors: the sectors are
+    /// read and decrypted whole (qemu's request alignment). Apart from the read path so
+    /// its buffer is not in the frame of every level of a backing chain's read.
+    #[inline(never)]
+    pub(crate) fn read_unaligned_encrypted(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let start = offset / SECTOR * SECTOR;
+        let end = (offset + buf.len() as u64).next_multiple_of(SECTOR);
+        let mut whole = Zeroizing::new(vec![0u8; (end - start) as usize]);
+        self.read_locked(&mut whole, start)?;
+        let from = (offset - start) as usize;
+        buf.copy_from_slice(&whole[from..from + buf.len()]);
+        Ok(())
     }
 }

@@ -63,7 +63,9 @@ pub struct Qcow2Image {
     /// Persistent dirty bitmaps (see `bitmap/live.rs`); never locked while `meta` is held.
     pub(crate) bitmaps: Mutex<crate::bitmap::live::Bitmaps>,
     /// Encryption of guest data (see `crypto.rs`).
-    pub(crate) crypto: Option<crate::crypto::Crypto>,
+    /// Boxed: the key schedules are large, and an image is built on the stack at every
+    /// level of a backing chain's open.
+    pub(crate) crypto: Option<Box<crate::crypto::Crypto>>,
 }
 
 /// The mutable metadata of an image, behind its metadata lock.
@@ -144,7 +146,8 @@ impl Qcow2Image {
         let file_len = file.len()?;
         let mut header = read_header(&file, file_len).map_err(|e| e.with_path(path))?;
         let crypto = crate::crypto::Crypto::open(&file, file_len, &header, options)
-            .map_err(|e| e.with_path(path))?;
+            .map_err(|e| e.with_path(path))?
+            .map(Box::new);
         if options.writable {
             crate::write::prepare_writable(&file, &mut header).map_err(|e| e.with_path(path))?;
         }
@@ -681,14 +684,7 @@ impl BlockDev for Qcow2Image {
         }
         let _io = self.io.read();
         if self.encrypted() && (!offset.is_multiple_of(512) || !buf.len().is_multiple_of(512)) {
-            // Encrypted data is read in whole sectors (qemu's request alignment).
-            let start = offset / 512 * 512;
-            let end = (offset + buf.len() as u64).next_multiple_of(512);
-            let mut whole = zeroize::Zeroizing::new(vec![0u8; (end - start) as usize]);
-            self.read_locked(&mut whole, start)?;
-            let from = (offset - start) as usize;
-            buf.copy_from_slice(&whole[from..from + buf.len()]);
-            return Ok(());
+            return self.read_unaligned_encrypted(buf, offset);
         }
         self.read_locked(buf, offset)
     }
