@@ -234,6 +234,9 @@ pub fn convert(
     // planner, and each worker holds its chunk twice (read and compressed), so chunks of a
     // few clusters keep peak memory near qemu-img's (which compresses cluster by cluster).
     let chunk_size = match unit {
+        // A stream target's grains are small: one per chunk keeps the workers' buffers at
+        // a grain each, and a grain is already milliseconds of deflate.
+        Some(u) if target.compresses_every_write() => u as usize,
         Some(u) => chunk_size.min(COMPRESSED_CHUNK).max(u as usize),
         None => chunk_size,
     };
