@@ -2236,3 +2236,30 @@ fn bitmaps() {
         assert_eq!(q.code, *code, "{args:?}: {q:?}");
     }
 }
+
+/// Number options as qemu's option parser reads them: hex, octal, white space, a sign, and
+/// its two refusals (not a number, too large), before anything is formatted.
+#[test]
+fn create_number_options_parse_as_qemu_parses_them() {
+    let b = Bench::new("create-numbers");
+    for (i, value) in [
+        "0x10",
+        "010",
+        " 16",
+        "-16",
+        "16abc",
+        "",
+        "08",
+        "99999999999999999999",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let opt = format!("refcount_bits={value}");
+        let args = ["create", "-f", "qcow2", "-o", &opt, "n.qcow2", "1M"];
+        let r = b.same_write(&format!("num{i}"), &args, &[]);
+        if ["0x10", "010", " 16"].contains(value) {
+            assert_eq!(r.code, 0, "{opt}: {}", r.stderr);
+        }
+    }
+}

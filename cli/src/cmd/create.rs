@@ -70,10 +70,44 @@ fn kind(name: &str) -> Kind {
     match name {
         "size" | "extent_size_hint" | "cluster_size" | "block_size" | "log_size" => Kind::Size,
         "nocow" | "lazy_refcounts" | "extended_l2" | "data_file_raw" | "block_state_zero"
-        | "compat6" | "zeroed_grain" | "detached-header" => Kind::Bool,
-        "refcount_bits" | "hwversion" | "iter-time" => Kind::Number,
+        | "compat6" | "zeroed_grain" | "detached-header" | "encryption" => Kind::Bool,
+        "refcount_bits" | "iter-time" | "encrypt.iter-time" => Kind::Number,
         _ => Kind::Text,
     }
+}
+
+/// Why an option value is not a number qemu takes.
+enum NumberError {
+    NotANumber,
+    TooLarge,
+}
+
+/// A number as qemu's option parser reads one (`qemu_strtou64` with base 0): leading white
+/// space, a sign (a negative number wraps, as `strtoull` does), `0x` hex, a leading `0`
+/// octal, and nothing after the digits.
+fn qemu_number(text: &str) -> Result<u64, NumberError> {
+    let t = text.trim_start_matches([' ', '\t', '\n', '\u{b}', '\u{c}', '\r']);
+    let (negative, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) = if let Some(hex) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
+        (16, hex)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(NumberError::NotANumber);
+    }
+    let magnitude = u64::from_str_radix(digits, radix).map_err(|_| NumberError::TooLarge)?;
+    Ok(if negative {
+        magnitude.wrapping_neg()
+    } else {
+        magnitude
+    })
 }
 
 fn type_label(kind: Kind) -> &'static str {
@@ -355,7 +389,29 @@ fn check_options(name: &str, driver: &dyn Format, items: &[String]) -> Result<Ve
                 };
                 (value.clone(), on.to_string())
             }
-            Kind::Number | Kind::Text => (value.replace(',', ",,"), value.clone()),
+            Kind::Number => {
+                let n = match qemu_number(&value) {
+                    Ok(n) => n,
+                    Err(NumberError::TooLarge) => {
+                        return Err(Failure::new(
+                            format!("{name}: Value '{value}' is too large for parameter '{key}'"),
+                            format!(
+                                "create '{name}': option {key}: '{value}' does not fit in 64 bits"
+                            ),
+                        ))
+                    }
+                    Err(NumberError::NotANumber) => {
+                        return Err(Failure::new(
+                            format!("{name}: Parameter '{key}' expects a number"),
+                            format!("create '{name}': option {key} takes a number, not '{value}'"),
+                        ))
+                    }
+                };
+                // qemu prints the parsed number as a signed value and hands the driver the
+                // number itself (so `010` is 8 and `0x10` is 16, as in qemu).
+                ((n as i64).to_string(), n.to_string())
+            }
+            Kind::Text => (value.replace(',', ",,"), value.clone()),
         };
         // A repeated option keeps its last value, as in qemu.
         out.retain(|o| o.key != key);
