@@ -120,6 +120,50 @@ fn format_g3(value: f64) -> String {
     }
 }
 
+/// Why text is not a number qemu's option parser takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberError {
+    /// Not a number at all (qemu: "expects a number").
+    NotANumber,
+    /// Digits that do not fit in 64 bits (qemu: "is too large").
+    TooLarge,
+}
+
+/// The sign and magnitude of a number as qemu's `qemu_strtou64` / `qemu_strtoi64` read one
+/// with base 0: leading white space, a sign, `0x` hex, a leading `0` octal, and nothing
+/// after the digits.
+pub fn qemu_number_parts(text: &str) -> std::result::Result<(bool, u64), NumberError> {
+    let t = text.trim_start_matches([' ', '\t', '\n', '\u{b}', '\u{c}', '\r']);
+    let (negative, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) = if let Some(hex) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
+        (16, hex)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(NumberError::NotANumber);
+    }
+    let magnitude = u64::from_str_radix(digits, radix).map_err(|_| NumberError::TooLarge)?;
+    Ok((negative, magnitude))
+}
+
+/// qemu's `qemu_strtou64` with base 0, as its option parser checks a number option: a
+/// negative number wraps around, as C's `strtoull` does.
+pub fn qemu_strtou64(text: &str) -> std::result::Result<u64, NumberError> {
+    let (negative, magnitude) = qemu_number_parts(text)?;
+    Ok(if negative {
+        magnitude.wrapping_neg()
+    } else {
+        magnitude
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

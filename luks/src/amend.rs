@@ -41,28 +41,12 @@ pub struct AmendOptions {
     pub iter_time_ms: u64,
 }
 
-/// qemu's `qemu_strtoi64` with base 0, as its option visitor reads a number: leading
-/// white space, a sign, `0x` hex, a leading `0` octal, nothing after the digits.
+/// qemu's `qemu_strtoi64` with base 0, as its option visitor reads a number (the sign and
+/// digits as [`vdisk_block::size::qemu_number_parts`] reads them, then the `i64` range).
 fn parse_i64(text: &str) -> Option<i64> {
-    let t = text.trim_start_matches([' ', '\t', '\n', '\u{b}', '\u{c}', '\r']);
-    let (negative, t) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
-    let (radix, digits) = if let Some(hex) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
-        (16, hex)
-    } else if t.len() > 1 && t.starts_with('0') {
-        (8, &t[1..])
-    } else {
-        (10, t)
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return None;
-    }
-    let magnitude = i128::from(u64::from_str_radix(digits, radix).ok()?);
-    let value = if negative { -magnitude } else { magnitude };
-    i64::try_from(value).ok()
+    let (negative, magnitude) = vdisk_block::size::qemu_number_parts(text).ok()?;
+    let magnitude = i128::from(magnitude);
+    i64::try_from(if negative { -magnitude } else { magnitude }).ok()
 }
 
 impl AmendOptions {

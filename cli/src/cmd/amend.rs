@@ -448,43 +448,19 @@ fn check_value(key: &str, value: &str, kind: Kind) -> Result<String, Failure> {
             )),
         },
         // The text goes on unchanged: qemu's driver reads it again with its own parser.
-        Kind::Num => match qemu_strtou64(value) {
+        Kind::Num => match vdisk_block::size::qemu_strtou64(value) {
             Ok(_) => Ok(value.to_string()),
-            Err(true) => Err(Failure::new(
+            Err(vdisk_block::size::NumberError::TooLarge) => Err(Failure::new(
                 format!("Value '{value}' is too large for parameter '{key}'"),
                 format!("amend: option {key} is too large: '{value}'"),
             )),
-            Err(false) => Err(Failure::new(
+            Err(vdisk_block::size::NumberError::NotANumber) => Err(Failure::new(
                 format!("Parameter '{key}' expects a number"),
                 format!("amend: option {key} takes a number, not '{value}'"),
             )),
         },
         Kind::Size => qemu_size_option(key, value).map(|v| v.to_string()),
     }
-}
-
-/// qemu's `qemu_strtou64` with base 0, as its option parser checks a number: leading white
-/// space, a sign (a negative number wraps), `0x` hex, a leading `0` octal, nothing after
-/// the digits. `Err(true)` is a value out of range, `Err(false)` one that is no number.
-fn qemu_strtou64(text: &str) -> Result<u64, bool> {
-    let t = text.trim_start_matches([' ', '\t', '\n', '\u{b}', '\u{c}', '\r']);
-    let (negative, t) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
-    let (radix, digits) = if let Some(hex) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
-        (16, hex)
-    } else if t.len() > 1 && t.starts_with('0') {
-        (8, &t[1..])
-    } else {
-        (10, t)
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(false);
-    }
-    let n = u64::from_str_radix(digits, radix).map_err(|_| true)?;
-    Ok(if negative { n.wrapping_neg() } else { n })
 }
 
 /// Parses the `-o` items against the amendable options (the last of a repeated key wins).

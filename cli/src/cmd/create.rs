@@ -76,40 +76,6 @@ fn kind(name: &str) -> Kind {
     }
 }
 
-/// Why an option value is not a number qemu takes.
-enum NumberError {
-    NotANumber,
-    TooLarge,
-}
-
-/// A number as qemu's option parser reads one (`qemu_strtou64` with base 0): leading white
-/// space, a sign (a negative number wraps, as `strtoull` does), `0x` hex, a leading `0`
-/// octal, and nothing after the digits.
-fn qemu_number(text: &str) -> Result<u64, NumberError> {
-    let t = text.trim_start_matches([' ', '\t', '\n', '\u{b}', '\u{c}', '\r']);
-    let (negative, t) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
-    let (radix, digits) = if let Some(hex) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
-        (16, hex)
-    } else if t.len() > 1 && t.starts_with('0') {
-        (8, &t[1..])
-    } else {
-        (10, t)
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(NumberError::NotANumber);
-    }
-    let magnitude = u64::from_str_radix(digits, radix).map_err(|_| NumberError::TooLarge)?;
-    Ok(if negative {
-        magnitude.wrapping_neg()
-    } else {
-        magnitude
-    })
-}
-
 fn type_label(kind: Kind) -> &'static str {
     match kind {
         Kind::Size => "<size>",
@@ -390,9 +356,9 @@ fn check_options(name: &str, driver: &dyn Format, items: &[String]) -> Result<Ve
                 (value.clone(), on.to_string())
             }
             Kind::Number => {
-                let n = match qemu_number(&value) {
+                let n = match vdisk_block::size::qemu_strtou64(&value) {
                     Ok(n) => n,
-                    Err(NumberError::TooLarge) => {
+                    Err(vdisk_block::size::NumberError::TooLarge) => {
                         return Err(Failure::new(
                             format!("{name}: Value '{value}' is too large for parameter '{key}'"),
                             format!(
@@ -400,7 +366,7 @@ fn check_options(name: &str, driver: &dyn Format, items: &[String]) -> Result<Ve
                             ),
                         ))
                     }
-                    Err(NumberError::NotANumber) => {
+                    Err(vdisk_block::size::NumberError::NotANumber) => {
                         return Err(Failure::new(
                             format!("{name}: Parameter '{key}' expects a number"),
                             format!("create '{name}': option {key} takes a number, not '{value}'"),

@@ -95,30 +95,6 @@ fn kind(name: &str) -> Kind {
     }
 }
 
-/// qemu's `qemu_strtou64` with base 0: decimal, `0x` hexadecimal or `0` octal, and a
-/// leading minus wraps around as C's `strtoull` does.
-fn parse_number(text: &str) -> Option<u64> {
-    let (negative, digits) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text.strip_prefix('+').unwrap_or(text)),
-    };
-    let value = if let Some(hex) = digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        u64::from_str_radix(hex, 16).ok()?
-    } else if digits.len() > 1 && digits.starts_with('0') {
-        u64::from_str_radix(&digits[1..], 8).ok()?
-    } else {
-        digits.parse::<u64>().ok()?
-    };
-    Some(if negative {
-        value.wrapping_neg()
-    } else {
-        value
-    })
-}
-
 /// Checks the `-o` items as qemu's option parser does (known name, value of the right type)
 /// and returns them with booleans and numbers in plain spelling; a repeated option keeps
 /// its last value.
@@ -168,8 +144,8 @@ fn parse_options(
                     ))
                 }
             },
-            Kind::Number => parse_number(&value)
-                .ok_or_else(|| {
+            Kind::Number => vdisk_block::size::qemu_strtou64(&value)
+                .map_err(|_| {
                     Failure::new(
                         format!("Parameter '{key}' expects a number{invalid_options}"),
                         format!("measure: option {key}: '{value}' is not a number"),
