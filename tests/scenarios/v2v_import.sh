@@ -14,7 +14,7 @@ for f in sparse.vmdk ova-disk1.vmdk flat.vmdk hyperv.vhdx; do
     run_layout qemu-img info "$f"
     run qemu-img compare guest.qcow2 "$f"
 done
-run qemu-img info -f vpc --output=json azure.vhd
+run_info qemu-img info -f vpc --output=json azure.vhd
 run qemu-img compare -F vpc guest.qcow2 azure.vhd
 for f in sparse.vmdk ova-disk1.vmdk flat.vmdk azure.vhd; do
     fmt=vmdk
