@@ -13,9 +13,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use common::nbd::qemu_dirty_ranges;
 use common::*;
 use vdisk_block::{Format, OpenOptions, RepairMode};
 use vdisk_qcow2::Qcow2Format;
@@ -144,77 +145,6 @@ fn qemu_check(path: &Path) -> (i32, u64, u64, u64) {
     )
 }
 
-/// Stops the qemu-nbd it started, on every path out of a test.
-struct Nbd {
-    pid_file: PathBuf,
-}
-
-impl Drop for Nbd {
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(&self.pid_file) {
-            let pid = pid.trim();
-            let _ = Command::new("kill").arg(pid).status();
-            // Wait until it is gone, so its image lock is free for the next command.
-            for _ in 0..1000 {
-                if !Path::new(&format!("/proc/{pid}")).exists() {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            let _ = Command::new("kill").args(["-9", pid]).status();
-        }
-    }
-}
-
-/// The dirty ranges qemu sees in bitmap `name` of `image` (qemu-nbd exports the bitmap;
-/// qemu's NBD client reports its dirty extents as `"data": false`).
-fn dirty_ranges(image: &Path, name: &str, scratch: &Scratch) -> Vec<(u64, u64)> {
-    let sock = scratch.path(&format!("nbd-{name}.sock"));
-    let pid_file = scratch.path(&format!("nbd-{name}.pid"));
-    let _ = std::fs::remove_file(&pid_file);
-    let status = Command::new("qemu-nbd")
-        .args([
-            "--persistent",
-            "--fork",
-            "-f",
-            "qcow2",
-            "-r",
-            "-x",
-            "",
-            "-B",
-            name,
-        ])
-        .arg(format!("--pid-file={}", s(&pid_file)))
-        .arg(format!("--socket={}", s(&sock)))
-        .arg(image)
-        .status()
-        .expect("run qemu-nbd");
-    let _guard = Nbd {
-        pid_file: pid_file.clone(),
-    };
-    assert!(status.success(), "qemu-nbd failed");
-    let opts = format!(
-        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
-        s(&sock)
-    );
-    let out = qemu_img(&["map", "--output=json", "--image-opts", &opts]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("map json");
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for e in v.as_array().expect("map array") {
-        if e["data"].as_bool() == Some(false) {
-            let (start, len) = (
-                e["start"].as_u64().expect("start"),
-                e["length"].as_u64().expect("length"),
-            );
-            match ranges.last_mut() {
-                Some(last) if last.0 + last.1 == start => last.1 += len,
-                _ => ranges.push((start, len)),
-            }
-        }
-    }
-    ranges
-}
-
 /// Everything a repair must keep, as qemu sees it.
 #[derive(Debug, PartialEq)]
 struct State {
@@ -264,7 +194,7 @@ fn state(image: &Path, scratch: &Scratch) -> State {
         bitmaps: info["format-specific"]["data"]["bitmaps"].clone(),
         dirty: BITMAPS
             .iter()
-            .map(|name| dirty_ranges(image, name, scratch))
+            .map(|name| qemu_dirty_ranges(image, name, scratch))
             .collect(),
         active: qemu_contents(image, scratch),
     }
