@@ -251,16 +251,8 @@ fn unlock(
     })?;
     let luks =
         crate::crypto::read_luks_header(file, file.len()?, header, ext).map_err(could_not_open)?;
-    let master_key = vdisk_luks::keys::unlock(&luks, &passphrase, &mut |off, buf| {
-        if off.saturating_add(buf.len() as u64) > ext.length {
-            return Err(Error::corrupt(
-                "unlock luks",
-                "Request for data outside of extension header",
-            ));
-        }
-        file.read_at(buf, ext.offset + off)
-    })
-    .map_err(could_not_open)?;
+    let master_key =
+        crate::crypto::unlock_region(file, &luks, ext, &passphrase).map_err(could_not_open)?;
     let cipher = vdisk_luks::SectorCipher::new(&luks.cipher, &master_key)?;
     Ok(Unlocked {
         luks: Some((luks, ext)),

@@ -203,17 +203,7 @@ impl Crypto {
         };
         let cipher = match &self.luks {
             Some((luks, ext)) => {
-                let (base, len) = (ext.offset, ext.length);
-                let key = keys::unlock(luks, passphrase, &mut |off, buf| {
-                    // qemu's reader of the region refuses anything outside it.
-                    if off.saturating_add(buf.len() as u64) > len {
-                        return Err(Error::corrupt(
-                            "unlock luks",
-                            "Request for data outside of extension header",
-                        ));
-                    }
-                    file.read_at(buf, base + off)
-                })?;
+                let key = unlock_region(file, luks, *ext, passphrase)?;
                 SectorCipher::new(&luks.cipher, &key)?
             }
             None => {
@@ -278,6 +268,26 @@ impl Crypto {
 }
 
 /// qcow2's legacy AES: AES-128-CBC with plain64 IVs.
+/// The master key of the LUKS header `luks` in region `ext` of `file`, unlocked with
+/// `passphrase`.
+pub(crate) fn unlock_region(
+    file: &HostFile,
+    luks: &vdisk_luks::Header,
+    ext: CryptoExt,
+    passphrase: &[u8],
+) -> Result<Zeroizing<Vec<u8>>> {
+    keys::unlock(luks, passphrase, &mut |off, buf| {
+        // qemu's reader of the region refuses anything outside it.
+        if off.saturating_add(buf.len() as u64) > ext.length {
+            return Err(Error::corrupt(
+                "unlock luks",
+                "Request for data outside of extension header",
+            ));
+        }
+        file.read_at(buf, ext.offset + off)
+    })
+}
+
 pub(crate) fn legacy_aes_spec() -> CipherSpec {
     CipherSpec {
         alg: CipherAlg::Aes128,
