@@ -16,7 +16,17 @@ pub use context::Ctx;
 
 /// vdisk: create, inspect, convert and compare virtual-disk images (a drop-in for qemu-img).
 #[derive(Debug, Parser)]
-#[command(name = "vdisk", version, about, long_about = None, disable_help_subcommand = true)]
+// qemu-img parses with getopt: a repeated option overrides the earlier one (`-f raw -f qcow2`
+// is qcow2, `-q -q` is quiet), so scripts that build command lines by appending keep working.
+// Options that qemu accumulates (`-o`, `--object`) are `Append` arguments and still collect.
+#[command(
+    name = "vdisk",
+    version,
+    about,
+    long_about = None,
+    disable_help_subcommand = true,
+    args_override_self = true
+)]
 pub struct Cli {
     /// The sub-command to run.
     #[command(subcommand)]

@@ -301,3 +301,39 @@ fn commands_that_do_not_exist() {
         assert_eq!(v.code, q.code, "{args:?}");
     }
 }
+
+/// qemu-img reads its options with getopt: a repeated option overrides the earlier one, and
+/// the accumulating ones (`-o`) collect. Scripts that append options rely on both.
+#[test]
+fn repeated_options_override_like_getopt() {
+    let b = Bench::new("err-repeat");
+    for args in [
+        vec!["info", "-f", "qcow2", "-f", "raw", "a.raw"],
+        vec!["info", "--output=human", "--output=json", "a.raw"],
+        vec!["info", "-U", "-U", "a.raw"],
+        vec!["map", "-f", "raw", "-f", "raw", "--output=json", "a.raw"],
+        vec!["compare", "-f", "raw", "-f", "raw", "a.raw", "a.raw"],
+        vec![
+            "measure", "-O", "raw", "-O", "qcow2", "--size", "1M", "--size", "2M",
+        ],
+        vec!["convert", "-O", "qcow2", "-O", "raw", "a.raw", "b.raw"],
+        vec!["create", "-f", "qcow2", "-f", "raw", "c.raw", "1M"],
+        vec![
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "-o",
+            "lazy_refcounts=on",
+            "d.qcow2",
+            "1M",
+        ],
+        vec!["resize", "-q", "-q", "-f", "raw", "a.raw", "2M"],
+    ] {
+        assert_eq!(b.check(&args).code, 0, "{args:?}");
+    }
+    // Raw has no checks (exit 63 in both tools); the doubled -q must not be the failure.
+    let r = b.check(&["check", "-q", "-q", "-f", "raw", "a.raw"]);
+    assert_eq!(r.code, 63, "{r:?}");
+}
