@@ -27,9 +27,22 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8], guest: u6
     }
 }
 
-fn inflate(input: &[u8], out: &mut [u8], guest: u64) -> Result<()> {
+thread_local! {
+    // A decompressor's state (and zstd's window) costs more to set up than a 64 KiB cluster
+    // costs to inflate: one per thread, reset per cluster.
     // QEMU stores raw deflate, without the zlib header and checksum.
-    let mut d = Decompress::new(false);
+    static INFLATE: std::cell::RefCell<Decompress> =
+        std::cell::RefCell::new(Decompress::new(false));
+    static UNZSTD: std::cell::RefCell<Option<zstd::stream::raw::Decoder<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn inflate(input: &[u8], out: &mut [u8], guest: u64) -> Result<()> {
+    INFLATE.with(|d| inflate_with(&mut d.borrow_mut(), input, out, guest))
+}
+
+fn inflate_with(d: &mut Decompress, input: &[u8], out: &mut [u8], guest: u64) -> Result<()> {
+    d.reset(false);
     match d.decompress(input, out, FlushDecompress::Finish) {
         Ok(Status::StreamEnd) | Ok(Status::Ok) | Ok(Status::BufError) => {}
         Err(e) => return Err(broken(guest, e.to_string())),
@@ -45,10 +58,32 @@ fn inflate(input: &[u8], out: &mut [u8], guest: u64) -> Result<()> {
 }
 
 fn unzstd(input: &[u8], out: &mut [u8], guest: u64) -> Result<()> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    use zstd::stream::raw::{Decoder, Operation};
+    UNZSTD.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        let mut dec = match slot.take() {
+            Some(mut dec) => {
+                // A failed cluster may have left a frame half decoded.
+                dec.reinit().map_err(|e| broken(guest, e.to_string()))?;
+                dec
+            }
+            None => Decoder::new().map_err(|e| broken(guest, e.to_string()))?,
+        };
+        let result = unzstd_with(&mut dec, input, out, guest);
+        *slot = Some(dec);
+        result
+    })
+}
+
+fn unzstd_with(
+    dec: &mut zstd::stream::raw::Decoder<'static>,
+    input: &[u8],
+    out: &mut [u8],
+    guest: u64,
+) -> Result<()> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
     // Streaming, as qemu does: the stored frame may be followed by garbage (the rest of its
     // last sector), which a one-shot decode would try to parse as a second frame.
-    let mut dec = Decoder::new().map_err(|e| broken(guest, e.to_string()))?;
     let mut src = InBuffer::around(input);
     let mut dst = OutBuffer::around(out);
     loop {
@@ -160,6 +195,20 @@ mod tests {
                 .expect_err("garbage must not decompress");
             assert_eq!(err.kind(), ErrorKind::Corrupt);
             assert!(decompress(kind, &[], &mut out, 0).is_err());
+        }
+    }
+
+    #[test]
+    fn a_failed_cluster_leaves_the_thread_decompressor_usable() {
+        let cluster: Vec<u8> = (0..65536u32).map(|i| (i / 77) as u8).collect();
+        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+            let packed = compress(kind, &cluster, 65536).expect("compressible");
+            let mut out = vec![0u8; 65536];
+            // Cut off halfway: the decompressor stops inside a frame.
+            assert!(decompress(kind, &packed[..packed.len() / 2], &mut out, 0).is_err());
+            out.fill(0);
+            decompress(kind, &packed, &mut out, 0).expect("whole stream after a cut one");
+            assert_eq!(out, cluster);
         }
     }
 

@@ -490,6 +490,15 @@ impl Qcow2Image {
 
     fn read_compressed(&self, buf: &mut [u8], offset: u64, host: u64, clen: u64) -> Result<()> {
         let cs = self.header.cluster_size();
+        let whole_cluster = buf.len() as u64 == cs && offset & (cs - 1) == 0;
+        if whole_cluster {
+            // A copy reads whole clusters: straight into the caller's buffer, no cached copy
+            // (the next read is of another cluster).
+            let mut input = vec![0u8; clen as usize];
+            self.read_host(&self.file, &mut input, host)?;
+            return compress::decompress(self.header.compression_type, &input, buf, offset)
+                .map_err(|e| e.with_path(&self.path));
+        }
         let cached = match &*self.last_compressed.lock() {
             Some((at, data)) if *at == host => Some(Arc::clone(data)),
             _ => None,
