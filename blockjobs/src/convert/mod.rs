@@ -216,15 +216,15 @@ pub fn convert(
         .filter(|u| u.is_power_of_two());
     // Compressing every unit is CPU work: a worker per core (and one to cover the waits for
     // a turn to write) keeps the cores busy, and each further worker only holds memory
-    // (its buffers and deflate state); qemu-img does the same work in one thread.
+    // (its buffers and deflate state); qemu-img compresses on at most four threads.
     let workers = match unit {
-        Some(_) if target.compresses_every_write() => workers.min(
+        Some(_) => workers.min(
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
                 + 1,
         ),
-        _ => workers,
+        None => workers,
     };
     let concatenated: Vec<Arc<dyn BlockDev>> = match unit {
         Some(_) => vec![Arc::new(concat::Concat::new(sources)?)],
