@@ -1,5 +1,5 @@
-//! `check` on VHDX: clean images are clean; an unreplayed log and bad BAT entries are
-//! reported, repaired with `-r all`, and the repaired image is clean for us and qemu-img.
+//! `check` on VHDX: clean images are clean; an unreplayed log refuses a read-only check (as
+//! qemu's open does) and is replayed by repair; bad BAT entries are reported, repaired with `-r all`, and the repaired image is clean for us and qemu-img.
 
 mod common;
 
@@ -113,8 +113,11 @@ fn an_unreplayed_log_is_reported_and_replayed_by_repair() {
     for off in HEADER_OFFSETS {
         poke(&p, &h.encode(), off);
     }
-    let r = check(&p, RepairMode::None);
-    assert_eq!(r.corruptions, 1, "{r:?}");
+    let err = VhdxFormat
+        .check(&p, &OpenOptions::read_only(), RepairMode::None)
+        .expect_err("qemu refuses a read-only check of a log that needs replaying");
+    assert_eq!(err.kind(), vdisk_block::ErrorKind::ReadOnly, "{err}");
+    assert!(err.message().contains("needs to be replayed"), "{err}");
     let r = check(&p, RepairMode::All);
     assert_eq!((r.corruptions, r.corruptions_fixed), (0, 1), "{r:?}");
     let r = check(&p, RepairMode::None);

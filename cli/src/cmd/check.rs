@@ -94,8 +94,14 @@ pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
         no_backing: false,
         image_opts: args.image_opts,
     };
-    // Opening first gives the same errors as every other command for a bad file.
-    let dev = match open(name, &spec) {
+    // Opening first gives the same errors as every other command for a bad file. A VHDX
+    // with a pending log is first opened read-only (replayed in memory): a writable open
+    // would replay it into the file, and the repair report would not count it as qemu's does.
+    let read_only = OpenSpec {
+        writable: false,
+        ..spec
+    };
+    let dev = match open(name, &read_only) {
         Ok(d) => d,
         Err(f) => {
             ctx.fail(&f);
@@ -110,6 +116,16 @@ pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
         }
     };
     drop(dev);
+    if spec.writable && format != "vhdx" {
+        // A repair needs the image writable: refused here in the words of every command.
+        match open(name, &spec) {
+            Ok(dev) => drop(dev),
+            Err(f) => {
+                ctx.fail(&f);
+                return 1;
+            }
+        }
+    }
     if args.format.is_none() && format == "raw" && repair != RepairMode::None {
         eprintln!("{}", RAW_PROBE_WARNING.replace("{}", name));
     }
@@ -160,6 +176,18 @@ pub fn run(ctx: &Ctx, args: CheckArgs) -> i32 {
         Err(e) if e.kind() == ErrorKind::Unsupported => {
             ctx.fail(&unsupported(&e));
             return 63;
+        }
+        // A VHDX whose log needs replaying cannot be checked without writing: qemu fails
+        // its open and tells how to replay.
+        Err(e) if e.kind() == ErrorKind::ReadOnly && e.op() == "open" => {
+            ctx.fail(&Failure::new(
+                format!(
+                    "Could not open '{name}': {}\nTo replay the log, run:\nqemu-img check -r all '{path}'",
+                    without_hint(e.message())
+                ),
+                format!("check '{name}': {} (run 'vdisk check -r all {path}')", without_hint(e.message())),
+            ));
+            return 1;
         }
         Err(e) => {
             ctx.fail(&failed(&e));

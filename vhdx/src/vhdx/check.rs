@@ -1,15 +1,16 @@
 //! `check` for VHDX: what is wrong, and with repair, what was fixed.
 //!
-//! Found: a log that still has to be replayed (a crash happened since the last clean
-//! close), and BAT entries that point past the end of the file, into the header section or
-//! the log/BAT/metadata regions, over another block, or carry a reserved state.
+//! A log that still has to be replayed (a crash happened since the last clean close) makes
+//! a read-only check fail, as qemu's open does. Found: BAT entries that point past the end
+//! of the file, into the header section or the log/BAT/metadata regions, over another
+//! block, or carry a reserved state.
 //! Repaired: the log is replayed into the file by any writable open (`-r leaks` or
 //! `-r all`, as qemu does); with `-r all` bad BAT entries are reset to NOT_PRESENT through
 //! the log (their data was unreachable or would have overwritten metadata).
 
 use std::path::Path;
 
-use vdisk_block::{BlockDev, CheckReport, OpenOptions, RepairMode, Result};
+use vdisk_block::{BlockDev, CheckReport, Error, ErrorKind, OpenOptions, RepairMode, Result};
 
 use crate::vhdx::image::VhdxImage;
 
@@ -24,16 +25,21 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
     let mut report = CheckReport::default();
     if let Some(replay) = img.replayed() {
         if opts.writable {
+            // The writable open replayed it into the file. qemu counts that as one fixed
+            // corruption and prints no line of its own for it.
             report.corruptions_fixed += 1;
-            report.messages.push(format!(
-                "Repaired: the log held {} unreplayed entries; they were replayed into the file",
-                replay.entries
-            ));
         } else {
-            report.corruptions += 1;
-            report.messages.push(format!(
-                "ERROR: the log holds {} entries that were never replayed (run check -r all to replay them)",
-                replay.entries
+            // As qemu: a check that may not write cannot vouch for an image whose metadata
+            // is only right once the log is replayed, so it refuses (exit 1) and says how
+            // to replay. (Reads replay in memory; only check refuses.)
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "open",
+                format!(
+                    "VHDX image file '{}' opened read-only, but contains a log that needs to be replayed (its {} entries are replayed by check -r all)",
+                    path.display(),
+                    replay.entries
+                ),
             ));
         }
     }
