@@ -409,17 +409,19 @@ fn print_help(format: &str) -> Result<(), Failure> {
         ));
     }
     let known = amend_options(format).ok_or_else(|| not_amendable(format))?;
-    let mut text = format!("Amend options for '{format}':\n");
-    for o in known {
-        let label = match o.kind {
-            Kind::Str => "<str>",
-            Kind::Bool => "<bool (on/off)>",
-            Kind::Num => "<num>",
-            Kind::Size => "<size>",
-        };
-        let left = format!("{}={label}", o.name);
-        text.push_str(&format!("  {left:<22} - {}\n", o.help));
-    }
+    let text = super::option_help::render(
+        &format!("Amend options for '{format}':"),
+        known.iter().map(|o| {
+            let kind = match o.kind {
+                Kind::Str => super::option_help::Kind::Text,
+                Kind::Bool => super::option_help::Kind::Bool,
+                Kind::Num => super::option_help::Kind::Number,
+                Kind::Size => super::option_help::Kind::Size,
+            };
+            (o.name, kind, o.help)
+        }),
+        "",
+    );
     print(&text);
     Ok(())
 }

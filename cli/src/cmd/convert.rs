@@ -221,33 +221,13 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
         .split(',')
         .any(|item| item == "help" || item == "?")
     {
-        print_create_help(driver?.create_options_help());
+        super::print(&super::option_help::create_help(ctx, driver?, true));
         return Ok(());
     }
     // qemu-img starts its progress here, once the command line is read: every later
     // failure ends the progress line first. The engine counts the total.
     let progress = ProgressReporter::new(args.progress, args.quiet, 0);
     let driver = driver?;
-    if args.compress {
-        if !driver.supports_compression() {
-            return Err(Failure::same(
-                "Compression not supported for this file format",
-            ));
-        }
-        // qemu-img refuses before it creates anything: encrypted clusters cannot be
-        // compressed.
-        if let Ok(o) = CreateOptions::parse_options(&settings.create_options) {
-            let alias = o
-                .get("encryption")
-                .is_some_and(|v| vdisk_block::format::parse_bool("encryption", v).unwrap_or(false));
-            if alias || o.contains_key("encrypt.format") {
-                return Err(Failure::same(
-                    "Compression and encryption not supported at the same time",
-                ));
-            }
-        }
-        settings.copy.compress = true;
-    }
 
     let source_opts = OpenOptions {
         cache: settings.source_cache,
@@ -268,6 +248,30 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     }
     if let Some(snapshot) = &settings.snapshot {
         super::snapshot::load_source_snapshot(&sources, snapshot)?;
+    }
+    // qemu-img reads -o once the sources are open, before it looks at anything else.
+    if !args.no_create {
+        settings.create_options = check_create_options(driver, &settings.create_options)?;
+    }
+    if args.compress {
+        if !driver.supports_compression() {
+            return Err(Failure::same(
+                "Compression not supported for this file format",
+            ));
+        }
+        // qemu-img refuses before it creates anything: encrypted clusters cannot be
+        // compressed.
+        if let Ok(o) = CreateOptions::parse_options(&settings.create_options) {
+            let alias = o
+                .get("encryption")
+                .is_some_and(|v| vdisk_block::format::parse_bool("encryption", v).unwrap_or(false));
+            if alias || o.contains_key("encrypt.format") {
+                return Err(Failure::same(
+                    "Compression and encryption not supported at the same time",
+                ));
+            }
+        }
+        settings.copy.compress = true;
     }
     if args.bitmaps {
         super::bitmap::convert_check_source(&sources, args.skip_broken_bitmaps)?;
@@ -582,9 +586,34 @@ fn copy_failure(err: &Error) -> Failure {
     Failure::new(text, format!("convert: {err}"))
 }
 
-fn print_create_help(options: Vec<(&'static str, &'static str)>) {
-    println!("Supported options:");
-    for (name, help) in options {
-        println!("  {name:<22} - {help}");
+/// Checks the `-o` items as qemu-img's option parser does (known to the target's driver,
+/// a valid value of the option's type) and returns them with the values the driver
+/// takes (sizes and numbers in decimal, booleans as on/off).
+fn check_create_options(driver: &dyn vdisk_block::Format, list: &str) -> Result<String, Failure> {
+    use super::option_help::{check_value, key_value, kind};
+    let known: Vec<&str> = driver
+        .create_options_help()
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
+    let mut out = Vec::new();
+    for item in vdisk_block::format::split_option_list(list)
+        .iter()
+        .filter(|i| !i.is_empty())
+    {
+        let (key, value) = key_value(item);
+        if !known.contains(&key.as_str()) {
+            return Err(Failure::new(
+                format!("Invalid parameter '{key}'"),
+                format!(
+                    "convert: format '{}' has no option '{key}' (see -o help)",
+                    driver.name()
+                ),
+            ));
+        }
+        let checked = check_value(&key, kind(driver.name(), &key), &value)
+            .map_err(|f| Failure::new(f.qemu, format!("convert: {}", f.vdisk)))?;
+        out.push(format!("{key}={}", checked.value.replace(',', ",,")));
     }
+    Ok(out.join(","))
 }

@@ -10,7 +10,7 @@ use clap::Args;
 use vdisk_block::format::split_option_list;
 use vdisk_block::{CreateOptions, Format};
 
-use super::print;
+use super::{option_help, print};
 use crate::context::{create_failure, parse_size_arg, Failure};
 use crate::Ctx;
 
@@ -55,34 +55,6 @@ pub struct CreateArgs {
     /// (`format=base64` decodes it); options name it by id (`key-secret=ID`)
     #[arg(long = "object", value_name = "OBJECTDEF")]
     pub object: Vec<String>,
-}
-
-/// How qemu types an option, which decides how it is checked and printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Size,
-    Bool,
-    Number,
-    Text,
-}
-
-fn kind(name: &str) -> Kind {
-    match name {
-        "size" | "extent_size_hint" | "cluster_size" | "block_size" | "log_size" => Kind::Size,
-        "nocow" | "lazy_refcounts" | "extended_l2" | "data_file_raw" | "block_state_zero"
-        | "compat6" | "zeroed_grain" | "detached-header" | "encryption" => Kind::Bool,
-        "refcount_bits" | "iter-time" | "encrypt.iter-time" => Kind::Number,
-        _ => Kind::Text,
-    }
-}
-
-fn type_label(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Size => "<size>",
-        Kind::Bool => "<bool (on/off)>",
-        Kind::Number => "<num>",
-        Kind::Text => "<str>",
-    }
 }
 
 /// One `-o` option after checking: what to print and what to hand the driver.
@@ -146,7 +118,7 @@ fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
         )
     })?;
     if wants_help {
-        print(&options_help(ctx, driver, name.is_some()));
+        print(&option_help::create_help(ctx, driver, name.is_some()));
         return Ok(());
     }
     let Some(name) = name else {
@@ -311,14 +283,7 @@ fn check_options(name: &str, driver: &dyn Format, items: &[String]) -> Result<Ve
         .collect();
     let mut out: Vec<Opt> = Vec::new();
     for item in items.iter().filter(|i| !i.is_empty()) {
-        let (key, value) = match item.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            // qemu reads a bare `noX` as `X=off` and a bare `X` as `X=on`.
-            None => match item.strip_prefix("no") {
-                Some(rest) => (rest.to_string(), "off".to_string()),
-                None => (item.clone(), "on".to_string()),
-            },
-        };
+        let (key, value) = option_help::key_value(item);
         if !known.contains(&key.as_str()) {
             return Err(Failure::new(
                 format!("{name}: Invalid parameter '{key}'"),
@@ -328,60 +293,21 @@ fn check_options(name: &str, driver: &dyn Format, items: &[String]) -> Result<Ve
                 ),
             ));
         }
-        let (shown, value) = match kind(&key) {
-            Kind::Size => {
-                let bytes = vdisk_block::size::parse_size(&value).map_err(|_| {
+        let checked =
+            option_help::check_value(&key, option_help::kind(driver.name(), &key), &value)
+                .map_err(|f| {
                     Failure::new(
-                        format!(
-                            "{name}: Parameter '{key}' expects a non-negative number below 2^64\n\
-                             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
-                             and exabytes, respectively."
-                        ),
-                        format!("create '{name}': option {key}: '{value}' is not a size (use e.g. 64k, 1M)"),
+                        format!("{name}: {}", f.qemu),
+                        format!("create '{name}': {}", f.vdisk),
                     )
                 })?;
-                (bytes.to_string(), bytes.to_string())
-            }
-            Kind::Bool => {
-                let on = match value.as_str() {
-                    "on" | "yes" | "true" | "y" => "on",
-                    "off" | "no" | "false" | "n" => "off",
-                    _ => {
-                        return Err(Failure::new(
-                            format!("{name}: Parameter '{key}' expects 'on' or 'off'"),
-                            format!("create '{name}': option {key} takes on or off, not '{value}'"),
-                        ))
-                    }
-                };
-                (value.clone(), on.to_string())
-            }
-            Kind::Number => {
-                let n = match vdisk_block::size::qemu_strtou64(&value) {
-                    Ok(n) => n,
-                    Err(vdisk_block::size::NumberError::TooLarge) => {
-                        return Err(Failure::new(
-                            format!("{name}: Value '{value}' is too large for parameter '{key}'"),
-                            format!(
-                                "create '{name}': option {key}: '{value}' does not fit in 64 bits"
-                            ),
-                        ))
-                    }
-                    Err(vdisk_block::size::NumberError::NotANumber) => {
-                        return Err(Failure::new(
-                            format!("{name}: Parameter '{key}' expects a number"),
-                            format!("create '{name}': option {key} takes a number, not '{value}'"),
-                        ))
-                    }
-                };
-                // qemu prints the parsed number as a signed value and hands the driver the
-                // number itself (so `010` is 8 and `0x10` is 16, as in qemu).
-                ((n as i64).to_string(), n.to_string())
-            }
-            Kind::Text => (value.replace(',', ",,"), value.clone()),
-        };
         // A repeated option keeps its last value, as in qemu.
         out.retain(|o| o.key != key);
-        out.push(Opt { key, shown, value });
+        out.push(Opt {
+            key,
+            shown: checked.shown,
+            value: checked.value,
+        });
     }
     Ok(out)
 }
@@ -390,7 +316,8 @@ fn formatting_line(name: &str, driver: &dyn Format, size: u64, opts: &[Opt]) -> 
     let mut line = format!("Formatting '{name}', fmt={}", driver.name());
     for (key, default) in driver.create_options_shown() {
         if key == "size" {
-            line.push_str(&format!(" size={size}"));
+            // qemu prints the size as a signed number.
+            line.push_str(&format!(" size={}", size as i64));
         } else if let Some(o) = opts.iter().find(|o| o.key == key) {
             line.push_str(&format!(" {}={}", o.key, o.shown));
         } else if let Some(default) = default {
@@ -399,47 +326,4 @@ fn formatting_line(name: &str, driver: &dyn Format, size: u64, opts: &[Opt]) -> 
     }
     line.push('\n');
     line
-}
-
-/// `-o help`: with a file name qemu lists the format's and the file's options together,
-/// sorted; without one only the format's own.
-fn options_help(ctx: &Ctx, driver: &dyn Format, with_file: bool) -> String {
-    let mut opts = driver.create_options_help();
-    let line = |name: &str, help: &str| {
-        let left = format!("{name}={}", type_label(kind(name)));
-        // Our drivers say which options they accept without acting on them; qemu-img's
-        // help has no such remark, so drop-in mode leaves it out.
-        let help = if ctx.dropin {
-            help.replace("; accepted, not used)", ")")
-                .replace(" (accepted, not used)", "")
-        } else {
-            help.to_string()
-        };
-        format!("  {left:<22} - {help}\n")
-    };
-    if with_file {
-        opts.sort_by_key(|(n, _)| *n);
-        let mut s = String::from("Supported options:\n");
-        for (n, h) in opts {
-            s.push_str(&line(n, h));
-        }
-        s
-    } else {
-        let mut s = format!("Supported {} options:\n", driver.name());
-        for (n, h) in opts
-            .iter()
-            // Raw's options and luks' preallocation belong to the file protocol.
-            .filter(|(n, _)| match driver.name() {
-                "raw" => *n == "size",
-                "luks" => !["preallocation", "extent_size_hint", "nocow"].contains(n),
-                _ => true,
-            })
-        {
-            s.push_str(&line(n, h));
-        }
-        s.push_str(
-            "\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n",
-        );
-        s
-    }
 }

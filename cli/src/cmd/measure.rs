@@ -76,25 +76,6 @@ pub fn run(ctx: &Ctx, args: MeasureArgs) -> i32 {
     }
 }
 
-/// How qemu parses the value of a creation option.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Size,
-    Bool,
-    Number,
-    Text,
-}
-
-fn kind(name: &str) -> Kind {
-    match name {
-        "size" | "extent_size_hint" | "cluster_size" | "block_size" | "log_size" => Kind::Size,
-        "nocow" | "lazy_refcounts" | "extended_l2" | "data_file_raw" | "block_state_zero"
-        | "compat6" | "zeroed_grain" => Kind::Bool,
-        "refcount_bits" | "hwversion" => Kind::Number,
-        _ => Kind::Text,
-    }
-}
-
 /// Checks the `-o` items as qemu's option parser does (known name, value of the right type)
 /// and returns them with booleans and numbers in plain spelling; a repeated option keeps
 /// its last value.
@@ -107,53 +88,22 @@ fn parse_options(
     let invalid_options = format!("\n{}: Invalid options for file format '{target}'", ctx.prog);
     let mut out: Vec<(String, String)> = Vec::new();
     for item in items.iter().filter(|i| !i.is_empty()) {
-        let (key, value) = match item.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            // qemu reads a bare `noX` as `X=off` and a bare `X` as `X=on`.
-            None => match item.strip_prefix("no") {
-                Some(rest) => (rest.to_string(), "off".to_string()),
-                None => (item.clone(), "on".to_string()),
-            },
-        };
+        let (key, value) = super::option_help::key_value(item);
         if !known.contains(&key.as_str()) {
             return Err(Failure::new(
                 format!("Invalid parameter '{key}'{invalid_options}"),
                 format!("measure: format '{target}' has no option '{key}' (see 'vdisk create -f {target} -o help')"),
             ));
         }
-        let value = match kind(&key) {
-            Kind::Size => vdisk_block::size::parse_size(&value)
-                .map_err(|_| {
-                    Failure::new(
-                        format!(
-                            "Parameter '{key}' expects a non-negative number below 2^64\n\
-                             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
-                             and exabytes, respectively.{invalid_options}"
-                        ),
-                        format!("measure: option {key}: '{value}' is not a size (use e.g. 64k, 1M)"),
-                    )
-                })?
-                .to_string(),
-            Kind::Bool => match value.as_str() {
-                "on" | "yes" | "true" | "y" => "on".to_string(),
-                "off" | "no" | "false" | "n" => "off".to_string(),
-                _ => {
-                    return Err(Failure::new(
-                        format!("Parameter '{key}' expects 'on' or 'off'{invalid_options}"),
-                        format!("measure: option {key} takes on or off, not '{value}'"),
-                    ))
-                }
-            },
-            Kind::Number => vdisk_block::size::qemu_strtou64(&value)
-                .map_err(|_| {
-                    Failure::new(
-                        format!("Parameter '{key}' expects a number{invalid_options}"),
-                        format!("measure: option {key}: '{value}' is not a number"),
-                    )
-                })?
-                .to_string(),
-            Kind::Text => value,
-        };
+        let kind = super::option_help::kind(target, &key);
+        let value = super::option_help::check_value(&key, kind, &value)
+            .map_err(|f| {
+                Failure::new(
+                    format!("{}{invalid_options}", f.qemu),
+                    format!("measure: {}", f.vdisk),
+                )
+            })?
+            .value;
         out.retain(|(k, _)| *k != key);
         out.push((key, value));
     }

@@ -381,6 +381,15 @@ fn strtosz(text: &str) -> Result<u64, SizeError> {
     let int_len = digits(i, false);
     let int_text = &text[i..i + int_len];
     let mut end = i + int_len;
+    // qemu refuses a negative number as out of range once its digits are read, unless
+    // something (a suffix, a fraction, `x`) follows them, which makes it invalid instead.
+    if negative && int_len > 0 {
+        return Err(if end == bytes.len() {
+            SizeError::Range
+        } else {
+            SizeError::Invalid
+        });
+    }
     // Hexadecimal: "0x" and hex digits, with neither a fraction nor a suffix.
     if int_text == "0" && matches!(bytes.get(end), Some(b'x' | b'X')) {
         let hex_len = digits(end + 1, true);
@@ -468,6 +477,9 @@ mod tests {
             "17179869183.99999999999G",
             "0xfffffffffffffffff",
             "99999999999999999999",
+            "-1",
+            "-0",
+            " -5",
         ] {
             assert_eq!(strtosz(big), Err(SizeError::Range), "{big:?}");
         }
