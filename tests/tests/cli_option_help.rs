@@ -135,6 +135,32 @@ const CREATE_VALUES: &[(&str, &str)] = &[
     ("raw", "size=-0"),
 ];
 
+/// The file protocol's options, which qemu-img takes for every format.
+const PROTOCOL_VALUES: &[&str] = &[
+    "preallocation=full",
+    "preallocation=metadata",
+    "preallocation=bogus",
+    "nocow=on",
+    "nocow=maybe",
+    "extent_size_hint=1M",
+    "extent_size_hint=1Z",
+    "extent_size_hint=5G",
+    "extent_size_hint=1M,preallocation=falloc,nocow=on",
+];
+
+#[test]
+fn protocol_options_are_taken_by_every_format_as_in_qemu_img() {
+    let t = Twins::new("option-values-protocol");
+    for f in ["vmdk", "vhdx", "vpc"] {
+        for option in PROTOCOL_VALUES {
+            let file = format!("x.{f}");
+            t.same(&["create", "-f", f, "-o", option, &file, "1M"]);
+            let dst = format!("y.{f}");
+            t.same(&["convert", "-O", f, "-o", option, "src.raw", &dst]);
+        }
+    }
+}
+
 #[test]
 fn malformed_create_values_fail_as_in_qemu_img() {
     let t = Twins::new("option-values-create");
@@ -253,6 +279,12 @@ fn vdisk_help_is_sorted_and_lists_every_accepted_option() {
             .iter()
             .map(|(n, _)| n.to_string())
             .collect();
+        // The file protocol's options are accepted for every format (as qemu-img does).
+        for extra in ["nocow", "preallocation", "extent_size_hint"] {
+            if !accepted.iter().any(|a| a == extra) {
+                accepted.push(extra.to_string());
+            }
+        }
         accepted.sort();
         let dst = format!("dst.{f}");
         for args in [

@@ -251,7 +251,8 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     }
     // qemu-img reads -o once the sources are open, before it looks at anything else.
     if !args.no_create {
-        settings.create_options = check_create_options(driver, &settings.create_options)?;
+        settings.create_options =
+            check_create_options(driver, &settings.target, &settings.create_options)?;
     }
     if args.compress {
         if !driver.supports_compression() {
@@ -589,13 +590,19 @@ fn copy_failure(err: &Error) -> Failure {
 /// Checks the `-o` items as qemu-img's option parser does (known to the target's driver,
 /// a valid value of the option's type) and returns them with the values the driver
 /// takes (sizes and numbers in decimal, booleans as on/off).
-fn check_create_options(driver: &dyn vdisk_block::Format, list: &str) -> Result<String, Failure> {
-    use super::option_help::{check_value, key_value, kind};
-    let known: Vec<&str> = driver
+fn check_create_options(
+    driver: &dyn vdisk_block::Format,
+    target: &Path,
+    list: &str,
+) -> Result<String, Failure> {
+    use super::option_help::{check_value, key_value, kind, protocol_extras};
+    let mut known: Vec<&str> = driver
         .create_options_help()
         .iter()
         .map(|(n, _)| *n)
         .collect();
+    let extras = protocol_extras(driver);
+    known.extend(&extras);
     let mut out = Vec::new();
     for item in vdisk_block::format::split_option_list(list)
         .iter()
@@ -613,6 +620,31 @@ fn check_create_options(driver: &dyn vdisk_block::Format, list: &str) -> Result<
         }
         let checked = check_value(&key, kind(driver.name(), &key), &value)
             .map_err(|f| Failure::new(f.qemu, format!("convert: {}", f.vdisk)))?;
+        if extras.contains(&key.as_str()) {
+            // The file protocol's option, which has no effect on this format's file; qemu
+            // checks its value when it creates the file.
+            let fail = |why: &str| {
+                let t = target.display();
+                Failure::new(
+                    format!("{t}: error while converting {}: {why}", driver.name()),
+                    format!("convert: option {key}: {why}"),
+                )
+            };
+            match (key.as_str(), checked.value.as_str()) {
+                ("preallocation", "off" | "falloc" | "full") => {}
+                ("preallocation", "metadata") => {
+                    return Err(fail("Unsupported preallocation mode: metadata"))
+                }
+                ("preallocation", other) => {
+                    return Err(fail(&format!("invalid parameter value: {other}")))
+                }
+                ("extent_size_hint", v) if v.parse::<u64>().unwrap_or(0) > u64::from(u32::MAX) => {
+                    return Err(fail("Extent size hint is too large"))
+                }
+                _ => {}
+            }
+            continue;
+        }
         out.push(format!("{key}={}", checked.value.replace(',', ",,")));
     }
     Ok(out.join(","))

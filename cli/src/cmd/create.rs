@@ -162,6 +162,7 @@ fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
         size,
         ..CreateOptions::default()
     };
+    let extras = option_help::protocol_extras(driver);
     for o in opts.iter().filter(|o| o.key != "size") {
         if o.key == "preallocation"
             && !["off", "metadata", "falloc", "full"].contains(&o.value.as_str())
@@ -180,6 +181,18 @@ fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
                 format!("{name}: Extent size hint is too large"),
                 format!("create '{name}': the extent size hint must be below 4 GiB"),
             ));
+        }
+        if extras.contains(&o.key.as_str()) {
+            // The file protocol's option, which has no effect on this format's file.
+            if o.value == "metadata" {
+                return Err(Failure::new(
+                    format!("{name}: Unsupported preallocation mode: metadata"),
+                    format!(
+                        "create '{name}': preallocation=metadata needs a format with metadata to preallocate (use off, falloc or full)"
+                    ),
+                ));
+            }
+            continue;
         }
         create_options
             .options
@@ -276,11 +289,12 @@ fn backing_options(
 
 /// Checks each `-o` item: known to the driver, and a valid value of its type.
 fn check_options(name: &str, driver: &dyn Format, items: &[String]) -> Result<Vec<Opt>, Failure> {
-    let known: Vec<&str> = driver
+    let mut known: Vec<&str> = driver
         .create_options_help()
         .iter()
         .map(|(n, _)| *n)
         .collect();
+    known.extend(option_help::protocol_extras(driver));
     let mut out: Vec<Opt> = Vec::new();
     for item in items.iter().filter(|i| !i.is_empty()) {
         let (key, value) = option_help::key_value(item);
@@ -322,6 +336,12 @@ fn formatting_line(name: &str, driver: &dyn Format, size: u64, opts: &[Opt]) -> 
             line.push_str(&format!(" {}={}", o.key, o.shown));
         } else if let Some(default) = default {
             line.push_str(&format!(" {key}={default}"));
+        }
+    }
+    // The file protocol's options follow the format's, as in qemu.
+    for key in option_help::protocol_extras(driver) {
+        if let Some(o) = opts.iter().find(|o| o.key == key) {
+            line.push_str(&format!(" {}={}", o.key, o.shown));
         }
     }
     line.push('\n');

@@ -239,6 +239,18 @@ fn qemu_format_options(format: &str) -> &'static [QemuOption] {
     }
 }
 
+/// The file protocol's options that `driver` does not take itself, in the order qemu's
+/// `Formatting` line shows them. qemu accepts them for every format and, for a format
+/// that stores its data in its own layout (vmdk, vhdx, vpc), they change nothing, so vdisk
+/// checks them and leaves them out of what the driver sees.
+pub(crate) fn protocol_extras(driver: &dyn Format) -> Vec<&'static str> {
+    let own = driver.create_options_help();
+    ["nocow", "preallocation", "extent_size_hint"]
+        .into_iter()
+        .filter(|n| own.iter().all(|(o, _)| o != n))
+        .collect()
+}
+
 /// How qemu types option `name` of `format`; options qemu does not have are text.
 pub(crate) fn kind(format: &str, name: &str) -> Kind {
     qemu_format_options(format)
@@ -278,11 +290,23 @@ pub(crate) fn render<'a>(
 pub(crate) fn create_help(ctx: &Ctx, driver: &dyn Format, with_file: bool) -> String {
     let format = driver.name();
     if !ctx.dropin {
-        // vdisk has no protocol layer: the driver's list is everything it accepts.
+        // vdisk has no protocol layer: the driver's list and the file protocol's options
+        // it checks and ignores are everything it accepts.
         let options = driver.create_options_help();
+        let extras: Vec<(&str, Kind, String)> = protocol_extras(driver)
+            .into_iter()
+            .filter_map(|n| FILE.iter().find(|f| f.name == n))
+            .map(|f| {
+                let text = format!("{} (accepted; no effect on {format} images)", f.text);
+                (f.name, f.kind, text)
+            })
+            .collect();
         return render(
             &format!("Supported {format} options:"),
-            options.iter().map(|(n, t)| (*n, kind(format, n), *t)),
+            options
+                .iter()
+                .map(|(n, t)| (*n, kind(format, n), *t))
+                .chain(extras.iter().map(|(n, k, t)| (*n, *k, t.as_str()))),
             "",
         );
     }
