@@ -24,6 +24,10 @@ use crate::snapshot;
 /// than allocating without bound.
 pub const MAX_TRACKED_CLUSTERS: u64 = 1 << 25;
 
+/// How far past the end of the file (beyond doubling it) `check -r all` grows the file
+/// to hold a refcount block there.
+const GROW_SLACK: u64 = 1 << 30;
+
 /// Bound on one bitmap table (QEMU allows 2^27 entries; 64 MiB covers far more than any
 /// image of the allowed sizes needs).
 const MAX_BITMAP_TABLE_BYTES: u64 = 64 << 20;
@@ -33,8 +37,11 @@ const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
 struct Counter<'a> {
     file: &'a HostFile,
-    /// The image file's length when the check began.
+    /// The image file's length (when the check began, or after a repair grew it).
     file_len: u64,
+    /// True when `file` is writable and a refcount block past the end of the file may be
+    /// repaired by growing the file (qemu's `check_refblocks` with `BDRV_FIX_ERRORS`).
+    grow: bool,
     header: &'a Header,
     refs: Vec<u32>,
     report: CheckReport,
@@ -360,9 +367,31 @@ impl Counter<'_> {
                 continue;
             }
             let cluster = offset >> self.header.cluster_bits;
-            let file_clusters = self.file.len().unwrap_or(0).div_ceil(cs);
-            if cluster >= file_clusters {
-                self.error(format!("ERROR refcount block {i} is outside image"));
+            // "Outside" is judged against the clusters tracked so far, as qemu's
+            // `nb_clusters`: the file's clusters, plus one where a reference reaches into a
+            // partly written last cluster, plus what earlier repairs here grew.
+            if cluster >= self.refs.len() as u64 {
+                if !self.grow {
+                    self.error(format!("ERROR refcount block {i} is outside image"));
+                    continue;
+                }
+                self.report
+                    .messages
+                    .push(format!("Repairing refcount block {i} is outside image"));
+                match self.grow_for_block(offset) {
+                    Ok(()) => {
+                        self.report.corruptions_fixed += 1;
+                        // The new cluster reads as zeroes: its only reference is this one.
+                        self.inc(offset, cs);
+                    }
+                    Err(why) => {
+                        self.report.corruptions += 1;
+                        self.report
+                            .messages
+                            .push(format!("ERROR could not resize image: {why}"));
+                        self.rebuild = true;
+                    }
+                }
                 continue;
             }
             self.inc(offset, cs);
@@ -374,6 +403,45 @@ impl Counter<'_> {
                 self.rebuild = true;
             }
         }
+    }
+
+    /// Grows the file to hold the refcount block at `offset` (qemu truncates to `offset +
+    /// cluster_size`) and tracks its new clusters; on failure, the reason in qemu's words.
+    fn grow_for_block(&mut self, offset: u64) -> std::result::Result<(), String> {
+        let cs = self.cs();
+        const EINVAL: &str = "Invalid argument";
+        if offset > i64::MAX as u64 - cs {
+            return Err(EINVAL.to_string());
+        }
+        let new_len = offset + cs;
+        // vdisk's own bound, where qemu grows the file as far as the file system lets it
+        // and tracks every cluster in memory: a block far past the end (twice the file's
+        // length and 1 GiB more) is hostile, not a cut-off tail, and tracking up to it
+        // would take memory without bound. It is refused before the file is touched, as a
+        // failed resize: the refcount structure is rebuilt without it instead.
+        let bound = self
+            .file_len
+            .saturating_mul(2)
+            .max(self.file_len.saturating_add(GROW_SLACK));
+        if new_len > bound || new_len.div_ceil(cs) > MAX_TRACKED_CLUSTERS {
+            return Err("File too large".to_string());
+        }
+        self.file
+            .set_len(new_len)
+            .map_err(|e| e.message().to_string())?;
+        let len = self.file.len().map_err(|e| e.message().to_string())?;
+        self.file_len = len;
+        let clusters = len.div_ceil(cs);
+        if clusters > MAX_TRACKED_CLUSTERS {
+            return Err("File too large".to_string());
+        }
+        if self.refs.len() < clusters as usize {
+            self.refs.resize(clusters as usize, 0);
+        }
+        if offset >> self.header.cluster_bits >= self.refs.len() as u64 {
+            return Err(EINVAL.to_string());
+        }
+        Ok(())
     }
 
     /// Compares references with on-disk refcounts; returns the highest used cluster.
@@ -420,14 +488,32 @@ impl Counter<'_> {
 /// stops with qemu's "need to rebuild" error in [`CheckReport::failed`].
 pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<CheckReport> {
     crate::crypto::require_key(path, options)?;
-    let counted = {
-        let file = HostFile::open(path, false, options.cache, options.engine)?;
-        count(path, &file)?
+    // qemu-img check -r all repairs a refcount block past the end of the file while it
+    // counts (by growing the file), so that count runs on the writable file.
+    let writable = if repair == RepairMode::All {
+        Some(HostFile::open(path, true, options.cache, options.engine)?)
+    } else {
+        None
+    };
+    let counted = match &writable {
+        Some(file) => count(path, file, true)?,
+        None => {
+            let file = HostFile::open(path, false, options.cache, options.engine)?;
+            count(path, &file, false)?
+        }
     };
     if repair == RepairMode::None {
         return Ok(counted.report);
     }
-    let file = HostFile::open(path, true, options.cache, options.engine)?;
+    if counted.report.corruptions_fixed > 0 {
+        if let Some(file) = &writable {
+            file.flush()?;
+        }
+    }
+    let file = match writable {
+        Some(file) => file,
+        None => HostFile::open(path, true, options.cache, options.engine)?,
+    };
     let header = crate::image::read_header(&file, file.len()?).map_err(|e| e.with_path(path))?;
     if header.incompatible_features & crate::header::incompat::CORRUPT != 0
         && repair != RepairMode::All
@@ -441,7 +527,17 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
     if counted.rebuild {
         return rebuild_and_check(path, options, &file, &header, counted, repair);
     }
-    let (before, refs) = (counted.report, counted.refs);
+    let Counted {
+        report: before,
+        copied,
+        refs,
+        ..
+    } = counted;
+    // qemu checks the COPIED flags once the refcounts are repaired (below), so the first
+    // pass's findings about them are not printed.
+    let mut messages = before.messages;
+    messages.truncate(messages.len() - copied);
+    let (mut leaks_fixed, mut corruptions_fixed) = (0u64, 0u64);
     let mut rc = Refcounts::load(&file, &header).map_err(|e| e.with_path(path))?;
     // References may point past the end of the file; refcount blocks this repair creates
     // must not land on those clusters either.
@@ -474,31 +570,55 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
         if fix && !own {
             rc.set(&file, cluster, reference)
                 .map_err(|e| e.with_path(path))?;
+            if on_disk > reference {
+                leaks_fixed += 1;
+            } else {
+                corruptions_fixed += 1;
+            }
         }
     }
     rc.write_dirty(&file)?;
     file.flush()?;
-    finish_repair(path, options, &file, &header, repair)?;
+    messages.append(&mut repairs);
+    // The COPIED flags against the repaired refcounts, as qemu's check_oflag_copied: `All`
+    // repairs them; `Leaks` only where nothing else is left wrong (the refcounts are then
+    // known to be right).
+    let settled = count(path, &file, false)?;
+    let found = &settled.report.messages[settled.report.messages.len() - settled.copied..];
+    let others = settled.report.corruptions - settled.copied as u64
+        + settled.report.leaks
+        + settled.report.check_errors;
+    let fix_copied = !found.is_empty() && (repair == RepairMode::All || others == 0);
+    messages.extend(found.iter().map(|m| {
+        if fix_copied {
+            m.replacen("ERROR", "Repairing", 1)
+        } else {
+            m.clone()
+        }
+    }));
+    if fix_copied {
+        corruptions_fixed += settled.copied as u64;
+    }
+    finish_repair(path, options, &file, &header, repair, fix_copied)?;
     drop(file);
     let file = HostFile::open(path, false, options.cache, options.engine)?;
-    let mut after = count(path, &file)?.report;
-    after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
-    after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
-    let mut messages = before.messages;
-    messages.append(&mut repairs);
-    messages.append(&mut after.messages);
+    // What this second count finds was printed above (qemu does not count again).
+    let mut after = count(path, &file, false)?.report;
+    after.leaks_fixed = leaks_fixed;
+    after.corruptions_fixed = before.corruptions_fixed + corruptions_fixed;
     after.messages = messages;
     Ok(after)
 }
 
-/// Clears the dirty bit (and with `All` the corrupt bit) and, with `All`, sets the COPIED
-/// flags from the now correct refcounts.
+/// Clears the dirty bit (and with `All` the corrupt bit) and, with `All` or `copied`, sets
+/// the COPIED flags from the now correct refcounts.
 fn finish_repair(
     path: &Path,
     options: &OpenOptions,
     file: &HostFile,
     header: &Header,
     repair: RepairMode,
+    copied: bool,
 ) -> Result<()> {
     let clear = crate::header::incompat::DIRTY
         | if repair == RepairMode::All {
@@ -511,7 +631,7 @@ fn finish_repair(
         file.write_at(&features.to_be_bytes(), 72)?;
         file.flush()?;
     }
-    if repair == RepairMode::All {
+    if repair == RepairMode::All || copied {
         let rw = OpenOptions {
             writable: true,
             no_backing: true,
@@ -561,7 +681,7 @@ fn rebuild_and_check(
     let header = crate::image::read_header(file, file.len()?).map_err(|e| e.with_path(path))?;
     // The old refcount table and blocks are counted in the new structure but no longer
     // referenced: leaks, fixed (and discarded) at once as qemu does.
-    let recount = count(path, file)?;
+    let recount = count(path, file, false)?;
     let mut rc = Refcounts::load(file, &header).map_err(|e| e.with_path(path))?;
     let mut freed = Vec::new();
     for (cluster, &reference) in recount.refs.iter().enumerate() {
@@ -593,7 +713,7 @@ fn rebuild_and_check(
         let _ = file.punch_hole(cluster * cs, cs);
     }
     // The COPIED flags qemu then repairs, in its words.
-    let settled = count(path, file)?;
+    let settled = count(path, file, false)?;
     let fixed_copied = settled.copied as u64;
     let report_messages = &settled.report.messages;
     messages.extend(
@@ -601,12 +721,14 @@ fn rebuild_and_check(
             .iter()
             .map(|m| m.replacen("ERROR", "Repairing", 1)),
     );
-    finish_repair(path, options, file, &header, repair)?;
+    finish_repair(path, options, file, &header, repair, true)?;
     let reader = HostFile::open(path, false, options.cache, options.engine)?;
-    let mut after = count(path, &reader)?.report;
+    let mut after = count(path, &reader, false)?.report;
     // As qemu counts: what the counting pass still finds stays, the rest was fixed.
     let still = recount.report.corruptions - recount.copied as u64;
-    after.corruptions_fixed = corruptions.saturating_sub(still) + fixed_copied;
+    // A refcount block past the end that was repaired by growing the file counts too.
+    after.corruptions_fixed =
+        corruptions.saturating_sub(still) + fixed_copied + before.corruptions_fixed;
     after.leaks_fixed = before.leaks;
     messages.append(&mut after.messages);
     after.messages = messages;
@@ -759,8 +881,10 @@ fn write_refblocks(
     Ok(grew)
 }
 
-/// Counts references in the image open as `file`.
-fn count(path: &Path, file: &HostFile) -> Result<Counted> {
+/// Counts references in the image open as `file`. With `grow` (`file` open for writing,
+/// `check -r all`), a refcount block past the end of the file is repaired as qemu does:
+/// the file grows to hold it.
+fn count(path: &Path, file: &HostFile, grow: bool) -> Result<Counted> {
     let file_len = file.len()?;
     let header = crate::image::read_header(file, file_len).map_err(|e| e.with_path(path))?;
     let cs = header.cluster_size();
@@ -781,6 +905,7 @@ fn count(path: &Path, file: &HostFile) -> Result<Counted> {
     let mut c = Counter {
         file,
         file_len,
+        grow,
         header: &header,
         refs: vec![0; file_clusters as usize],
         report: CheckReport::default(),
@@ -898,7 +1023,7 @@ mod tests {
 
         let file = HostFile::open(&path, false, CacheMode::Writeback, EngineChoice::Sync)
             .expect("open file");
-        let Counted { report, refs, .. } = count(&path, &file).expect("count");
+        let Counted { report, refs, .. } = count(&path, &file, false).expect("count");
         assert!(report.corruptions >= 1, "{report:?}");
         assert!(
             report
