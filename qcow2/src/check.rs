@@ -203,9 +203,8 @@ impl Counter<'_> {
                     l2 >> self.header.cluster_bits,
                 );
             }
-            if !self.table_in_file("L2 table", l2, cs) {
-                continue;
-            }
+            // An L2 table past the end of the file reads as zeroes, as qemu's file reads
+            // do: the reference above already reported it as a corruption.
             self.l2(l2, active)?;
         }
         Ok(())
@@ -216,7 +215,13 @@ impl Counter<'_> {
         let cs = self.cs();
         let ext = h.extended_l2();
         let width = if ext { 2 } else { 1 };
-        let table = read_u64s(self.file, l2_offset, cs / 8)?;
+        let mut raw = vec![0u8; cs as usize];
+        let inside = self.file.len()?.saturating_sub(l2_offset).min(cs) as usize;
+        self.file.read_at(&mut raw[..inside], l2_offset)?;
+        let table: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
         let mut next_contiguous = 0u64;
         for i in 0..h.l2_entries() as usize {
             let entry = table[i * width];
@@ -538,6 +543,7 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
     let mut messages = before.messages;
     messages.truncate(messages.len() - copied);
     let (mut leaks_fixed, mut corruptions_fixed) = (0u64, 0u64);
+    let mut freed = Vec::new();
     let mut rc = Refcounts::load(&file, &header).map_err(|e| e.with_path(path))?;
     // References may point past the end of the file; refcount blocks this repair creates
     // must not land on those clusters either.
@@ -572,6 +578,9 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
                 .map_err(|e| e.with_path(path))?;
             if on_disk > reference {
                 leaks_fixed += 1;
+                if reference == 0 {
+                    freed.push(cluster);
+                }
             } else {
                 corruptions_fixed += 1;
             }
@@ -579,6 +588,12 @@ pub fn check(path: &Path, options: &OpenOptions, repair: RepairMode) -> Result<C
     }
     rc.write_dirty(&file)?;
     file.flush()?;
+    let cs = header.cluster_size();
+    for cluster in freed {
+        // Only once its refcount of 0 is on disk; best effort, as qemu's discard of a
+        // cluster freed by the repair (the bytes may stay).
+        let _ = file.punch_hole(cluster * cs, cs);
+    }
     messages.append(&mut repairs);
     // The COPIED flags against the repaired refcounts, as qemu's check_oflag_copied: `All`
     // repairs them; `Leaks` only where nothing else is left wrong (the refcounts are then

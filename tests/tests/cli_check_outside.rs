@@ -92,6 +92,12 @@ fn setup(dir: &Path) {
     edit("huge.qcow2", &|b| {
         put64(b, table + 8, 0x7fff_ffff_ffff_0000)
     });
+    // The L1 entry names an L2 table past the end of the file: qemu reads it as zeroes,
+    // reports the reference as a corruption and the old L2 table and data as leaks.
+    edit("l2past.qcow2", &|b| {
+        let l1 = be64(b, 40);
+        put64(b, l1, (1 << 63) | (16 << 16));
+    });
     // No block outside, but guest cluster 5 shares host cluster 5 with guest cluster 0:
     // refcount 1 for 2 references; the COPIED flags are wrong only once it is 2.
     edit("shared.qcow2", &|b| {
@@ -210,6 +216,19 @@ fn refcount_blocks_outside_the_image_are_reported_and_repaired_as_qemu_does() {
                 ok(&same, "compare with the undamaged image");
             }
         }
+    }
+    // An L2 table past the end: the report, and -r leaks freeing (and discarding) the
+    // clusters nothing references any more, as qemu does.
+    for (i, args) in [
+        vec!["check", "l2past.qcow2"],
+        vec!["check", "--output=json", "l2past.qcow2"],
+        vec!["check", "-r", "leaks", "l2past.qcow2"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (r, _) = b.same(&format!("l2past{i}"), args, "l2past.qcow2");
+        assert_eq!(r.code, 2, "{args:?}: {r:?}");
     }
     // The messages that only -r all prints, as qemu prints them.
     let (r, _) = b.same(
