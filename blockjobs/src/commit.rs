@@ -21,7 +21,6 @@ pub mod empty;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use vdisk_block::format::ImageOpener;
@@ -356,20 +355,12 @@ pub fn commit(
         dirty: plan.total(),
         ..CommitStats::default()
     };
-    let rate = options.rate.filter(|&r| r > 0);
-    let started = Instant::now();
+    let rate = crate::rate::RateLimit::new(options.rate);
     let g = plan.granularity;
     let mut buf = AlignedBuf::zeroed(MAX_IO_BYTES as usize, 4096);
     for &(start, end) in &plan.runs {
         let mut offset = start;
         while offset < end {
-            if let Some(rate) = rate {
-                // QEMU's limiter lets a request go once the bytes before it were due.
-                let due = Duration::from_secs_f64(stats.copied as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-            }
             let left = end - offset;
             let entry = chain_status(top, offset, left)?;
             let mut n = entry.length.min(left);
@@ -394,6 +385,9 @@ pub fn commit(
                 Method::Copy => {
                     // A copy covers at most one buffer; what is left of the run comes next.
                     let n = n.min(MAX_IO_BYTES);
+                    if let Some(rate) = &rate {
+                        rate.admit(n);
+                    }
                     let data = &mut buf.as_mut_slice()[..n as usize];
                     top.read_at(data, offset)?;
                     base.write_at(data, offset)?;

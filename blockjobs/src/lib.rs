@@ -6,6 +6,7 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod map;
+pub mod rate;
 pub mod registry;
 
 pub use registry::{format_by_name, formats, open_image, probe};

@@ -45,7 +45,17 @@ fn inflate_with(d: &mut Decompress, input: &[u8], out: &mut [u8], guest: u64) ->
     d.reset(false);
     match d.decompress(input, out, FlushDecompress::Finish) {
         Ok(Status::StreamEnd) | Ok(Status::Ok) | Ok(Status::BufError) => {}
-        Err(e) => return Err(broken(guest, e.to_string())),
+        Err(e) => {
+            // zlib-rs reports the state it was left in rather than the cause when a
+            // finishing call runs into corrupt data; say what it means.
+            let text = e.to_string();
+            let text = if text.contains("bad state") {
+                "the deflate data is invalid".to_string()
+            } else {
+                text
+            };
+            return Err(broken(guest, text));
+        }
     }
     let produced = d.total_out();
     if produced != out.len() as u64 {

@@ -77,6 +77,12 @@ pub struct ConvertOptions {
     /// With [`Self::target_has_backing`], the backing file's size when known (qemu-img
     /// knows it for a new target only): zero ranges at or past it are left unallocated.
     pub target_backing_size: Option<u64>,
+    /// Read errors of the sources do not stop the copy (`--salvage`): a failed read is
+    /// retried sector by sector, and each sector that still fails is written as zeroes
+    /// and reported through [`Progress::salvaged`].
+    pub salvage: bool,
+    /// Bytes per second the data copies may go at (`-r`); `None` or 0: no limit.
+    pub rate: Option<u64>,
 }
 
 impl Default for ConvertOptions {
@@ -90,6 +96,8 @@ impl Default for ConvertOptions {
             compress: false,
             target_has_backing: false,
             target_backing_size: None,
+            salvage: false,
+            rate: None,
         }
     }
 }
@@ -126,6 +134,12 @@ pub trait Progress: Sync {
     /// What the calls to [`Progress::advance`] will add up to.
     fn set_total(&self, total: u64) {
         let _ = total;
+    }
+
+    /// With [`ConvertOptions::salvage`]: the 512-byte sector at guest `offset` (of the
+    /// sources, concatenated) could not be read and is written as zeroes.
+    fn salvaged(&self, offset: u64, err: &Error) {
+        let _ = (offset, err);
     }
 }
 
@@ -279,6 +293,7 @@ pub fn convert(
         order: WriteOrder::new(!options.out_of_order, workers),
         error: Mutex::new(None),
         counters: Counters::default(),
+        rate: crate::rate::RateLimit::new(options.rate),
     };
     std::thread::scope(|scope| {
         for _ in 0..workers {
@@ -329,6 +344,38 @@ fn counts_for_progress(kind: ChunkKind, options: &ConvertOptions) -> bool {
     }
 }
 
+/// The unit `--salvage` retries a failed read in, as qemu-img does.
+const SALVAGE_SECTOR: usize = 512;
+
+/// A failed source read as the convert reports it: op `read` at guest `offset` (of the
+/// sources concatenated), with the driver's error kept as its cause.
+fn read_failure(err: Error, offset: u64) -> Error {
+    Error::new(err.kind(), "read", err.to_string())
+        .at_offset(offset)
+        .with_source(err)
+}
+
+/// Where in `data` (read from `src_offset`) the first source cluster lies that cannot be
+/// read, reading cluster by cluster; `None` when every piece reads on its own.
+fn first_failing_cluster(source: &dyn BlockDev, data: &mut [u8], src_offset: u64) -> Option<u64> {
+    let cluster = source
+        .info()
+        .ok()
+        .and_then(|info| info.cluster_size)
+        .filter(|&c| c >= SALVAGE_SECTOR as u64)?;
+    let end = src_offset + data.len() as u64;
+    let mut at = src_offset;
+    while at < end {
+        let next = (at / cluster + 1).saturating_mul(cluster).min(end);
+        let piece = data.get_mut((at - src_offset) as usize..(next - src_offset) as usize)?;
+        if source.read_at(piece, at).is_err() {
+            return Some(at - src_offset);
+        }
+        at = next;
+    }
+    None
+}
+
 /// Aborts the in-order writes if dropped while its thread unwinds.
 struct AbortOnUnwind<'a>(&'a WriteOrder);
 
@@ -354,6 +401,7 @@ struct Job<'a> {
     order: WriteOrder,
     error: Mutex<Option<Error>>,
     counters: Counters,
+    rate: Option<crate::rate::RateLimit>,
 }
 
 impl Job<'_> {
@@ -450,7 +498,10 @@ impl Job<'_> {
                 let data = buf.get_mut(..len).ok_or_else(|| {
                     Error::invalid("convert", "chunk larger than the worker's buffer")
                 })?;
-                source.read_at(data, chunk.src_offset)?;
+                if let Some(rate) = &self.rate {
+                    rate.admit(chunk.len);
+                }
+                self.read_source(source.as_ref(), data, chunk)?;
                 self.counters.read.fetch_add(chunk.len, Ordering::Relaxed);
                 if let Some(unit) = self.unit {
                     let packed = self.compress_units(data, unit)?;
@@ -472,6 +523,28 @@ impl Job<'_> {
             self.progress.advance(chunk.len);
         }
         self.order.done(chunk.seq);
+        Ok(())
+    }
+
+    /// Reads a data chunk. A failure names the guest offset of the sources concatenated
+    /// (the target offset) of the first source cluster that cannot be read, which is
+    /// where qemu-img's per-cluster requests of a compressed image fail; with `--salvage`
+    /// the chunk is read again sector by sector and unreadable sectors become zeroes.
+    fn read_source(&self, source: &dyn BlockDev, data: &mut [u8], chunk: &Chunk) -> Result<()> {
+        let Err(err) = source.read_at(data, chunk.src_offset) else {
+            return Ok(());
+        };
+        if !self.options.salvage {
+            let at = first_failing_cluster(source, data, chunk.src_offset).unwrap_or(0);
+            return Err(read_failure(err, chunk.dst_offset + at));
+        }
+        for (i, sector) in data.chunks_mut(SALVAGE_SECTOR).enumerate() {
+            let at = (i * SALVAGE_SECTOR) as u64;
+            if let Err(err) = source.read_at(sector, chunk.src_offset + at) {
+                sector.fill(0);
+                self.progress.salvaged(chunk.dst_offset + at, &err);
+            }
+        }
         Ok(())
     }
 

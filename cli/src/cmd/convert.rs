@@ -12,7 +12,7 @@ use clap::Args;
 use vdisk_block::{
     BlockDev, CacheMode, CreateOptions, EngineChoice, Error, ErrorKind, OpenOptions,
 };
-use vdisk_blockjobs::convert::{self, ConvertOptions, MAX_PARALLEL};
+use vdisk_blockjobs::convert::{self, ConvertOptions};
 use vdisk_blockjobs::{format_by_name, open_image};
 
 use crate::context::{create_failure, open_failure, Failure};
@@ -23,63 +23,84 @@ use crate::Ctx;
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Format of the source image(s); probed when absent.
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "source-format", value_name = "FMT")]
     pub source_format: Option<String>,
-    /// Format of the target image.
-    #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
-    pub target_format: String,
+    /// Format of the target image (default raw; with --target-image-opts the options name
+    /// the driver).
+    #[arg(short = 'O', long = "target-format", value_name = "OUTPUT_FMT")]
+    pub target_format: Option<String>,
     /// Make the new target an overlay of this backing file (qcow2 and VMDK targets): only
     /// what the source's top layer holds is copied, the rest is left to the backing file
-    #[arg(short = 'B', value_name = "BACKING_FILE")]
+    #[arg(short = 'B', long = "backing", value_name = "BACKING_FILE")]
     pub backing_file: Option<String>,
     /// Format of the -B backing file (required with -B when the target is created)
-    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     pub backing_format: Option<String>,
     /// Creation options of the target (`-o help` lists them); may repeat.
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', long = "target-options", value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Zero runs of at least this many bytes become holes (multiple of 512, up to 16M);
     /// 0 writes everything, leaving the target fully allocated.
-    #[arg(short = 'S', value_name = "SPARSE_SIZE")]
+    #[arg(short = 'S', long = "sparse-size", value_name = "SPARSE_SIZE")]
     pub sparse_size: Option<String>,
     /// The target exists already: do not create it (it must be at least as large as the
     /// source).
-    #[arg(short = 'n')]
+    #[arg(short = 'n', long = "no-create")]
     pub no_create: bool,
     /// Trust that the existing target reads as zeroes, so zero ranges are not written
     /// (requires -n).
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,
-    /// Parallel requests (default 8; up to 64, where qemu-img stops at 16).
-    #[arg(short = 'm', value_name = "NUM")]
+    /// Parallel requests (default 8, at most 16).
+    #[arg(short = 'm', long = "parallel", value_name = "NUM")]
     pub parallel: Option<String>,
     /// Allow out-of-order writes to the target.
-    #[arg(short = 'W')]
+    #[arg(short = 'W', long = "oob-writes")]
     pub out_of_order: bool,
     /// Cache mode of the target: writeback (default here: one fsync at the end), none
     /// (O_DIRECT), unsafe (no flush at all; qemu-img's default), writethrough, directsync.
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "target-cache", value_name = "CACHE")]
     pub target_cache: Option<String>,
     /// Cache mode of the source(s) (default writeback).
-    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
     pub source_cache: Option<String>,
     /// Show progress.
-    #[arg(short = 'p')]
+    #[arg(short = 'p', long = "progress")]
     pub progress: bool,
     /// Quiet: no progress, even with -p.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
     /// Name the image by options instead of a file name: driver=FMT,file.filename=PATH and
     /// driver options (e.g. disk=N to pick a disk of an OVA appliance)
-    #[arg(long = "image-opts")]
+    #[arg(long = "image-opts", visible_alias = "source-image-opts")]
     pub image_opts: bool,
+    /// Name the existing target (requires -n) by options, as --image-opts names a source:
+    /// driver=FMT,file.filename=PATH
+    #[arg(long = "target-image-opts")]
+    pub target_image_opts: bool,
     /// Open the source(s) without taking locks (shared with a running VM).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// Compress the target's clusters (qcow2 with zlib or zstd as the image's
     /// compression_type says; VMDK takes the option, and streamOptimized always compresses)
-    #[arg(short = 'c')]
+    #[arg(short = 'c', long = "compress")]
     pub compress: bool,
+    /// Keep going when the source cannot be read: unreadable 512-byte sectors are written
+    /// as zeroes, each with a warning (for rescuing what is left of a failing disk)
+    #[arg(long = "salvage")]
+    pub salvage: bool,
+    /// Limit the data copied to this many bytes per second (suffixes k, M, G, ... allowed)
+    #[arg(
+        short = 'r',
+        long = "rate",
+        value_name = "RATE",
+        allow_hyphen_values = true
+    )]
+    pub rate: Option<String>,
+    /// Offload the copy to the host (copy_file_range); not with -c or -S. vdisk copies
+    /// through its own engine either way, which already skips holes and zeroes
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    pub copy_range: bool,
     /// Copy an internal snapshot of the source instead of its current contents: a name or
     /// id (ids are tried first), or snapshot.id=ID[,snapshot.name=NAME] (both must match)
     #[arg(short = 'l', long = "source-snapshot", value_name = "SNAPSHOT_PARAMS")]
@@ -138,6 +159,9 @@ struct Settings {
     snapshot: Option<super::snapshot::SourceSnapshot>,
 }
 
+/// qemu-img's bound on `-m`.
+const QEMU_MAX_COROUTINES: usize = 16;
+
 fn parse(ctx: &Ctx, args: &ConvertArgs) -> Result<Settings, Failure> {
     if args.skip_broken_bitmaps && !args.bitmaps {
         return Err(Failure::new(
@@ -147,25 +171,6 @@ fn parse(ctx: &Ctx, args: &ConvertArgs) -> Result<Settings, Failure> {
     }
     let snapshot =
         super::snapshot::parse_source_snapshot(ctx, &args.snapshot, &args.snapshot_id_or_name)?;
-    if args.files.len() < 2 {
-        return Err(Failure::new(
-            "Must specify image file name",
-            "convert: name the source image(s) and then the target",
-        ));
-    }
-    let (target, sources) = match args.files.split_last() {
-        Some((t, s)) => (t.clone(), s.to_vec()),
-        None => return Err(Failure::same("Must specify image file name")),
-    };
-    if args.target_is_zero && !args.no_create {
-        return Err(Failure::same("--target-is-zero requires use of -n flag"));
-    }
-    let create_options = args.options.join(",");
-    if args.no_create && !create_options.is_empty() {
-        return Err(Failure::same(
-            "-o has no effect when skipping image creation",
-        ));
-    }
     let min_sparse = match &args.sparse_size {
         None => convert::DEFAULT_MIN_SPARSE,
         Some(text) => {
@@ -181,13 +186,61 @@ fn parse(ctx: &Ctx, args: &ConvertArgs) -> Result<Settings, Failure> {
     let parallel = match &args.parallel {
         None => convert::DEFAULT_PARALLEL,
         Some(text) => match text.parse::<usize>() {
-            Ok(n) if (1..=MAX_PARALLEL).contains(&n) => n,
+            Ok(n) if (1..=QEMU_MAX_COROUTINES).contains(&n) => n,
             _ => {
                 return Err(Failure::same(format!(
-                    "Invalid number of coroutines specified. Must be between 1 and {MAX_PARALLEL}."
+                    "Invalid number of coroutines specified. Must be between 1 and {QEMU_MAX_COROUTINES}."
                 )))
             }
         },
+    };
+    let rate = match args.rate.as_deref() {
+        None => None,
+        Some(text) => Some(crate::context::parse_size_arg("rate limit", text)?),
+    };
+    // qemu-img's checks of the options against each other, in its order.
+    if args.copy_range && args.compress {
+        return Err(Failure::new(
+            "Cannot enable copy offloading when -c is used",
+            "convert: -C (copy offloading) and -c (compression) exclude each other",
+        ));
+    }
+    if args.copy_range && args.sparse_size.is_some() {
+        return Err(Failure::new(
+            "Cannot enable copy offloading when -S is used",
+            "convert: -C (copy offloading) and -S exclude each other",
+        ));
+    }
+    if args.copy_range && args.salvage {
+        return Err(Failure::new(
+            "Cannot use copy offloading in salvaging mode",
+            "convert: -C (copy offloading) and --salvage exclude each other",
+        ));
+    }
+    if args.target_image_opts && !args.no_create {
+        return Err(Failure::new(
+            "--target-image-opts requires use of -n flag",
+            "convert: --target-image-opts names an existing target: add -n",
+        ));
+    }
+    let create_options = args.options.join(",");
+    if args.no_create && !create_options.is_empty() {
+        return Err(Failure::same(
+            "-o has no effect when skipping image creation",
+        ));
+    }
+    if args.target_is_zero && !args.no_create {
+        return Err(Failure::same("--target-is-zero requires use of -n flag"));
+    }
+    if args.files.len() < 2 {
+        return Err(Failure::new(
+            "Must specify image file name",
+            "convert: name the source image(s) and then the target",
+        ));
+    }
+    let (target, sources) = match args.files.split_last() {
+        Some((t, s)) => (t.clone(), s.to_vec()),
+        None => return Err(Failure::same("Must specify image file name")),
     };
     let cache = |text: &Option<String>| -> Result<CacheMode, Failure> {
         match text {
@@ -203,6 +256,8 @@ fn parse(ctx: &Ctx, args: &ConvertArgs) -> Result<Settings, Failure> {
             parallel,
             out_of_order: args.out_of_order,
             target_is_zero: args.target_is_zero,
+            salvage: args.salvage,
+            rate,
             ..ConvertOptions::default()
         },
         target_cache: cache(&args.target_cache)?,
@@ -214,8 +269,24 @@ fn parse(ctx: &Ctx, args: &ConvertArgs) -> Result<Settings, Failure> {
 
 fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     let mut settings = parse(ctx, args)?;
-    let driver = format_by_name(&args.target_format)
-        .map_err(|_| Failure::same(format!("Unknown file format '{}'", args.target_format)));
+    // With --target-image-opts the target is an options string; what it names (the file
+    // and its driver) stands in for the target file and -O from here on.
+    let target_spec = if args.target_image_opts {
+        Some(super::parse_image_opts(&settings.target.to_string_lossy())?)
+    } else {
+        None
+    };
+    let driver = match (&target_spec, &args.target_format) {
+        (Some(_), Some(_)) => Err(Failure::same(
+            "--image-opts and --format are mutually exclusive",
+        )),
+        (Some(spec), None) => super::image_opts_driver(&settings.target.to_string_lossy(), spec),
+        (None, format) => {
+            let format = format.as_deref().unwrap_or("raw");
+            format_by_name(format)
+                .map_err(|_| Failure::same(format!("Unknown file format '{format}'")))
+        }
+    };
     if settings
         .create_options
         .split(',')
@@ -296,7 +367,10 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     };
     settings.copy.target_has_backing = backing.is_some();
 
-    let target_path = settings.target.clone();
+    let target_path = match &target_spec {
+        Some(spec) => PathBuf::from(&spec.filename),
+        None => settings.target.clone(),
+    };
     // Without this, creating the target would truncate a source before it is read.
     if let Some(source) = settings
         .sources
@@ -336,8 +410,16 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
                 .filter(|(k, _)| driver.open_option_names().contains(&k.as_str())),
         );
     }
-    let target = open_image(&target_path, Some(driver.name()), &target_opts)
-        .map_err(|e| open_failure(&target_path.to_string_lossy(), &e))?;
+    let target = if args.target_image_opts {
+        let spec = super::OpenSpec {
+            image_opts: true,
+            ..super::OpenSpec::default()
+        };
+        super::open_with(&settings.target.to_string_lossy(), &spec, target_opts)?
+    } else {
+        open_image(&target_path, Some(driver.name()), &target_opts)
+            .map_err(|e| open_failure(&target_path.to_string_lossy(), &e))?
+    };
     if args.bitmaps {
         super::bitmap::convert_check_target(target.as_ref(), driver.name())?;
     }
@@ -360,7 +442,12 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
             .map(|b| b.size().checked_next_multiple_of(512).unwrap_or(b.size()));
     }
 
-    let result = convert::convert(&sources, target.as_ref(), &settings.copy, &progress);
+    let watched = Salvaging {
+        ctx,
+        progress: &progress,
+        quiet: args.quiet,
+    };
+    let result = convert::convert(&sources, target.as_ref(), &settings.copy, &watched);
     progress.finish(result.is_ok());
     result.map_err(|e| copy_failure(&e))?;
     if args.bitmaps {
@@ -573,10 +660,60 @@ fn self_overwrite_failure(source: &Path, target: &Path, format: &str, no_create:
     )
 }
 
+/// The progress of a copy, plus the warnings of `--salvage` as qemu-img prints them.
+struct Salvaging<'a> {
+    ctx: &'a Ctx,
+    progress: &'a ProgressReporter,
+    quiet: bool,
+}
+
+impl convert::Progress for Salvaging<'_> {
+    fn advance(&self, bytes: u64) {
+        self.progress.advance(bytes)
+    }
+
+    fn wants_total(&self) -> bool {
+        self.progress.wants_total()
+    }
+
+    fn set_total(&self, total: u64) {
+        self.progress.set_total(total)
+    }
+
+    fn salvaged(&self, offset: u64, err: &Error) {
+        if self.quiet {
+            return;
+        }
+        if self.ctx.dropin {
+            self.ctx.error(format_args!(
+                "warning: error while reading offset {offset}: {}",
+                qemu_read_error(err)
+            ));
+        } else {
+            self.ctx.error(format_args!(
+                "warning: convert: the source's 512 bytes at {offset} cannot be read \
+                 and are written as zeroes: {err}"
+            ));
+        }
+    }
+}
+
+/// How qemu words a failed read: a damaged image is an I/O error to it (EIO); an error of
+/// the host keeps its own text.
+fn qemu_read_error(err: &Error) -> String {
+    let cause = std::error::Error::source(err)
+        .and_then(|s| s.downcast_ref::<Error>())
+        .unwrap_or(err);
+    match cause.kind() {
+        ErrorKind::Io => cause.message().to_string(),
+        _ => "Input/output error".to_string(),
+    }
+}
+
 fn copy_failure(err: &Error) -> Failure {
     let at = err.offset().unwrap_or(0);
     let text = match err.op() {
-        "read" => format!("error while reading at byte {at}: {}", err.message()),
+        "read" => format!("error while reading at byte {at}: {}", qemu_read_error(err)),
         "write" | "write zeroes" | "write compressed" => format!(
             "error while writing at byte {at}: {}",
             crate::context::without_hint(err.message())

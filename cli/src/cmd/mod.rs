@@ -134,15 +134,7 @@ pub fn open_with(
     }
     let opts = parse_image_opts(name)?;
     let path = Path::new(&opts.filename);
-    let driver = match opts.driver.as_deref() {
-        Some(d) => vdisk_blockjobs::format_by_name(d).map_err(|_| {
-            Failure::new(
-                format!("Could not open '{name}': Unknown driver '{d}'"),
-                format!("cannot open '{name}': unknown format '{d}'"),
-            )
-        })?,
-        None => vdisk_blockjobs::probe(path).map_err(|e| open_failure(&opts.filename, &e))?,
-    };
+    let driver = image_opts_driver(name, &opts)?;
     if let Some(key) = opts
         .options
         .keys()
@@ -163,6 +155,24 @@ pub fn open_with(
     options.driver_options.extend(opts.options);
     vdisk_blockjobs::open_image(path, Some(driver.name()), &options)
         .map_err(|e| crate::context::open_failure_of(name, &opts.filename, &e))
+}
+
+/// The driver an `--image-opts` string `name` names, probed from its file when it names
+/// none.
+pub fn image_opts_driver(
+    name: &str,
+    opts: &ImageOpts,
+) -> Result<&'static dyn vdisk_block::Format, Failure> {
+    match opts.driver.as_deref() {
+        Some(d) => vdisk_blockjobs::format_by_name(d).map_err(|_| {
+            Failure::new(
+                format!("Could not open '{name}': Unknown driver '{d}'"),
+                format!("cannot open '{name}': unknown format '{d}'"),
+            )
+        }),
+        None => vdisk_blockjobs::probe(Path::new(&opts.filename))
+            .map_err(|e| open_failure(&opts.filename, &e)),
+    }
 }
 
 /// Writes `text` to stdout; a closed pipe is not worth a panic.
