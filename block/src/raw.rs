@@ -39,6 +39,10 @@ impl Format for RawFormat {
         Ok(Arc::new(RawImage::open(path, options)?))
     }
 
+    fn open_option_names(&self) -> &'static [&'static str] {
+        &[OFFSET_OPTION, SIZE_OPTION]
+    }
+
     fn create(&self, path: &Path, mut options: CreateOptions) -> Result<()> {
         let prealloc = options.take_preallocation()?;
         if prealloc == Preallocation::Metadata {
@@ -135,22 +139,92 @@ fn preallocate(file: &HostFile, from: u64, to: u64, prealloc: Preallocation) -> 
     }
 }
 
-/// An opened raw image.
+/// The open option that makes the image start at this byte of its file.
+const OFFSET_OPTION: &str = "offset";
+/// The open option that makes the image this many bytes long (fixed: it cannot be resized).
+const SIZE_OPTION: &str = "size";
+
+/// An opened raw image: the whole file, or the window of it that the `offset` and `size`
+/// open options choose (a partition inside a disk image, a disk inside an archive).
 #[derive(Debug)]
 pub struct RawImage {
     file: Arc<HostFile>,
+    /// Where guest byte 0 lives in the file.
+    start: u64,
     size: AtomicU64,
+    /// Whether `size` was given, which pins the guest size: qemu refuses to resize then.
+    fixed_size: bool,
     read_only: bool,
+}
+
+/// Reads the `offset`/`size` open option `key`, spelled as qemu spells sizes.
+fn window_option(options: &OpenOptions, key: &str) -> Result<Option<u64>> {
+    let Some(text) = options.driver_options.get(key) else {
+        return Ok(None);
+    };
+    if text.trim_start().starts_with('-') {
+        return Err(Error::invalid(
+            "open",
+            format!("Value '{text}' is out of range for parameter '{key}'"),
+        ));
+    }
+    crate::size::parse_size(text).map(Some).map_err(|_| {
+        Error::invalid(
+            "open",
+            format!(
+                "Parameter '{key}' expects a non-negative number below 2^64\n\
+                 Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                 and exabytes, respectively."
+            ),
+        )
+    })
+}
+
+/// The guest window `(start, size)` within a file of `file_len` bytes, checked as qemu's
+/// raw driver checks it.
+fn window(file_len: u64, offset: Option<u64>, size: Option<u64>) -> Result<(u64, u64)> {
+    let start = offset.unwrap_or(0);
+    if start > file_len {
+        return Err(Error::invalid(
+            "open",
+            format!(
+                "Offset ({start}) cannot be greater than size of the containing file ({file_len})"
+            ),
+        ));
+    }
+    let Some(size) = size else {
+        return Ok((start, file_len - start));
+    };
+    if size % 512 != 0 {
+        return Err(Error::invalid(
+            "open",
+            "Specified size is not multiple of 512",
+        ));
+    }
+    if start.checked_add(size).is_none_or(|end| end > file_len) {
+        // qemu's wording, its double space included, for scripts that match it.
+        return Err(Error::invalid(
+            "open",
+            format!(
+                "The sum of offset ({start}) and size ({size}) has to be smaller or equal to the  actual size of the containing file ({file_len})"
+            ),
+        ));
+    }
+    Ok((start, size))
 }
 
 impl RawImage {
     /// Opens `path` as a raw image.
     pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
+        let offset = window_option(options, OFFSET_OPTION).map_err(|e| e.with_path(path))?;
+        let fixed = window_option(options, SIZE_OPTION).map_err(|e| e.with_path(path))?;
         let file = HostFile::open(path, options.writable, options.cache, options.engine)?;
-        let size = file.len()?;
+        let (start, size) = window(file.len()?, offset, fixed).map_err(|e| e.with_path(path))?;
         Ok(RawImage {
             file: Arc::new(file),
+            start,
             size: AtomicU64::new(size),
+            fixed_size: fixed.is_some(),
             read_only: !options.writable,
         })
     }
@@ -179,13 +253,13 @@ impl BlockDev for RawImage {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range("read", self.size(), offset, buf.len() as u64)?;
-        self.file.read_at(buf, offset)
+        self.file.read_at(buf, self.start + offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable("write")?;
         check_range("write", self.size(), offset, buf.len() as u64)?;
-        self.file.write_at(buf, offset)
+        self.file.write_at(buf, self.start + offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
@@ -194,6 +268,7 @@ impl BlockDev for RawImage {
         if len == 0 {
             return Ok(());
         }
+        let offset = self.start + offset;
         let attempt = match mode {
             ZeroMode::MayUnmap => self.file.punch_hole(offset, len),
             ZeroMode::KeepAllocated => self.file.zero_range(offset, len),
@@ -216,7 +291,7 @@ impl BlockDev for RawImage {
             return Ok(());
         }
         // Discard is advisory; a file system that cannot punch holes keeps the data.
-        match self.file.punch_hole(offset, len) {
+        match self.file.punch_hole(self.start + offset, len) {
             Err(e) if matches!(e.kind(), ErrorKind::Unsupported | ErrorKind::InvalidInput) => {
                 Ok(())
             }
@@ -244,17 +319,22 @@ impl BlockDev for RawImage {
             compressed: false,
             host: Some(HostLocation {
                 file: self.file.path().to_path_buf(),
-                offset,
+                offset: self.start + offset,
             }),
         };
-        let (is_data, run_end) = match self.file.next_data(offset) {
+        // The file system answers in file offsets; the window maps them back.
+        let host = self.start + offset;
+        let (is_data, run_end) = match self.file.next_data(host) {
             Err(e) if e.kind() == ErrorKind::Unsupported => (true, end),
             Err(e) => return Err(e),
             // Only a hole up to the end of the file.
             Ok(None) => (false, end),
-            Ok(Some(data)) if data > offset => (false, data.min(end)),
+            Ok(Some(data)) if data > host => (false, (data - self.start).min(end)),
             Ok(Some(_)) => {
-                let hole = self.file.next_hole(offset)?.unwrap_or(end);
+                let hole = self
+                    .file
+                    .next_hole(host)?
+                    .map_or(end, |hole| hole - self.start);
                 (true, hole.clamp(offset + 1, end))
             }
         };
@@ -276,7 +356,17 @@ impl BlockDev for RawImage {
                 "Unsupported preallocation mode: metadata (raw images have no metadata)",
             ));
         }
+        if self.fixed_size {
+            return Err(Error::unsupported(
+                "resize",
+                "Cannot resize fixed-size raw disks",
+            ));
+        }
         let old = self.size();
+        let host_end = self
+            .start
+            .checked_add(new_size)
+            .ok_or_else(|| Error::invalid("resize", "the new size is too large"))?;
         if new_size < old {
             if prealloc != Preallocation::Off {
                 return Err(Error::invalid(
@@ -284,9 +374,9 @@ impl BlockDev for RawImage {
                     "Preallocation can only be used when growing an image",
                 ));
             }
-            self.file.set_len(new_size)?;
+            self.file.set_len(host_end)?;
         } else {
-            preallocate(&self.file, old, new_size, prealloc)?;
+            preallocate(&self.file, self.start + old, host_end, prealloc)?;
         }
         self.size.store(new_size, Ordering::Release);
         Ok(())
@@ -315,7 +405,7 @@ impl BlockDev for RawImage {
         check_range("resolve read", self.size(), offset, len)?;
         Ok(vec![ReadSegment::Host {
             file: Arc::clone(&self.file),
-            offset,
+            offset: self.start + offset,
             len,
         }])
     }

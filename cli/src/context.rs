@@ -247,6 +247,12 @@ pub fn without_hint(text: &str) -> &str {
             ')' => depth += 1,
             '(' => {
                 depth -= 1;
+                // qemu ends some messages with a figure in parentheses ("... containing
+                // file (1048576)"); a hint is words.
+                let inside = &text[i + 1..text.len() - 1];
+                if depth == 0 && inside.bytes().all(|b| b.is_ascii_digit()) {
+                    return text;
+                }
                 if depth == 0 {
                     return match text[..i].strip_suffix(' ') {
                         Some(head) => head,

@@ -64,11 +64,6 @@ pub const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
          the host file lengths differ",
     ),
     (
-        "--image-opts driver=raw,offset=N / size=N",
-        "qemu opens the slice (and info names it json:{\"offset\": ...}); vdisk: 'Block format \
-         'raw' does not support the option 'offset''",
-    ),
-    (
         "stdout/stderr interleaving on one pipe",
         "qemu-img buffers stdout when it is not a terminal, so with 2>&1 its error lines \
          come before its stdout (e.g. map of a streamOptimized VMDK); vdisk writes stdout \
