@@ -153,7 +153,20 @@ impl Ctx {
             K::UnknownArgument => {
                 let arg = context(ContextKind::InvalidArg).unwrap_or_default();
                 let what = match arg.strip_prefix("--") {
-                    Some(_) => format!("unrecognized option '{arg}'"),
+                    Some(typed) => {
+                        let typed = typed.split_once('=').map_or(typed, |(name, _)| name);
+                        let candidates = crate::getopt::vdisk_long_options_starting(cmd, typed);
+                        if candidates.len() > 1 {
+                            let list: Vec<String> =
+                                candidates.iter().map(|c| format!("'--{c}'")).collect();
+                            format!(
+                                "option '--{typed}' is ambiguous; possibilities: {}",
+                                list.join(" ")
+                            )
+                        } else {
+                            format!("unrecognized option '{arg}'")
+                        }
+                    }
                     None => {
                         let c = arg.trim_start_matches('-').chars().next().unwrap_or('?');
                         format!("invalid option -- '{c}'")
@@ -210,7 +223,21 @@ impl Ctx {
         let known_cmd = !matches!(err.kind(), K::InvalidSubcommand) && cmd.is_some();
         let what = match (err.kind(), err.get(ContextKind::InvalidArg)) {
             (K::UnknownArgument, Some(ContextValue::String(arg))) => {
-                format!("unknown option '{arg}'")
+                let typed = arg.split_once('=').map_or(arg.as_str(), |(name, _)| name);
+                let candidates = match (typed.strip_prefix("--"), cmd) {
+                    (Some(prefix), Some(cmd)) => {
+                        crate::getopt::vdisk_long_options_starting(cmd, prefix)
+                    }
+                    _ => Vec::new(),
+                };
+                if candidates.len() > 1 {
+                    format!(
+                        "option '{typed}' is ambiguous: it could be --{}",
+                        candidates.join(", --")
+                    )
+                } else {
+                    format!("unknown option '{arg}'")
+                }
             }
             _ => first,
         };

@@ -6,6 +6,7 @@
 
 pub mod cmd;
 pub mod context;
+pub mod getopt;
 pub mod object;
 pub mod output;
 pub mod progress;
@@ -25,7 +26,8 @@ pub use context::Ctx;
     about,
     long_about = None,
     disable_help_subcommand = true,
-    args_override_self = true
+    args_override_self = true,
+    infer_long_args = true
 )]
 pub struct Cli {
     /// The sub-command to run.
@@ -93,6 +95,19 @@ where
 {
     let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
     let ctx = Ctx::from_argv0(args.first().map(|a| a.as_os_str()));
+    // Under qemu-img's name an abbreviated long option means what it means to qemu-img,
+    // whatever long options vdisk adds.
+    let args = match (ctx.dropin, args.get(1).and_then(|a| a.to_str())) {
+        (true, Some(cmd)) => match getopt::expand_long_options(cmd, &args[2..]) {
+            Ok(rest) => args[..2].iter().cloned().chain(rest).collect(),
+            Err(getopt::GetoptError(message)) => {
+                eprintln!("{} {cmd}: {message}", ctx.argv0);
+                eprintln!("Try '{} {cmd} --help' for more info", ctx.argv0);
+                return 1;
+            }
+        },
+        _ => args,
+    };
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(e) => {

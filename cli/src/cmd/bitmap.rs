@@ -47,10 +47,10 @@ pub struct BitmapOpts {
     #[arg(long = "merge", value_name = "SOURCE", allow_hyphen_values = true)]
     pub merge: Vec<String>,
     /// The image holding the --merge source bitmap (default: FILENAME)
-    #[arg(short = 'b', value_name = "SOURCE_FILE")]
+    #[arg(short = 'b', long = "source-file", value_name = "SOURCE_FILE")]
     pub source_file: Option<String>,
     /// Format of SOURCE_FILE
-    #[arg(short = 'F', value_name = "SOURCE_FMT")]
+    #[arg(short = 'F', long = "source-format", value_name = "SOURCE_FMT")]
     pub source_format: Option<String>,
     /// Granularity of an added bitmap in bytes (default: the cluster size within 4k..64k)
     #[arg(

@@ -25,10 +25,20 @@ pub const LONG_ABOUT: &str =
 #[derive(Debug, Args)]
 pub struct CompareArgs {
     /// Format of FILENAME1 (default: probed)
-    #[arg(short = 'f', long = "a-format", value_name = "FMT")]
+    #[arg(
+        short = 'f',
+        long = "a-format",
+        visible_alias = "left-format",
+        value_name = "FMT"
+    )]
     pub a_format: Option<String>,
     /// Format of FILENAME2 (default: probed)
-    #[arg(short = 'F', long = "b-format", value_name = "FMT")]
+    #[arg(
+        short = 'F',
+        long = "b-format",
+        visible_alias = "right-format",
+        value_name = "FMT"
+    )]
     pub b_format: Option<String>,
     /// Strict mode: sizes and allocation must match too
     #[arg(short = 's', long = "strict")]

@@ -27,7 +27,12 @@ pub struct ConvertArgs {
     pub source_format: Option<String>,
     /// Format of the target image (default raw; with --target-image-opts the options name
     /// the driver).
-    #[arg(short = 'O', long = "target-format", value_name = "OUTPUT_FMT")]
+    #[arg(
+        short = 'O',
+        long = "target-format",
+        visible_alias = "output-format",
+        value_name = "OUTPUT_FMT"
+    )]
     pub target_format: Option<String>,
     /// Make the new target an overlay of this backing file (qcow2 and VMDK targets): only
     /// what the source's top layer holds is copied, the rest is left to the backing file
@@ -37,7 +42,12 @@ pub struct ConvertArgs {
     #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     pub backing_format: Option<String>,
     /// Creation options of the target (`-o help` lists them); may repeat.
-    #[arg(short = 'o', long = "target-options", value_name = "OPTIONS")]
+    #[arg(
+        short = 'o',
+        long = "target-options",
+        visible_alias = "options",
+        value_name = "OPTIONS"
+    )]
     pub options: Vec<String>,
     /// Zero runs of at least this many bytes become holes (multiple of 512, up to 16M);
     /// 0 writes everything, leaving the target fully allocated.
@@ -59,7 +69,12 @@ pub struct ConvertArgs {
     pub out_of_order: bool,
     /// Cache mode of the target: writeback (default here: one fsync at the end), none
     /// (O_DIRECT), unsafe (no flush at all; qemu-img's default), writethrough, directsync.
-    #[arg(short = 't', long = "target-cache", value_name = "CACHE")]
+    #[arg(
+        short = 't',
+        long = "target-cache",
+        visible_alias = "output-cache",
+        value_name = "CACHE"
+    )]
     pub target_cache: Option<String>,
     /// Cache mode of the source(s) (default writeback).
     #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
@@ -103,7 +118,12 @@ pub struct ConvertArgs {
     pub copy_range: bool,
     /// Copy an internal snapshot of the source instead of its current contents: a name or
     /// id (ids are tried first), or snapshot.id=ID[,snapshot.name=NAME] (both must match)
-    #[arg(short = 'l', long = "source-snapshot", value_name = "SNAPSHOT_PARAMS")]
+    #[arg(
+        short = 'l',
+        long = "source-snapshot",
+        visible_alias = "snapshot",
+        value_name = "SNAPSHOT_PARAMS"
+    )]
     pub snapshot: Vec<String>,
     /// Copy the internal snapshot with this id or name (the old qemu-img spelling of
     /// -l ID_OR_NAME; qemu-img 10 no longer takes it, so drop-in mode refuses it as qemu-img does)
