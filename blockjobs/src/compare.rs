@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use vdisk_block::{BlockDev, Error};
 
+use crate::convert::zero::is_zero;
 use crate::map::{chain_status, visible_len, MapEntry, SECTOR};
 
 /// How much qemu-img reads at once; chunks start at block-status boundaries and are at most
@@ -107,17 +108,80 @@ fn read(dev: &dyn BlockDev, which: usize, buf: &mut [u8], offset: u64) -> Result
 
 /// Index of the first sector of `buf` holding a non-zero byte, counted from `buf`'s start.
 fn first_nonzero_sector(buf: &[u8]) -> Option<u64> {
+    if is_zero(buf) {
+        return None;
+    }
     buf.chunks(SECTOR as usize)
-        .position(|s| s.iter().any(|&b| b != 0))
+        .position(|s| !is_zero(s))
         .map(|i| i as u64 * SECTOR)
 }
 
 /// Offset (from the chunk start) of the first sector where `a` and `b` differ.
 fn first_different_sector(a: &[u8], b: &[u8]) -> Option<u64> {
+    if a == b {
+        return None;
+    }
     a.chunks(SECTOR as usize)
         .zip(b.chunks(SECTOR as usize))
         .position(|(x, y)| x != y)
         .map(|i| i as u64 * SECTOR)
+}
+
+/// One read for the helper thread: image index, offset, and the buffer it fills.
+struct ReadJob {
+    which: usize,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+/// Reads two ranges at once, one on the calling thread and one on a helper: reading (the
+/// page-cache copy) is nearly all of a comparison's time, and the two images, or two
+/// halves of one range, are independent.
+struct PairReader<'a> {
+    devs: [&'a dyn BlockDev; 2],
+    jobs: std::sync::mpsc::Sender<ReadJob>,
+    done: std::sync::mpsc::Receiver<(ReadJob, Result<(), CompareError>)>,
+    /// The helper's buffer between jobs.
+    spare: Vec<u8>,
+}
+
+impl PairReader<'_> {
+    /// Fills `mine` from `devs[mine_which]` at `mine_offset` here and `theirs_len` bytes of
+    /// `devs[which]` at `offset` on the helper; returns the helper's bytes.
+    fn read_pair(
+        &mut self,
+        (mine_which, mine_offset, mine): (usize, u64, &mut [u8]),
+        (which, offset, theirs_len): (usize, u64, usize),
+    ) -> Result<&[u8], CompareError> {
+        let mut buf = std::mem::take(&mut self.spare);
+        buf.resize(theirs_len, 0);
+        let sent = self.jobs.send(ReadJob { which, offset, buf });
+        let here = read(self.devs[mine_which], mine_which, mine, mine_offset);
+        let (job, there) = match sent {
+            Ok(()) => self.done.recv().map_err(|_| helper_gone(which, offset))?,
+            // The helper is gone (it cannot be, short of a panic): read here instead.
+            Err(std::sync::mpsc::SendError(mut job)) => {
+                let r = read(self.devs[which], which, &mut job.buf, offset);
+                (job, r)
+            }
+        };
+        self.spare = job.buf;
+        here?;
+        there?;
+        Ok(&self.spare[..theirs_len])
+    }
+}
+
+fn helper_gone(which: usize, offset: u64) -> CompareError {
+    CompareError::Read(
+        which,
+        offset,
+        Error::new(
+            vdisk_block::ErrorKind::Io,
+            "compare",
+            "the reader thread stopped",
+        ),
+    )
 }
 
 /// What [`compare`] tells its caller while it runs.
@@ -163,78 +227,96 @@ pub fn compare(
     if strict && size_differs {
         return done(Outcome::SizeMismatch);
     }
-    let mut buf_a = Vec::new();
-    let mut buf_b = Vec::new();
-    let mut offset = 0;
-    while offset < common {
-        let sa = status(a, 0, offset, size_a)?;
-        let sb = status(b, 1, offset, size_b)?;
-        let mut chunk = sa.length.min(sb.length);
-        if strict && key(&sa, size_a) != key(&sb, size_b) {
-            return done(Outcome::StatusMismatch(offset));
-        }
-        if sa.zero && sb.zero {
-            // Both read as zeroes: nothing to read.
-        } else if sa.present == sb.present {
-            if sa.present {
-                chunk = chunk.min(IO_BUF_SIZE);
-                let n = chunk as usize;
-                if buf_a.len() < n {
-                    buf_a.resize(n, 0);
-                }
-                if buf_b.len() < n {
-                    buf_b.resize(n, 0);
-                }
-                read(a.as_ref(), 0, &mut buf_a[..n], offset)?;
-                read(b.as_ref(), 1, &mut buf_b[..n], offset)?;
-                if let Some(at) = first_different_sector(&buf_a[..n], &buf_b[..n]) {
-                    return done(Outcome::ContentMismatch(offset + at));
+    std::thread::scope(|scope| {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<ReadJob>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let devs: [&dyn BlockDev; 2] = [a.as_ref(), b.as_ref()];
+        scope.spawn(move || {
+            for mut job in job_rx {
+                let r = read(devs[job.which], job.which, &mut job.buf, job.offset);
+                if done_tx.send((job, r)).is_err() {
+                    break;
                 }
             }
-        } else {
-            chunk = chunk.min(IO_BUF_SIZE);
-            let (dev, which) = if sa.present { (a, 0) } else { (b, 1) };
-            if let Some(at) = nonzero_in(dev.as_ref(), which, &mut buf_a, offset, chunk)? {
-                return done(Outcome::ContentMismatch(at));
+        });
+        let mut reader = PairReader {
+            devs,
+            jobs,
+            done: done_rx,
+            spare: Vec::new(),
+        };
+        let mut buf = Vec::new();
+        let mut offset = 0;
+        while offset < common {
+            let sa = status(a, 0, offset, size_a)?;
+            let sb = status(b, 1, offset, size_b)?;
+            let mut chunk = sa.length.min(sb.length);
+            if strict && key(&sa, size_a) != key(&sb, size_b) {
+                return done(Outcome::StatusMismatch(offset));
             }
-        }
-        offset += chunk;
-        events(Event::Progress { chunk, total });
-    }
-    if size_differs {
-        events(Event::TailStart);
-        let (over, which) = if size_a > size_b { (a, 0) } else { (b, 1) };
-        while offset < total {
-            let st = status(over, which, offset, total)?;
-            let mut chunk = st.length;
-            if st.present && !st.zero {
+            if sa.zero && sb.zero {
+                // Both read as zeroes: nothing to read.
+            } else if sa.present == sb.present {
+                if sa.present {
+                    chunk = chunk.min(IO_BUF_SIZE);
+                    let n = chunk as usize;
+                    buf.resize(n, 0);
+                    let theirs = reader.read_pair((1, offset, &mut buf[..]), (0, offset, n))?;
+                    if let Some(at) = first_different_sector(theirs, &buf) {
+                        return done(Outcome::ContentMismatch(offset + at));
+                    }
+                }
+            } else {
                 chunk = chunk.min(IO_BUF_SIZE);
-                if let Some(at) = nonzero_in(over.as_ref(), which, &mut buf_a, offset, chunk)? {
-                    return done_tail(Outcome::ContentMismatch(at));
+                let which = if sa.present { 0 } else { 1 };
+                if let Some(at) = nonzero_in(&mut reader, which, &mut buf, offset, chunk)? {
+                    return done(Outcome::ContentMismatch(at));
                 }
             }
             offset += chunk;
             events(Event::Progress { chunk, total });
         }
-        return done_tail(Outcome::Identical);
-    }
-    done(Outcome::Identical)
+        if size_differs {
+            events(Event::TailStart);
+            let (over, which) = if size_a > size_b { (a, 0) } else { (b, 1) };
+            while offset < total {
+                let st = status(over, which, offset, total)?;
+                let mut chunk = st.length;
+                if st.present && !st.zero {
+                    chunk = chunk.min(IO_BUF_SIZE);
+                    if let Some(at) = nonzero_in(&mut reader, which, &mut buf, offset, chunk)? {
+                        return done_tail(Outcome::ContentMismatch(at));
+                    }
+                }
+                offset += chunk;
+                events(Event::Progress { chunk, total });
+            }
+            return done_tail(Outcome::Identical);
+        }
+        done(Outcome::Identical)
+    })
 }
 
-/// Reads `len` bytes at `offset` and returns the offset of the first non-zero sector.
+/// Reads `len` bytes of image `which` at `offset` (its two halves at once) and returns the
+/// offset of the first non-zero sector.
 fn nonzero_in(
-    dev: &dyn BlockDev,
+    reader: &mut PairReader<'_>,
     which: usize,
     buf: &mut Vec<u8>,
     offset: u64,
     len: u64,
 ) -> Result<Option<u64>, CompareError> {
-    let n = len as usize;
-    if buf.len() < n {
-        buf.resize(n, 0);
+    // Split on a sector boundary so each half reports whole sectors.
+    let first = (len / 2).next_multiple_of(SECTOR).min(len);
+    buf.resize(first as usize, 0);
+    let second = reader.read_pair(
+        (which, offset, &mut buf[..]),
+        (which, offset + first, (len - first) as usize),
+    )?;
+    if let Some(at) = first_nonzero_sector(buf) {
+        return Ok(Some(offset + at));
     }
-    read(dev, which, &mut buf[..n], offset)?;
-    Ok(first_nonzero_sector(&buf[..n]).map(|at| offset + at))
+    Ok(first_nonzero_sector(second).map(|at| offset + first + at))
 }
 
 #[cfg(test)]
