@@ -333,15 +333,28 @@ impl Qcow2Image {
         }
         let cs = self.header.cluster_size();
         let end = offset.saturating_add(cs);
-        if end > self.file.len()? {
-            return Err(Error::corrupt(
-                "read metadata",
-                format!("L2 table at {offset:#x} lies past the end of the image file"),
-            )
-            .with_path(&self.path));
-        }
+        let file_len = self.file.len()?;
         let mut raw = vec![0u8; cs as usize];
-        self.file.read_at(&mut raw, offset)?;
+        if end > file_len {
+            // qemu reads what the file holds and zeroes past its end, so the clusters such a
+            // table maps read as unallocated; a writer must not use it: the cluster it
+            // claims is free to the allocator, which could hand it out for guest data.
+            if self.writable {
+                return Err(self.signal_corruption(
+                    Error::corrupt(
+                        "read metadata",
+                        format!("L2 table at {offset:#x} lies past the end of the image file"),
+                    )
+                    .with_path(&self.path),
+                ));
+            }
+            if offset < file_len {
+                let held = (file_len - offset) as usize;
+                self.file.read_at(&mut raw[..held], offset)?;
+            }
+        } else {
+            self.file.read_at(&mut raw, offset)?;
+        }
         meta.l2.insert(offset, read_be_u64s(&raw), false);
         Ok(())
     }

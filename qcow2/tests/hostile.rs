@@ -922,6 +922,21 @@ fn class6_l2_and_data() {
                 q_write: QWrite::Ok,
                 ..CASE
             },
+            // qemu reads an L2 table past the end of the file as zeroes (a short read of
+            // the host file): the clusters it maps read as unallocated. vdisk reads it so on
+            // a read-only open; a writable one refuses, since a new cluster allocated there
+            // would hold both the table and guest data.
+            Case {
+                name: "L1 entry past eof",
+                mutate: |b| {
+                    let at = l1(b);
+                    set64(b, at, COPIED | 1 << 40)
+                },
+                content: Some(0),
+                write: VWrite::Refused("past the end of the image file"),
+                q_check: QCheck::Counts(2, 2),
+                ..CASE
+            },
             Case {
                 name: "L2 entry unaligned",
                 mutate: |b| {
