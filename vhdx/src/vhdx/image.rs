@@ -138,14 +138,13 @@ impl VhdxImage {
         )?);
         let mut view = Overlaid::new(Arc::clone(&file))?;
         let file_len = view.len();
-        if file_len < HEADER_SECTION {
-            return Err(corrupt(
-                path,
-                format!("the file is {file_len} bytes long, too short for a VHDX header section"),
-            ));
-        }
+        // The signature decides first, as in qemu: a short file without it is "not VHDX"
+        // (EINVAL), a short one with it has "no valid header".
         let mut id = vec![0u8; 520];
-        view.read_at(&mut id, header::FILE_ID_OFFSET)?;
+        let held = id
+            .len()
+            .min(usize::try_from(file_len).unwrap_or(usize::MAX));
+        view.read_at(&mut id[..held], header::FILE_ID_OFFSET)?;
         let creator = header::parse_creator(&id).ok_or_else(|| {
             // qemu's driver fails with a bare EINVAL here, which qemu-img prints as an
             // OS error: keep its wording first and say what is wrong after it.
@@ -156,6 +155,15 @@ impl VhdxImage {
             )
             .with_path(path)
         })?;
+        if file_len < HEADER_SECTION {
+            return Err(corrupt(
+                path,
+                format!(
+                    "No valid VHDX header found (the file is {file_len} bytes long, too short \
+                     for a VHDX header section)"
+                ),
+            ));
+        }
         let mut raw = [vec![0u8; HEADER_SIZE], vec![0u8; HEADER_SIZE]];
         for (buf, off) in raw.iter_mut().zip(HEADER_OFFSETS) {
             view.read_at(buf, off)?;
