@@ -425,3 +425,42 @@ pub trait Format: Send + Sync {
         self.amend(path, options)
     }
 }
+
+/// How a driver's failure to open a backing file starts, as qemu-img words it: the whole
+/// message is `Could not open backing file 'B': why`, or `Could not open backing file 'B'
+/// (N levels deep): why` when `B` is the backing file of a backing file (N images below
+/// the one opened), so that a front end can word it as qemu nests it.
+pub const BACKING_FAILED: &str = "Could not open backing file ";
+
+/// The backing file's name, the depth (1 for the image's own backing file) and the reason
+/// of a [`BACKING_FAILED`] message; `None` for any other message.
+pub fn split_backing_failure(message: &str) -> Option<(&str, usize, &str)> {
+    let inner = message.strip_prefix(BACKING_FAILED)?.strip_prefix('\'')?;
+    if let Some((name, rest)) = inner.split_once("' (") {
+        if let Some((count, why)) = rest.split_once(" levels deep): ") {
+            if let Ok(depth) = count.parse() {
+                return Some((name, depth, why));
+            }
+        }
+    }
+    let (name, why) = inner.split_once("': ")?;
+    Some((name, 1, why))
+}
+
+#[cfg(test)]
+mod backing_failure_tests {
+    use super::split_backing_failure;
+
+    #[test]
+    fn backing_failures_split_into_name_depth_and_reason() {
+        assert_eq!(
+            split_backing_failure("Could not open backing file 'b.qcow2': No such file"),
+            Some(("b.qcow2", 1, "No such file"))
+        );
+        assert_eq!(
+            split_backing_failure("Could not open backing file 'd/b' (3 levels deep): bad"),
+            Some(("d/b", 3, "bad"))
+        );
+        assert_eq!(split_backing_failure("Could not open 'x': y"), None);
+    }
+}

@@ -324,19 +324,18 @@ pub fn open_failure_of(name: &str, path: &str, err: &Error) -> Failure {
         err.kind(),
         ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::Io
     ) && err.op() == "open";
-    // Drivers say "Could not open backing file 'B': why"; qemu nests the backing file's
-    // own open failure: "Could not open backing file: Could not open 'B': why".
-    let backing = err
-        .message()
-        .strip_prefix("Could not open backing file '")
-        .and_then(|rest| rest.split_once("': "));
-    let qemu = if let Some((target, why)) = backing {
+    // Drivers say "Could not open backing file 'B': why" (with "(N levels deep)" after the
+    // name when B is further down the chain); qemu nests the backing file's own open
+    // failure once per level: "Could not open backing file: Could not open 'B': why".
+    let backing = vdisk_block::format::split_backing_failure(err.message());
+    let qemu = if let Some((target, depth, why)) = backing {
         let inner = if os_level {
             format!("Could not open '{target}': {}", without_hint(why))
         } else {
             without_hint(why).to_string()
         };
-        format!("Could not open '{name}': Could not open backing file: {inner}")
+        let levels = "Could not open backing file: ".repeat(depth);
+        format!("Could not open '{name}': {levels}{inner}")
     } else if os_level {
         format!(
             "Could not open '{name}': Could not open '{path}': {}",

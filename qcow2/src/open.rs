@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use vdisk_block::format::BACKING_FAILED;
 use vdisk_block::{
     BlockDev, CacheMode, EngineChoice, Error, ErrorKind, HostFile, OpenOptions, Result,
 };
@@ -150,21 +151,23 @@ pub fn open_backing(
     opener
         .open_image(&target, format, &backing_options)
         .map_err(|e| {
-            // Only the innermost failure names its file: a deep chain (up to
-            // MAX_CHAIN_DEPTH) would otherwise repeat the prefix once per image.
-            let message = if e.message().starts_with(BACKING_FAILED) {
-                e.message().to_string()
-            } else {
-                format!("{BACKING_FAILED}'{}': {}", target.display(), e.message())
+            // Only the innermost failure names its file, with how many images lie between
+            // it and this one: a deep chain (up to MAX_CHAIN_DEPTH) would otherwise repeat
+            // the prefix once per image, as qemu does (the CLI rebuilds qemu's wording).
+            let message = match vdisk_block::format::split_backing_failure(e.message()) {
+                Some((name, depth, why)) => {
+                    format!(
+                        "{BACKING_FAILED}'{name}' ({} levels deep): {why}",
+                        depth + 1
+                    )
+                }
+                None => format!("{BACKING_FAILED}'{}': {}", target.display(), e.message()),
             };
             Error::new(e.kind(), "open", message)
                 .with_path(image)
                 .with_source(e)
         })
 }
-
-/// How a failure to open a backing file starts, as qemu-img words it.
-const BACKING_FAILED: &str = "Could not open backing file ";
 
 /// A deferred data file once its open was tried: the file, or the error's kind and message.
 pub type Opened = std::result::Result<Arc<HostFile>, (ErrorKind, String)>;

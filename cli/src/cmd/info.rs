@@ -75,9 +75,13 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
         metadata_only: true,
         ..OpenOptions::read_only()
     };
-    let dev = match super::open_with(name, &spec, metadata) {
+    let dev = match super::open_with(name, &spec, metadata.clone()) {
         Ok(d) => d,
         Err(f) => {
+            let f = match args.backing_chain {
+                true => chain_member_failure(name, &spec, &metadata).unwrap_or(f),
+                false => f,
+            };
             ctx.fail(&f);
             return 1;
         }
@@ -112,6 +116,46 @@ pub fn run(ctx: &Ctx, args: InfoArgs) -> i32 {
     print(&text);
     0
 }
+
+/// Why a chain failed to open, as qemu-img's `info --backing-chain` reports it: qemu opens
+/// each image on its own, without its backing file, and fails on the first that does not
+/// open, naming that file (`Could not open 'base.qcow2': ...`) rather than the top image.
+/// `None` when every member opens alone (the chain's own failure then stands).
+fn chain_member_failure(
+    name: &str,
+    spec: &OpenSpec<'_>,
+    metadata: &OpenOptions,
+) -> Option<Failure> {
+    let alone = OpenSpec {
+        no_backing: true,
+        ..spec.clone()
+    };
+    let mut dev = match super::open_with(name, &alone, metadata.clone()) {
+        Ok(d) => d,
+        Err(f) => return Some(f),
+    };
+    // A chain deeper than this loops; the chain's open reports that.
+    for _ in 0..MAX_CHAIN_MEMBERS {
+        let info = dev.info().ok()?;
+        let path = info.full_backing_filename?;
+        let member = path.to_string_lossy().into_owned();
+        let member_spec = OpenSpec {
+            format: info.backing_format.as_deref(),
+            no_backing: true,
+            force_share: spec.force_share,
+            ..OpenSpec::default()
+        };
+        dev = match super::open_with(&member, &member_spec, metadata.clone()) {
+            Ok(d) => d,
+            Err(f) => return Some(f),
+        };
+    }
+    None
+}
+
+/// More backing files than any real chain has (qemu's own bound is far higher; a chain this
+/// deep is a loop).
+const MAX_CHAIN_MEMBERS: usize = 1000;
 
 /// The options of each format that change what the image reads (qemu's
 /// `strong_runtime_opts`): given one of them, qemu can no longer name the image by its
