@@ -27,6 +27,25 @@ fn setup(dir: &Path) {
     fs::set_permissions(&ro_dir, fs::Permissions::from_mode(0o555)).expect("chmod");
     fs::write(dir.join("ro.raw"), vec![0u8; 4096]).expect("ro.raw");
     fs::set_permissions(dir.join("ro.raw"), fs::Permissions::from_mode(0o444)).expect("chmod");
+    // Shorter than a VHDX header section, with and without the VHDX signature.
+    let mut signed = b"vhdxfile".to_vec();
+    signed.resize(70_000, 0);
+    fs::write(dir.join("signed.vhdx"), signed).expect("signed.vhdx");
+    fs::write(dir.join("short.vhdx"), vec![0u8; 100]).expect("short.vhdx");
+    // Chains whose last backing file is missing: one layer, and two in a sub-folder (so the
+    // missing file's name is resolved against the folder of the image naming it).
+    fs::create_dir_all(dir.join("chain")).expect("chain");
+    for args in [
+        &["-b", "missing.qcow2", "-F", "qcow2", "top.qcow2"][..],
+        &["-b", "missing.qcow2", "-F", "qcow2", "chain/mid.qcow2"],
+        &["-b", "mid.qcow2", "-F", "qcow2", "chain/top.qcow2"],
+    ] {
+        let mut full = vec!["create", "-q", "-f", "qcow2", "-u"];
+        full.extend_from_slice(args);
+        full.push("1M");
+        let r = qemu_img(dir, &full);
+        assert_eq!(r.code, 0, "{r:?}");
+    }
 }
 
 struct Bench {
@@ -129,6 +148,48 @@ fn missing_files_and_folders() {
     }
     assert_eq!(b.check(&["compare", "a.raw", "missing.raw"]).code, 2);
     assert_eq!(b.check(&["compare", "folder", "a.raw"]).code, 2);
+}
+
+#[test]
+fn files_too_short_for_vhdx() {
+    let b = Bench::new("err-short-vhdx");
+    for file in ["signed.vhdx", "short.vhdx"] {
+        for args in [
+            vec!["info", "-f", "vhdx", file],
+            vec!["info", file],
+            vec!["check", "-f", "vhdx", file],
+            vec!["convert", "-f", "vhdx", file, "o.raw"],
+        ] {
+            let r = b.check(&args);
+            // Probing finds raw in the short file and the signature in the other.
+            let probed_raw = args.len() == 2 && file == "short.vhdx";
+            assert_eq!(r.code, i32::from(!probed_raw), "{args:?}");
+        }
+    }
+}
+
+#[test]
+fn missing_backing_files() {
+    let b = Bench::new("err-backing");
+    for args in [
+        vec!["info", "--backing-chain", "top.qcow2"],
+        vec!["info", "--backing-chain", "--output=json", "top.qcow2"],
+        vec!["info", "--backing-chain", "chain/top.qcow2"],
+        vec!["info", "--backing-chain", "-U", "chain/mid.qcow2"],
+        vec![
+            "info",
+            "--backing-chain",
+            "--image-opts",
+            "driver=qcow2,file.filename=chain/top.qcow2",
+        ],
+        vec!["map", "chain/top.qcow2"],
+        vec!["convert", "-O", "raw", "top.qcow2", "o.raw"],
+        vec!["check", "chain/top.qcow2"],
+    ] {
+        assert_eq!(b.check(&args).code, 1, "{args:?}");
+    }
+    // Without --backing-chain info opens no backing file at all.
+    assert_eq!(b.check(&["info", "chain/top.qcow2"]).code, 0);
 }
 
 #[test]

@@ -228,6 +228,47 @@ fn malformed_convert_values_fail_as_in_qemu_img() {
     ]);
 }
 
+/// Values outside an option's list of names, refused by qemu's drivers when they create
+/// the image (after create's "Formatting" line), before their other checks.
+const ENUM_VALUES: &[(&str, &str)] = &[
+    ("qcow2", "preallocation=x"),
+    ("qcow2", "compression_type=foo,preallocation=x"),
+    ("qcow2", "encryption=no"),
+    ("qcow2", "encryption=true"),
+    ("qcow2", "encrypt.format=luks,encrypt.cipher-alg=foo"),
+    ("qcow2", "encrypt.format=luks,encrypt.cipher-mode=foo"),
+    ("qcow2", "encrypt.format=luks,encrypt.hash-alg=foo"),
+    ("luks", "cipher-alg=AES-256"),
+    ("luks", "cipher-alg=des-rfb"),
+    ("luks", "cipher-mode=foo"),
+    ("luks", "ivgen-alg=foo"),
+    ("luks", "ivgen-hash-alg=foo"),
+    ("luks", "hash-alg=foo"),
+    ("luks", "preallocation=x,hash-alg=foo"),
+    ("vmdk", "adapter_type=IDE"),
+    ("vmdk", "adapter_type=foo"),
+    // The file protocol's value, checked when the file is created (and refused with -c).
+    ("vmdk", "preallocation=x"),
+    ("vmdk", "preallocation=metadata"),
+];
+
+#[test]
+fn values_outside_an_options_names_fail_as_in_qemu_img() {
+    let t = Twins::new("option-values-enum");
+    for (f, option) in ENUM_VALUES {
+        let file = format!("x.{f}");
+        assert_eq!(
+            t.same(&["create", "-f", f, "-o", option, &file, "1M"]).code,
+            1
+        );
+        let dst = format!("y.{f}");
+        let r = t.same(&["convert", "-O", f, "-o", option, "src.raw", &dst]);
+        assert_eq!(r.code, 1, "{f} {option}");
+        // Compression is refused before the driver sees the value.
+        t.same(&["convert", "-c", "-O", f, "-o", option, "src.raw", &dst]);
+    }
+}
+
 #[test]
 fn malformed_measure_values_fail_as_in_qemu_img() {
     let t = Twins::new("option-values-measure");

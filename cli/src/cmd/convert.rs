@@ -341,9 +341,15 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
         super::snapshot::load_source_snapshot(&sources, snapshot)?;
     }
     // qemu-img reads -o once the sources are open, before it looks at anything else.
+    let mut refused_at_creation = None;
+    // What the user typed: the file protocol's options do not reach the driver, but qemu
+    // refuses preallocation with -c whichever layer takes it.
+    let typed_options = settings.create_options.clone();
     if !args.no_create {
-        settings.create_options =
+        let (checked, refusal) =
             check_create_options(driver, &settings.target, &settings.create_options)?;
+        settings.create_options = checked;
+        refused_at_creation = refusal;
     }
     if args.compress {
         if !driver.supports_compression() {
@@ -360,6 +366,12 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
             if alias || o.contains_key("encrypt.format") {
                 return Err(Failure::same(
                     "Compression and encryption not supported at the same time",
+                ));
+            }
+            let typed = CreateOptions::parse_options(&typed_options).unwrap_or_default();
+            if typed.get("preallocation").is_some_and(|p| p != "off") {
+                return Err(Failure::same(
+                    "Compression and preallocation not supported at the same time",
                 ));
             }
         }
@@ -403,6 +415,9 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
             driver.name(),
             args.no_create,
         ));
+    }
+    if let Some(refusal) = refused_at_creation {
+        return Err(refusal);
     }
     if !args.no_create {
         let mut options = CreateOptions {
@@ -746,12 +761,13 @@ fn copy_failure(err: &Error) -> Failure {
 
 /// Checks the `-o` items as qemu-img's option parser does (known to the target's driver,
 /// a valid value of the option's type) and returns them with the values the driver
-/// takes (sizes and numbers in decimal, booleans as on/off).
+/// takes (sizes and numbers in decimal, booleans as on/off), and the refusal the driver
+/// will make when it creates the target, if any.
 fn check_create_options(
     driver: &dyn vdisk_block::Format,
     target: &Path,
     list: &str,
-) -> Result<String, Failure> {
+) -> Result<(String, Option<Failure>), Failure> {
     use super::option_help::{check_value, key_value, kind, protocol_extras};
     let mut known: Vec<&str> = driver
         .create_options_help()
@@ -761,6 +777,8 @@ fn check_create_options(
     let extras = protocol_extras(driver);
     known.extend(&extras);
     let mut out = Vec::new();
+    let mut typed: Vec<(String, String)> = Vec::new();
+    let mut protocol_refusal = None;
     for item in vdisk_block::format::split_option_list(list)
         .iter()
         .filter(|i| !i.is_empty())
@@ -777,6 +795,7 @@ fn check_create_options(
         }
         let checked = check_value(&key, kind(driver.name(), &key), &value)
             .map_err(|f| Failure::new(f.qemu, format!("convert: {}", f.vdisk)))?;
+        typed.push((key.clone(), value.clone()));
         if extras.contains(&key.as_str()) {
             // The file protocol's option, which has no effect on this format's file; qemu
             // checks its value when it creates the file.
@@ -787,22 +806,35 @@ fn check_create_options(
                     format!("convert: option {key}: {why}"),
                 )
             };
-            match (key.as_str(), checked.value.as_str()) {
-                ("preallocation", "off" | "falloc" | "full") => {}
+            let refusal = match (key.as_str(), checked.value.as_str()) {
+                ("preallocation", "off" | "falloc" | "full") => None,
                 ("preallocation", "metadata") => {
-                    return Err(fail("Unsupported preallocation mode: metadata"))
+                    Some(fail("Unsupported preallocation mode: metadata"))
                 }
                 ("preallocation", other) => {
-                    return Err(fail(&format!("invalid parameter value: {other}")))
+                    Some(fail(&format!("invalid parameter value: {other}")))
                 }
                 ("extent_size_hint", v) if v.parse::<u64>().unwrap_or(0) > u64::from(u32::MAX) => {
-                    return Err(fail("Extent size hint is too large"))
+                    Some(fail("Extent size hint is too large"))
                 }
-                _ => {}
-            }
+                _ => None,
+            };
+            protocol_refusal = protocol_refusal.or(refusal);
             continue;
         }
         out.push(format!("{key}={}", checked.value.replace(',', ",,")));
     }
-    Ok(out.join(","))
+    let pairs: Vec<(&str, &str)> = typed
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    // qemu's driver meets a value outside an option's list only when it creates the file.
+    let at_creation = super::option_enums::refusal(driver.name(), &pairs).map(|why| {
+        let t = target.display();
+        Failure::new(
+            format!("{t}: error while converting {}: {why}", driver.name()),
+            format!("convert: {why}"),
+        )
+    });
+    Ok((out.join(","), protocol_refusal.or(at_creation)))
 }

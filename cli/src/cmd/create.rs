@@ -162,6 +162,16 @@ fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
         size,
         ..CreateOptions::default()
     };
+    let typed: Vec<(&str, &str)> = opts
+        .iter()
+        .map(|o| (o.key.as_str(), o.shown.as_str()))
+        .collect();
+    if let Some(why) = super::option_enums::refusal(driver.name(), &typed) {
+        return Err(Failure::new(
+            format!("{name}: {why}"),
+            format!("create '{name}': {why}"),
+        ));
+    }
     let extras = option_help::protocol_extras(driver);
     for o in opts.iter().filter(|o| o.key != "size") {
         if o.key == "preallocation"

@@ -14,6 +14,7 @@ pub mod dd;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod option_enums;
 pub mod option_help;
 pub mod rebase;
 pub mod resize;
