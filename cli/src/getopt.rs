@@ -8,7 +8,8 @@ use clap::CommandFactory;
 
 /// Each sub-command's long options in qemu-img 10's table order (getopt lists an ambiguous
 /// abbreviation's candidates in that order), and whether each takes a value. Read from
-/// qemu-img 10 itself through getopt's messages.
+/// qemu-img 10.0 itself through getopt's messages by `scripts/qemu-long-options`, whose
+/// output this is.
 const QEMU_LONG_OPTIONS: &[(&str, &[(&str, bool)])] = &[
     (
         "amend",

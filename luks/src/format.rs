@@ -39,36 +39,45 @@ pub struct NewVolumeOptions {
     pub iter_time_ms: u64,
 }
 
+/// The names qemu's `cipher-alg` enum takes.
+pub const CIPHER_ALGS: &[&str] = &[
+    "aes-128",
+    "aes-192",
+    "aes-256",
+    "des",
+    "3des",
+    "cast5-128",
+    "serpent-128",
+    "serpent-192",
+    "serpent-256",
+    "twofish-128",
+    "twofish-192",
+    "twofish-256",
+    "sm4",
+];
+/// The names qemu's `cipher-mode` enum takes.
+pub const CIPHER_MODES: &[&str] = &["ecb", "cbc", "xts", "ctr"];
+/// The names qemu's `ivgen-alg` enum takes.
+pub const IVGEN_ALGS: &[&str] = &["plain", "plain64", "essiv"];
+/// The names qemu's hash enum (`ivgen-hash-alg`, `hash-alg`) takes.
+pub const HASH_ALGS: &[&str] = &[
+    "md5",
+    "sha1",
+    "sha224",
+    "sha256",
+    "sha384",
+    "sha512",
+    "ripemd160",
+    "sm3",
+];
+
 /// The values qemu's enums take for each encryption option.
 fn qemu_enum(option: &str) -> &'static [&'static str] {
     match option {
-        "cipher-alg" => &[
-            "aes-128",
-            "aes-192",
-            "aes-256",
-            "des",
-            "3des",
-            "cast5-128",
-            "serpent-128",
-            "serpent-192",
-            "serpent-256",
-            "twofish-128",
-            "twofish-192",
-            "twofish-256",
-            "sm4",
-        ],
-        "cipher-mode" => &["ecb", "cbc", "xts", "ctr"],
-        "ivgen-alg" => &["plain", "plain64", "essiv"],
-        _ => &[
-            "md5",
-            "sha1",
-            "sha224",
-            "sha256",
-            "sha384",
-            "sha512",
-            "ripemd160",
-            "sm3",
-        ],
+        "cipher-alg" => CIPHER_ALGS,
+        "cipher-mode" => CIPHER_MODES,
+        "ivgen-alg" => IVGEN_ALGS,
+        _ => HASH_ALGS,
     }
 }
 
@@ -84,14 +93,9 @@ impl NewVolumeOptions {
         let ivgen_hash = take("ivgen-hash-alg");
         let hash = take("hash-alg");
         let iter_time = take("iter-time");
-        let id = key_secret.ok_or_else(|| {
-            Error::invalid(
-                "create luks",
-                KEY_REQUIRED.replace("'key-secret'", &format!("'{prefix}key-secret'")),
-            )
-        })?;
-        // qemu's QAPI enums refuse unknown names in its own words; a name qemu knows but
-        // vdisk does not implement (twofish, md5, ...) gets vdisk's words below.
+        // qemu's QAPI visitor refuses unknown names first, in its own words and naming the
+        // member without its `encrypt.` prefix; a name qemu knows but vdisk does not
+        // implement (twofish, md5, ...) gets vdisk's words below, after the key's check.
         for (name, value) in [
             ("cipher-alg", &alg),
             ("cipher-mode", &mode),
@@ -103,11 +107,17 @@ impl NewVolumeOptions {
                 if !qemu_enum(name).contains(&v.as_str()) {
                     return Err(Error::invalid(
                         "create luks",
-                        format!("Parameter '{prefix}{name}' does not accept value '{v}'"),
+                        format!("Parameter '{name}' does not accept value '{v}'"),
                     ));
                 }
             }
         }
+        let id = key_secret.ok_or_else(|| {
+            Error::invalid(
+                "create luks",
+                KEY_REQUIRED.replace("'key-secret'", &format!("'{prefix}key-secret'")),
+            )
+        })?;
         let passphrase = secret::lookup(&id)?;
         let alg = alg
             .as_deref()

@@ -35,6 +35,9 @@ pub mod secret;
 
 pub use algo::{CipherAlg, CipherMode, CipherSpec, HashAlg, IvGen};
 pub use cipher::SectorCipher;
-pub use format::{LuksFormat, NewVolumeOptions, DEFAULT_ITER_TIME_MS};
+pub use format::{
+    LuksFormat, NewVolumeOptions, CIPHER_ALGS, CIPHER_MODES, DEFAULT_ITER_TIME_MS, HASH_ALGS,
+    IVGEN_ALGS,
+};
 pub use header::Header;
 pub use image::{format_specific_data, LuksImage, KEY_REQUIRED};

@@ -17,33 +17,8 @@ struct EnumOption {
     visitor: bool,
 }
 
-const CIPHER_ALGS: &[&str] = &[
-    "aes-128",
-    "aes-192",
-    "aes-256",
-    "des",
-    "3des",
-    "cast5-128",
-    "serpent-128",
-    "serpent-192",
-    "serpent-256",
-    "twofish-128",
-    "twofish-192",
-    "twofish-256",
-    "sm4",
-];
-const CIPHER_MODES: &[&str] = &["ecb", "cbc", "xts", "ctr"];
-const IVGEN_ALGS: &[&str] = &["plain", "plain64", "essiv"];
-const HASH_ALGS: &[&str] = &[
-    "md5",
-    "sha1",
-    "sha224",
-    "sha256",
-    "sha384",
-    "sha512",
-    "ripemd160",
-    "sm3",
-];
+use vdisk_luks::{CIPHER_ALGS, CIPHER_MODES, HASH_ALGS, IVGEN_ALGS};
+
 const PREALLOCATION: &[&str] = &["off", "metadata", "falloc", "full"];
 
 const fn visited(
