@@ -127,6 +127,11 @@ fn first_different_sector(a: &[u8], b: &[u8]) -> Option<u64> {
         .map(|i| i as u64 * SECTOR)
 }
 
+/// The cluster size of `dev`, if it has clusters.
+fn cluster_size(dev: &dyn BlockDev) -> Option<u64> {
+    dev.info().ok()?.cluster_size.filter(|&c| c > 0)
+}
+
 /// One read for the helper thread: image index, offset, and the buffer it fills.
 struct ReadJob {
     which: usize,
@@ -247,10 +252,19 @@ pub fn compare(
         };
         let mut buf = Vec::new();
         let mut offset = 0;
+        // qemu's block status answers compressed data one cluster at a time, which cuts its
+        // reads (and so where a failed one is reported) and its progress.
+        let clusters = [cluster_size(a.as_ref()), cluster_size(b.as_ref())];
+        let cut =
+            |entry: &MapEntry, which: usize, offset: u64| match (entry.compressed, clusters[which])
+            {
+                (true, Some(c)) => entry.length.min(c - offset % c),
+                _ => entry.length,
+            };
         while offset < common {
             let sa = status(a, 0, offset, size_a)?;
             let sb = status(b, 1, offset, size_b)?;
-            let mut chunk = sa.length.min(sb.length);
+            let mut chunk = cut(&sa, 0, offset).min(cut(&sb, 1, offset));
             if strict && key(&sa, size_a) != key(&sb, size_b) {
                 return done(Outcome::StatusMismatch(offset));
             }
@@ -281,7 +295,7 @@ pub fn compare(
             let (over, which) = if size_a > size_b { (a, 0) } else { (b, 1) };
             while offset < total {
                 let st = status(over, which, offset, total)?;
-                let mut chunk = st.length;
+                let mut chunk = cut(&st, which, offset);
                 if st.present && !st.zero {
                     chunk = chunk.min(IO_BUF_SIZE);
                     if let Some(at) = nonzero_in(&mut reader, which, &mut buf, offset, chunk)? {

@@ -251,6 +251,18 @@ impl Ctx {
     }
 }
 
+/// How qemu words a failed read of guest data: a damaged image is an I/O error to it
+/// (EIO); an error of the host keeps its own text.
+pub fn qemu_read_error(err: &Error) -> String {
+    let cause = std::error::Error::source(err)
+        .and_then(|s| s.downcast_ref::<Error>())
+        .unwrap_or(err);
+    match cause.kind() {
+        ErrorKind::Io => without_hint(cause.message()).to_string(),
+        _ => "Input/output error".to_string(),
+    }
+}
+
 /// The OS's words for an error, without Rust's " (os error N)" suffix.
 fn why(err: &Error) -> String {
     without_hint(err.message()).to_string()

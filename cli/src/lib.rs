@@ -10,6 +10,7 @@ pub mod getopt;
 pub mod object;
 pub mod output;
 pub mod progress;
+pub mod stdout;
 
 use clap::{Parser, Subcommand};
 
@@ -95,6 +96,11 @@ where
 {
     let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
     let ctx = Ctx::from_argv0(args.first().map(|a| a.as_os_str()));
+    if ctx.dropin {
+        stdout::buffer_like_qemu_img();
+    }
+    // What is held back leaves at the end, whichever way the command ends.
+    let _flush_at_exit = FlushAtExit;
     // Under qemu-img's name an abbreviated long option means what it means to qemu-img,
     // whatever long options vdisk adds.
     let args = match (ctx.dropin, args.get(1).and_then(|a| a.to_str())) {
@@ -133,5 +139,14 @@ where
         Command::Dd(a) => cmd::dd::run(&ctx, a),
         Command::Bench(a) => cmd::bench::run(&ctx, a),
         Command::Bitmap(a) => cmd::bitmap::run(&ctx, a),
+    }
+}
+
+/// Sends held stdout when dropped, as the C library does at exit.
+struct FlushAtExit;
+
+impl Drop for FlushAtExit {
+    fn drop(&mut self) {
+        stdout::flush();
     }
 }

@@ -5,7 +5,7 @@
 //! by a carriage return, printed each time at least one more percent is done, and a final
 //! `(100.00/100%)` with a newline.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -74,11 +74,9 @@ impl ProgressReporter {
                 if completed {
                     self.print_plain(100.0);
                 }
-                // qemu ends the carriage-return line either way, so an error message
-                // starts on its own line.
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out);
-                let _ = out.flush();
+                // qemu ends the carriage-return line either way (unflushed: in drop-in
+                // mode off a terminal the newline leaves at exit, after any error).
+                crate::stdout::write(b"\n");
             }
         }
     }
@@ -101,10 +99,10 @@ impl ProgressReporter {
             return;
         }
         *last = current;
-        let mut out = std::io::stdout().lock();
-        // Progress is best effort: a closed stdout must not fail the copy.
-        let _ = write!(out, "    ({:.2}/100%)\r", f64::from(current));
-        let _ = out.flush();
+        // Progress is best effort: a closed stdout must not fail the copy. qemu flushes
+        // each line.
+        crate::stdout::write(format!("    ({:.2}/100%)\r", f64::from(current)).as_bytes());
+        crate::stdout::flush();
     }
 }
 

@@ -268,3 +268,74 @@ fn target_image_opts_name_an_existing_target() {
         }
     }
 }
+
+/// Runs `args` with qemu-img and drop-in vdisk with stderr joined to stdout on one pipe
+/// (`2>&1`, as test suites capture qemu-img), each in a fresh folder with the damaged
+/// image, and requires the same exit code and the same combined stream: qemu-img's stdout
+/// is fully buffered off a terminal, so an error after some output comes first.
+fn same_combined(s: &Scratch, dropin: &Path, args: &[&str], prepare: impl Fn(&Path)) -> Run {
+    let mut runs = Vec::new();
+    for (dir, bin) in [("q", None), ("d", dropin.parent())] {
+        let d = s.sub(dir);
+        let _ = std::fs::remove_dir_all(&d);
+        let d = s.sub(dir);
+        damaged_image(&d);
+        prepare(&d);
+        let mut full = vec!["-c", "qemu-img \"$@\" 2>&1", "sh"];
+        full.extend_from_slice(args);
+        runs.push(run_with_path(&d, bin, Path::new("sh"), &full));
+    }
+    let d = runs.pop().expect("drop-in run");
+    let q = runs.pop().expect("qemu run");
+    assert_eq!(
+        d.code, q.code,
+        "exit code of {args:?}\nvdisk: {d:?}\nqemu: {q:?}"
+    );
+    assert_eq!(d.stdout, q.stdout, "combined output of {args:?}");
+    q
+}
+
+#[test]
+fn damaged_compressed_clusters_read_as_qemu_img_reads_them() {
+    let s = Scratch::new("damaged-reads");
+    let dropin = dropin_link(&s.sub("bin"), Path::new(VDISK));
+    // An undamaged copy of the same 4 KiB-cluster compressed image.
+    let intact = |d: &Path| {
+        let r = qemu_img(
+            d,
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=4k",
+                "src.raw",
+                "ok.qcow2",
+            ],
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+    };
+    for (args, code) in [
+        // qemu's block status answers compressed data a cluster at a time: reads fail at the
+        // damaged cluster, and progress moves in clusters.
+        (&["compare", "-p", "c.qcow2", "src.raw"][..], 4),
+        (&["compare", "c.qcow2", "src.raw"], 4),
+        (&["compare", "-p", "ok.qcow2", "src.raw"], 0),
+        (&["convert", "-p", "-O", "raw", "ok.qcow2", "o.raw"], 0),
+        (&["convert", "-O", "raw", "c.qcow2", "o.raw"], 1),
+        (&["dd", "if=c.qcow2", "of=o.raw"], 1),
+        // Output printed before the failure comes after its message, as from qemu-img.
+        (&["bench", "-c", "300", "c.qcow2"], 1),
+        (&["map", "c.qcow2"], 1),
+    ] {
+        let r = same_combined(&s, &dropin, args, intact);
+        assert_eq!(r.code, code, "{args:?}: {r:?}");
+    }
+    let r = same_combined(&s, &dropin, &["map", "c.qcow2"], |_| {});
+    assert!(
+        r.stdout
+            .starts_with("qemu-img: File contains external, encrypted or compressed clusters.\n"),
+        "{r:?}"
+    );
+}

@@ -59,12 +59,6 @@ pub const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
          the host file lengths differ",
     ),
     (
-        "stdout/stderr interleaving on one pipe",
-        "qemu-img buffers stdout when it is not a terminal, so with 2>&1 its error lines \
-         come before its stdout (e.g. map of a streamOptimized VMDK); vdisk writes stdout \
-         first. The scenario scripts capture the two streams apart",
-    ),
-    (
         "writes of part of a new qcow2 cluster (seen with bench -w -s 4k)",
         "qemu zeroes the whole cluster with write-zeroes (a hole in the host file) before \
          writing the data; vdisk writes the zero padding: same contents, but the oracle's \

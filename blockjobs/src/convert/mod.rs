@@ -294,6 +294,10 @@ pub fn convert(
         error: Mutex::new(None),
         counters: Counters::default(),
         rate: crate::rate::RateLimit::new(options.rate),
+        source_clusters: plan_sources
+            .iter()
+            .map(|s| s.info().ok().and_then(|i| i.cluster_size))
+            .collect(),
     };
     std::thread::scope(|scope| {
         for _ in 0..workers {
@@ -402,6 +406,8 @@ struct Job<'a> {
     error: Mutex<Option<Error>>,
     counters: Counters,
     rate: Option<crate::rate::RateLimit>,
+    /// Each source's cluster size, which cuts the progress of its compressed data.
+    source_clusters: Vec<Option<u64>>,
 }
 
 impl Job<'_> {
@@ -520,10 +526,31 @@ impl Job<'_> {
         // Before the next chunk may write, so the running total grows in target order and
         // the percentages shown do not depend on thread timing.
         if counts_for_progress(chunk.kind, self.options) {
-            self.progress.advance(chunk.len);
+            self.advance_progress(chunk);
         }
         self.order.done(chunk.seq);
         Ok(())
+    }
+
+    /// Adds `chunk` to the progress in the pieces qemu-img copies it in: compressed data a
+    /// source cluster at a time (each its own block-status extent in qemu), so the same
+    /// percentages come out.
+    fn advance_progress(&self, chunk: &Chunk) {
+        let cluster = match chunk.compressed {
+            true => self.source_clusters.get(chunk.source).copied().flatten(),
+            false => None,
+        };
+        let Some(cluster) = cluster.filter(|&c| c > 0) else {
+            self.progress.advance(chunk.len);
+            return;
+        };
+        let end = chunk.src_offset + chunk.len;
+        let mut at = chunk.src_offset;
+        while at < end {
+            let next = (at / cluster + 1).saturating_mul(cluster).min(end);
+            self.progress.advance(next - at);
+            at = next;
+        }
     }
 
     /// Reads a data chunk. A failure names the guest offset of the sources concatenated

@@ -60,6 +60,8 @@ pub struct Chunk {
     pub len: u64,
     /// What the source holds there.
     pub kind: ChunkKind,
+    /// Data the source stores compressed (qemu-img reads it a cluster at a time).
+    pub compressed: bool,
 }
 
 /// Hands out the chunks of a copy in target order.
@@ -192,6 +194,7 @@ impl<'a> Planner<'a> {
                 dst_offset,
                 len,
                 kind,
+                compressed: kind == ChunkKind::Data && self.extent_compressed,
             };
             self.seq += 1;
             self.offset += len;

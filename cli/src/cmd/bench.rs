@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use clap::Args;
-use vdisk_block::{BlockDev, CacheMode, EngineChoice, Error, ErrorKind, OpenOptions};
+use vdisk_block::{BlockDev, CacheMode, EngineChoice, Error, OpenOptions};
 
 use super::dd::bounded_size;
 use super::{open_with, print, OpenSpec};
@@ -334,10 +334,7 @@ fn bench(ctx: &Ctx, args: &BenchArgs, name: &str, s: &Settings) -> Result<(), Fa
     }
     let started = Instant::now();
     run_requests(&dev, s).map_err(|e| {
-        let why = match e.kind() {
-            ErrorKind::OutOfRange => "Input/output error".to_string(),
-            _ => crate::context::without_hint(e.message()).to_string(),
-        };
+        let why = crate::context::qemu_read_error(&e);
         Failure::new(
             format!("Failed request: {why}"),
             format!("bench '{name}': a request failed: {e}"),

@@ -161,7 +161,7 @@ fn compare_files<'a>(
                     format!(
                         "Error while reading offset {offset} of {}: {}",
                         names[*which],
-                        err.message()
+                        crate::context::qemu_read_error(err)
                     ),
                     format!(
                         "compare: cannot read '{}' at offset {offset}: {err}",

@@ -722,7 +722,7 @@ impl convert::Progress for Salvaging<'_> {
         if self.ctx.dropin {
             self.ctx.error(format_args!(
                 "warning: error while reading offset {offset}: {}",
-                qemu_read_error(err)
+                crate::context::qemu_read_error(err)
             ));
         } else {
             self.ctx.error(format_args!(
@@ -733,22 +733,13 @@ impl convert::Progress for Salvaging<'_> {
     }
 }
 
-/// How qemu words a failed read: a damaged image is an I/O error to it (EIO); an error of
-/// the host keeps its own text.
-fn qemu_read_error(err: &Error) -> String {
-    let cause = std::error::Error::source(err)
-        .and_then(|s| s.downcast_ref::<Error>())
-        .unwrap_or(err);
-    match cause.kind() {
-        ErrorKind::Io => cause.message().to_string(),
-        _ => "Input/output error".to_string(),
-    }
-}
-
 fn copy_failure(err: &Error) -> Failure {
     let at = err.offset().unwrap_or(0);
     let text = match err.op() {
-        "read" => format!("error while reading at byte {at}: {}", qemu_read_error(err)),
+        "read" => format!(
+            "error while reading at byte {at}: {}",
+            crate::context::qemu_read_error(err)
+        ),
         "write" | "write zeroes" | "write compressed" => format!(
             "error while writing at byte {at}: {}",
             crate::context::without_hint(err.message())

@@ -157,6 +157,8 @@ fn create(ctx: &Ctx, args: &CreateArgs) -> Result<(), Failure> {
     };
     if !args.quiet {
         print(&formatting_line(name, driver, size, &opts));
+        // qemu flushes this line before it creates anything.
+        crate::stdout::flush();
     }
     let mut create_options = CreateOptions {
         size,

@@ -210,7 +210,7 @@ fn dd(ctx: &Ctx, args: &DdArgs) -> Result<(), Failure> {
                 Failure::new(
                     format!(
                         "error while reading from input image file: {}",
-                        os_words(&e)
+                        crate::context::qemu_read_error(&e)
                     ),
                     format!("dd: cannot read '{input}' at byte {}: {e}", in_pos + done),
                 )

@@ -98,7 +98,14 @@ pub fn run(ctx: &Ctx, args: MapArgs) -> i32 {
             return 1;
         }
     };
-    let out = RefCell::new(BufWriter::with_capacity(1 << 16, std::io::stdout().lock()));
+    // Held output leaves in the C library's blocks (drop-in mode); a buffer in front would
+    // move where they end.
+    let capacity = if crate::stdout::is_buffered() {
+        0
+    } else {
+        1 << 16
+    };
+    let out = RefCell::new(BufWriter::with_capacity(capacity, crate::stdout::Stdout));
     let write = |text: &str| {
         // A closed pipe ends the output; it is not an error worth a panic.
         let _ = out.borrow_mut().write_all(text.as_bytes());

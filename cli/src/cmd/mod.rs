@@ -20,7 +20,6 @@ pub mod rebase;
 pub mod resize;
 pub mod snapshot;
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -178,9 +177,7 @@ pub fn image_opts_driver(
 
 /// Writes `text` to stdout; a closed pipe is not worth a panic.
 pub fn print(text: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes());
-    let _ = out.flush();
+    crate::stdout::write(text.as_bytes());
 }
 
 /// Rounds `n` up to a whole 512-byte sector, as qemu shows lengths.

@@ -567,6 +567,8 @@ impl QemuProgress {
         {
             *last = *current;
             super::print(&format!("    ({:3.2}/100%)\r", f64::from(*current)));
+            // qemu flushes each progress line; its final newline waits for exit.
+            crate::stdout::flush();
         }
     }
 
