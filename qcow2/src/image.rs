@@ -736,6 +736,14 @@ impl BlockDev for Qcow2Image {
             return Err(Error::invalid("block status", "empty range").at_offset(offset));
         }
         let _io = self.io.read();
+        // qemu answers at most one L2 table's worth at a time; callers that cut their work
+        // by extents (compare's reads, convert's and compare's progress) then cut it where
+        // qemu-img does. (Those that print extents, map, merge them as qemu-img's does.)
+        let shift = self.header.l1_entry_shift();
+        let table_end = ((offset >> shift) + 1)
+            .checked_shl(shift)
+            .unwrap_or(u64::MAX);
+        let len = len.min(table_end - offset);
         let (first, mut run) = self.lookup(offset, len)?;
         while run < len {
             let (next, more) = self.lookup(offset + run, len - run)?;

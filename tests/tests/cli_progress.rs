@@ -73,6 +73,18 @@ fn fixtures(tag: &str) -> (Scratch, PathBuf) {
         ],
     );
     ok(&["create", "-q", "-f", "qcow2", "small.qcow2", "4M"]);
+    // Compressed, in 4 KiB clusters: qemu's block status answers it a cluster at a time
+    // and an L2 table (2 MiB) at most.
+    ok(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "top.qcow2",
+        "ctop.qcow2",
+    ]);
     (scratch, bin)
 }
 
@@ -89,6 +101,7 @@ fn both(scratch: &Scratch, bin: &Path, tag: &str, args: &[&str]) -> (Run, Run) {
             "base.qcow2",
             "top.qcow2",
             "small.qcow2",
+            "ctop.qcow2",
         ] {
             let st = Command::new("cp")
                 .arg("-a")
@@ -188,6 +201,44 @@ fn progress_lines_are_qemu_img_bytes() {
         &["rebase", "-p", "-b", "", "top.qcow2"],
         // qemu-img check has no -p: both refuse it alike.
         &["check", "-p", "big.qcow2"],
+        // Compressed copies count a target cluster at a time; compressed sources a source
+        // cluster at a time; -S 0 writes (and counts) the zero ranges too.
+        &["convert", "-p", "-c", "-O", "qcow2", "big.raw", "out.qcow2"],
+        &[
+            "convert",
+            "-p",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "top.qcow2",
+            "out.qcow2",
+        ],
+        &[
+            "convert",
+            "-p",
+            "-c",
+            "-S",
+            "0",
+            "-O",
+            "qcow2",
+            "top.qcow2",
+            "out.qcow2",
+        ],
+        &[
+            "convert",
+            "-p",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            "top.qcow2",
+            "out.vmdk",
+        ],
+        &["convert", "-p", "-O", "raw", "ctop.qcow2", "out.raw"],
+        &["compare", "-p", "ctop.qcow2", "top.qcow2"],
+        &["compare", "-p", "ctop.qcow2", "big.qcow2"],
     ];
     for (n, args) in cases.iter().enumerate() {
         let (q, d) = both(&scratch, &bin, &format!("c{n}"), args);

@@ -488,7 +488,7 @@ impl Job<'_> {
                         (None, _) => self.write_data(&zeroes[..n], at)?,
                     }
                     // Progress goes piece by piece, as qemu-img cuts these ranges.
-                    self.progress.advance(step);
+                    self.advance_span(chunk, at, step);
                     at += step;
                 }
                 self.order.done(chunk.seq);
@@ -532,20 +532,30 @@ impl Job<'_> {
         Ok(())
     }
 
-    /// Adds `chunk` to the progress in the pieces qemu-img copies it in: compressed data a
-    /// source cluster at a time (each its own block-status extent in qemu), so the same
-    /// percentages come out.
+    /// Adds `chunk` to the progress in the pieces qemu-img copies it in, so the same
+    /// percentages come out: a compressed copy a target cluster at a time (qemu writes each
+    /// alone), compressed source data a source cluster at a time (each its own
+    /// block-status extent in qemu).
     fn advance_progress(&self, chunk: &Chunk) {
-        let cluster = match chunk.compressed {
-            true => self.source_clusters.get(chunk.source).copied().flatten(),
-            false => None,
+        self.advance_span(chunk, chunk.dst_offset, chunk.len);
+    }
+
+    /// [`Job::advance_progress`] for the `len` bytes of `chunk` at target offset `dst`.
+    fn advance_span(&self, chunk: &Chunk, dst: u64, len: u64) {
+        let (cluster, start) = match (self.unit, chunk.compressed) {
+            (Some(unit), _) => (Some(unit), dst),
+            (None, true) => (
+                self.source_clusters.get(chunk.source).copied().flatten(),
+                chunk.src_offset + (dst - chunk.dst_offset),
+            ),
+            (None, false) => (None, 0),
         };
         let Some(cluster) = cluster.filter(|&c| c > 0) else {
-            self.progress.advance(chunk.len);
+            self.progress.advance(len);
             return;
         };
-        let end = chunk.src_offset + chunk.len;
-        let mut at = chunk.src_offset;
+        let end = start + len;
+        let mut at = start;
         while at < end {
             let next = (at / cluster + 1).saturating_mul(cluster).min(end);
             self.progress.advance(next - at);
