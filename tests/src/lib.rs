@@ -105,6 +105,29 @@ pub fn run_with_path(dir: &Path, bin: Option<&Path>, program: &Path, args: &[&st
     }
 }
 
+/// Runs `program args` twice by the bare name lookup of PATH: in the fresh folder `q` of `s`
+/// with the system qemu-img, and in `d` with the drop-in link `dropin` first in PATH, each
+/// folder set up by `prepare` first. Returns (qemu-img's run, vdisk's run).
+pub fn run_twins(
+    s: &Scratch,
+    dropin: &Path,
+    program: &Path,
+    args: &[&str],
+    prepare: impl Fn(&Path),
+) -> (Run, Run) {
+    let mut runs = Vec::new();
+    for (dir, bin) in [("q", None), ("d", dropin.parent())] {
+        let d = s.sub(dir);
+        let _ = fs::remove_dir_all(&d);
+        let d = s.sub(dir);
+        prepare(&d);
+        runs.push(run_with_path(&d, bin, program, args));
+    }
+    let d = runs.pop().expect("drop-in run");
+    let q = runs.pop().expect("qemu run");
+    (q, d)
+}
+
 /// Runs the system qemu-img (the oracle) in `dir`.
 pub fn qemu_img(dir: &Path, args: &[&str]) -> Run {
     run_in(dir, Path::new("qemu-img"), args)

@@ -5,7 +5,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use vdisk_tests::{dropin_link, qemu_img, run_with_path, Run, Scratch};
+use vdisk_tests::{dropin_link, qemu_img, run_twins, Run, Scratch};
 
 const VDISK: &str = env!("CARGO_BIN_EXE_vdisk-under-test");
 
@@ -69,17 +69,10 @@ fn compressed_host_offset(file: &std::fs::File, offset: u64) -> u64 {
 /// Runs `args` with qemu-img and drop-in vdisk, each in a fresh folder with the damaged
 /// image (and `prepare` run there), and requires the same exit code and streams.
 fn same(s: &Scratch, dropin: &Path, args: &[&str], prepare: impl Fn(&Path)) -> (Run, Run) {
-    let mut runs = Vec::new();
-    for (dir, bin) in [("q", None), ("d", dropin.parent())] {
-        let d = s.sub(dir);
-        let _ = std::fs::remove_dir_all(&d);
-        let d = s.sub(dir);
-        damaged_image(&d);
-        prepare(&d);
-        runs.push(run_with_path(&d, bin, Path::new("qemu-img"), args));
-    }
-    let d = runs.pop().expect("drop-in run");
-    let q = runs.pop().expect("qemu run");
+    let (q, d) = run_twins(s, dropin, Path::new("qemu-img"), args, |d| {
+        damaged_image(d);
+        prepare(d);
+    });
     assert_eq!(
         d.code, q.code,
         "exit code of {args:?}\nvdisk: {d:?}\nqemu: {q:?}"
@@ -274,19 +267,12 @@ fn target_image_opts_name_an_existing_target() {
 /// image, and requires the same exit code and the same combined stream: qemu-img's stdout
 /// is fully buffered off a terminal, so an error after some output comes first.
 fn same_combined(s: &Scratch, dropin: &Path, args: &[&str], prepare: impl Fn(&Path)) -> Run {
-    let mut runs = Vec::new();
-    for (dir, bin) in [("q", None), ("d", dropin.parent())] {
-        let d = s.sub(dir);
-        let _ = std::fs::remove_dir_all(&d);
-        let d = s.sub(dir);
-        damaged_image(&d);
-        prepare(&d);
-        let mut full = vec!["-c", "qemu-img \"$@\" 2>&1", "sh"];
-        full.extend_from_slice(args);
-        runs.push(run_with_path(&d, bin, Path::new("sh"), &full));
-    }
-    let d = runs.pop().expect("drop-in run");
-    let q = runs.pop().expect("qemu run");
+    let mut full = vec!["-c", "qemu-img \"$@\" 2>&1", "sh"];
+    full.extend_from_slice(args);
+    let (q, d) = run_twins(s, dropin, Path::new("sh"), &full, |d| {
+        damaged_image(d);
+        prepare(d);
+    });
     assert_eq!(
         d.code, q.code,
         "exit code of {args:?}\nvdisk: {d:?}\nqemu: {q:?}"

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use vdisk_tests::{dropin_link, qemu_img, qemu_io_raw, run_with_path, Run, Scratch};
+use vdisk_tests::{dropin_link, qemu_img, qemu_io_raw, run_twins, run_with_path, Run, Scratch};
 
 const VDISK: &str = env!("CARGO_BIN_EXE_vdisk-under-test");
 
@@ -28,16 +28,7 @@ fn source(dir: &Path) {
 /// Runs `args` with qemu-img and drop-in vdisk, each in a fresh folder holding the
 /// source, and requires the same exit code and streams.
 fn same(s: &Scratch, dropin: &Path, args: &[&str]) -> Run {
-    let mut runs = Vec::new();
-    for (dir, bin) in [("q", None), ("d", dropin.parent())] {
-        let d = s.sub(dir);
-        let _ = std::fs::remove_dir_all(&d);
-        let d = s.sub(dir);
-        source(&d);
-        runs.push(run_with_path(&d, bin, Path::new("qemu-img"), args));
-    }
-    let d = runs.pop().expect("drop-in run");
-    let q = runs.pop().expect("qemu run");
+    let (q, d) = run_twins(s, dropin, Path::new("qemu-img"), args, source);
     assert_eq!(
         d.code, q.code,
         "exit code of {args:?}\nvdisk: {d:?}\nqemu: {q:?}"
