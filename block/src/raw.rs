@@ -162,22 +162,9 @@ fn window_option(options: &OpenOptions, key: &str) -> Result<Option<u64>> {
     let Some(text) = options.driver_options.get(key) else {
         return Ok(None);
     };
-    if text.trim_start().starts_with('-') {
-        return Err(Error::invalid(
-            "open",
-            format!("Value '{text}' is out of range for parameter '{key}'"),
-        ));
-    }
-    crate::size::parse_size(text).map(Some).map_err(|_| {
-        Error::invalid(
-            "open",
-            format!(
-                "Parameter '{key}' expects a non-negative number below 2^64\n\
-                 Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
-                 and exabytes, respectively."
-            ),
-        )
-    })
+    crate::size::qemu_strtosz(text)
+        .map(Some)
+        .map_err(|e| Error::invalid("open", crate::size::size_refusal(key, text, e)))
 }
 
 /// The guest window `(start, size)` within a file of `file_len` bytes, checked as qemu's

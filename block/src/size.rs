@@ -164,6 +164,134 @@ pub fn qemu_strtou64(text: &str) -> std::result::Result<u64, NumberError> {
     })
 }
 
+/// Why a size option did not parse, as qemu's `qemu_strtosz` tells it apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeError {
+    /// Not a size ("expects a non-negative number below 2^64").
+    Invalid,
+    /// A negative number, or one past 64 bits ("is out of range").
+    Range,
+}
+
+/// qemu's refusal of `text` for the size option `key`.
+pub fn size_refusal(key: &str, text: &str, err: SizeError) -> String {
+    match err {
+        SizeError::Range => format!("Value '{text}' is out of range for parameter '{key}'"),
+        SizeError::Invalid => format!(
+            "Parameter '{key}' expects a non-negative number below 2^64\n\
+             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+             and exabytes, respectively."
+        ),
+    }
+}
+
+fn suffix_shift(c: u8) -> Option<u32> {
+    match c.to_ascii_uppercase() {
+        b'B' => Some(0),
+        b'K' => Some(10),
+        b'M' => Some(20),
+        b'G' => Some(30),
+        b'T' => Some(40),
+        b'P' => Some(50),
+        b'E' => Some(60),
+        _ => None,
+    }
+}
+
+/// qemu's `qemu_strtosz`, which its option parser uses for size options: leading blanks and
+/// `+`, decimal or `0x` hex, a fraction only before a suffix other than `B`, 1024-based
+/// suffixes, nothing after.
+pub fn qemu_strtosz(text: &str) -> std::result::Result<u64, SizeError> {
+    let bytes = text.as_bytes();
+    // strtoull's prefix: blanks, then one sign.
+    let mut i = bytes
+        .iter()
+        .position(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c))
+        .unwrap_or(bytes.len());
+    let negative = bytes.get(i) == Some(&b'-');
+    if matches!(bytes.get(i), Some(b'+' | b'-')) {
+        i += 1;
+    }
+    let digits = |from: usize, hex: bool| {
+        bytes[from..]
+            .iter()
+            .take_while(|c| {
+                if hex {
+                    c.is_ascii_hexdigit()
+                } else {
+                    c.is_ascii_digit()
+                }
+            })
+            .count()
+    };
+    let int_len = digits(i, false);
+    let int_text = &text[i..i + int_len];
+    let mut end = i + int_len;
+    // qemu refuses a negative number as out of range once its digits are read, unless
+    // something (a suffix, a fraction, `x`) follows them, which makes it invalid instead.
+    if negative && int_len > 0 {
+        return Err(if end == bytes.len() {
+            SizeError::Range
+        } else {
+            SizeError::Invalid
+        });
+    }
+    // Hexadecimal: "0x" and hex digits, with neither a fraction nor a suffix.
+    if int_text == "0" && matches!(bytes.get(end), Some(b'x' | b'X')) {
+        let hex_len = digits(end + 1, true);
+        if hex_len == 0 || end + 1 + hex_len != bytes.len() {
+            return Err(SizeError::Invalid);
+        }
+        let hex = text[end + 1..].trim_start_matches('0');
+        if hex.len() > 16 {
+            return Err(SizeError::Range);
+        }
+        let value = u64::from_str_radix(if hex.is_empty() { "0" } else { hex }, 16)
+            .map_err(|_| SizeError::Invalid)?;
+        return if negative {
+            Err(SizeError::Invalid)
+        } else {
+            Ok(value)
+        };
+    }
+    let value: u64 = if int_len == 0 {
+        0
+    } else {
+        int_text.parse().map_err(|_| SizeError::Range)?
+    };
+    let mut fraction_text = None;
+    if bytes.get(end) == Some(&b'.') {
+        let frac_len = digits(end + 1, false);
+        fraction_text = Some(&text[end + 1..end + 1 + frac_len]);
+        end += 1 + frac_len;
+    }
+    let had_digits = int_len > 0 || fraction_text.is_some_and(|f| !f.is_empty());
+    if !had_digits || negative {
+        return Err(SizeError::Invalid);
+    }
+    let (shift, end) = match bytes.get(end).and_then(|&c| suffix_shift(c)) {
+        Some(s) => (s, end + 1),
+        None => (0, end),
+    };
+    if end != bytes.len() {
+        return Err(SizeError::Invalid);
+    }
+    let fraction: f64 = match fraction_text {
+        Some(f) if !f.is_empty() => format!("0.{f}").parse().map_err(|_| SizeError::Invalid)?,
+        _ => 0.0,
+    };
+    if shift == 0 && fraction != 0.0 {
+        return Err(SizeError::Invalid);
+    }
+    let mul = 1u64 << shift;
+    let whole = value.checked_mul(mul).ok_or(SizeError::Range)?;
+    let extra = fraction * mul as f64;
+    if extra > (u64::MAX - whole) as f64 {
+        return Err(SizeError::Range);
+    }
+    Ok(whole + extra as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +330,40 @@ mod tests {
         assert_eq!(human_size(1024000), "0.977 MiB");
         assert_eq!(human_size(1048051712), "1e+03 MiB");
         assert_eq!(human_size(1245184), "1.19 MiB");
+    }
+
+    #[test]
+    fn sizes_parse_as_qemu_qemu_strtosz() {
+        let ok = |t: &str| qemu_strtosz(t).unwrap_or_else(|e| panic!("{t}: {e:?}"));
+        assert_eq!(ok("2M"), 2 << 20);
+        assert_eq!(ok(" +2M"), 2 << 20);
+        assert_eq!(ok(".5M"), 512 << 10);
+        assert_eq!(ok("5.M"), 5 << 20);
+        assert_eq!(ok("1.0"), 1);
+        assert_eq!(ok("1.0b"), 1);
+        assert_eq!(ok("010M"), 10 << 20);
+        assert_eq!(ok("0X100000"), 1 << 20);
+        assert_eq!(ok("0x0000000000000000000000100000"), 1 << 20);
+        assert_eq!(ok("3.9999999999999999999M"), 4 << 20);
+        assert_eq!(ok("18446744073709551615"), u64::MAX);
+        assert_eq!(ok("4294967296.5k"), 4398046511616);
+        for bad in [
+            "", " ", ".", ".M", "1.5", "1e3", "1.5b", "0x10M", "0x1.5M", "0x", "00x10", "2M ",
+            "-2M", "1kB", "5.5.5M", "0x-5",
+        ] {
+            assert_eq!(qemu_strtosz(bad), Err(SizeError::Invalid), "{bad:?}");
+        }
+        for big in [
+            "18446744073709551616",
+            "16E",
+            "17179869183.99999999999G",
+            "0xfffffffffffffffff",
+            "99999999999999999999",
+            "-1",
+            "-0",
+            " -5",
+        ] {
+            assert_eq!(qemu_strtosz(big), Err(SizeError::Range), "{big:?}");
+        }
     }
 }

@@ -120,11 +120,10 @@ fn parse(options: &mut CreateOptions) -> Result<Request> {
     r.lazy_refcounts = options.take_bool("lazy_refcounts")?;
     r.data_file_raw = options.take_bool("data_file_raw")?;
     if let Some(v) = options.take("size") {
-        r.size = Some(vdisk_block::size::parse_size(&v).map_err(|_| {
-            invalid(
-                "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.",
-            )
-        })?);
+        r.size = Some(
+            vdisk_block::size::qemu_strtosz(&v)
+                .map_err(|e| invalid(vdisk_block::size::size_refusal("size", &v, e)))?,
+        );
     }
     if let Some(level) = options.take("compat") {
         r.version = Some(match level.as_str() {

@@ -63,6 +63,12 @@ fn a_window_reads_maps_and_converts_as_qemu_img_does() {
             "--image-opts",
             "driver=raw,offset=1M,file.filename=src.raw",
         ],
+        // qemu's size syntax: hexadecimal, fractions before a suffix.
+        &[
+            "info",
+            "--image-opts",
+            "driver=raw,offset=0x1000,size=1.5k,file.filename=src.raw",
+        ],
         &["compare", "--image-opts", WINDOW, WINDOW],
     ] {
         let q = same(&s, &dropin, args);
@@ -141,6 +147,7 @@ fn bad_windows_are_refused_as_qemu_img_refuses_them() {
     for opts in [
         "driver=raw,offset=abc,file.filename=src.raw",
         "driver=raw,size=-1,file.filename=src.raw",
+        "driver=raw,size=-1k,file.filename=src.raw",
         "driver=raw,size=1000,file.filename=src.raw",
         "driver=raw,offset=2M,file.filename=src.raw",
         "driver=raw,offset=4k,size=1M,file.filename=src.raw",
