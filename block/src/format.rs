@@ -432,6 +432,15 @@ pub trait Format: Send + Sync {
 /// the one opened), so that a front end can word it as qemu nests it.
 pub const BACKING_FAILED: &str = "Could not open backing file ";
 
+/// The [`BACKING_FAILED`] message for backing file `name` at `depth` (1: the image's own
+/// backing file) that failed to open for `why`; [`split_backing_failure`] reads it back.
+pub fn backing_failure(name: &str, depth: usize, why: &str) -> String {
+    match depth {
+        0 | 1 => format!("{BACKING_FAILED}'{name}': {why}"),
+        _ => format!("{BACKING_FAILED}'{name}' ({depth} levels deep): {why}"),
+    }
+}
+
 /// The backing file's name, the depth (1 for the image's own backing file) and the reason
 /// of a [`BACKING_FAILED`] message; `None` for any other message.
 pub fn split_backing_failure(message: &str) -> Option<(&str, usize, &str)> {
@@ -453,6 +462,13 @@ mod backing_failure_tests {
 
     #[test]
     fn backing_failures_split_into_name_depth_and_reason() {
+        for depth in [1, 2, 7] {
+            let message = super::backing_failure("d/b.qcow2", depth, "gone");
+            assert_eq!(
+                split_backing_failure(&message),
+                Some(("d/b.qcow2", depth, "gone"))
+            );
+        }
         assert_eq!(
             split_backing_failure("Could not open backing file 'b.qcow2': No such file"),
             Some(("b.qcow2", 1, "No such file"))

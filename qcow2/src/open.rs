@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vdisk_block::format::BACKING_FAILED;
+use vdisk_block::format::{backing_failure, split_backing_failure};
 use vdisk_block::{
     BlockDev, CacheMode, EngineChoice, Error, ErrorKind, HostFile, OpenOptions, Result,
 };
@@ -154,14 +154,9 @@ pub fn open_backing(
             // Only the innermost failure names its file, with how many images lie between
             // it and this one: a deep chain (up to MAX_CHAIN_DEPTH) would otherwise repeat
             // the prefix once per image, as qemu does (the CLI rebuilds qemu's wording).
-            let message = match vdisk_block::format::split_backing_failure(e.message()) {
-                Some((name, depth, why)) => {
-                    format!(
-                        "{BACKING_FAILED}'{name}' ({} levels deep): {why}",
-                        depth + 1
-                    )
-                }
-                None => format!("{BACKING_FAILED}'{}': {}", target.display(), e.message()),
+            let message = match split_backing_failure(e.message()) {
+                Some((name, depth, why)) => backing_failure(name, depth + 1, why),
+                None => backing_failure(&target.display().to_string(), 1, e.message()),
             };
             Error::new(e.kind(), "open", message)
                 .with_path(image)
