@@ -152,22 +152,18 @@ impl Ctx {
             }
             K::UnknownArgument => {
                 let arg = context(ContextKind::InvalidArg).unwrap_or_default();
-                let what = match arg.strip_prefix("--") {
-                    Some(typed) => {
-                        let typed = typed.split_once('=').map_or(typed, |(name, _)| name);
-                        let candidates = crate::getopt::vdisk_long_options_starting(cmd, typed);
-                        if candidates.len() > 1 {
-                            let list: Vec<String> =
-                                candidates.iter().map(|c| format!("'--{c}'")).collect();
-                            format!(
-                                "option '--{typed}' is ambiguous; possibilities: {}",
-                                list.join(" ")
-                            )
-                        } else {
-                            format!("unrecognized option '{arg}'")
-                        }
+                let ambiguous = crate::getopt::ambiguous_long_option(cmd, &arg);
+                let what = match (arg.starts_with("--"), ambiguous) {
+                    (_, Some((typed, candidates))) => {
+                        let list: Vec<String> =
+                            candidates.iter().map(|c| format!("'--{c}'")).collect();
+                        format!(
+                            "option '--{typed}' is ambiguous; possibilities: {}",
+                            list.join(" ")
+                        )
                     }
-                    None => {
+                    (true, None) => format!("unrecognized option '{arg}'"),
+                    (false, None) => {
                         let c = arg.trim_start_matches('-').chars().next().unwrap_or('?');
                         format!("invalid option -- '{c}'")
                     }
@@ -223,20 +219,12 @@ impl Ctx {
         let known_cmd = !matches!(err.kind(), K::InvalidSubcommand) && cmd.is_some();
         let what = match (err.kind(), err.get(ContextKind::InvalidArg)) {
             (K::UnknownArgument, Some(ContextValue::String(arg))) => {
-                let typed = arg.split_once('=').map_or(arg.as_str(), |(name, _)| name);
-                let candidates = match (typed.strip_prefix("--"), cmd) {
-                    (Some(prefix), Some(cmd)) => {
-                        crate::getopt::vdisk_long_options_starting(cmd, prefix)
-                    }
-                    _ => Vec::new(),
-                };
-                if candidates.len() > 1 {
-                    format!(
-                        "option '{typed}' is ambiguous: it could be --{}",
+                match cmd.and_then(|cmd| crate::getopt::ambiguous_long_option(cmd, arg)) {
+                    Some((typed, candidates)) => format!(
+                        "option '--{typed}' is ambiguous: it could be --{}",
                         candidates.join(", --")
-                    )
-                } else {
-                    format!("unknown option '{arg}'")
+                    ),
+                    None => format!("unknown option '{arg}'"),
                 }
             }
             _ => first,

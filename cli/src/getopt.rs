@@ -369,9 +369,19 @@ fn takes_value(arg: &clap::Arg) -> bool {
     arg.get_action().takes_values() && arg.get_num_args().is_none_or(|n| n.max_values() > 0)
 }
 
+/// The long option `arg` (`--name` or `--name=value`) typed for sub-command `cmd`, and the
+/// vdisk long options it abbreviates, when there are several (clap refuses those as
+/// unknown); `None` for anything else.
+pub fn ambiguous_long_option(cmd: &str, arg: &str) -> Option<(String, Vec<String>)> {
+    let typed = arg.strip_prefix("--")?;
+    let typed = typed.split_once('=').map_or(typed, |(name, _)| name);
+    let candidates = vdisk_long_options_starting(cmd, typed);
+    (candidates.len() > 1).then(|| (typed.to_string(), candidates))
+}
+
 /// The long options of sub-command `cmd` (aliases included, in the order vdisk declares them)
 /// that begin with `prefix`: what an ambiguous abbreviation could have meant.
-pub fn vdisk_long_options_starting(cmd: &str, prefix: &str) -> Vec<String> {
+fn vdisk_long_options_starting(cmd: &str, prefix: &str) -> Vec<String> {
     let command = crate::Cli::command();
     let Some(sub) = command.find_subcommand(cmd) else {
         return Vec::new();

@@ -342,14 +342,12 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
     }
     // qemu-img reads -o once the sources are open, before it looks at anything else.
     let mut refused_at_creation = None;
-    // What the user typed: the file protocol's options do not reach the driver, but qemu
-    // refuses preallocation with -c whichever layer takes it.
-    let typed_options = settings.create_options.clone();
+    let mut typed_options = Vec::new();
     if !args.no_create {
-        let (checked, refusal) =
-            check_create_options(driver, &settings.target, &settings.create_options)?;
-        settings.create_options = checked;
-        refused_at_creation = refusal;
+        let checked = check_create_options(driver, &settings.target, &settings.create_options)?;
+        settings.create_options = checked.list;
+        refused_at_creation = checked.at_creation;
+        typed_options = checked.typed;
     }
     if args.compress {
         if !driver.supports_compression() {
@@ -368,8 +366,12 @@ fn convert_cmd(ctx: &Ctx, args: &ConvertArgs) -> Result<(), Failure> {
                     "Compression and encryption not supported at the same time",
                 ));
             }
-            let typed = CreateOptions::parse_options(&typed_options).unwrap_or_default();
-            if typed.get("preallocation").is_some_and(|p| p != "off") {
+            // The file protocol's preallocation too, which the driver's list lacks.
+            let preallocation = typed_options
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "preallocation");
+            if preallocation.is_some_and(|(_, v)| v != "off") {
                 return Err(Failure::same(
                     "Compression and preallocation not supported at the same time",
                 ));
@@ -750,15 +752,24 @@ fn copy_failure(err: &Error) -> Failure {
     Failure::new(text, format!("convert: {err}"))
 }
 
-/// Checks the `-o` items as qemu-img's option parser does (known to the target's driver,
-/// a valid value of the option's type) and returns them with the values the driver
-/// takes (sizes and numbers in decimal, booleans as on/off), and the refusal the driver
-/// will make when it creates the target, if any.
+/// The `-o` items of a new target, checked as qemu-img's option parser checks them.
+struct CheckedOptions {
+    /// The items the driver takes, with its values (sizes and numbers in decimal, booleans
+    /// as on/off).
+    list: String,
+    /// Every item as typed, the file protocol's included, in order.
+    typed: Vec<(String, String)>,
+    /// The refusal qemu's driver makes when it creates the target, if any.
+    at_creation: Option<Failure>,
+}
+
+/// Checks the `-o` items as qemu-img's option parser does: known to the target's driver,
+/// a valid value of the option's type.
 fn check_create_options(
     driver: &dyn vdisk_block::Format,
     target: &Path,
     list: &str,
-) -> Result<(String, Option<Failure>), Failure> {
+) -> Result<CheckedOptions, Failure> {
     use super::option_help::{check_value, key_value, kind, protocol_extras};
     let mut known: Vec<&str> = driver
         .create_options_help()
@@ -827,5 +838,9 @@ fn check_create_options(
             format!("convert: {why}"),
         )
     });
-    Ok((out.join(","), protocol_refusal.or(at_creation)))
+    Ok(CheckedOptions {
+        list: out.join(","),
+        typed,
+        at_creation: protocol_refusal.or(at_creation),
+    })
 }
